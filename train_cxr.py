@@ -1,0 +1,1736 @@
+"""Train and explain a chest X-ray classifier from scratch, in one readable file.
+
+Run it:
+    python train_cxr.py --demo                          # synthetic data, ~1 min on 2 CPU cores
+    python train_cxr.py --data-dir path/to/chest_xray   # DATA_DIR/train/<CLASS>/*, DATA_DIR/test/<CLASS>/*
+    python train_cxr.py --help                          # every constant below is a flag
+    python train_cxr.py --predict scans/ --checkpoint runs/RUN/best_model.pt
+    python train_cxr.py --evaluate --checkpoint runs/RUN/best_model.pt --data-dir D
+    python train_cxr.py --resume runs/RUN               # after Ctrl-C or a kill
+    torchrun --nproc_per_node=2 train_cxr.py ...        # DistributedDataParallel
+
+Every run writes one folder, OUTPUT_BASE_DIR/<run-name>/ (never overwritten):
+    config.json, train.log, history.csv, training_history.png, best_model.pt, last.pt,
+    grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json,
+    roc_curve.png, confusion_matrix.png.
+
+The validation split is carved from train, grouped by patient; the test folder only
+produces the final report and never chooses a checkpoint, a threshold or a schedule.
+Measured results, the commands and the hardware are in README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import dataclasses
+import datetime as _dt
+import errno
+import hashlib
+import json
+import logging
+import logging.handlers
+import math
+import os
+import platform
+import re
+import signal
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageFile
+from tqdm import tqdm
+
+# ----------------------------------------------------------------------------------------------
+# Config: edit these, or pass the matching flag (--data-dir, --img-size, ...)
+# ----------------------------------------------------------------------------------------------
+# I/O
+DATA_DIR = "data/chest_xray"      # holds train/<CLASS>/, test/<CLASS>/ and optionally val/<CLASS>/
+OUTPUT_BASE_DIR = "runs"          # each run gets its own sub-folder here
+RUN_NAME = ""                     # run folder name; "" = a timestamp
+CACHE_DIR = ""                    # decoded-image cache on disk, reused across runs; "" = memory only
+# data
+IMG_SIZE = 128                    # network input, pixels a side
+WORK_SCALE = 1.143                # images are decoded once at IMG_SIZE*WORK_SCALE (256 for 224)
+VAL_FRACTION = 0.15               # share of train (per class, grouped by patient) used for validation
+MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has at least this many
+NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
+NUM_WORKERS = 2                   # processes that decode images (once, before training)
+# augmentation (training only; done on whole batches, on the training device)
+AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
+AUG_ROTATE_DEG = 10.0             # +- degrees
+AUG_SHIFT = 0.06                  # extra translation, fraction of the image
+AUG_HFLIP = True                  # horizontal flip with p=0.5
+AUG_BRIGHTNESS = 0.25             # pixel * U(1-b, 1+b)
+AUG_CONTRAST = 0.25               # (pixel - mean) * U(1-c, 1+c) + mean
+AUG_GAMMA = 0.30                  # pixel ** exp(U(-g, g)): exposure differences between sites
+# model
+CHANNELS = (32, 64, 128, 256)     # output channels of the four conv blocks
+FC_HIDDEN = 256                   # width of the hidden fully connected layer
+DROPOUT = 0.4                     # before each fully connected layer
+# optimisation
+EPOCHS = 20
+BATCH_SIZE = 64                   # per process
+LR = 2e-3                         # peak learning rate (AdamW), reached after WARMUP_EPOCHS
+WARMUP_EPOCHS = 1.0               # linear warm-up, then cosine decay to 0 at EPOCHS
+WEIGHT_DECAY = 5e-4
+LABEL_SMOOTHING = 0.1
+EMA_DECAY = 0.998                 # exponential moving average of weights; 0 = off
+PATIENCE = 6                      # early stop after this many epochs without a better val AUC
+# evaluation and explanations
+TTA = True                        # average the prediction of the image and its mirror image
+NUM_GRADCAM_IMAGES = 8            # fixed validation images explained after every epoch
+SAVE_CAM_ARRAYS = False           # also save each raw Grad-CAM map as .npy
+BOOTSTRAP = 1000                  # resamples for the test AUC confidence interval
+# system
+SEED = 42
+DEVICE = "auto"                   # auto | cpu | cuda
+AMP = "auto"                      # auto | on | off: bf16 autocast (auto = CUDA, or a CPU with AMX)
+COMPILE = False                   # torch.compile the model (CUDA; slow to start)
+NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one per core)
+STRICT = False                    # unreadable images stop the run instead of being skipped
+
+# The demo's small settings: applied by --demo unless the flag is given explicitly.
+DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, channels=(16, 32, 64, 128),
+                      fc_hidden=128, lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
+                      bootstrap=200, warmup_epochs=0.5)
+DEMO_COUNTS = ({"NORMAL": 400, "PNEUMONIA": 700}, {"NORMAL": 100, "PNEUMONIA": 150})  # train, test
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm")
+LUNG_BOX = (0.12, 0.88, 0.10, 0.90)  # x0, x1, y0, y1 as fractions: where lungs sit in a PA film
+CKPT_FORMAT = "train_cxr/1"
+
+log = logging.getLogger("train_cxr")
+
+
+class CXRError(Exception):
+    """A problem with the user's input: printed as one line, exit code 2, no traceback."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM arrived during training."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Config object and command line
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Config:
+    data_dir: str = DATA_DIR
+    output_dir: str = OUTPUT_BASE_DIR
+    run_name: str = RUN_NAME
+    cache_dir: str = CACHE_DIR
+    img_size: int = IMG_SIZE
+    work_scale: float = WORK_SCALE
+    val_fraction: float = VAL_FRACTION
+    min_val_per_class: int = MIN_VAL_PER_CLASS
+    normalize: str = NORMALIZE
+    num_workers: int = NUM_WORKERS
+    aug_scale_min: float = AUG_SCALE_MIN
+    aug_rotate_deg: float = AUG_ROTATE_DEG
+    aug_shift: float = AUG_SHIFT
+    aug_hflip: bool = AUG_HFLIP
+    aug_brightness: float = AUG_BRIGHTNESS
+    aug_contrast: float = AUG_CONTRAST
+    aug_gamma: float = AUG_GAMMA
+    channels: tuple = CHANNELS
+    fc_hidden: int = FC_HIDDEN
+    dropout: float = DROPOUT
+    epochs: int = EPOCHS
+    batch_size: int = BATCH_SIZE
+    lr: float = LR
+    warmup_epochs: float = WARMUP_EPOCHS
+    weight_decay: float = WEIGHT_DECAY
+    label_smoothing: float = LABEL_SMOOTHING
+    ema_decay: float = EMA_DECAY
+    patience: int = PATIENCE
+    tta: bool = TTA
+    num_gradcam_images: int = NUM_GRADCAM_IMAGES
+    save_cam_arrays: bool = SAVE_CAM_ARRAYS
+    bootstrap: int = BOOTSTRAP
+    seed: int = SEED
+    device: str = DEVICE
+    amp: str = AMP
+    compile: bool = COMPILE
+    num_threads: int = NUM_THREADS
+    strict: bool = STRICT
+
+    @property
+    def work_size(self) -> int:
+        return max(self.img_size, int(round(self.img_size * self.work_scale)))
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
+HELP = {"data_dir": "folder with train/ and test/ (one sub-folder per class)",
+        "output_dir": "runs are written to OUTPUT_DIR/RUN_NAME/",
+        "run_name": "run folder name (default: a timestamp)",
+        "channels": "comma-separated channels of the four conv blocks",
+        "amp": "bf16 autocast: auto = on CUDA or an AMX CPU"}
+
+
+def _int_tuple(text: str) -> tuple:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    if len(values) != 4 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected 4 positive integers like 32,64,128,256, got {text!r}")
+    return values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train and explain a chest X-ray classifier.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        kw = dict(dest=f.name, default=f.default, help=HELP.get(f.name, f.name.replace("_", " ")))
+        if isinstance(f.default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        elif isinstance(f.default, tuple):
+            p.add_argument(flag, type=_int_tuple, **kw)
+        else:
+            p.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), **kw)
+    modes = p.add_argument_group("modes")
+    modes.add_argument("--demo", action="store_true", help="generate synthetic X-rays and run everything")
+    modes.add_argument("--predict", nargs="+", metavar="PATH", help="files or folders to classify")
+    modes.add_argument("--evaluate", action="store_true", help="test report of --checkpoint on --data-dir")
+    modes.add_argument("--checkpoint", help="a best_model.pt / last.pt for --predict and --evaluate")
+    modes.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue an interrupted run")
+    return p
+
+
+def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # Which flags were typed: a second parse whose defaults are all "absent".
+    probe = build_parser()
+    for a in probe._actions:
+        a.default = argparse.SUPPRESS
+    args.given = set(vars(probe.parse_args(argv)))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    if args.demo:
+        values.update({k: v for k, v in DEMO_OVERRIDES.items() if k not in args.given})
+    cfg = Config(**values)
+    check_config(cfg)
+    return cfg, args
+
+
+def check_config(cfg: Config) -> None:
+    rules = [("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
+             ("work_scale", cfg.work_scale >= 1.0, "at least 1.0"),
+             ("val_fraction", 0.0 < cfg.val_fraction < 1.0, "between 0 and 1"),
+             ("epochs", cfg.epochs >= 1, "at least 1"),
+             ("batch_size", cfg.batch_size >= 2, "at least 2 (batch norm)"),
+             ("lr", cfg.lr > 0, "positive"),
+             ("dropout", 0.0 <= cfg.dropout < 1.0, "in [0, 1)"),
+             ("ema_decay", 0.0 <= cfg.ema_decay < 1.0, "in [0, 1)"),
+             ("label_smoothing", 0.0 <= cfg.label_smoothing < 1.0, "in [0, 1)"),
+             ("aug_scale_min", 0.05 <= cfg.aug_scale_min <= 1.0, "in [0.05, 1]"),
+             ("patience", cfg.patience >= 1, "at least 1"),
+             ("num_gradcam_images", cfg.num_gradcam_images >= 0, "0 or more"),
+             ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
+             ("num_workers", cfg.num_workers >= 0, "0 or more")]
+    for name, ok, want in rules:
+        if not ok:
+            raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Setup: device, precision, seeding, logging, distributed
+# ----------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Runtime:
+    device: torch.device
+    amp_dtype: torch.dtype | None     # None = full fp32
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+
+def cpu_has_fast_bf16() -> bool:
+    # AMX (Sapphire Rapids and later) makes bf16 convolutions ~2.5x faster than fp32; AVX-512
+    # bf16 alone does not pay off for small convs, so "auto" asks for AMX.
+    try:
+        return bool(torch.cpu._is_amx_tile_supported())
+    except Exception:
+        return False
+
+
+def setup_runtime(cfg: Config) -> Runtime:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise CXRError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    if use_cuda:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+    amp = cfg.amp == "on" or (cfg.amp == "auto" and (use_cuda or cpu_has_fast_bf16()))
+    return Runtime(device, torch.bfloat16 if amp else None, rank, world)
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup_console_logging(is_main: bool = True) -> None:
+    log.handlers.clear()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    console = logging.StreamHandler(sys.stdout)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(console)
+    # Lines logged before the run folder exists are kept and replayed into train.log.
+    log.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
+
+
+def attach_log_file(path: Path) -> None:
+    fh = logging.FileHandler(path, encoding="utf-8")
+    fh.setFormatter(logging.Formatter("%(message)s"))
+    for h in list(log.handlers):
+        if isinstance(h, logging.handlers.MemoryHandler):
+            h.setTarget(fh)
+            h.flush()
+            log.removeHandler(h)
+    log.addHandler(fh)
+
+
+def library_versions() -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": np.__version__, "opencv": cv2.__version__,
+            "platform": platform.platform(), "cpu_threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe file writing: everything goes to a temp file first, then is renamed into place
+# ----------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write_fn) -> None:
+    """write_fn(tmp_path) writes the content; a kill at any moment leaves the old or the new file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    try:
+        write_fn(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if e.errno == errno.ENOSPC:
+            raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
+        raise
+
+
+def save_json(path: Path, obj) -> None:
+    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+
+
+def save_checkpoint(path: Path, ckpt: dict) -> None:
+    atomic_write(path, lambda p: torch.save(ckpt, p))
+
+
+def save_image(path: Path, bgr: np.ndarray) -> None:
+    def write(p):
+        if not cv2.imwrite(str(p), bgr):
+            raise OSError(f"could not write image {path}")
+    atomic_write(path, write)
+
+
+def load_checkpoint(path) -> dict:
+    """Load a checkpoint without executing anything in it (weights_only=True)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "last.pt"
+    if not path.is_file():
+        raise CXRError(f"checkpoint {path} not found: pass a best_model.pt/last.pt file or a run folder")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything that is not plain data
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CXRError(f"refusing to load {path}: it is not a plain-data checkpoint ({first[:160]}); "
+                       "only load checkpoints written by train_cxr.py from people you trust")
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise CXRError(f"{path} is not a train_cxr.py checkpoint (format {CKPT_FORMAT} expected)")
+    return ckpt
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: discovery (ImageFolder), decoding once, patient-grouped split, batch augmentation
+# ----------------------------------------------------------------------------------------------
+def is_image_file(path: str) -> bool:
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def list_image_folder(root: Path) -> tuple[list, list]:
+    """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
+    classes, class_to_idx = torchvision.datasets.folder.find_classes(str(root))
+    samples = torchvision.datasets.folder.make_dataset(
+        str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
+    return classes, samples
+
+
+def decode_xray(path: str, size: int) -> np.ndarray:
+    """Decode any X-ray file to a size x size uint8 grayscale array.
+
+    JPEGs are decoded at a reduced scale in the DCT domain (PIL draft) when they are much larger
+    than needed. 16-bit and float images are min-max scaled to 8 bits. Raises on a broken file.
+    """
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("L", (size, size))  # picks the smallest 1/2, 1/4, 1/8 scale still >= size
+        im.load()  # raises OSError on truncated/corrupt data
+        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+            arr = np.asarray(im, dtype=np.float32)
+            lo, hi = float(arr.min()), float(arr.max())
+            arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
+        else:
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                im = im.convert("RGBA")
+                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                im = Image.alpha_composite(background, im)  # transparent = black, like film background
+            arr = np.asarray(im.convert("L"))
+    if arr.shape != (size, size):
+        interp = cv2.INTER_AREA if min(arr.shape) >= size else cv2.INTER_LINEAR
+        arr = cv2.resize(arr, (size, size), interpolation=interp)
+    return np.ascontiguousarray(arr)
+
+
+class _DecodeDataset(torch.utils.data.Dataset):
+    def __init__(self, paths, size):
+        self.paths, self.size = paths, size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                return i, decode_xray(self.paths[i], self.size), ""
+            except Exception as e:  # reported, not hidden: the caller lists every bad file
+                return i, None, f"{type(e).__name__}: {str(e)[:120]}"
+
+
+def _cache_key(path: str, size: int) -> str:
+    st = os.stat(path)
+    return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
+
+
+def decode_all(paths: list, size: int, num_workers: int = 0, cache_dir: str = "",
+               desc: str = "decode") -> tuple[np.ndarray, list]:
+    """Decode every file once. Returns (N x size x size uint8 array, [(path, reason)] of bad files).
+
+    Rows of bad files are left zero; callers drop them. With cache_dir, decoded rows are kept in a
+    memory-mapped .npy keyed by path, size, mtime and working size and reused by later runs.
+    """
+    out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    bad, todo = [], list(range(len(paths)))
+    cache = _open_cache(cache_dir, size) if cache_dir else None
+    keys = [_cache_key(p, size) for p in paths] if cache else None
+    if cache:
+        index, arr = cache
+        todo = [i for i in todo if keys[i] not in index]
+        for i in range(len(paths)):
+            if keys[i] in index:
+                out[i] = arr[index[keys[i]]]
+    if todo:
+        ds = _DecodeDataset([paths[i] for i in todo], size)
+        workers = min(num_workers, max(0, len(todo) // 64))
+        loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=workers,
+                                             collate_fn=lambda x: x)
+        for j, arr_j, err in tqdm(loader, total=len(todo), desc=desc, leave=False, disable=None):
+            if arr_j is None:
+                bad.append((paths[todo[j]], err))
+            else:
+                out[todo[j]] = arr_j
+    if cache_dir:
+        good = {keys[i]: i for i in range(len(paths)) if not any(b[0] == paths[i] for b in bad)}
+        _write_cache(cache_dir, size, good, out, cache)
+    return out, bad
+
+
+def _cache_paths(cache_dir: str, size: int) -> tuple[Path, Path]:
+    d = Path(cache_dir)
+    return d / f"xray_cache_{size}.npy", d / f"xray_cache_{size}.json"
+
+
+def _open_cache(cache_dir: str, size: int):
+    arr_path, idx_path = _cache_paths(cache_dir, size)
+    if not (arr_path.is_file() and idx_path.is_file()):
+        return {}, None
+    try:
+        index = json.loads(idx_path.read_text())
+        return index, np.load(arr_path, mmap_mode="r")
+    except (OSError, ValueError):
+        return {}, None  # a damaged cache is rebuilt, never trusted
+
+
+def _write_cache(cache_dir: str, size: int, rows: dict, fresh: np.ndarray, old) -> None:
+    """Merge old entries that are still valid with this call's rows, then rename into place."""
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    old_index, old_arr = old if old else ({}, None)
+    keep = {k: r for k, r in old_index.items() if k not in rows and old_arr is not None}
+    if not rows.keys() - old_index.keys() and not keep.keys() - old_index.keys() and old_arr is not None:
+        return  # nothing new
+    merged = np.zeros((len(keep) + len(rows), size, size), dtype=np.uint8)
+    index = {}
+    for n, (k, r) in enumerate(keep.items()):
+        merged[n], index[k] = old_arr[r], n
+    for n, (k, i) in enumerate(rows.items(), start=len(keep)):
+        merged[n], index[k] = fresh[i], n
+    arr_path, idx_path = _cache_paths(cache_dir, size)
+    atomic_write(arr_path, lambda p: np.save(p, merged))
+    save_json(idx_path, index)
+
+
+@dataclasses.dataclass
+class Split:
+    """One split in memory: decoded working-size images and their labels."""
+    images: torch.Tensor   # N x S x S uint8
+    labels: torch.Tensor   # N int64
+    paths: list
+
+    def __len__(self):
+        return len(self.labels)
+
+    def subset(self, idx) -> "Split":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Split(self.images[torch.from_numpy(idx)], self.labels[torch.from_numpy(idx)],
+                     [self.paths[i] for i in idx])
+
+
+def load_split(samples: list, cfg: Config, desc: str) -> tuple[Split, list]:
+    paths = [p for p, _ in samples]
+    arr, bad = decode_all(paths, cfg.work_size, cfg.num_workers, cfg.cache_dir, desc)
+    bad_set = {p for p, _ in bad}
+    keep = [i for i, p in enumerate(paths) if p not in bad_set]
+    split = Split(torch.from_numpy(arr[keep]), torch.tensor([samples[i][1] for i in keep], dtype=torch.long),
+                  [paths[i] for i in keep])
+    return split, bad
+
+
+_PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.I), re.compile(r"^(.*?IM-\d+)-\d+", re.I))
+
+
+def patient_id(path: str) -> str:
+    """Patient id from a Kermany-style file name; the file's own stem when there is none."""
+    name = os.path.basename(path)
+    for pat in _PATIENT_PATTERNS:
+        m = pat.match(name)
+        if m:
+            return m.group(1).lower()
+    return os.path.splitext(name)[0].lower()
+
+
+def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, patient-grouped train/val split. Returns (train_idx, val_idx), sorted.
+
+    Each patient goes wholly to one side. Per class (a patient counts for the class of most of its
+    images), patients are shuffled with the seed and moved to validation until that class's
+    validation share reaches val_fraction of its images.
+    """
+    labels = np.asarray(labels)
+    by_group: dict = {}
+    for i, g in enumerate(groups):
+        by_group.setdefault(g, []).append(i)
+    rng = np.random.default_rng(seed)
+    val = []
+    for c in np.unique(labels):
+        members = sorted(g for g, idx in by_group.items() if np.bincount(labels[idx]).argmax() == c)
+        rng.shuffle(members)
+        target = val_fraction * sum(len(by_group[g]) for g in members)
+        taken = 0
+        for g in members:
+            if taken >= target:
+                break
+            val.extend(by_group[g])
+            taken += len(by_group[g])
+    val_idx = np.array(sorted(val), dtype=np.int64)
+    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
+    return train_idx, val_idx
+
+
+def class_weights(labels, num_classes: int) -> torch.Tensor:
+    """Inverse-frequency weights n / (K * n_c): a balanced set gets all ones."""
+    counts = np.bincount(np.asarray(labels), minlength=num_classes).astype(np.float64)
+    if (counts == 0).any():
+        raise CXRError("a class has no training images after the validation split")
+    return torch.tensor(counts.sum() / (num_classes * counts), dtype=torch.float32)
+
+
+def normalize(x: torch.Tensor, norm: dict) -> torch.Tensor:
+    """x: N x 1 x H x W float in [0, 1]."""
+    if norm["mode"] == "image":
+        # Per-image standardisation removes exposure/contrast differences between machines and
+        # sites, the main shift between this dataset's train and test splits.
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True)
+        return (x - mean) / (std + 1e-3)
+    return (x - norm["mean"]) / norm["std"]
+
+
+def dataset_norm(images: torch.Tensor, mode: str) -> dict:
+    x = images.float().div_(255)
+    return {"mode": mode, "mean": round(float(x.mean()), 5), "std": round(float(x.std()), 5)}
+
+
+def center_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
+    """Evaluation view: the central img_size crop of the working-size image (Resize+CenterCrop)."""
+    s = images.shape[-1]
+    o = (s - img_size) // 2
+    return images[..., o:o + img_size, o:o + img_size]
+
+
+def eval_batch(images_u8: torch.Tensor, img_size: int, norm: dict, device) -> torch.Tensor:
+    x = center_crop(images_u8, img_size).to(device, non_blocking=True).unsqueeze(1).float().div_(255)
+    return normalize(x, norm)
+
+
+def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.Generator) -> torch.Tensor:
+    """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter.
+
+    Works on whole batches on any device; random numbers come from the CPU generator `gen`, so a
+    seed gives the same augmentation on CPU and GPU and after a resume.
+    """
+    n, dev = images_u8.shape[0], images_u8.device
+    u = torch.rand(n, 9, generator=gen).to(dev)
+    area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
+    log_r = (u[:, 1] * 2 - 1) * math.log(4 / 3)
+    w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
+    h = torch.sqrt(area / torch.exp(log_r)).clamp(max=1.0)
+    angle = (u[:, 2] * 2 - 1) * math.radians(cfg.aug_rotate_deg)
+    flip = torch.where((u[:, 3] < 0.5) & cfg.aug_hflip, -1.0, 1.0)
+    tx = (u[:, 4] * 2 - 1) * ((1 - w) + cfg.aug_shift)
+    ty = (u[:, 5] * 2 - 1) * ((1 - h) + cfg.aug_shift)
+    cos, sin = torch.cos(angle), torch.sin(angle)
+    theta = torch.stack([torch.stack([cos * w * flip, -sin * h, tx], 1),
+                         torch.stack([sin * w * flip, cos * h, ty], 1)], 1)
+    x = images_u8.unsqueeze(1).float().div_(255)
+    grid = F.affine_grid(theta, [n, 1, cfg.img_size, cfg.img_size], align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b = 1 + (u[:, 6] * 2 - 1) * cfg.aug_brightness
+    c = 1 + (u[:, 7] * 2 - 1) * cfg.aug_contrast
+    g = torch.exp((u[:, 8] * 2 - 1) * cfg.aug_gamma)
+    x = x.clamp(1e-6, 1).pow(g.view(n, 1, 1, 1))
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    x = ((x - mean) * c.view(n, 1, 1, 1) + mean) * b.view(n, 1, 1, 1)
+    return normalize(x.clamp_(0, 1), norm)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------
+class ConvBlock(nn.Module):
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)  # bias is redundant before BN
+        self.bn = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x):
+        return self.pool(self.relu(self.bn(self.conv(x))))
+
+
+class CustomCNN(nn.Module):
+    """Four conv blocks (conv, batch norm, ReLU, max-pool), then two fully connected layers."""
+
+    def __init__(self, num_classes: int = 2, in_channels: int = 1, img_size: int = IMG_SIZE,
+                 channels=CHANNELS, fc_hidden: int = FC_HIDDEN, dropout: float = DROPOUT):
+        super().__init__()
+        chans = [in_channels, *channels]
+        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(4)])
+        with torch.no_grad():  # the flattened size follows from the input size, whatever it is
+            n_flat = self.blocks(torch.zeros(1, in_channels, img_size, img_size)).numel()
+        self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_flat, fc_hidden),
+                                  nn.ReLU(inplace=True), nn.Dropout(dropout), nn.Linear(fc_hidden, num_classes))
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x):
+        return self.head(self.blocks(x))
+
+
+def model_kwargs(cfg: Config, num_classes: int) -> dict:
+    return dict(num_classes=num_classes, in_channels=1, img_size=cfg.img_size,
+                channels=list(cfg.channels), fc_hidden=cfg.fc_hidden, dropout=cfg.dropout)
+
+
+class EMA:
+    """Exponential moving average of the weights; batch-norm statistics are copied, not averaged."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        import copy
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short memory at the start
+        for e, p in zip(self.module.parameters(), model.parameters()):
+            e.lerp_(p.detach(), 1 - d)
+        for e, b in zip(self.module.buffers(), model.buffers()):
+            e.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"module": self.module.state_dict(), "updates": self.updates}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.module.load_state_dict(sd["module"])
+        self.updates = int(sd["updates"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics (pure numpy: tests compare them with scikit-learn)
+# ----------------------------------------------------------------------------------------------
+def positive_index(class_names: list) -> int:
+    upper = [c.upper() for c in class_names]
+    return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1
+
+
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="mergesort")
+    xs = x[order]
+    ranks = np.empty(len(x), dtype=np.float64)
+    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        ranks[order[a:b]] = (a + b + 1) / 2.0  # ties share the mean of their 1-based ranks
+    return ranks
+
+
+def roc_auc(y_true, score) -> float:
+    """Binary ROC AUC (Mann-Whitney U with tie correction); nan if only one class is present."""
+    y, s = np.asarray(y_true).astype(bool), np.asarray(score, dtype=np.float64)
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    r = _average_ranks(s)
+    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def multiclass_auc(labels, probs: np.ndarray, pos: int) -> float:
+    """Binary: AUC of the positive class's probability. More classes: macro one-vs-rest AUC."""
+    labels = np.asarray(labels)
+    if probs.shape[1] == 2:
+        return roc_auc(labels == pos, probs[:, pos])
+    aucs = [roc_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else float("nan")
+
+
+def roc_points(y_true, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr, tpr, thresholds), thresholds descending, predicting positive when score >= t."""
+    y, s = np.asarray(y_true).astype(bool), np.asarray(score, dtype=np.float64)
+    order = np.argsort(-s, kind="mergesort")
+    s, y = s[order], y[order]
+    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
+    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
+    tpr = np.r_[0.0, tp / max(y.sum(), 1)]
+    fpr = np.r_[0.0, fp / max((~y).sum(), 1)]
+    return fpr, tpr, np.r_[np.inf, s[last]]
+
+
+def youden_threshold(y_true, score) -> float:
+    """The score threshold maximising sensitivity + specificity - 1 (first, i.e. highest, on ties)."""
+    fpr, tpr, thr = roc_points(y_true, score)
+    j = int(np.argmax(tpr - fpr))
+    return float(min(thr[j], 1.0))
+
+
+def binary_metrics(y_true, score, threshold: float) -> dict:
+    y = np.asarray(y_true).astype(bool)
+    pred = np.asarray(score) >= threshold
+    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
+    fp, fn = int((pred & ~y).sum()), int((~pred & y).sum())
+    div = lambda a, b: float(a / b) if b else float("nan")
+    sens, prec = div(tp, tp + fn), div(tp, tp + fp)
+    return {"threshold": float(threshold), "accuracy": div(tp + tn, len(y)), "sensitivity": sens,
+            "specificity": div(tn, tn + fp), "precision": prec,
+            "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
+            "confusion_matrix": [[tn, fp], [fn, tp]]}
+
+
+def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
+    """Percentile 95% interval of the AUC over n resamples of the test set."""
+    y, s = np.asarray(y_true).astype(bool), np.asarray(score)
+    rng = np.random.default_rng(seed)
+    aucs = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].all() or not y[i].any():
+            continue
+        aucs.append(roc_auc(y[i], s[i]))
+    if not aucs:
+        return [float("nan"), float("nan")]
+    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+
+
+def accuracy(labels, probs: np.ndarray) -> float:
+    return float((np.asarray(probs).argmax(1) == np.asarray(labels)).mean())
+
+
+# ----------------------------------------------------------------------------------------------
+# Train and evaluate
+# ----------------------------------------------------------------------------------------------
+_STOP = {"signal": None}
+
+
+def _on_signal(signum, frame):
+    _STOP["signal"] = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM set a flag that the training loop checks after every batch."""
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    _STOP["signal"] = None
+    for s in old:
+        signal.signal(s, _on_signal)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)            # DistributedDataParallel
+    return getattr(model, "_orig_mod", model)          # torch.compile
+
+
+@torch.no_grad()
+def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, rt: Runtime,
+                  tta: bool, batch_size: int = 256, desc: str = "") -> np.ndarray:
+    """Softmax probabilities (N x K) in eval mode; the model's mode is restored afterwards."""
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in tqdm(range(0, len(images_u8), batch_size), desc=desc or "predict", leave=False,
+                      disable=None if desc else True):
+            x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
+            if rt.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with rt.autocast():
+                p = model(x).float().softmax(1)
+                if tta:
+                    p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
+            out.append(p.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
+    """Concatenate per-rank rows (each rank holds rows rank::world) back into the original order."""
+    if rt.world == 1:
+        return local
+    parts = [None] * rt.world
+    torch.distributed.all_gather_object(parts, local)
+    n = sum(len(p) for p in parts)
+    out = np.zeros((n, *local.shape[1:]), dtype=local.dtype)
+    for r, p in enumerate(parts):
+        out[r::rt.world] = p
+    return out
+
+
+@dataclasses.dataclass
+class TrainState:
+    model: nn.Module           # what is trained (maybe DDP/compiled)
+    eval_model: nn.Module      # what is evaluated and saved: the EMA copy, or the model itself
+    ema: EMA | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    criterion: nn.Module
+    cfg: Config
+    norm: dict
+    rt: Runtime
+    pos: int                   # index of the positive class (AUC)
+
+
+def epoch_seed(cfg: Config, epoch: int) -> int:
+    # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
+    return cfg.seed * 1000 + epoch
+
+
+def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
+    cfg, rt = st.cfg, st.rt
+    torch.manual_seed(epoch_seed(cfg, epoch))
+    gen = torch.Generator().manual_seed(epoch_seed(cfg, epoch))
+    sampler = torch.utils.data.DistributedSampler(range(len(train)), num_replicas=rt.world, rank=rt.rank,
+                                                  shuffle=True, seed=cfg.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    order = torch.tensor(list(sampler))
+    n_batches = len(order) // cfg.batch_size  # drop the last partial batch: batch norm needs > 1
+    st.model.train()
+    losses, probs, labels = [], [], []
+    bar = tqdm(range(n_batches), desc=f"epoch {epoch} train", leave=False, disable=None if rt.is_main else True)
+    for b in bar:
+        idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+        y = train.labels[idx].to(rt.device, non_blocking=True)
+        x = augment_batch(train.images[idx].to(rt.device, non_blocking=True), cfg, st.norm, gen)
+        if rt.device.type == "cuda" or rt.amp_dtype is not None:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            logits = st.model(x)
+            loss = st.criterion(logits.float(), y)
+        st.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        st.optimizer.step()
+        st.scheduler.step()
+        if st.ema is not None:
+            st.ema.update(unwrap(st.model))
+        losses.append(loss.detach())
+        probs.append(logits.detach().float().softmax(1))
+        labels.append(y)
+        if b % 20 == 19 or b == n_batches - 1:  # the only host sync of the loop
+            recent = torch.stack(losses[-20:])
+            if not torch.isfinite(recent).all():
+                first = len(losses) - len(recent) + int((~torch.isfinite(recent)).nonzero()[0])
+                raise FloatingPointError(f"loss became {float(recent[first - len(losses) + len(recent)])} "
+                                         f"at epoch {epoch}, batch {first + 1}")
+            bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
+        if _STOP["signal"] is not None:
+            raise Interrupted()
+    probs_np = torch.cat(probs).cpu().numpy()
+    labels_np = torch.cat(labels).cpu().numpy()
+    pos = st.pos
+    return {"train_loss": float(torch.stack(losses).mean()), "train_acc": accuracy(labels_np, probs_np),
+            "train_auc": multiclass_auc(labels_np, probs_np, pos)}
+
+
+def evaluate(st: TrainState, split: Split, desc: str = "val") -> tuple[dict, np.ndarray]:
+    """Loss, accuracy and AUC of the evaluated model on a split (sharded over ranks, gathered)."""
+    rt = st.rt
+    local = split.images[rt.rank::rt.world]
+    probs = gather_rows(predict_probs(st.eval_model, local, st.cfg.img_size, st.norm, rt, st.cfg.tta,
+                                      desc=desc if rt.is_main else ""), rt)
+    labels = split.labels.numpy()
+    w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
+    loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)
+    return {"val_loss": float(loss), "val_acc": accuracy(labels, probs),
+            "val_auc": multiclass_auc(labels, probs, st.pos)}, probs
+
+
+def build_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+def make_checkpoint(st: TrainState, meta: dict, epoch: int, history: list, best_auc: float,
+                    since_best: int, full: bool) -> dict:
+    """Plain data only (tensors, numbers, strings, lists, dicts): loadable with weights_only=True."""
+    ckpt = {"format": CKPT_FORMAT, "model": unwrap(st.eval_model).state_dict(), **meta,
+            "config": st.cfg.to_dict(), "normalization": dict(st.norm), "epoch": epoch,
+            "best_auc": best_auc, "history": history}
+    if full:
+        ckpt.update(train_model=unwrap(st.model).state_dict(), optimizer=st.optimizer.state_dict(),
+                    scheduler=st.scheduler.state_dict(), since_best=since_best,
+                    ema=st.ema.state_dict() if st.ema else None)
+    return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    model = CustomCNN(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Grad-CAM
+# ----------------------------------------------------------------------------------------------
+class GradCAM:
+    """Grad-CAM (Selvaraju et al., 2017) for a CNN classifier.
+
+        with GradCAM(model) as cam:        # hooks exist only inside the block
+            maps = cam(x)                  # N x H x W float32 in [0, 1]; target = predicted class
+            maps = cam(x, target=1)        # or one class index per image
+
+    CAM = ReLU(sum_k mean_ij(d y_c / d A_k) * A_k), min-max scaled per image, bilinearly resized to
+    the input size and scaled again (the order pytorch-grad-cam uses). The gradient is caught by a
+    tensor hook on the activation and computed with torch.autograd.grad, so parameters' .grad
+    (and a training step in progress) are never touched. The model's train/eval mode is restored.
+    """
+
+    def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
+        self.model = model
+        self.target_layer = target_layer if target_layer is not None else unwrap(model).blocks[-1].conv
+        self._handles: list = []
+        self._act = self._grad = None
+
+    def __enter__(self) -> "GradCAM":
+        self._handles.append(self.target_layer.register_forward_hook(self._forward_hook))
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.release()
+        return False  # never swallow an exception
+
+    def release(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._act = self._grad = None
+
+    def _forward_hook(self, module, inputs, output):
+        self._act = output
+        if output.requires_grad:
+            output.register_hook(self._save_grad)
+
+    def _save_grad(self, grad):
+        self._grad = grad
+
+    def __call__(self, x: torch.Tensor, target=None) -> np.ndarray:
+        if not self._handles:
+            raise RuntimeError("GradCAM has no hooks: use it as `with GradCAM(model) as cam: cam(x)`")
+        was_training = self.model.training
+        self.model.eval()  # batch norm must use running statistics, dropout must be off
+        try:
+            with torch.enable_grad():
+                x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
+                logits = self.model(x)
+                if target is None:
+                    tgt = logits.argmax(1)
+                elif isinstance(target, int):
+                    tgt = torch.full((len(x),), target, dtype=torch.long, device=logits.device)
+                else:
+                    tgt = torch.as_tensor(list(target), dtype=torch.long, device=logits.device)
+                    if len(tgt) != len(x):
+                        raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
+                score = logits.gather(1, tgt.view(-1, 1)).sum()
+                act = self._act
+                torch.autograd.grad(score, act)  # fires the tensor hook; parameters keep their .grad
+                weights = self._grad.float().mean(dim=(2, 3), keepdim=True)
+                cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
+        finally:
+            self._act = self._grad = None
+            self.model.train(was_training)
+        cam = _minmax(cam)
+        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return _minmax(cam)[:, 0].cpu().numpy().astype(np.float32)
+
+
+def _minmax(cam: torch.Tensor) -> torch.Tensor:
+    lo = cam.amin(dim=(2, 3), keepdim=True)
+    cam = cam - lo
+    return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
+
+
+def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 256) -> np.ndarray:
+    """The X-ray in gray with a JET heat map blended on top and a title strip; BGR uint8."""
+    if cam.min() < 0 or cam.max() > 1:
+        raise ValueError("the CAM must be scaled to [0, 1]")
+    img = cv2.resize(gray_u8, (display, display), interpolation=cv2.INTER_LINEAR)
+    heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (display, display))), cv2.COLORMAP_JET)
+    blend = cv2.addWeighted(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), 0.6, heat, 0.4, 0)
+    strip = np.full((22, display, 3), 255, np.uint8)
+    cv2.putText(strip, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([strip, blend])
+
+
+def label_prob(probs_row: np.ndarray, pos: int) -> float:
+    """The probability shown with a prediction: of the positive class (binary) or of the argmax."""
+    return float(probs_row[pos]) if len(probs_row) == 2 else float(probs_row.max())
+
+
+def explain_images(model: nn.Module, images_u8: torch.Tensor, labels, class_names: list, norm: dict,
+                   img_size: int, rt: Runtime, threshold: float | None = None) -> tuple:
+    """(maps N x H x W, probs N x K, predictions N) for a small set of images."""
+    x = eval_batch(images_u8, img_size, norm, rt.device)
+    with GradCAM(model) as cam:
+        maps = cam(x)
+    probs = predict_probs(model, images_u8, img_size, norm, rt, tta=False)
+    return maps, probs, predict_labels(probs, class_names, threshold)
+
+
+def predict_labels(probs: np.ndarray, class_names: list, threshold: float | None) -> np.ndarray:
+    pos = positive_index(class_names)
+    if len(class_names) == 2 and threshold is not None:
+        return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+    return probs.argmax(1)
+
+
+def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
+                 save_arrays: bool, img_size: int) -> list:
+    pos = positive_index(class_names)
+    tiles, names = [], []
+    crops = center_crop(images_u8, img_size).numpy()
+    for i in range(len(maps)):
+        t = class_names[int(labels[i])] if labels is not None else "?"
+        p = class_names[int(preds[i])]
+        prob = label_prob(probs[i], pos)
+        stem = f"{prefix}_{i:02d}_true-{t}_pred-{p}_p{prob:.2f}"
+        tile = overlay_cam(crops[i], maps[i], f"true {t} | pred {p} | p={prob:.2f}")
+        save_image(folder / f"{stem}.png", tile)
+        if save_arrays:
+            atomic_write(folder / f"{stem}.npy", lambda q, m=maps[i]: np.save(q, m))
+        tiles.append(tile)
+        names.append(stem)
+    return tiles
+
+
+def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
+    if not tiles:
+        return
+    h, w = tiles[0].shape[:2]
+    rows = math.ceil(len(tiles) / cols)
+    grid = np.full((rows * h + 26, cols * w, 3), 255, np.uint8)
+    cv2.putText(grid, title, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    for i, t in enumerate(tiles):
+        r, c = divmod(i, cols)
+        grid[26 + r * h:26 + (r + 1) * h, c * w:(c + 1) * w] = t
+    save_image(path, grid)
+
+
+def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """n fixed indices, classes taken in turn so that every class is represented."""
+    rng = np.random.default_rng(seed)
+    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
+    out = []
+    while len(out) < n and any(pools):
+        for p in pools:
+            if p and len(out) < n:
+                out.append(p.pop(0))
+    return np.array(sorted(out), dtype=np.int64)
+
+
+def lung_mask(h: int, w: int) -> np.ndarray:
+    x0, x1, y0, y1 = LUNG_BOX
+    m = np.zeros((h, w), bool)
+    m[int(y0 * h):int(math.ceil(y1 * h)), int(x0 * w):int(math.ceil(x1 * w))] = True
+    return m
+
+
+def lung_focus(maps: np.ndarray) -> dict:
+    """Share of CAM mass inside LUNG_BOX, and the share a uniform map would have there."""
+    m = lung_mask(*maps.shape[1:])
+    mass = maps.reshape(len(maps), -1).sum(1)
+    inside = maps[:, m].sum(1)
+    share = inside[mass > 0] / mass[mass > 0]
+    return {"lung_box": list(LUNG_BOX), "mean_share_in_box": float(share.mean()) if len(share) else float("nan"),
+            "uniform_share": float(m.mean()), "n_images": int(len(share))}
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib, no display needed)
+# ----------------------------------------------------------------------------------------------
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _savefig(fig, path: Path) -> None:
+    atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
+    _plt().close(fig)
+
+
+def plot_history(history: list, path: Path) -> None:
+    plt = _plt()
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    ep = [h["epoch"] for h in history]
+    for ax, key, name in zip(axes, ("loss", "acc", "auc"), ("loss", "accuracy", "ROC AUC")):
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _savefig(fig, path)
+
+
+def plot_roc(fpr, tpr, auc: float, thr_point, path: Path, title: str) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.6, 4.4))
+    ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    if thr_point is not None:
+        ax.plot(*thr_point, "ro", label="chosen threshold")
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    _savefig(fig, path)
+
+
+def plot_confusion(cm, class_names: list, path: Path, title: str) -> None:
+    plt = _plt()
+    cm = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    _savefig(fig, path)
+
+
+def write_history(history: list, run_dir: Path) -> None:
+    keys = list(history[0].keys())
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(history)
+    atomic_write(run_dir / "history.csv", write)
+    plot_history(history, run_dir / "training_history.png")
+
+
+# ----------------------------------------------------------------------------------------------
+# Test report (used after training and by --evaluate)
+# ----------------------------------------------------------------------------------------------
+def test_report(model: nn.Module, test: Split, class_names: list, norm: dict, img_size: int,
+                threshold: float | None, cfg: Config, rt: Runtime, run_dir: Path) -> dict:
+    probs = predict_probs(model, test.images, img_size, norm, rt, cfg.tta, desc="test")
+    labels = test.labels.numpy()
+    pos = positive_index(class_names)
+    binary = len(class_names) == 2
+    res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
+           "tta": cfg.tta}
+    if binary:
+        y, s = labels == pos, probs[:, pos]
+        res["auc"] = roc_auc(y, s)
+        res["auc_ci95"] = bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed)
+        res.update(binary_metrics(y, s, threshold))
+        res["at_0.5"] = binary_metrics(y, s, 0.5)
+        fpr, tpr, _ = roc_points(y, s)
+        point = (1 - res["specificity"], res["sensitivity"])
+        plot_roc(fpr, tpr, res["auc"], point, run_dir / "roc_curve.png", f"test ROC ({class_names[pos]})")
+        preds = np.where(s >= threshold, pos, 1 - pos)
+    else:
+        preds = probs.argmax(1)
+        res["auc"] = multiclass_auc(labels, probs, pos)
+        res["accuracy"] = accuracy(labels, probs)
+        res["threshold"] = None
+        plt = _plt()
+        fig, ax = plt.subplots(figsize=(4.6, 4.4))
+        for k, name in enumerate(class_names):
+            fpr, tpr, _ = roc_points(labels == k, probs[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
+        ax.plot([0, 1], [0, 1], "k--", lw=1)
+        ax.legend(loc="lower right")
+        ax.set_title("test ROC, one vs rest")
+        _savefig(fig, run_dir / "roc_curve.png")
+    cm = np.zeros((len(class_names),) * 2, dtype=int)
+    np.add.at(cm, (labels, preds), 1)
+    res["confusion_matrix"] = cm.tolist()
+    plot_confusion(cm, class_names, run_dir / "confusion_matrix.png", "test confusion matrix")
+
+    # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
+    # right and wrong predictions of every class.
+    maps_all = []
+    with GradCAM(model) as cam:
+        for i in range(0, len(test), 128):
+            maps_all.append(cam(eval_batch(test.images[i:i + 128], img_size, norm, rt.device)))
+    maps_all = np.concatenate(maps_all) if maps_all else np.zeros((0, img_size, img_size), np.float32)
+    res["gradcam"] = lung_focus(maps_all)
+    gallery = []
+    cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
+    per_cell = max(1, cfg.num_gradcam_images // max(1, len(cells)))
+    for t, p in cells:
+        ok = (labels == t) & ((preds == t) if p is not None else (preds != t))
+        gallery.extend(np.flatnonzero(ok)[:per_cell].tolist())
+    gallery = np.array(sorted(gallery), dtype=np.int64)
+    if len(gallery):
+        folder = run_dir / "grad_cam"
+        folder.mkdir(exist_ok=True)
+        tiles = save_cam_set(folder, "test", test.images[gallery], labels[gallery], maps_all[gallery],
+                             probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays, img_size)
+        save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions")
+        res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
+        res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
+    save_json(run_dir / "test_metrics.json", res)
+    return res
+
+
+def summary_table(res: dict) -> str:
+    rows = [("n", res["n"]), ("AUC", f"{res['auc']:.4f}")]
+    if "auc_ci95" in res:
+        rows += [("AUC 95% CI", f"{res['auc_ci95'][0]:.4f} - {res['auc_ci95'][1]:.4f}"),
+                 ("threshold (val)", f"{res['threshold']:.4f}")]
+        for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
+            rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"))
+    else:
+        rows.append(("accuracy", f"{res['accuracy']:.4f}"))
+    rows.append(("CAM share in lung box", f"{res['gradcam']['mean_share_in_box']:.3f} "
+                                          f"(uniform: {res['gradcam']['uniform_share']:.3f})"))
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic chest X-rays for --demo and the tests
+# ----------------------------------------------------------------------------------------------
+def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np.ndarray, list]:
+    """A chest-X-ray-like image (body, lungs, ribs, spine, heart) and its lesions.
+
+    PNEUMONIA images get 1-2 soft opacities inside a lung. Returns (uint8 image, lesions as
+    (cx, cy, radius) in fractions of the image size).
+    """
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    j = lambda s: rng.uniform(-s, s)
+    img = np.full((size, size), 0.06, np.float32)
+    body = ((xx - 0.5 - j(0.02)) / (0.44 + j(0.03))) ** 2 + ((yy - 0.58) / (0.52 + j(0.03))) ** 2 < 1
+    img[body] = 0.50
+    lungs = []
+    for side in (-1, 1):
+        cx, cy, rx, ry = 0.5 + side * (0.17 + j(0.015)), 0.47 + j(0.02), 0.12 + j(0.01), 0.26 + j(0.02)
+        lung = ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+        img[lung] = 0.16
+        lungs.append((cx, cy, rx, ry))
+    for k in range(9):  # ribs: bright arcs across the lungs
+        y0 = 0.24 + 0.055 * k + j(0.005)
+        arc = np.abs(yy - (y0 + 0.5 * (xx - 0.5) ** 2)) < 0.007
+        img[arc & body] += 0.10
+    img[(np.abs(xx - 0.5) < 0.035) & body] = 0.62  # spine
+    heart = ((xx - 0.56 - j(0.02)) / 0.11) ** 2 + ((yy - 0.64) / 0.10) ** 2 < 1
+    img[heart] = np.maximum(img[heart], 0.45)
+    lesions = []
+    if pneumonia:
+        for _ in range(int(rng.integers(1, 3))):
+            cx, cy, rx, ry = lungs[int(rng.integers(0, 2))]
+            a, r = rng.uniform(0, 2 * np.pi), np.sqrt(rng.uniform(0, 0.5))
+            lx, ly, rad = cx + r * rx * np.cos(a), cy + r * ry * np.sin(a), rng.uniform(0.05, 0.08)
+            img += rng.uniform(0.22, 0.32) * np.exp(-((xx - lx) ** 2 + (yy - ly) ** 2) / (2 * (rad / 1.5) ** 2))
+            lesions.append((float(lx), float(ly), float(rad)))
+    img = cv2.GaussianBlur(img, (0, 0), size / 160)
+    img = img * rng.uniform(0.85, 1.15) + rng.normal(0, 0.025, img.shape)  # exposure and noise
+    return np.clip(img * 255, 0, 255).astype(np.uint8), lesions
+
+
+def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int = 128, seed: int = 0) -> dict:
+    """Write root/{train,test}/{NORMAL,PNEUMONIA}/*.png with Kermany-style patient names.
+
+    Some patients get two images, so the patient-grouped split is exercised. Returns the lesions
+    of every PNEUMONIA file ({relative path: [(cx, cy, radius), ...]}), also saved as lesions.json.
+    """
+    rng = np.random.default_rng(seed)
+    lesions, pid = {}, 0
+    for split, counts in (("train", n_train), ("test", n_test)):
+        for cls, n in counts.items():
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            k = 0
+            while k < n:
+                pid += 1
+                for shot in range(min(n - k, 1 + int(rng.random() < 0.25))):
+                    img, les = synth_xray(rng, size, cls == "PNEUMONIA")
+                    name = (f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA"
+                            else f"IM-{pid:04d}-{shot + 1:04d}.png")
+                    cv2.imwrite(str(d / name), img)
+                    if les:
+                        lesions[f"{split}/{cls}/{name}"] = les
+                    k += 1
+    save_json(root / "lesions.json", lesions)
+    return lesions
+
+
+# ----------------------------------------------------------------------------------------------
+# Main: input checks, run folder, training, report; predict and evaluate modes
+# ----------------------------------------------------------------------------------------------
+def check_split_dir(path: Path, name: str) -> tuple[list, list]:
+    if not path.is_dir():
+        raise CXRError(f"{path} not found: DATA_DIR must hold {name}/<CLASS>/ folders "
+                       "(edit DATA_DIR in train_cxr.py or pass --data-dir)")
+    try:
+        classes, samples = list_image_folder(path)
+    except FileNotFoundError:
+        raise CXRError(f"{path} has no class folders: put the images in {path}/<CLASS>/ (e.g. NORMAL, PNEUMONIA)")
+    counts = np.bincount([s[1] for s in samples], minlength=len(classes))
+    empty = [c for c, n in zip(classes, counts) if n == 0]
+    if empty:
+        raise CXRError(f"class folder {path / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
+                       "add images or remove the folder")
+    if len(classes) < 2:
+        raise CXRError(f"{path} has only the class folder {classes[0]!r}: a classifier needs two or more")
+    return classes, samples
+
+
+def report_bad_files(bad: list, strict: bool) -> None:
+    if not bad:
+        return
+    listing = "; ".join(f"{p} ({why})" for p, why in bad)
+    if strict:
+        raise CXRError(f"{len(bad)} unreadable image file(s), --strict is on: {listing}. "
+                       "Fix or remove them, or run without --strict to skip them")
+    log.warning(f"warning: skipping {len(bad)} unreadable image file(s): {listing}")
+
+
+def prepare_data(cfg: Config) -> dict:
+    """Check the data folders, decode every image once, carve the validation split."""
+    root = Path(cfg.data_dir)
+    if not root.is_dir():
+        raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
+                       "(a folder with train/ and test/), or try --demo")
+    classes, train_samples = check_split_dir(root / "train", "train")
+    test_classes, test_samples = check_split_dir(root / "test", "test")
+    if test_classes != classes:
+        raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
+                       f"{test_classes}; make them match")
+    val_samples, val_note = [], ""
+    if (root / "val").is_dir():
+        try:
+            val_classes, val_samples = list_image_folder(root / "val")
+        except FileNotFoundError:
+            val_classes, val_samples = [], []
+        counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
+        if val_classes == classes and min(counts) >= cfg.min_val_per_class:
+            val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
+        else:
+            val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
+                        f"{cfg.min_val_per_class} per class), its images join train and validation is "
+                        "carved from train")
+            train_samples = train_samples + [s for s in val_samples if val_classes == classes]
+            val_samples = []
+    train_all, bad = load_split(train_samples, cfg, "decode train")
+    test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
+    bad += bad_test
+    if val_samples:
+        val, bad_val = load_split(val_samples, cfg, "decode val")
+        bad += bad_val
+        train = train_all
+    else:
+        labels = train_all.labels.numpy()
+        counts = np.bincount(labels, minlength=len(classes))
+        if counts.min() < 2:
+            c = classes[int(counts.argmin())]
+            raise CXRError(f"class {c} has {counts.min()} usable training image(s) in {root / 'train' / c}: "
+                           "a validation split needs at least 2 per class; add images")
+        groups = [patient_id(p) for p in train_all.paths]
+        tr_idx, va_idx = grouped_split(labels, groups, cfg.val_fraction, cfg.seed)
+        val_counts = np.bincount(labels[va_idx], minlength=len(classes))
+        tr_counts = np.bincount(labels[tr_idx], minlength=len(classes))
+        if val_counts.min() == 0 or tr_counts.min() == 0:
+            c = classes[int(np.argmin(np.minimum(val_counts, tr_counts)))]
+            raise CXRError(f"class {c} is too small to split into train and validation "
+                           f"(patients in {root / 'train' / c}); add images or raise --val-fraction")
+        train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
+        val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
+    report_bad_files(bad, cfg.strict)
+    for name, sp in (("train", train), ("val", val), ("test", test)):
+        if len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test":
+            raise CXRError(f"the {name} split has no usable images of some class: check {root}")
+    return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
+            "bad_files": [p for p, _ in bad]}
+
+
+def make_run_dir(cfg: Config) -> Path:
+    base = Path(cfg.output_dir)
+    name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir = base / name
+    if run_dir.exists():
+        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
+                       "pass another --run-name, or --resume it")
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir()
+        (run_dir / "grad_cam").mkdir()
+    except OSError as e:
+        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): "
+                       "choose a writable --output-dir")
+    return run_dir
+
+
+def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int) -> TrainState:
+    num_classes = len(class_names)
+    seed_everything(cfg.seed)
+    model = CustomCNN(**model_kwargs(cfg, num_classes)).to(rt.device)
+    if rt.device.type == "cuda" or rt.amp_dtype is not None:
+        model = model.to(memory_format=torch.channels_last)
+    ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    train_model = model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    if rt.world > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    decay, no_decay = [], []
+    for n_, p in model.named_parameters():
+        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg, steps)
+    weights = class_weights(train_labels, num_classes).to(rt.device)
+    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
+                      positive_index(class_names))
+
+
+def train(cfg: Config, args, rt: Runtime) -> int:
+    resume = load_checkpoint(args.resume) if args.resume else None
+    if resume is not None:
+        cfg = Config.from_dict(resume["config"])
+        if "epochs" in args.given:
+            cfg.epochs = args.epochs  # the one setting a resume may change: train for longer
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    demo = args.demo and resume is None
+    if demo and rt.is_main:
+        run_dir = make_run_dir(cfg)
+        data_root = run_dir / "demo_data"
+        log.info(f"demo: writing synthetic X-rays to {data_root}")
+        write_synthetic_dataset(data_root, *DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
+        cfg.data_dir = str(data_root)
+    if demo and rt.world > 1:
+        raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
+    data = prepare_data(cfg)
+    classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
+    if not demo and resume is None:
+        run_dir = make_run_dir(cfg) if rt.is_main else None
+    if rt.world > 1:
+        box = [str(run_dir) if rt.is_main else None]
+        torch.distributed.broadcast_object_list(box)
+        run_dir = Path(box[0])
+    if rt.is_main:
+        attach_log_file(run_dir / "train.log")
+    pos = positive_index(classes)
+    norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
+    steps = max(1, len(train_s) // rt.world // cfg.batch_size)
+    st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
+    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, "positive_class": pos,
+            "img_size": cfg.img_size, "work_size": cfg.work_size, "threshold": None}
+    counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
+    log.info(f"run folder: {run_dir}")
+    log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
+             f"threads: {torch.get_num_threads()}")
+    log.info(f"train: {len(train_s)} ({counts(train_s)}) | val: {len(val_s)} ({counts(val_s)}) | "
+             f"test: {len(test_s)} (kept aside until the end)")
+    log.info(data["val_note"])
+    log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
+    if rt.is_main and resume is None:
+        save_json(run_dir / "config.json", {"config": cfg.to_dict(), "versions": library_versions(),
+                                            "device": str(rt.device), "precision": str(rt.amp_dtype or "fp32"),
+                                            "world_size": rt.world, "classes": classes, "normalization": norm,
+                                            "skipped_files": data["bad_files"],
+                                            "split_sizes": {"train": len(train_s), "val": len(val_s),
+                                                            "test": len(test_s)}})
+    history, best_auc, since_best, start = [], -1.0, 0, 1
+    if resume is not None:
+        unwrap(st.model).load_state_dict(resume["train_model"])
+        st.optimizer.load_state_dict(resume["optimizer"])
+        st.scheduler.load_state_dict(resume["scheduler"])
+        if st.ema is not None:
+            st.ema.load_state_dict(resume["ema"])
+        history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
+        start = resume["epoch"] + 1
+        log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
+    cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
+    log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
+             f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
+    stopped_early = False
+    with stop_on_signals():
+        try:
+            for epoch in range(start, cfg.epochs + 1):
+                if since_best >= cfg.patience:
+                    stopped_early = True
+                    break
+                t0 = time.time()
+                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
+                val_metrics, _ = evaluate(st, val_s)
+                row.update(val_metrics)
+                row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
+                improved = row["val_auc"] > best_auc
+                best_auc = row["val_auc"] if improved else best_auc
+                since_best = 0 if improved else since_best + 1
+                history.append(row)
+                if rt.is_main:
+                    log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
+                             f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
+                             f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
+                    if improved:
+                        save_checkpoint(run_dir / "best_model.pt",
+                                        make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
+                    save_checkpoint(run_dir / "last.pt",
+                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
+                    write_history(history, run_dir)
+                    if len(cam_idx):
+                        maps, probs, preds = explain_images(st.eval_model, val_s.images[cam_idx],
+                                                            val_s.labels[cam_idx], classes, norm, cfg.img_size, rt)
+                        tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", val_s.images[cam_idx],
+                                             val_s.labels[cam_idx].numpy(), maps, probs, preds, classes,
+                                             cfg.save_cam_arrays, cfg.img_size)
+                        save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles,
+                                  f"epoch {epoch}: val AUC {row['val_auc']:.3f}")
+        except Interrupted:
+            done = history[-1]["epoch"] if history else start - 1
+            log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
+                     f"Resume with: python train_cxr.py --resume {run_dir}")
+            return 130
+        except FloatingPointError as e:
+            log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
+            return 3
+    if stopped_early:
+        log.info(f"early stop: no better validation AUC for {cfg.patience} epochs")
+    if not rt.is_main:
+        return 0
+    if not (run_dir / "best_model.pt").is_file():
+        log.info("no epoch finished, so there is no best model to report on")
+        return 1
+
+    # The threshold is chosen on validation (Youden's J) with the best model, stored in the
+    # checkpoint for --predict, and only then is the test split looked at, once.
+    best = load_checkpoint(run_dir / "best_model.pt")
+    model = model_from_checkpoint(best).to(rt.device)
+    threshold = None
+    if len(classes) == 2:
+        val_probs = predict_probs(model, val_s.images, cfg.img_size, norm, rt, cfg.tta, desc="val")
+        threshold = youden_threshold(val_s.labels.numpy() == pos, val_probs[:, pos])
+        best["threshold"] = threshold
+        save_checkpoint(run_dir / "best_model.pt", best)
+        log.info(f"threshold on validation (Youden's J): {threshold:.4f}")
+    res = test_report(model, test_s, classes, norm, cfg.img_size, threshold, cfg, rt, run_dir)
+    log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
+    log.info(f"everything is in {run_dir}")
+    return 0
+
+
+def collect_files(paths: list) -> list:
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f)))
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+    if not files:
+        raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(paths)}")
+    return files
+
+
+def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
+    if not args.checkpoint:
+        raise CXRError("--predict and --evaluate need --checkpoint runs/RUN/best_model.pt")
+    ckpt = load_checkpoint(args.checkpoint)
+    return ckpt, model_from_checkpoint(ckpt).to(rt.device)
+
+
+def predict(cfg: Config, args, rt: Runtime) -> int:
+    ckpt, model = checkpoint_model(args, rt)
+    files = collect_files(args.predict)
+    classes, norm, img, work = ckpt["class_names"], ckpt["normalization"], ckpt["img_size"], ckpt["work_size"]
+    tta = bool(ckpt["config"].get("tta", False))
+    arr, bad = decode_all(files, work, cfg.num_workers, cfg.cache_dir, "decode")
+    report_bad_files(bad, cfg.strict)
+    bad_set = {p for p, _ in bad}
+    keep = [i for i, f in enumerate(files) if f not in bad_set]
+    if not keep:
+        raise CXRError("none of the --predict files could be read")
+    images, files = torch.from_numpy(arr[keep]), [files[i] for i in keep]
+    run_dir = make_run_dir(cfg)
+    attach_log_file(run_dir / "train.log")
+    probs = predict_probs(model, images, img, norm, rt, tta, desc="predict")
+    preds = predict_labels(probs, classes, ckpt.get("threshold"))
+    pos = positive_index(classes)
+    cam_dir = run_dir / "grad_cam"
+    for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):
+        with GradCAM(model) as cam:
+            maps = cam(eval_batch(images[i:i + 64], img, norm, rt.device))
+        crops = center_crop(images[i:i + 64], img).numpy()
+        for j, m in enumerate(maps):
+            k = i + j
+            prob = label_prob(probs[k], pos)
+            title = f"{Path(files[k]).name[:28]} | {classes[preds[k]]} p={prob:.2f}"
+            save_image(cam_dir / f"{k:05d}_{Path(files[k]).stem}_pred-{classes[preds[k]]}_p{prob:.2f}.png",
+                       overlay_cam(crops[j], m, title))
+
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["path", "predicted", *[f"prob_{c}" for c in classes], "threshold"])
+            for k, path in enumerate(files):
+                w.writerow([path, classes[preds[k]], *[f"{v:.6f}" for v in probs[k]], ckpt.get("threshold")])
+    atomic_write(run_dir / "predictions.csv", write)
+    log.info(f"predicted {len(files)} image(s) ({len(bad)} skipped): {run_dir / 'predictions.csv'}")
+    return 0
+
+
+def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
+    ckpt, model = checkpoint_model(args, rt)
+    root = Path(cfg.data_dir)
+    folder = root / "test" if (root / "test").is_dir() else root
+    classes, samples = check_split_dir(folder, "test")
+    if classes != ckpt["class_names"]:
+        raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
+    ck_cfg = Config.from_dict(ckpt["config"])
+    ck_cfg.num_workers, ck_cfg.cache_dir = cfg.num_workers, cfg.cache_dir
+    split, bad = load_split(samples, ck_cfg, "decode test")
+    report_bad_files(bad, cfg.strict)
+    run_dir = make_run_dir(cfg)
+    attach_log_file(run_dir / "train.log")
+    res = test_report(model, split, classes, ckpt["normalization"], ckpt["img_size"], ckpt.get("threshold"),
+                      ck_cfg, rt, run_dir)
+    log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
+    return 0
+
+
+def main(argv=None) -> int:
+    setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
+    try:
+        cfg, args = parse_config(argv)
+        rt = setup_runtime(cfg)
+        if args.predict:
+            return predict(cfg, args, rt)
+        if args.evaluate:
+            return evaluate_mode(cfg, args, rt)
+        return train(cfg, args, rt)
+    except CXRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except torch.cuda.OutOfMemoryError:
+        print("error: out of GPU memory: lower --batch-size (e.g. half) or --img-size", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
