@@ -1,0 +1,40 @@
+"""Shared fixtures: tiny synthetic datasets and a way to run the script in-process."""
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import train_cxr  # noqa: E402
+
+REAL_TRAIN = ROOT.parent / "shared" / "data" / "chest_xray_224" / "train"
+
+# Small, fast settings for end-to-end runs on 2 CPU cores.
+TINY = ["--img-size", "32", "--channels", "8,16,32,32", "--fc-hidden", "32", "--batch-size", "16",
+        "--bootstrap", "50", "--num-workers", "0", "--num-gradcam-images", "4", "--lr", "1e-3",
+        "--amp", "off"]
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory) -> Path:
+    """A read-only-by-convention synthetic dataset: train 60/90, test 20/30 (NORMAL/PNEUMONIA), 40 px."""
+    root = tmp_path_factory.mktemp("synth") / "chest_xray"
+    train_cxr.write_synthetic_dataset(root, {"NORMAL": 60, "PNEUMONIA": 90}, {"NORMAL": 20, "PNEUMONIA": 30},
+                                      size=40, seed=1)
+    return root
+
+
+@pytest.fixture
+def data_copy(synth_root, tmp_path) -> Path:
+    """A private copy of the synthetic dataset that a test may damage."""
+    dst = tmp_path / "data"
+    shutil.copytree(synth_root, dst)
+    return dst
+
+
+def run(argv, capsys=None) -> int:
+    """Run train_cxr.main in-process and return its exit code."""
+    return train_cxr.main([str(a) for a in argv])
