@@ -307,7 +307,9 @@ def seed_everything(seed: int) -> None:
 
 
 def setup_console_logging(is_main: bool = True) -> None:
-    log.handlers.clear()
+    for h in list(log.handlers):  # main() may run several times in one process (tests)
+        h.close()
+        log.removeHandler(h)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
     console = logging.StreamHandler(sys.stdout)
@@ -498,12 +500,16 @@ def _open_cache(cache_dir: str, size: int):
 
 
 def _write_cache(cache_dir: str, size: int, rows: dict, fresh: np.ndarray, old) -> None:
-    """Merge old entries that are still valid with this call's rows, then rename into place."""
+    """Merge this call's rows with the old entries of other files, then rename into place.
+
+    Old entries of the files decoded now are dropped, so a changed file leaves no stale row.
+    """
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     old_index, old_arr = old if old else ({}, None)
-    keep = {k: r for k, r in old_index.items() if k not in rows and old_arr is not None}
-    if not rows.keys() - old_index.keys() and not keep.keys() - old_index.keys() and old_arr is not None:
-        return  # nothing new
+    if old_arr is not None and rows.keys() <= old_index.keys():
+        return  # every row is already cached
+    current = {k.rsplit("|", 3)[0] for k in rows}
+    keep = {k: r for k, r in old_index.items() if old_arr is not None and k.rsplit("|", 3)[0] not in current}
     merged = np.zeros((len(keep) + len(rows), size, size), dtype=np.uint8)
     index = {}
     for n, (k, r) in enumerate(keep.items()):
@@ -602,8 +608,15 @@ def normalize(x: torch.Tensor, norm: dict) -> torch.Tensor:
 
 
 def dataset_norm(images: torch.Tensor, mode: str) -> dict:
-    x = images.float().div_(255)
-    return {"mode": mode, "mean": round(float(x.mean()), 5), "std": round(float(x.std()), 5)}
+    """The normalisation stored with the model; "dataset" measures the training split's mean/std."""
+    if mode != "dataset":
+        return {"mode": mode}
+    n, s, s2 = 0, 0.0, 0.0
+    for chunk in images.split(512):  # chunked: a float copy of the whole split can be > 1 GB
+        x = chunk.double().div_(255)
+        n, s, s2 = n + x.numel(), s + float(x.sum()), s2 + float((x * x).sum())
+    mean = s / n
+    return {"mode": mode, "mean": round(mean, 5), "std": round(math.sqrt(max(s2 / n - mean ** 2, 1e-12)), 5)}
 
 
 def center_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
@@ -919,10 +932,10 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
         labels.append(y)
         if b % 20 == 19 or b == n_batches - 1:  # the only host sync of the loop
             recent = torch.stack(losses[-20:])
-            if not torch.isfinite(recent).all():
-                first = len(losses) - len(recent) + int((~torch.isfinite(recent)).nonzero()[0])
-                raise FloatingPointError(f"loss became {float(recent[first - len(losses) + len(recent)])} "
-                                         f"at epoch {epoch}, batch {first + 1}")
+            bad = (~torch.isfinite(recent)).nonzero()
+            if len(bad):
+                i = len(losses) - len(recent) + int(bad[0])
+                raise FloatingPointError(f"loss became {float(losses[i])} at epoch {epoch}, batch {i + 1}")
             bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         if _STOP["signal"] is not None:
             raise Interrupted()
@@ -1511,15 +1524,18 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if "epochs" in args.given:
             cfg.epochs = args.epochs  # the one setting a resume may change: train for longer
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if resume["epoch"] >= cfg.epochs and (run_dir / "test_metrics.json").exists():
+            raise CXRError(f"{run_dir} already finished {resume['epoch']} epochs and has its test report: "
+                           "pass --epochs N (more) to train longer")
     demo = args.demo and resume is None
-    if demo and rt.is_main:
+    if demo and rt.world > 1:
+        raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
+    if demo:
         run_dir = make_run_dir(cfg)
         data_root = run_dir / "demo_data"
         log.info(f"demo: writing synthetic X-rays to {data_root}")
         write_synthetic_dataset(data_root, *DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
         cfg.data_dir = str(data_root)
-    if demo and rt.world > 1:
-        raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
     data = prepare_data(cfg)
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     if not demo and resume is None:
@@ -1602,7 +1618,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             done = history[-1]["epoch"] if history else start - 1
             log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
                      f"Resume with: python train_cxr.py --resume {run_dir}")
-            return 130
+            return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
             return 3
