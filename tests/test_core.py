@@ -1,0 +1,536 @@
+"""Foundation spec of train_cxr.py: flags, patient split, class weights, model, metrics,
+one end-to-end run with every artifact, input errors, 3 classes, and a real-data smoke test."""
+import csv
+import dataclasses
+import hashlib
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
+                             roc_auc_score, roc_curve)
+from sklearn.utils.class_weight import compute_class_weight
+
+import train_cxr
+from conftest import REAL_TRAIN, TINY, run
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "train_auc", "val_loss", "val_acc", "val_auc",
+                   "lr", "seconds"]
+CPU = train_cxr.Runtime(torch.device("cpu"), None)
+
+
+def flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def snapshot(folder: Path) -> dict:
+    """{relative path: (mtime_ns, sha1)} of every file under folder."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def read_history(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Flags
+# ----------------------------------------------------------------------------------------------
+def test_every_config_field_has_a_flag():
+    parser = train_cxr.build_parser()
+    options = parser._option_string_actions
+    help_text = parser.format_help()
+    for f in dataclasses.fields(train_cxr.Config):
+        assert flag(f.name) in options, f"no flag for Config.{f.name}"
+        assert options[flag(f.name)].dest == f.name
+        assert flag(f.name) in help_text
+    # With no flags, the config is exactly the defaults at the top of the file.
+    cfg, _ = train_cxr.parse_config([])
+    assert cfg == train_cxr.Config()
+    assert cfg.epochs == train_cxr.EPOCHS and cfg.channels == tuple(train_cxr.CHANNELS)
+
+
+def test_parse_values_and_booleans():
+    cfg, args = train_cxr.parse_config(["--epochs", "3", "--channels", "8,16,32,64"])
+    assert cfg.epochs == 3 and isinstance(cfg.epochs, int)
+    assert tuple(cfg.channels) == (8, 16, 32, 64)
+    assert cfg.lr == train_cxr.LR and cfg.img_size == train_cxr.IMG_SIZE
+    assert not args.demo
+    cfg, _ = train_cxr.parse_config(["--no-tta", "--lr", "0.01", "--device", "cpu"])
+    assert cfg.tta is False and cfg.lr == 0.01 and cfg.device == "cpu"
+
+
+def test_demo_overrides_except_explicit_flags():
+    cfg, args = train_cxr.parse_config(["--demo"])
+    assert args.demo
+    for k, v in train_cxr.DEMO_OVERRIDES.items():
+        assert getattr(cfg, k) == v, k
+    cfg, _ = train_cxr.parse_config(["--demo", "--epochs", "2", "--img-size", "48"])
+    assert cfg.epochs == 2 and cfg.img_size == 48
+    for k, v in train_cxr.DEMO_OVERRIDES.items():
+        if k not in ("epochs", "img_size"):
+            assert getattr(cfg, k) == v, k
+    # An explicit flag equal to the plain default still wins over the demo value.
+    cfg, _ = train_cxr.parse_config(["--demo", "--epochs", str(train_cxr.EPOCHS)])
+    assert cfg.epochs == train_cxr.EPOCHS != train_cxr.DEMO_OVERRIDES["epochs"]
+
+
+@pytest.mark.parametrize("argv", [["--no-such-flag"], ["--epochs", "three"], ["--lr", "fast"],
+                                  ["--channels", "8,16"], ["--channels", "a,b,c,d"], ["--device", "tpu"]])
+def test_bad_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        train_cxr.parse_config(argv)
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        run(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,text,value", [("val_fraction", "1.5", 1.5), ("val_fraction", "0", 0.0),
+                                             ("img_size", "8", 8), ("batch_size", "1", 1), ("epochs", "0", 0),
+                                             ("dropout", "1.0", 1.0)])
+def test_check_config_names_the_flag(name, text, value, tmp_path, capsys):
+    with pytest.raises(train_cxr.CXRError, match=re.escape(flag(name))):
+        train_cxr.parse_config([flag(name), text])
+    with pytest.raises(train_cxr.CXRError, match=re.escape(flag(name))):
+        train_cxr.check_config(dataclasses.replace(train_cxr.Config(), **{name: value}))
+    train_cxr.check_config(train_cxr.Config())  # the defaults are valid
+    assert run([flag(name), text, "--output-dir", tmp_path / "runs"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and flag(name) in err
+    assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Patient-grouped split
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,pid", [("person123_bacteria_456.jpeg", "person123"),
+                                      ("person123_virus_9.jpeg", "person123"),
+                                      ("IM-0115-0001.jpeg", "IM-0115"),
+                                      ("IM-0429-0001-0002.jpeg", "IM-0429"),
+                                      ("NORMAL2-IM-1427-0001.jpeg", "NORMAL2-IM-1427"),
+                                      ("some/dir/person7_bacteria_1.jpeg", "person7"),
+                                      ("scan.png", "scan")])
+def test_patient_id(name, pid):
+    assert train_cxr.patient_id(name).lower() == pid.lower()
+
+
+def made_up_patients(seed=0):
+    """Class 0: 120 patients, class 1: 200 patients, each with 1-4 images."""
+    rng = np.random.default_rng(seed)
+    labels, groups = [], []
+    for c, n_pat in ((0, 120), (1, 200)):
+        for p in range(n_pat):
+            for _ in range(int(rng.integers(1, 5))):
+                labels.append(c)
+                groups.append(f"c{c}-patient{p}")
+    order = rng.permutation(len(labels))  # files are not sorted by patient
+    return np.array(labels)[order], [groups[i] for i in order]
+
+
+def test_grouped_split_properties():
+    labels, groups = made_up_patients()
+    groups_arr = np.array(groups)
+    tr, va = train_cxr.grouped_split(labels, groups, 0.2, seed=7)
+    assert len(np.intersect1d(tr, va)) == 0
+    assert sorted(np.r_[tr, va].tolist()) == list(range(len(labels)))
+    assert not set(groups_arr[tr]) & set(groups_arr[va]), "a patient is on both sides"
+    for c in (0, 1):
+        n_c = (labels == c).sum()
+        share = (labels[va] == c).sum() / n_c
+        assert abs(share - 0.2) <= 4 / n_c + 0.01, (c, share)  # at most one patient off the target
+    # Deterministic for a seed, different for another.
+    tr2, va2 = train_cxr.grouped_split(labels, groups, 0.2, seed=7)
+    assert np.array_equal(tr, tr2) and np.array_equal(va, va2)
+    _, va3 = train_cxr.grouped_split(labels, groups, 0.2, seed=8)
+    assert set(va3.tolist()) != set(va.tolist())
+    # Another fraction scales the split.
+    _, va4 = train_cxr.grouped_split(labels, groups, 0.5, seed=7)
+    assert abs(len(va4) / len(labels) - 0.5) < 0.03
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Class weights
+# ----------------------------------------------------------------------------------------------
+def test_class_weights():
+    labels = np.array([0] * 10 + [1] * 30 + [2] * 20)
+    w = train_cxr.class_weights(labels, 3)
+    counts = np.bincount(labels)
+    expected = len(labels) / (3 * counts)
+    assert w.shape == (3,)
+    np.testing.assert_allclose(w.numpy(), expected, rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), compute_class_weight("balanced", classes=np.arange(3), y=labels),
+                               rtol=1e-6)
+    np.testing.assert_allclose(w.numpy(), [2.0, 2 / 3, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(train_cxr.class_weights(np.array([0, 1, 1, 0, 2, 2]), 3).numpy(), np.ones(3))
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Model
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("size", [16, 33, 64, 100, 128])
+@pytest.mark.parametrize("channels,num_classes", [((4, 8, 8, 16), 2), ((8, 16, 32, 64), 3), ((2, 3, 5, 7), 5)])
+def test_custom_cnn_any_size(size, channels, num_classes):
+    torch.manual_seed(0)
+    model = train_cxr.CustomCNN(num_classes=num_classes, img_size=size, channels=channels, fc_hidden=12).eval()
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears[0].in_features == channels[-1] * (size // 16) ** 2  # four 2x poolings, floored
+    assert linears[-1].out_features == num_classes
+    with torch.no_grad():
+        out = model(torch.randn(3, 1, size, size))
+    assert out.shape == (3, num_classes)
+    assert torch.isfinite(out).all()
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Metrics against scikit-learn
+# ----------------------------------------------------------------------------------------------
+def random_scores(seed, n=300, decimals=1):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.4
+    s = np.round(rng.random(n) * 0.6 + 0.4 * y, decimals)  # rounding makes many ties
+    return y, s
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_matches_sklearn(seed):
+    for decimals in (1, 2, 6):
+        y, s = random_scores(seed, decimals=decimals)
+        assert train_cxr.roc_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert train_cxr.roc_auc([0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.5)
+    assert np.isnan(train_cxr.roc_auc([1, 1, 1], [0.1, 0.2, 0.3]))
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_multiclass_auc_matches_sklearn(k):
+    rng = np.random.default_rng(k)
+    labels = rng.integers(0, k, 400)
+    logits = rng.normal(size=(400, k)) + np.eye(k)[labels] * 1.0
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    probs = np.round(probs, 2)
+    probs /= probs.sum(1, keepdims=True)
+    ref = roc_auc_score(labels, probs, multi_class="ovr", average="macro")
+    assert train_cxr.multiclass_auc(labels, probs, pos=1) == pytest.approx(ref, abs=1e-9)
+    # Binary: the AUC of the positive class's probability.
+    y2 = labels % 2
+    p2 = np.stack([1 - probs[:, 0], probs[:, 0]], 1)
+    assert train_cxr.multiclass_auc(y2, p2, pos=1) == pytest.approx(roc_auc_score(y2, p2[:, 1]))
+    assert train_cxr.multiclass_auc(y2, p2, pos=0) == pytest.approx(roc_auc_score(y2 == 0, p2[:, 0]))
+
+
+@pytest.mark.parametrize("seed,decimals", [(0, 1), (1, 2), (2, 6)])
+def test_roc_points_and_youden_match_sklearn(seed, decimals):
+    y, s = random_scores(seed, decimals=decimals)
+    fpr, tpr, thr = train_cxr.roc_points(y, s)
+    sk_fpr, sk_tpr, sk_thr = roc_curve(y, s, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, sk_fpr, atol=1e-12)
+    np.testing.assert_allclose(tpr, sk_tpr, atol=1e-12)
+    np.testing.assert_allclose(thr[1:], sk_thr[1:])
+    assert np.all(np.diff(thr) < 0)
+    j = int(np.argmax(sk_tpr - sk_fpr))
+    t = train_cxr.youden_threshold(y, s)
+    assert t == pytest.approx(sk_thr[j])
+    m = train_cxr.binary_metrics(y, s, t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx((sk_tpr - sk_fpr).max())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_binary_metrics_match_sklearn(seed):
+    y, s = random_scores(seed, decimals=2)
+    for t in (0.2, 0.45, 0.5, 0.73):
+        pred = s >= t
+        m = train_cxr.binary_metrics(y, s, t)
+        assert m["threshold"] == t
+        assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=[False, True]).tolist()
+        assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
+        assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
+        assert m["specificity"] == pytest.approx(recall_score(~y, ~pred))
+        assert m["precision"] == pytest.approx(precision_score(y, pred))
+        assert m["f1"] == pytest.approx(f1_score(y, pred))
+
+
+def test_bootstrap_ci():
+    y, s = random_scores(3, n=200, decimals=2)
+    auc = train_cxr.roc_auc(y, s)
+    lo, hi = train_cxr.bootstrap_auc_ci(y, s, 300, seed=5)
+    assert lo < auc < hi
+    assert hi - lo < 0.25
+    assert train_cxr.bootstrap_auc_ci(y, s, 300, seed=5) == [lo, hi]
+    assert train_cxr.bootstrap_auc_ci(y, s, 300, seed=6) != [lo, hi]
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. One-epoch end-to-end run
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def e2e(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("core_runs")
+    test_before = snapshot(synth_root / "test")
+    rc = run([*TINY, "--epochs", "1", "--data-dir", synth_root, "--output-dir", out, "--run-name", "one"])
+    return {"rc": rc, "out": out, "run": out / "one", "root": synth_root,
+            "test_before": test_before, "test_after": snapshot(synth_root / "test")}
+
+
+def test_e2e_artifacts(e2e):
+    assert e2e["rc"] == 0
+    run_dir = e2e["run"]
+    for name in ("config.json", "train.log", "history.csv", "training_history.png", "best_model.pt", "last.pt",
+                 "test_metrics.json", "roc_curve.png", "confusion_matrix.png"):
+        assert (run_dir / name).is_file(), name
+        assert (run_dir / name).stat().st_size > 0, name
+    for png in run_dir.rglob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    assert not [p for p in run_dir.rglob("*") if ".tmp" in p.name], "temporary files left behind"
+
+    cfg = json.loads((run_dir / "config.json").read_text())
+    assert {"config", "versions", "device"} <= cfg.keys()
+    assert cfg["config"]["epochs"] == 1 and cfg["config"]["img_size"] == 32
+    assert {f.name for f in dataclasses.fields(train_cxr.Config)} <= cfg["config"].keys()
+    assert cfg["versions"]["torch"] == torch.__version__
+    assert cfg["device"] == "cpu"
+
+    hist = read_history(run_dir / "history.csv")
+    with open(run_dir / "history.csv", newline="") as f:
+        assert next(csv.reader(f)) == HISTORY_COLUMNS
+    assert len(hist) == 1 and hist[0]["epoch"] == "1"
+    for k in HISTORY_COLUMNS:
+        assert np.isfinite(float(hist[0][k])), k
+    val_auc = float(hist[0]["val_auc"])
+    log_lines = (run_dir / "train.log").read_text().splitlines()
+    epoch_lines = [ln for ln in log_lines if ln.split()[:1] == ["1"] and f"{val_auc:.4f}" in ln]
+    assert epoch_lines, "train.log has no line for epoch 1"
+
+
+def test_e2e_gradcam_files(e2e):
+    cam = e2e["run"] / "grad_cam"
+    names = sorted(p.name for p in cam.iterdir())
+    pat = re.compile(r"^epoch_001_(\d{2})_true-(NORMAL|PNEUMONIA)_pred-(NORMAL|PNEUMONIA)_p([01]\.\d{2})\.png$")
+    matches = [pat.match(n) for n in names if pat.match(n)]
+    assert len(matches) == 4, names  # --num-gradcam-images 4
+    assert sorted(m.group(1) for m in matches) == ["00", "01", "02", "03"]
+    assert {m.group(2) for m in matches} == {"NORMAL", "PNEUMONIA"}  # every class is explained
+    assert "summary_epoch_001.png" in names
+    assert [n for n in names if re.match(r"^test_\d{2}_true-\w+_pred-\w+_p[01]\.\d{2}\.png$", n)]
+
+
+def test_e2e_test_metrics(e2e):
+    m = json.loads((e2e["run"] / "test_metrics.json").read_text())
+    for k in ("auc", "auc_ci95", "threshold", "accuracy", "sensitivity", "specificity", "precision", "f1",
+              "confusion_matrix", "at_0.5", "n", "positive_class", "gradcam"):
+        assert k in m, k
+    assert m["n"] == 50 and m["positive_class"] == "PNEUMONIA"
+    assert len(m["auc_ci95"]) == 2 and m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (2, 2) and cm.sum() == 50 and cm.sum(1).tolist() == [20, 30]
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / 50)
+    assert m["sensitivity"] == pytest.approx(cm[1, 1] / cm[1].sum())
+    assert m["specificity"] == pytest.approx(cm[0, 0] / cm[0].sum())
+    assert m["at_0.5"]["threshold"] == 0.5 and np.array(m["at_0.5"]["confusion_matrix"]).sum() == 50
+    assert 0.0 <= m["threshold"] <= 1.0
+
+
+def test_e2e_split_keeps_test_folder(e2e):
+    cfg = json.loads((e2e["run"] / "config.json").read_text())
+    sizes = cfg["split_sizes"]
+    root = e2e["root"]
+    n_train_files = sum(1 for p in (root / "train").rglob("*.png"))
+    n_test_files = sum(1 for p in (root / "test").rglob("*.png"))
+    assert sizes["test"] == n_test_files == 50
+    assert sizes["train"] + sizes["val"] == n_train_files == 150
+    assert abs(sizes["val"] - 0.15 * 150) <= 4
+    assert e2e["test_before"] == e2e["test_after"]
+
+
+def test_e2e_reload_reproduces(e2e):
+    run_dir = e2e["run"]
+    ckpt = train_cxr.load_checkpoint(run_dir / "best_model.pt")
+    ckpt2 = train_cxr.load_checkpoint(run_dir / "best_model.pt")
+    m1, m2 = train_cxr.model_from_checkpoint(ckpt), train_cxr.model_from_checkpoint(ckpt2)
+    cfg = train_cxr.Config.from_dict(ckpt["config"])
+    data = train_cxr.prepare_data(cfg)
+    norm, img = ckpt["normalization"], ckpt["img_size"]
+    test = data["test"]
+    p1 = train_cxr.predict_probs(m1, test.images, img, norm, CPU, cfg.tta)
+    p2 = train_cxr.predict_probs(m2, test.images, img, norm, CPU, cfg.tta)
+    assert p1.shape == (50, 2)
+    np.testing.assert_array_equal(p1, p2)
+    np.testing.assert_allclose(p1.sum(1), 1, atol=1e-5)
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    pos = ckpt["class_names"].index("PNEUMONIA")
+    y = test.labels.numpy() == pos
+    assert train_cxr.roc_auc(y, p1[:, pos]) == pytest.approx(metrics["auc"], abs=1e-6)
+    assert ckpt["threshold"] == pytest.approx(metrics["threshold"])
+    # The validation metrics recorded for the best epoch come back from the saved weights.
+    hist = read_history(run_dir / "history.csv")
+    best_row = next(h for h in hist if int(h["epoch"]) == ckpt["epoch"])
+    val = data["val"]
+    pv = train_cxr.predict_probs(m1, val.images, img, norm, CPU, cfg.tta)
+    assert train_cxr.multiclass_auc(val.labels.numpy(), pv, pos) == pytest.approx(float(best_row["val_auc"]),
+                                                                                  abs=1e-6)
+    assert ckpt["best_auc"] == pytest.approx(float(best_row["val_auc"]), abs=1e-9)
+    assert train_cxr.accuracy(val.labels.numpy(), pv) == pytest.approx(float(best_row["val_acc"]), abs=1e-9)
+    w = train_cxr.class_weights(data["train"].labels.numpy(), 2)
+    log_p = torch.from_numpy(np.log(np.clip(pv, 1e-7, 1)))
+    losses = [float(torch.nn.functional.nll_loss(log_p, val.labels, weight=wt)) for wt in (w, None)]
+    assert min(abs(v - float(best_row["val_loss"])) for v in losses) < 1e-5  # class-weighted or plain
+    assert train_cxr.youden_threshold(val.labels.numpy() == pos, pv[:, pos]) == pytest.approx(ckpt["threshold"])
+
+
+def test_e2e_same_run_name_refused(e2e, capsys):
+    before = snapshot(e2e["run"])
+    capsys.readouterr()
+    rc = run([*TINY, "--epochs", "1", "--data-dir", e2e["root"], "--output-dir", e2e["out"], "--run-name", "one"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(e2e["run"]) in err
+    assert snapshot(e2e["run"]) == before
+
+
+def test_e2e_same_seed_same_history(e2e, tmp_path):
+    rc = run([*TINY, "--epochs", "1", "--data-dir", e2e["root"], "--output-dir", tmp_path, "--run-name", "again"])
+    assert rc == 0
+    h1 = read_history(e2e["run"] / "history.csv")
+    h2 = read_history(tmp_path / "again" / "history.csv")
+    assert len(h1) == len(h2) == 1
+    for a, b in zip(h1, h2):
+        assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
+    w1 = train_cxr.load_checkpoint(e2e["run"] / "best_model.pt")["model"]
+    w2 = train_cxr.load_checkpoint(tmp_path / "again" / "best_model.pt")["model"]
+    for k in w1:
+        assert torch.equal(w1[k], w2[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Input errors: exit 2, one line naming the path, no run folder
+# ----------------------------------------------------------------------------------------------
+def _no_dir(d, tmp_path):
+    return tmp_path / "does_not_exist", [tmp_path / "does_not_exist"]
+
+
+def _no_train(d, tmp_path):
+    shutil.rmtree(d / "train")
+    return d, [d / "train"]
+
+
+def _no_test(d, tmp_path):
+    shutil.rmtree(d / "test")
+    return d, [d / "test"]
+
+
+def _classes_differ(d, tmp_path):
+    (d / "test" / "NORMAL").rename(d / "test" / "HEALTHY")
+    return d, [d / "train", d / "test"]
+
+
+def _empty_class(d, tmp_path):
+    for p in (d / "test" / "NORMAL").iterdir():
+        p.unlink()
+    (d / "test" / "NORMAL" / "notes.txt").write_text("not an image")
+    return d, [d / "test" / "NORMAL"]
+
+
+def _one_image_class(d, tmp_path):
+    files = sorted((d / "train" / "NORMAL").iterdir())
+    for p in files[1:]:
+        p.unlink()
+    return d, [d / "train" / "NORMAL"]
+
+
+def _one_patient_class(d, tmp_path):
+    files = sorted((d / "train" / "NORMAL").iterdir())
+    for k in (1, 2):  # two images of one patient cannot be split into train and validation
+        shutil.copy(files[k], d / "train" / "NORMAL" / f"IM-9999-000{k}.png")
+    for p in files:
+        p.unlink()
+    return d, [d / "train" / "NORMAL"]
+
+
+@pytest.mark.parametrize("damage", [_no_dir, _no_train, _no_test, _classes_differ, _empty_class, _one_image_class,
+                                    _one_patient_class])
+def test_input_errors(damage, data_copy, tmp_path, capsys):
+    data_dir, paths = damage(data_copy, tmp_path)
+    out = tmp_path / "runs"
+    rc = run([*TINY, "--epochs", "1", "--data-dir", data_dir, "--output-dir", out, "--run-name", "bad"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for p in paths:
+        assert str(p) in err, (p, err)
+    assert not (out / "bad").exists()
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_output_dir_not_writable(synth_root, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("I am a file, not a folder")
+    out = blocker / "runs"
+    rc = run([*TINY, "--epochs", "1", "--data-dir", synth_root, "--output-dir", out, "--run-name", "x"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err
+    assert blocker.is_file() and blocker.read_text() == "I am a file, not a folder"
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Three classes
+# ----------------------------------------------------------------------------------------------
+def test_three_classes(data_copy, tmp_path):
+    for split in ("train", "test"):
+        src, dst = data_copy / split / "NORMAL", data_copy / split / "VIRAL"
+        dst.mkdir()
+        for p in src.iterdir():  # new names: other patients than NORMAL's
+            shutil.copy(p, dst / f"V{p.name}")
+    rc = run([*TINY, "--epochs", "1", "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--run-name", "k3"])
+    assert rc == 0
+    run_dir = tmp_path / "runs" / "k3"
+    m = json.loads((run_dir / "test_metrics.json").read_text())
+    cm = np.array(m["confusion_matrix"])
+    assert cm.shape == (3, 3)
+    assert m["n"] == 70 and cm.sum() == 70
+    assert m["class_names"] == ["NORMAL", "PNEUMONIA", "VIRAL"]
+    assert cm.sum(1).tolist() == [20, 30, 20]
+    assert m["accuracy"] == pytest.approx(np.trace(cm) / 70)
+    assert 0.0 <= m["auc"] <= 1.0
+    ckpt = train_cxr.load_checkpoint(run_dir / "best_model.pt")
+    model = train_cxr.model_from_checkpoint(ckpt)
+    with torch.no_grad():
+        assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
+    cams = [p.name for p in (run_dir / "grad_cam").glob("epoch_001_*.png")]
+    assert {re.search(r"_true-([A-Z]+)_pred", n).group(1) for n in cams} == {"NORMAL", "PNEUMONIA", "VIRAL"}
+
+
+# ----------------------------------------------------------------------------------------------
+# 9. Real data smoke test
+# ----------------------------------------------------------------------------------------------
+def test_real_data_learns(tmp_path):
+    if not REAL_TRAIN.is_dir():
+        pytest.skip(f"real Kermany training split not found at {REAL_TRAIN}")
+    data = tmp_path / "real"
+    for cls in ("NORMAL", "PNEUMONIA"):
+        files = sorted(p for p in (REAL_TRAIN / cls).iterdir() if train_cxr.is_image_file(p.name))
+        pick = files[::len(files) // 120][:120]  # spread over the sorted list: many patients
+        assert len(pick) == 120
+        for i, p in enumerate(pick):
+            dst = data / ("train" if i < 100 else "test") / cls
+            dst.mkdir(parents=True, exist_ok=True)
+            shutil.copy(p, dst / p.name)
+    out = tmp_path / "runs"
+    rc = run(["--data-dir", data, "--output-dir", out, "--run-name", "real", "--img-size", "64",
+              "--channels", "8,16,32,64", "--fc-hidden", "64", "--batch-size", "16", "--epochs", "3",
+              "--lr", "2e-3", "--val-fraction", "0.3", "--num-workers", "0", "--amp", "off",
+              "--bootstrap", "50", "--num-gradcam-images", "0"])
+    assert rc == 0
+    cfg = json.loads((out / "real" / "config.json").read_text())
+    assert cfg["split_sizes"]["test"] == 40 and cfg["split_sizes"]["train"] + cfg["split_sizes"]["val"] == 200
+    ckpt = train_cxr.load_checkpoint(out / "real" / "best_model.pt")
+    hist = read_history(out / "real" / "history.csv")
+    best_hist = max(float(h["val_auc"]) for h in hist)
+    assert ckpt["best_auc"] == pytest.approx(best_hist)
+    print(f"real-data best validation AUC: {ckpt['best_auc']:.4f}")
+    assert ckpt["best_auc"] > 0.8
