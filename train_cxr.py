@@ -297,8 +297,13 @@ def setup_runtime(cfg: Config) -> Runtime:
             torch.set_num_threads(cfg.num_threads)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    amp = cfg.amp == "on" or (cfg.amp == "auto" and (use_cuda or cpu_has_fast_bf16()))
-    return Runtime(device, torch.bfloat16 if amp else None, rank, world)
+    return Runtime(device, amp_dtype(cfg.amp, device), rank, world)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for --amp auto|on|off on this device (None = fp32)."""
+    on = amp == "on" or (amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
+    return torch.bfloat16 if on else None
 
 
 def seed_everything(seed: int) -> None:
@@ -1669,6 +1674,8 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
     if not args.checkpoint:
         raise CXRError("--predict and --evaluate need --checkpoint runs/RUN/best_model.pt")
     ckpt = load_checkpoint(args.checkpoint)
+    if "amp" not in args.given:  # precision follows the run that made the checkpoint
+        rt.amp_dtype = amp_dtype(ckpt["config"].get("amp", "auto"), rt.device)
     return ckpt, model_from_checkpoint(ckpt).to(rt.device)
 
 

@@ -1,0 +1,225 @@
+"""Using a trained model: --predict, --evaluate, and training under torchrun (2 CPU processes, gloo)."""
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import train_cxr
+from conftest import ROOT, TINY, run
+
+ONE_THREAD = ["--num-threads", "1"]  # 2 cores shared with other test runs: one thread is much faster here
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_threads():
+    """--num-threads sets a process-wide torch setting: give the rest of the suite its default back."""
+    old = torch.get_num_threads()
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory) -> Path:
+    """A TINY model trained for 2 epochs on synth_root; returns its run folder."""
+    out = tmp_path_factory.mktemp("use_runs")
+    assert run([*TINY, *ONE_THREAD, "--epochs", 2, "--data-dir", synth_root, "--output-dir", out,
+                "--run-name", "tiny"]) == 0
+    run_dir = out / "tiny"
+    assert (run_dir / "best_model.pt").is_file() and (run_dir / "test_metrics.json").is_file()
+    return run_dir
+
+
+def read_csv(path: Path) -> list:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def probs_by_hand(ckpt: dict, model: torch.nn.Module, path: str) -> np.ndarray:
+    """decode at work_size, center crop, normalize, softmax, mirror-averaged when the run used TTA."""
+    img, work = ckpt["img_size"], ckpt["work_size"]
+    x = torch.from_numpy(train_cxr.decode_xray(path, work)).float() / 255
+    o = (work - img) // 2
+    x = x[o:o + img, o:o + img][None, None]
+    norm = ckpt["normalization"]
+    if norm["mode"] == "image":
+        x = (x - x.mean()) / (x.std() + 1e-3)
+    else:
+        x = (x - norm["mean"]) / norm["std"]
+    with torch.no_grad():
+        p = model(x).softmax(1)
+        if ckpt["config"]["tta"]:
+            p = (p + model(torch.flip(x, dims=[3])).softmax(1)) / 2
+    return p[0].double().numpy()
+
+
+@pytest.fixture
+def scans(synth_root, tmp_path):
+    """A folder (with nested sub-folders, a broken image and a text file) plus one single file."""
+    src = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[:3] + \
+        sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:3]
+    folder = tmp_path / "scans"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    targets = [folder / "a.png", folder / "sub" / "b.png", folder / "sub" / "c.png",
+               folder / "sub" / "deeper" / "d.png", folder / "sub" / "deeper" / "e.png"]
+    for s, t in zip(src, targets):
+        shutil.copy(s, t)
+    single = tmp_path / "elsewhere" / "single_scan.png"
+    single.parent.mkdir()
+    shutil.copy(src[5], single)
+    broken = folder / "sub" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really an image" * 10)
+    (folder / "notes.txt").write_text("not an image")
+    return folder, single, broken, [str(t) for t in targets] + [str(single)]
+
+
+def test_predict_folders_and_files(trained, scans, tmp_path):
+    folder, single, broken, good = scans
+    ckpt_path = trained / "best_model.pt"
+    out = tmp_path / "pred"
+    assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD]) == 0
+    pdir = out / "p"
+    rows = read_csv(pdir / "predictions.csv")
+    ckpt = train_cxr.load_checkpoint(ckpt_path)
+    classes, thr = ckpt["class_names"], ckpt["threshold"]
+    assert classes == ["NORMAL", "PNEUMONIA"] and isinstance(thr, float)
+    assert list(rows[0].keys()) == ["path", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold"]
+
+    # One row per readable image, found recursively; the broken file and the .txt are not rows.
+    assert len(rows) == len(good) == 6
+    assert sorted(os.path.realpath(r["path"]) for r in rows) == sorted(os.path.realpath(g) for g in good)
+
+    # The broken file is reported as skipped (console log replayed into the run's train.log).
+    log_text = (pdir / "train.log").read_text()
+    assert "skipping 1 unreadable image file" in log_text and str(broken) in log_text
+    assert "notes.txt" not in log_text
+
+    model = train_cxr.model_from_checkpoint(ckpt)
+    for r in rows:
+        p = np.array([float(r["prob_NORMAL"]), float(r["prob_PNEUMONIA"])])
+        assert abs(p.sum() - 1) < 1e-5
+        expect = probs_by_hand(ckpt, model, r["path"])
+        np.testing.assert_allclose(p, expect, atol=1e-5)
+        assert float(r["threshold"]) == thr
+        if abs(expect[1] - thr) > 1e-5:  # the label follows the stored threshold, not argmax
+            assert r["predicted"] == ("PNEUMONIA" if expect[1] >= thr else "NORMAL")
+
+    # One Grad-CAM overlay per predicted image, named after it, a readable colour image.
+    overlays = sorted((pdir / "grad_cam").glob("*.png"))
+    assert len(overlays) == len(rows)
+    for r in rows:
+        stem = Path(r["path"]).stem
+        match = [o for o in overlays if f"_{stem}_pred-{r['predicted']}_" in o.name]
+        assert len(match) == 1, (stem, [o.name for o in overlays])
+        im = train_cxr.cv2.imread(str(match[0]))
+        assert im is not None and im.ndim == 3 and im.shape[2] == 3
+
+    # Nothing but the checkpoint decides preprocessing, TTA and threshold: other flags change nothing.
+    assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "q",
+                "--img-size", 64, "--work-scale", 1.5, "--channels", "4,4,4,4", "--fc-hidden", 8,
+                "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD]) == 0
+    assert read_csv(out / "q" / "predictions.csv") == rows
+
+
+@pytest.mark.parametrize("case", ["no_checkpoint", "missing_path", "missing_checkpoint"])
+def test_predict_bad_arguments_exit_2(trained, scans, tmp_path, capsys, case):
+    folder, single, _, _ = scans
+    out = tmp_path / "pred"
+    argv = {"no_checkpoint": ["--predict", single],
+            "missing_path": ["--predict", folder, tmp_path / "nope.png", "--checkpoint", trained / "best_model.pt"],
+            "missing_checkpoint": ["--predict", single, "--checkpoint", tmp_path / "nope.pt"]}[case]
+    capsys.readouterr()
+    assert run([*argv, "--output-dir", out, "--run-name", "p", *ONE_THREAD]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert {"no_checkpoint": "--checkpoint", "missing_path": "nope.png", "missing_checkpoint": "nope.pt"}[case] in err[0]
+    assert not out.exists()  # no run folder for a command that did nothing
+
+
+@pytest.mark.parametrize("where", ["root", "test_folder"])
+def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
+    data = synth_root if where == "root" else synth_root / "test"
+    out = tmp_path / "ev"
+    assert run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", data, "--output-dir", out,
+                "--run-name", "e", "--num-workers", 0, *ONE_THREAD]) == 0
+    want = json.loads((trained / "test_metrics.json").read_text())
+    got = json.loads((out / "e" / "test_metrics.json").read_text())
+    assert want["n"] == got["n"] == 50
+    for key in ("class_names", "positive_class", "auc", "auc_ci95", "threshold", "accuracy", "sensitivity",
+                "specificity", "confusion_matrix", "at_0.5"):
+        assert got[key] == want[key], key
+    for key in ("mean_share_in_box", "uniform_share", "n_images"):
+        assert got["gradcam"][key] == pytest.approx(want["gradcam"][key], abs=1e-4), key
+    assert got["gallery_files"] == want["gallery_files"]
+    assert (out / "e" / "roc_curve.png").is_file() and (out / "e" / "confusion_matrix.png").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed: torchrun, 2 processes, gloo on CPU
+# ----------------------------------------------------------------------------------------------
+# Settings under which the synthetic task is learnt within 4 short epochs. DDP runs 2 x 8 images
+# per step, the single process 16: the same global batch and the same number of optimizer steps.
+LEARN = ["--img-size", "32", "--channels", "8,16,32,32", "--fc-hidden", "32", "--bootstrap", "50",
+         "--num-workers", "0", "--num-gradcam-images", "0", "--amp", "off", "--device", "cpu", "--epochs", "4",
+         "--lr", "4e-3", "--aug-scale-min", "0.9", "--aug-rotate-deg", "3", "--aug-gamma", "0.1",
+         "--label-smoothing", "0", "--dropout", "0", "--ema-decay", "0"]
+EPOCHS = 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def best_val_auc(run_dir: Path) -> float:
+    return max(float(r["val_auc"]) for r in read_csv(run_dir / "history.csv"))
+
+
+def test_torchrun_two_processes_matches_single(tmp_path_factory):
+    data = tmp_path_factory.mktemp("ddp_data") / "chest_xray"
+    train_cxr.write_synthetic_dataset(data, {"NORMAL": 320, "PNEUMONIA": 480}, {"NORMAL": 10, "PNEUMONIA": 10},
+                                      size=40, seed=3)
+    out = tmp_path_factory.mktemp("ddp_runs")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "train_cxr.py", "--data-dir", str(data), "--output-dir", str(out / "ddp_out"), "--run-name", "ddp",
+           *LEARN, "--batch-size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("RANK", None), env.pop("WORLD_SIZE", None), env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    # Exactly one run folder, one set of outputs, written by rank 0 only.
+    assert [p.name for p in (out / "ddp_out").iterdir()] == ["ddp"]
+    rd = out / "ddp_out" / "ddp"
+    names = {p.name for p in rd.iterdir()}
+    assert {"config.json", "train.log", "history.csv", "best_model.pt", "last.pt", "test_metrics.json"} <= names
+    assert not [n for n in names if ".tmp" in n]
+    config = json.loads((rd / "config.json").read_text())
+    assert config["world_size"] == 2
+    history = read_csv(rd / "history.csv")
+    assert [int(r["epoch"]) for r in history] == list(range(1, EPOCHS + 1))
+    lines = [ln for ln in (rd / "train.log").read_text().splitlines() if ln.strip()]
+    assert len(lines) == len(set(lines)), "train.log has duplicated lines: more than one rank logs"
+    assert proc.stdout.count("run folder:") == 1 and proc.stdout.count("test report") == 1
+    assert train_cxr.load_checkpoint(rd / "best_model.pt")["threshold"] is not None
+
+    # The same data and global batch in one process reach the same validation AUC.
+    assert run(["--data-dir", data, "--output-dir", out / "single_out", "--run-name", "single", *LEARN,
+                "--batch-size", 16, *ONE_THREAD]) == 0
+    single = out / "single_out" / "single"
+    single_config = json.loads((single / "config.json").read_text())
+    assert single_config["world_size"] == 1
+    assert single_config["split_sizes"] == config["split_sizes"]
+    ddp_auc, single_auc = best_val_auc(rd), best_val_auc(single)
+    print(f"best val AUC: torchrun x2 {ddp_auc:.4f}, single process {single_auc:.4f}")
+    assert ddp_auc > 0.95 and single_auc > 0.95
+    assert abs(ddp_auc - single_auc) <= 0.02
