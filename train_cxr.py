@@ -861,7 +861,7 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
         for i in tqdm(range(0, len(images_u8), batch_size), desc=desc or "predict", leave=False,
                       disable=None if desc else True):
             x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
-            if rt.device.type == "cuda":
+            if rt.device.type == "cuda" or rt.amp_dtype is not None:
                 x = x.contiguous(memory_format=torch.channels_last)
             with rt.autocast():
                 p = model(x).float().softmax(1)

@@ -1,0 +1,277 @@
+"""The fast paths: reduced JPEG decode, the on-disk decode cache, batched augmentation, bf16 autocast.
+
+CPU only, a few seconds in all. No timing is asserted here: benchmarks/speed.py measures speed.
+"""
+import dataclasses
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_cxr
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def xray_like(width: int, height: int, seed: int) -> np.ndarray:
+    """A smooth grayscale film-like image: bright body, two dark lung fields, ribs, a little noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    u, v = xx / width, yy / height
+    img = 170 + 40 * v - 30 * np.abs(u - 0.5)
+    for cx in (0.32 + 0.03 * rng.standard_normal(), 0.68 + 0.03 * rng.standard_normal()):
+        lung = ((u - cx) / 0.15) ** 2 + ((v - 0.48) / 0.30) ** 2 < 1
+        img[lung] -= 90
+    img += 18 * np.sin(v * 60 + rng.uniform(0, 6)) * (np.abs(u - 0.5) > 0.08)   # ribs
+    img = cv2.GaussianBlur(img, (0, 0), 6)
+    img += rng.normal(0, 3, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_jpeg(path: Path, img: np.ndarray, quality: int = 95) -> str:
+    assert cv2.imwrite(str(path), img, [cv2.IMWRITE_JPEG_QUALITY, quality])
+    return str(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reduced (draft) JPEG decode
+# ----------------------------------------------------------------------------------------------
+def test_draft_decode_matches_full_decode(tmp_path):
+    size = train_cxr.Config().work_size
+    path = write_jpeg(tmp_path / "big.jpeg", xray_like(1600, 1300, seed=3))
+    with Image.open(path) as im:  # the draft path really is taken: DCT scaling to 1/8 (200 x 163)
+        im.draft("L", (size, size))
+        assert im.size == (200, 163)
+    fast = train_cxr.decode_xray(path, size)
+    full = cv2.resize(cv2.imread(path, cv2.IMREAD_GRAYSCALE), (size, size), interpolation=cv2.INTER_AREA)
+    assert fast.shape == (size, size) and fast.dtype == np.uint8
+    diff = np.abs(fast.astype(np.float64) - full)
+    assert diff.mean() < 3.0, diff.mean()
+    assert np.corrcoef(fast.ravel(), full.ravel())[0, 1] > 0.99
+    arr, bad = train_cxr.decode_all([path], size, num_workers=0)
+    assert bad == []
+    np.testing.assert_array_equal(arr[0], fast)
+
+
+# ----------------------------------------------------------------------------------------------
+# On-disk cache
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture
+def counted_decode(monkeypatch):
+    calls = []
+    real = train_cxr.decode_xray
+
+    def counting(path, size):
+        calls.append(path)
+        return real(path, size)
+    monkeypatch.setattr(train_cxr, "decode_xray", counting)
+    return calls
+
+
+def test_disk_cache_reuses_rows_and_invalidates_only_changed_files(tmp_path, monkeypatch):
+    real = train_cxr.decode_xray
+    calls, mode = [], {"raise": False}
+
+    def patched(path, size):
+        calls.append(path)
+        if mode["raise"]:
+            raise AssertionError("decoded although cached")
+        return real(path, size)
+    monkeypatch.setattr(train_cxr, "decode_xray", patched)
+
+    size = 48
+    paths = [write_jpeg(tmp_path / f"img{i}.jpeg", xray_like(220, 180, seed=i)) for i in range(3)]
+    cache = str(tmp_path / "cache")
+    first, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
+    assert bad == [] and sorted(calls) == sorted(paths)
+    assert (tmp_path / "cache" / f"xray_cache_{size}.npy").is_file()
+    for i, p in enumerate(paths):
+        np.testing.assert_array_equal(first[i], real(p, size))
+
+    calls.clear()
+    mode["raise"] = True
+    second, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
+    assert calls == [] and bad == []  # decode_all would report a raising decode as a bad file
+    np.testing.assert_array_equal(second, first)
+
+    # Rewrite one file with other content and a later mtime: only that file is decoded again.
+    changed = paths[1]
+    write_jpeg(Path(changed), 255 - xray_like(220, 180, seed=1))
+    st = os.stat(changed)
+    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
+    mode["raise"] = False
+    third, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
+    assert bad == [] and calls == [changed]
+    np.testing.assert_array_equal(third[[0, 2]], first[[0, 2]])
+    np.testing.assert_array_equal(third[1], real(changed, size))
+    assert np.abs(third[1].astype(int) - first[1]).mean() > 20  # really the new content
+    index = json.loads((tmp_path / "cache" / f"xray_cache_{size}.json").read_text())
+    assert len(index) == 3  # the changed file's old row was dropped, not kept as a stale entry
+
+    calls.clear()  # and the new row is cached as well
+    mode["raise"] = True
+    fourth, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
+    assert calls == [] and bad == []
+    np.testing.assert_array_equal(fourth, third)
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, counted_decode):
+    size = 32
+    paths = [write_jpeg(tmp_path / f"img{i}.jpeg", xray_like(120, 100, seed=i)) for i in range(2)]
+    cache = tmp_path / "cache"
+    first, _ = train_cxr.decode_all(paths, size, cache_dir=str(cache))
+    (cache / f"xray_cache_{size}.json").write_text("{not json")
+    counted_decode.clear()
+    again, bad = train_cxr.decode_all(paths, size, cache_dir=str(cache))
+    assert bad == [] and sorted(counted_decode) == sorted(paths)
+    np.testing.assert_array_equal(again, first)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched augmentation and the evaluation view
+# ----------------------------------------------------------------------------------------------
+def small_cfg(**kw):
+    return dataclasses.replace(train_cxr.Config(device="cpu", img_size=32), **kw)
+
+
+def u8_batch(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.from_numpy(np.stack([xray_like(size, size, seed + i) for i in range(n)]))
+
+
+def test_augment_batch_shape_determinism_and_randomness():
+    cfg = small_cfg()
+    imgs = u8_batch(6, cfg.work_size)
+    norm = {"mode": "image"}
+    a = train_cxr.augment_batch(imgs, cfg, norm, torch.Generator().manual_seed(7))
+    b = train_cxr.augment_batch(imgs, cfg, norm, torch.Generator().manual_seed(7))
+    c = train_cxr.augment_batch(imgs, cfg, norm, torch.Generator().manual_seed(8))
+    assert a.shape == (6, 1, cfg.img_size, cfg.img_size) and a.dtype == torch.float32
+    assert a.device.type == "cpu" and torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().mean() > 0.05
+    # per-image standardisation: every output image has mean ~0 and std ~1
+    torch.testing.assert_close(a.mean(dim=(1, 2, 3)), torch.zeros(6), atol=1e-4, rtol=0)
+    assert ((a.std(dim=(1, 2, 3)) - 1).abs() < 0.05).all()  # 1 up to the 1e-3 guard in the divisor
+    # images of one batch get different transforms
+    assert (a[0] - a[1]).abs().mean() > 0.05
+
+
+def test_augment_batch_flip_is_a_mirror_image():
+    """With the same random draws, aug_hflip only mirrors the images whose flip draw is < 0.5."""
+    cfg_off = small_cfg(aug_hflip=False)
+    cfg_on = small_cfg(aug_hflip=True)
+    imgs = u8_batch(8, cfg_on.work_size, seed=10)
+    norm = {"mode": "image"}
+    on = train_cxr.augment_batch(imgs, cfg_on, norm, torch.Generator().manual_seed(3))
+    off = train_cxr.augment_batch(imgs, cfg_off, norm, torch.Generator().manual_seed(3))
+    flipped = torch.rand(8, 9, generator=torch.Generator().manual_seed(3))[:, 3] < 0.5
+    assert 0 < int(flipped.sum()) < 8  # this seed exercises both cases
+    for i in range(8):
+        want = torch.flip(off[i], dims=[-1]) if flipped[i] else off[i]
+        torch.testing.assert_close(on[i], want, atol=2e-3, rtol=0)
+        if flipped[i]:
+            assert (on[i] - off[i]).abs().mean() > 0.05
+
+
+def test_eval_batch_is_the_normalised_center_crop():
+    cfg = small_cfg()
+    imgs = u8_batch(3, cfg.work_size)
+    x = train_cxr.eval_batch(imgs, cfg.img_size, {"mode": "image"}, torch.device("cpu"))
+    assert x.shape == (3, 1, cfg.img_size, cfg.img_size) and x.dtype == torch.float32
+    norm = {"mode": "dataset", "mean": 0.4, "std": 0.2}
+    y = train_cxr.eval_batch(imgs, cfg.img_size, norm, torch.device("cpu"))
+    o = (cfg.work_size - cfg.img_size) // 2
+    want = (imgs[:, None, o:o + cfg.img_size, o:o + cfg.img_size].float() / 255 - 0.4) / 0.2
+    torch.testing.assert_close(y, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 autocast + channels_last on the CPU
+# ----------------------------------------------------------------------------------------------
+def varied_batch(n: int, size: int, seed: int) -> torch.Tensor:
+    """Very different images (blurred noise at several scales), so that an untrained model's outputs vary."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        noise = rng.normal(0, 1, (size, size)).astype(np.float32)
+        img = cv2.GaussianBlur(noise, (0, 0), 1 + i % 5)
+        img = (img - img.min()) / (np.ptp(img) + 1e-6) * rng.uniform(60, 255)
+        out.append(img.astype(np.uint8))
+    return torch.from_numpy(np.stack(out))
+
+
+def test_bf16_channels_last_forward_matches_fp32():
+    torch.manual_seed(0)
+    img = 64
+    model = train_cxr.CustomCNN(num_classes=2, in_channels=1, img_size=img, channels=(8, 16, 32, 64),
+                                fc_hidden=32).eval()
+    imgs = varied_batch(16, img + 8, seed=20)
+    norm = {"mode": "image"}
+    fp32 = train_cxr.Runtime(torch.device("cpu"), None)
+    bf16 = train_cxr.Runtime(torch.device("cpu"), torch.bfloat16)
+    x = train_cxr.eval_batch(imgs, img, norm, fp32.device)
+    with torch.no_grad():  # realistic batch-norm statistics, and logits spread enough that errors show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        model.train()(x)
+        model.eval().head[-1].weight.mul_(8)
+    with torch.no_grad():
+        p32 = model(x).softmax(1)
+        cl_model = train_cxr.CustomCNN(num_classes=2, in_channels=1, img_size=img, channels=(8, 16, 32, 64),
+                                       fc_hidden=32)
+        cl_model.load_state_dict(model.state_dict())
+        cl_model = cl_model.eval().to(memory_format=torch.channels_last)
+        with bf16.autocast():
+            logits = cl_model(x.contiguous(memory_format=torch.channels_last))
+        assert logits.dtype == torch.bfloat16  # the reduced-precision path really ran
+        p16 = logits.float().softmax(1)
+    assert p32[:, 1].std() > 0.05, "probabilities too uniform for the comparison to mean anything"
+    assert (p16 - p32).abs().max() < 0.05
+    # the same through the tool's prediction function
+    q32 = train_cxr.predict_probs(model, imgs, img, norm, fp32, tta=True)
+    q16 = train_cxr.predict_probs(cl_model, imgs, img, norm, bf16, tta=True)
+    np.testing.assert_allclose(q32, p32.numpy() / 2 + model(torch.flip(x, dims=[3])).softmax(1).detach().numpy() / 2,
+                               atol=1e-5)
+    assert np.abs(q16 - q32).max() < 0.05
+    assert np.allclose(q16.sum(1), 1, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark's data builder (benchmarks/speed.py)
+# ----------------------------------------------------------------------------------------------
+def load_speed():
+    spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_benchmark_builds_kermany_sized_grayscale_copies(tmp_path):
+    speed = load_speed()
+    src = tmp_path / "src"
+    for c, n in (("NORMAL", 3), ("PNEUMONIA", 7)):
+        (src / c).mkdir(parents=True)
+        for i in range(n):
+            cv2.imwrite(str(src / c / f"{c}_{i}.jpeg"), cv2.cvtColor(xray_like(64, 64, i), cv2.COLOR_GRAY2BGR))
+    chosen = speed.select_sources(src, 4)
+    assert len(chosen) == 4 and {c for c, _ in chosen} == {"NORMAL", "PNEUMONIA"}
+    assert chosen == speed.select_sources(src, 4)  # deterministic
+    out = tmp_path / "full"
+    samples, _, reused = speed.build_copy(src, out, limit=4, seed=1, procs=1)
+    assert not reused and len(samples) == 4
+    for path, label in samples:
+        assert Path(path).parent.name == ["NORMAL", "PNEUMONIA"][label]
+        with Image.open(path) as im:
+            w, h = im.size
+            assert im.format == "JPEG" and im.mode == "L"
+        assert 1400 <= w <= 2000 and 0.75 * w - 1 <= h <= 0.9 * w + 1
+    assert len({Image.open(p).size for p, _ in samples}) > 1  # sizes vary
+    again, seconds, reused = speed.build_copy(src, out, limit=4, seed=1, procs=1)
+    assert reused and seconds == 0.0 and again == samples
