@@ -351,10 +351,10 @@ def atomic_write(path: Path, write_fn) -> None:
     try:
         write_fn(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # also Ctrl-C or a pickling error: never leave the temp file
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
         raise
 
@@ -364,7 +364,12 @@ def save_json(path: Path, obj) -> None:
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
-    atomic_write(path, lambda p: torch.save(ckpt, p))
+    def write(p):
+        # Through a Python file object: torch.save on a path reports a full disk as a
+        # RuntimeError from its C++ writer, a file object raises OSError(ENOSPC).
+        with open(p, "wb") as f:
+            torch.save(ckpt, f)
+    atomic_write(path, write)
 
 
 def save_image(path: Path, bgr: np.ndarray) -> None:
@@ -384,7 +389,9 @@ def load_checkpoint(path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle.UnpicklingError for anything that is not plain data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
+        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        first = f"it references {m.group(1)}" if m else (text.strip().splitlines() or [type(e).__name__])[0]
         raise CXRError(f"refusing to load {path}: it is not a plain-data checkpoint ({first[:160]}); "
                        "only load checkpoints written by train_cxr.py from people you trust")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
@@ -402,7 +409,11 @@ def is_image_file(path: str) -> bool:
 
 def list_image_folder(root: Path) -> tuple[list, list]:
     """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
-    classes, class_to_idx = torchvision.datasets.folder.find_classes(str(root))
+    # Like ImageFolder.find_classes, but hidden folders (.ipynb_checkpoints, .git) are not classes.
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise FileNotFoundError(f"no class folders in {root}")
+    class_to_idx = {c: i for i, c in enumerate(classes)}
     samples = torchvision.datasets.folder.make_dataset(
         str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
     return classes, samples
@@ -1526,8 +1537,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     resume = load_checkpoint(args.resume) if args.resume else None
     if resume is not None:
         cfg = Config.from_dict(resume["config"])
-        if "epochs" in args.given:
-            cfg.epochs = args.epochs  # the one setting a resume may change: train for longer
+        # A resume repeats the run's own settings; only these may be changed on the command line.
+        for key in ("epochs", "device", "amp", "num_threads", "num_workers", "cache_dir", "strict"):
+            if key in args.given:
+                setattr(cfg, key, getattr(args, key))
+        rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         if resume["epoch"] >= cfg.epochs and (run_dir / "test_metrics.json").exists():
             raise CXRError(f"{run_dir} already finished {resume['epoch']} epochs and has its test report: "

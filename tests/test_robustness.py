@@ -1,0 +1,545 @@
+"""Robustness: bad input files, interruption and resume, atomic writes, safe loading, NaN, disk full.
+
+Every damaged or odd input is generated here (no committed binaries).
+"""
+import csv
+import errno
+import json
+import math
+import os
+import pathlib
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import train_cxr
+from conftest import TINY, run
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = 32  # decode size used by the direct decode_xray checks
+# One torch thread: these tiny models gain nothing from two, and lose a lot on a busy machine.
+FAST = [*TINY, "--num-threads", "1"]
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad-input corpus
+# ----------------------------------------------------------------------------------------------
+def _ramp(h: int, w: int, lo: float = 20, hi: float = 230) -> np.ndarray:
+    """Horizontal uint8 ramp: dark on the left, bright on the right."""
+    return np.tile(np.linspace(lo, hi, w), (h, 1)).round().astype(np.uint8)
+
+
+# name -> class folder it goes to
+BAD = {"zero_bytes.jpeg": "NORMAL", "truncated.jpeg": "PNEUMONIA", "not_an_image.png": "NORMAL"}
+GOOD = {"gradient16.png": "NORMAL", "rgba.png": "PNEUMONIA", "cmyk.jpeg": "NORMAL",
+        "one_pixel.png": "PNEUMONIA", "huge.jpeg": "NORMAL", "UPPER_CASE.JPG": "PNEUMONIA"}
+IGNORED = {".DS_Store": "NORMAL", "Thumbs.db": "PNEUMONIA", "._IM-9999-0001.png": "NORMAL"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A flat folder holding every bad, odd and ignorable file once."""
+    d = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    # broken
+    (d / "zero_bytes.jpeg").write_bytes(b"")
+    texture = cv2.GaussianBlur((rng.random((128, 128)) * 255).astype(np.uint8), (0, 0), 1.0)
+    ok, jpg = cv2.imencode(".jpg", texture)
+    assert ok
+    (d / "truncated.jpeg").write_bytes(jpg.tobytes()[:len(jpg) // 2])
+    (d / "not_an_image.png").write_text("this is a text file, not a PNG\n")
+    # loadable but unusual
+    g16 = np.tile(np.linspace(1000, 60000, 64), (48, 1)).astype(np.uint16)
+    assert cv2.imwrite(str(d / "gradient16.png"), g16)
+    ramp = _ramp(48, 64)
+    rgba = np.dstack([ramp, ramp, ramp, np.full_like(ramp, 255)])
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray(np.dstack([ramp] * 3)).convert("CMYK").save(d / "cmyk.jpeg", "JPEG", quality=95)
+    Image.fromarray(np.full((1, 1), 137, np.uint8)).save(d / "one_pixel.png")
+    assert cv2.imwrite(str(d / "huge.jpeg"), _ramp(5000, 6000, 0, 255))  # 30 MP, compresses to < 1 MB
+    assert cv2.imwrite(str(d / "UPPER_CASE.JPG"), ramp, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    # not images at all: must be skipped silently
+    for name in IGNORED:
+        (d / name).write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    return d
+
+
+def _place_corpus(corpus: Path, data: Path) -> dict:
+    """Copy the corpus into data/train/<CLASS>/; returns {name: placed path}."""
+    placed = {}
+    for name, cls in {**BAD, **GOOD, **IGNORED}.items():
+        placed[name] = data / "train" / cls / name
+        shutil.copyfile(corpus / name, placed[name])
+    (data / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    return placed
+
+
+def test_decode_unusual_but_valid_files(corpus):
+    out = {name: train_cxr.decode_xray(str(corpus / name), SIZE) for name in GOOD}
+    for name, arr in out.items():
+        assert arr.shape == (SIZE, SIZE) and arr.dtype == np.uint8, name
+    want = cv2.resize(_ramp(48, 64), (SIZE, SIZE), interpolation=cv2.INTER_AREA).astype(int)
+
+    # 16-bit: the ordering is kept and the full 8-bit range is used (no clipping to white, no
+    # wrap-around, no loss of contrast).
+    g = out["gradient16.png"].astype(int)
+    cols = g.mean(0)
+    assert np.all(np.diff(cols) > 0), cols
+    assert cols[0] < 20 and cols[-1] > 235, cols
+    assert np.ptp(g, axis=0).max() <= 1  # columns stay flat: rows did not get mixed up
+
+    # RGBA (opaque) and CMYK: the gray content, not black and not inverted.
+    for name, tol in (("rgba.png", 2), ("cmyk.jpeg", 10), ("UPPER_CASE.JPG", 8)):
+        arr = out[name].astype(int)
+        assert arr.mean() > 60, name
+        assert np.abs(arr - want).max() <= tol, (name, arr[0], want[0])
+
+    assert np.all(out["one_pixel.png"] == 137)
+
+    huge = out["huge.jpeg"].astype(int).mean(0)
+    assert huge[0] < 20 and huge[-1] > 235 and np.all(np.diff(huge) >= -2), huge
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_decode_broken_files_raise(corpus, name):
+    with pytest.raises(OSError):
+        train_cxr.decode_xray(str(corpus / name), SIZE)
+
+
+def test_bad_files_skipped_and_reported_once(corpus, synth_root, data_copy, tmp_path, capsys):
+    placed = _place_corpus(corpus, data_copy)
+    n_train = sum(1 for _ in (synth_root / "train").rglob("*.png"))
+    out = tmp_path / "runs"
+    rc = run(FAST + ["--epochs", "1", "--data-dir", data_copy, "--output-dir", out, "--run-name", "bad"])
+    stdout = capsys.readouterr().out
+    assert rc == 0, stdout
+
+    warn = [line for line in stdout.splitlines() if "unreadable" in line]
+    assert len(warn) == 1, warn
+    for name in BAD:
+        assert stdout.count(str(placed[name])) == 1, name
+    for name in (*GOOD, *IGNORED, "Thumbs", "DS_Store"):
+        assert name not in stdout, name
+
+    cfg = json.loads((out / "bad" / "config.json").read_text())
+    sizes = cfg["split_sizes"]
+    assert sizes["train"] + sizes["val"] == n_train + len(GOOD)
+    assert sizes["test"] == sum(1 for _ in (data_copy / "test").rglob("*.png"))
+    assert sorted(os.path.realpath(p) for p in cfg["skipped_files"]) == \
+        sorted(os.path.realpath(placed[n]) for n in BAD)
+
+
+def test_strict_refuses_bad_files(corpus, data_copy, tmp_path, capsys):
+    placed = _place_corpus(corpus, data_copy)
+    out = tmp_path / "runs"
+    rc = run(FAST + ["--epochs", "1", "--data-dir", data_copy, "--output-dir", out, "--run-name", "strict",
+                     "--strict"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    for name in BAD:
+        assert str(placed[name]) in lines[0], name
+    for name in (*GOOD, *IGNORED):
+        assert name not in lines[0], name
+    assert not (out / "strict").exists()
+
+
+def test_hidden_folders_are_not_classes(synth_root, data_copy):
+    # Jupyter and macOS leave hidden folders next to the class folders.
+    (data_copy / "train" / ".ipynb_checkpoints").mkdir()
+    (data_copy / "train" / ".ipynb_checkpoints" / "IM-0001-0001-checkpoint.png").write_bytes(b"")
+    classes, samples = train_cxr.check_split_dir(data_copy / "train", "train")
+    assert classes == ["NORMAL", "PNEUMONIA"]
+    assert len(samples) == sum(1 for _ in (synth_root / "train").rglob("*.png"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Interruption and resume
+# ----------------------------------------------------------------------------------------------
+def _history(run_dir: Path) -> list:
+    with open(run_dir / "history.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _same(a: str, b: str) -> bool:
+    x, y = float(a), float(b)
+    return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=0, abs_tol=1e-6)
+
+
+def _train_args(synth_root, out, name, epochs=3):
+    return FAST + ["--epochs", str(epochs), "--data-dir", synth_root, "--output-dir", out, "--run-name", name]
+
+
+@pytest.fixture(scope="module")
+def reference_run(synth_root, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run."""
+    out = tmp_path_factory.mktemp("ref")
+    n = torch.get_num_threads()
+    try:
+        assert run(_train_args(synth_root, out, "ref")) == 0
+    finally:
+        torch.set_num_threads(n)
+    return out / "ref"
+
+
+def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_path, monkeypatch, capsys,
+                                                             reference_run):
+    monkeypatch.setitem(train_cxr._STOP, "signal", None)  # restored afterwards for other tests
+    # Act as a CPU where --amp auto means bf16 (AMX): the run's own --amp off must still hold after
+    # the resume, whatever this machine is.
+    monkeypatch.setattr(train_cxr, "cpu_has_fast_bf16", lambda: True)
+    out = tmp_path / "runs"
+    run_dir = out / "int"
+    real = train_cxr.train_one_epoch
+    seen, outer_handler = [], signal.getsignal(signal.SIGINT)
+
+    def ctrl_c_in_epoch_2(st, train, epoch):
+        seen.append(epoch)
+        if epoch == 2:
+            handler = signal.getsignal(signal.SIGINT)
+            # Without the tool's handler a real Ctrl-C would kill pytest itself: check first.
+            assert callable(handler) and handler is not signal.default_int_handler, handler
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(st, train, epoch)
+
+    monkeypatch.setattr(train_cxr, "train_one_epoch", ctrl_c_in_epoch_2)
+    rc = run(_train_args(synth_root, out, "int"))
+    stdout = capsys.readouterr().out
+    precision = re.findall(r"precision: (\S+)", stdout)
+    assert rc == 130, stdout
+    assert seen == [1, 2]
+    assert f"Resume with: python train_cxr.py --resume {run_dir}" in stdout
+    ck = train_cxr.load_checkpoint(run_dir / "last.pt")
+    assert ck["epoch"] == 1 and len(ck["history"]) == 1
+    assert [r["epoch"] for r in _history(run_dir)] == ["1"]
+    assert (run_dir / "training_history.png").stat().st_size > 0
+    assert not (run_dir / "test_metrics.json").exists()
+    assert signal.getsignal(signal.SIGINT) is outer_handler  # the caller's handler is restored
+
+    monkeypatch.setattr(train_cxr, "train_one_epoch", real)
+    assert run(["--resume", run_dir]) == 0
+    resumed = capsys.readouterr().out
+    # The run's own settings (here --amp off) apply after a resume, not this command line's defaults.
+    assert re.findall(r"precision: (\S+)", resumed) == precision == ["fp32"], (precision, resumed[:600])
+    got, want = _history(run_dir), _history(reference_run)
+    assert [r["epoch"] for r in got] == ["1", "2", "3"]
+    assert list(got[0]) == list(want[0])
+    for g, w in zip(got, want):
+        for k in g:
+            if k != "seconds":
+                assert _same(g[k], w[k]), (g["epoch"], k, g[k], w[k])
+    assert (run_dir / "test_metrics.json").is_file()
+
+
+def test_sigterm_subprocess_leaves_resumable_run(synth_root, tmp_path):
+    out = tmp_path / "runs"
+    run_dir = out / "term"
+    cmd = [sys.executable, str(ROOT / "train_cxr.py"), *map(str, FAST), "--epochs", "500", "--patience", "500",
+           "--data-dir", str(synth_root), "--output-dir", str(out), "--run-name", "term"]
+    with open(tmp_path / "stdout.txt", "w") as so, open(tmp_path / "stderr.txt", "w") as se:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=so, stderr=se)
+        try:
+            deadline = time.monotonic() + 90
+            while not (run_dir / "last.pt").exists():
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()[-2000:]
+                assert time.monotonic() < deadline, "no last.pt after 90 s"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stdout = (tmp_path / "stdout.txt").read_text()
+    assert rc == 128 + signal.SIGTERM, (rc, stdout[-2000:])  # handled; -15 = killed by the signal
+    resume = [line for line in stdout.splitlines() if "Resume with:" in line]
+    assert len(resume) == 1, stdout[-2000:]
+    assert resume[0].rstrip().endswith(f"python train_cxr.py --resume {run_dir}")
+    ck = train_cxr.load_checkpoint(run_dir / "last.pt")
+    assert ck["epoch"] >= 1
+    assert len(_history(run_dir)) == ck["epoch"] == len(ck["history"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic writes
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("exc", [OSError(errno.EIO, "I/O error"), RuntimeError("could not pickle"),
+                                 KeyboardInterrupt()], ids=["OSError", "RuntimeError", "KeyboardInterrupt"])
+def test_atomic_write_failure_keeps_old_file(tmp_path, exc):
+    target = tmp_path / "history.csv"
+    old = b"epoch,loss\n1,0.5\n" * 50
+    target.write_bytes(old)
+
+    def half_then_die(p):
+        with open(p, "wb") as f:
+            f.write(b"epoch,loss\n1,0.5\n2,0.")  # half-written new content
+        raise exc
+
+    with pytest.raises(type(exc)):
+        train_cxr.atomic_write(target, half_then_die)
+    assert target.read_bytes() == old
+    assert os.listdir(tmp_path) == ["history.csv"]  # no temp file left behind
+
+
+def _ckpt(epoch: int, n: int = 1000) -> dict:
+    return {"format": train_cxr.CKPT_FORMAT, "epoch": epoch, "w": torch.full((n,), float(epoch))}
+
+
+def test_save_checkpoint_replaces_atomically(tmp_path, monkeypatch):
+    target = tmp_path / "last.pt"
+    train_cxr.save_checkpoint(target, _ckpt(1))
+    old = target.read_bytes()
+    real_replace = os.replace
+    calls = []
+
+    def checking_replace(src, dst):
+        src, dst = Path(src), Path(dst)
+        calls.append((src, dst))
+        assert dst == target and src != target
+        assert src.parent == target.parent  # same file system: the rename is atomic
+        assert target.read_bytes() == old  # the target was never written in place
+        assert torch.load(src, weights_only=True)["epoch"] == 2  # what is moved in is complete
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(train_cxr.os, "replace", checking_replace)
+    train_cxr.save_checkpoint(target, _ckpt(2, 50_000))
+    assert len(calls) == 1
+    assert train_cxr.load_checkpoint(target)["epoch"] == 2
+    new = target.read_bytes()
+
+    def crash_before_rename(src, dst):
+        raise OSError(errno.EIO, "simulated crash before the rename")
+
+    monkeypatch.setattr(train_cxr.os, "replace", crash_before_rename)
+    with pytest.raises((OSError, train_cxr.CXRError)):
+        train_cxr.save_checkpoint(target, _ckpt(3))
+    assert target.read_bytes() == new
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_concurrent_reader_never_sees_torn_checkpoint(tmp_path):
+    target = tmp_path / "last.pt"
+    train_cxr.save_checkpoint(target, _ckpt(0, 200_000))
+    done, seen, errors = threading.Event(), [], []
+
+    def reader():
+        while not done.is_set():
+            try:
+                ck = torch.load(target, weights_only=True)
+                assert torch.all(ck["w"] == ck["epoch"])
+                seen.append(ck["epoch"])
+            except Exception as e:  # a torn or missing file
+                errors.append(repr(e))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    try:
+        for epoch in range(1, 21):
+            train_cxr.save_checkpoint(target, _ckpt(epoch, 200_000))
+    finally:
+        done.set()
+        t.join()
+    assert not errors, errors[:3]
+    assert seen and seen == sorted(seen)
+
+
+# ----------------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------------
+class _TouchOnUnpickle:
+    """Unpickling this creates a file: stands in for arbitrary code in a malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _evil_checkpoint(path: Path, marker: Path) -> Path:
+    torch.save({"format": train_cxr.CKPT_FORMAT, "model": {}, "payload": _TouchOnUnpickle(marker)}, path)
+    return path
+
+
+def test_malicious_checkpoint_is_refused(synth_root, tmp_path, capsys):
+    # The payload is live: an unsafe load really runs it.
+    proof = tmp_path / "proof_marker"
+    torch.load(_evil_checkpoint(tmp_path / "proof.pt", proof), weights_only=False)
+    assert proof.exists()
+
+    marker = tmp_path / "marker"
+    evil = _evil_checkpoint(tmp_path / "evil.pt", marker)
+    with pytest.raises(train_cxr.CXRError) as ei:
+        train_cxr.load_checkpoint(evil)
+    msg = str(ei.value)
+    assert str(evil) in msg
+    assert re.search(r"refus|unsafe|not a plain|untrusted", msg, re.I), msg
+    assert "\n" not in msg, repr(msg)
+    assert "\x1b" not in msg, repr(msg)  # no terminal escape codes (torch's message has bold on/off)
+    assert not marker.exists()
+
+    image = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[0]
+    out = tmp_path / "runs"
+    capsys.readouterr()
+    rc = run(["--predict", image, "--checkpoint", evil, "--output-dir", out, "--num-workers", "0"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(evil) in err
+    assert run(["--resume", evil]) == 2
+    assert not marker.exists()
+    assert not out.exists()
+
+
+_PLAIN = (bool, int, float, str, type(None))
+
+
+def _assert_plain(x, where="ckpt"):
+    if isinstance(x, torch.Tensor):
+        return
+    if type(x) in (dict, OrderedDict):
+        for k, v in x.items():
+            assert type(k) in (str, int), (where, k)
+            _assert_plain(v, f"{where}[{k!r}]")
+    elif type(x) in (list, tuple):  # tuples: AdamW's betas
+        for i, v in enumerate(x):
+            _assert_plain(v, f"{where}[{i}]")
+    else:
+        assert type(x) in _PLAIN, (where, type(x))
+
+
+@pytest.mark.parametrize("name", ["last.pt", "best_model.pt"])
+def test_genuine_checkpoint_is_plain_data(reference_run, name):
+    ck = torch.load(reference_run / name, map_location="cpu", weights_only=True)
+    _assert_plain(ck)
+    assert ck["format"] == train_cxr.CKPT_FORMAT
+    assert type(ck["config"]) is dict
+    for k, v in ck["config"].items():
+        assert type(k) is str
+        assert type(v) in _PLAIN or (type(v) is list and all(type(i) is int for i in v)), (k, v)
+    assert ck["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert train_cxr.Config.from_dict(ck["config"]).epochs == 3
+    if name == "last.pt":
+        assert ck["epoch"] == 3 and {"optimizer", "scheduler", "train_model"} <= set(ck)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN loss
+# ----------------------------------------------------------------------------------------------
+def test_nan_loss_stops_with_exit_3(synth_root, tmp_path, monkeypatch, capsys):
+    where = {"epoch": 0, "batch": 0}
+    real_epoch, real_build = train_cxr.train_one_epoch, train_cxr.build_state
+
+    def track_epoch(st, train, epoch):
+        where.update(epoch=epoch, batch=0)
+        return real_epoch(st, train, epoch)
+
+    class NaNAtEpoch2Batch3:
+        def __init__(self, inner):
+            self.inner, self.weight = inner, inner.weight
+
+        def __call__(self, logits, y):
+            where["batch"] += 1
+            loss = self.inner(logits, y)
+            return loss * float("nan") if (where["epoch"], where["batch"]) == (2, 3) else loss
+
+    def build_with_nan(*a, **k):
+        st = real_build(*a, **k)
+        st.criterion = NaNAtEpoch2Batch3(st.criterion)
+        return st
+
+    monkeypatch.setattr(train_cxr, "train_one_epoch", track_epoch)
+    monkeypatch.setattr(train_cxr, "build_state", build_with_nan)
+    out = tmp_path / "runs"
+    rc = run(_train_args(synth_root, out, "nan"))
+    stdout = capsys.readouterr().out
+    assert rc == 3, stdout
+    assert re.search(r"epoch 2\b.*batch 3\b", stdout), stdout
+    ck = train_cxr.load_checkpoint(out / "nan" / "last.pt")
+    assert ck["epoch"] == 1
+    for key in ("model", "train_model"):
+        for name, t in ck[key].items():
+            if t.is_floating_point():
+                assert torch.isfinite(t).all(), (key, name)
+    assert len(_history(out / "nan")) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# Disk full
+# ----------------------------------------------------------------------------------------------
+def _enospc(path=None):
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), None if path is None else str(path))
+
+
+def test_disk_full_in_atomic_write(tmp_path):
+    target = tmp_path / "config.json"
+    target.write_text("{}\n")
+
+    def writer(p):
+        with open(p, "w") as f:
+            f.write('{"config": ')
+        raise _enospc(p)
+
+    with pytest.raises(train_cxr.CXRError) as ei:
+        train_cxr.atomic_write(target, writer)
+    assert "disk full" in str(ei.value).lower() and str(target) in str(ei.value)
+    assert target.read_text() == "{}\n"
+    assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_during_save_checkpoint(tmp_path, monkeypatch):
+    """torch.save as it behaves on a full disk: the same call, with every write going to /dev/full."""
+    real_save = torch.save
+
+    def save_on_full_disk(obj, f, *a, **k):
+        if isinstance(f, (str, os.PathLike)):
+            Path(f).touch()
+            return real_save(obj, "/dev/full", *a, **k)
+        with open("/dev/full", "wb") as full:
+            return real_save(obj, full, *a, **k)
+
+    target = tmp_path / "last.pt"
+    train_cxr.save_checkpoint(target, _ckpt(1))
+    monkeypatch.setattr(train_cxr.torch, "save", save_on_full_disk)
+    with pytest.raises(train_cxr.CXRError) as ei:
+        train_cxr.save_checkpoint(target, _ckpt(2))
+    assert "disk full" in str(ei.value).lower() and str(target) in str(ei.value)
+    monkeypatch.undo()
+    assert train_cxr.load_checkpoint(target)["epoch"] == 1
+    assert os.listdir(tmp_path) == ["last.pt"]
+
+
+def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "runs"
+    real_write_text = Path.write_text
+
+    def write_text(self, *a, **k):
+        if out in Path(self).parents:
+            raise _enospc(self)
+        return real_write_text(self, *a, **k)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", write_text)
+    rc = run(_train_args(synth_root, out, "full", epochs=1))
+    err = capsys.readouterr().err
+    assert rc == 2
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "disk full" in lines[0].lower() and str(out / "full") in lines[0], err
