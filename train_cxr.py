@@ -1533,19 +1533,121 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
                       positive_index(class_names))
 
 
-def train(cfg: Config, args, rt: Runtime) -> int:
-    resume = load_checkpoint(args.resume) if args.resume else None
+def resume_settings(args, rt: Runtime) -> tuple[dict, Config, Runtime, Path]:
+    """The checkpoint, config, runtime and run folder of --resume."""
+    resume = load_checkpoint(args.resume)
+    if "optimizer" not in resume:
+        raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
+    cfg = Config.from_dict(resume["config"])
+    # A resume repeats the run's own settings; only these may be changed on the command line.
+    for key in ("epochs", "device", "amp", "num_threads", "num_workers", "cache_dir", "strict"):
+        if key in args.given:
+            setattr(cfg, key, getattr(args, key))
+    rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+    run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+    if resume["epoch"] >= cfg.epochs and (run_dir / "test_metrics.json").exists():
+        raise CXRError(f"{run_dir} already finished {resume['epoch']} epochs and has its test report: "
+                       "pass --epochs N (more) to train longer")
+    return resume, cfg, rt, run_dir
+
+
+def log_epoch_header() -> None:
+    log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
+             f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
+
+
+def log_epoch(row: dict, improved: bool) -> None:
+    log.info(f"{row['epoch']:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
+             f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
+             f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
+
+
+def explain_epoch(st: TrainState, val: Split, cam_idx, classes: list, epoch: int, val_auc: float,
+                  run_dir: Path) -> None:
+    """Grad-CAM of the fixed validation images: one overlay each and a summary grid."""
+    images, labels = val.images[cam_idx], val.labels[cam_idx]
+    maps, probs, preds = explain_images(st.eval_model, images, labels, classes, st.norm, st.cfg.img_size, st.rt)
+    tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", images, labels.numpy(), maps, probs,
+                         preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size)
+    save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: val AUC {val_auc:.3f}")
+
+
+def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict, run_dir: Path,
+        resume: dict | None) -> int:
+    """The epoch loop: train, validate, checkpoint, plot, explain; early stopping on val AUC."""
+    cfg, rt = st.cfg, st.rt
+    history, best_auc, since_best, start = [], -1.0, 0, 1
     if resume is not None:
-        cfg = Config.from_dict(resume["config"])
-        # A resume repeats the run's own settings; only these may be changed on the command line.
-        for key in ("epochs", "device", "amp", "num_threads", "num_workers", "cache_dir", "strict"):
-            if key in args.given:
-                setattr(cfg, key, getattr(args, key))
-        rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
-        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        if resume["epoch"] >= cfg.epochs and (run_dir / "test_metrics.json").exists():
-            raise CXRError(f"{run_dir} already finished {resume['epoch']} epochs and has its test report: "
-                           "pass --epochs N (more) to train longer")
+        unwrap(st.model).load_state_dict(resume["train_model"])
+        st.optimizer.load_state_dict(resume["optimizer"])
+        st.scheduler.load_state_dict(resume["scheduler"])
+        if st.ema is not None:
+            st.ema.load_state_dict(resume["ema"])
+        history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
+        start = resume["epoch"] + 1
+        log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
+    cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
+    log_epoch_header()
+    with stop_on_signals():
+        try:
+            for epoch in range(start, cfg.epochs + 1):
+                if since_best >= cfg.patience:
+                    log.info(f"early stop: no better validation AUC for {cfg.patience} epochs")
+                    break
+                t0 = time.time()
+                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch), **evaluate(st, val_s)[0]}
+                row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
+                improved = row["val_auc"] > best_auc
+                best_auc = max(best_auc, row["val_auc"])
+                since_best = 0 if improved else since_best + 1
+                history.append(row)
+                if not rt.is_main:
+                    continue
+                log_epoch(row, improved)
+                if improved:
+                    save_checkpoint(run_dir / "best_model.pt",
+                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
+                save_checkpoint(run_dir / "last.pt", make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
+                write_history(history, run_dir)
+                if len(cam_idx):
+                    explain_epoch(st, val_s, cam_idx, classes, epoch, row["val_auc"], run_dir)
+        except Interrupted:
+            done = history[-1]["epoch"] if history else start - 1
+            log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
+                     f"Resume with: python train_cxr.py --resume {run_dir}")
+            return 128 + int(_STOP["signal"])
+        except FloatingPointError as e:
+            log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
+            return 3
+    return 0
+
+
+def final_report(cfg: Config, rt: Runtime, classes: list, norm: dict, val_s: Split, test_s: Split,
+                 run_dir: Path) -> int:
+    """Threshold on validation with the best model, stored in its checkpoint; then the test, once."""
+    if not (run_dir / "best_model.pt").is_file():
+        log.info("no epoch finished, so there is no best model to report on")
+        return 1
+    best = load_checkpoint(run_dir / "best_model.pt")
+    model = model_from_checkpoint(best).to(rt.device)
+    threshold = None
+    if len(classes) == 2:
+        pos = positive_index(classes)
+        val_probs = predict_probs(model, val_s.images, cfg.img_size, norm, rt, cfg.tta, desc="val")
+        threshold = youden_threshold(val_s.labels.numpy() == pos, val_probs[:, pos])
+        best["threshold"] = threshold
+        save_checkpoint(run_dir / "best_model.pt", best)
+        log.info(f"threshold on validation (Youden's J): {threshold:.4f}")
+    res = test_report(model, test_s, classes, norm, cfg.img_size, threshold, cfg, rt, run_dir)
+    log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
+    log.info(f"everything is in {run_dir}")
+    return 0
+
+
+def train(cfg: Config, args, rt: Runtime) -> int:
+    resume = None
+    if args.resume:
+        resume, cfg, rt, run_dir = resume_settings(args, rt)
     demo = args.demo and resume is None
     if demo and rt.world > 1:
         raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
@@ -1555,7 +1657,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"demo: writing synthetic X-rays to {data_root}")
         write_synthetic_dataset(data_root, *DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
         cfg.data_dir = str(data_root)
-    data = prepare_data(cfg)
+    data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     if not demo and resume is None:
         run_dir = make_run_dir(cfg) if rt.is_main else None
@@ -1569,12 +1671,12 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # The decoded uint8 images (~110 MB for this data set at 128 px) go to the GPU once; batches
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
-    pos = positive_index(classes)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
     steps = max(1, len(train_s) // rt.world // cfg.batch_size)
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
-    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, "positive_class": pos,
-            "img_size": cfg.img_size, "work_size": cfg.work_size, "threshold": None}
+    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,
+            "positive_class": positive_index(classes), "img_size": cfg.img_size, "work_size": cfg.work_size,
+            "threshold": None}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
@@ -1590,84 +1692,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                                             "skipped_files": data["bad_files"],
                                             "split_sizes": {"train": len(train_s), "val": len(val_s),
                                                             "test": len(test_s)}})
-    history, best_auc, since_best, start = [], -1.0, 0, 1
-    if resume is not None:
-        unwrap(st.model).load_state_dict(resume["train_model"])
-        st.optimizer.load_state_dict(resume["optimizer"])
-        st.scheduler.load_state_dict(resume["scheduler"])
-        if st.ema is not None:
-            st.ema.load_state_dict(resume["ema"])
-        history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
-        start = resume["epoch"] + 1
-        log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
-    cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
-    log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
-             f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
-    stopped_early = False
-    with stop_on_signals():
-        try:
-            for epoch in range(start, cfg.epochs + 1):
-                if since_best >= cfg.patience:
-                    stopped_early = True
-                    break
-                t0 = time.time()
-                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
-                val_metrics, _ = evaluate(st, val_s)
-                row.update(val_metrics)
-                row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
-                improved = row["val_auc"] > best_auc
-                best_auc = row["val_auc"] if improved else best_auc
-                since_best = 0 if improved else since_best + 1
-                history.append(row)
-                if rt.is_main:
-                    log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
-                             f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
-                             f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
-                    if improved:
-                        save_checkpoint(run_dir / "best_model.pt",
-                                        make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
-                    save_checkpoint(run_dir / "last.pt",
-                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
-                    write_history(history, run_dir)
-                    if len(cam_idx):
-                        maps, probs, preds = explain_images(st.eval_model, val_s.images[cam_idx],
-                                                            val_s.labels[cam_idx], classes, norm, cfg.img_size, rt)
-                        tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", val_s.images[cam_idx],
-                                             val_s.labels[cam_idx].numpy(), maps, probs, preds, classes,
-                                             cfg.save_cam_arrays, cfg.img_size)
-                        save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles,
-                                  f"epoch {epoch}: val AUC {row['val_auc']:.3f}")
-        except Interrupted:
-            done = history[-1]["epoch"] if history else start - 1
-            log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
-                     f"Resume with: python train_cxr.py --resume {run_dir}")
-            return 128 + int(_STOP["signal"])
-        except FloatingPointError as e:
-            log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
-            return 3
-    if stopped_early:
-        log.info(f"early stop: no better validation AUC for {cfg.patience} epochs")
-    if not rt.is_main:
-        return 0
-    if not (run_dir / "best_model.pt").is_file():
-        log.info("no epoch finished, so there is no best model to report on")
-        return 1
-
-    # The threshold is chosen on validation (Youden's J) with the best model, stored in the
-    # checkpoint for --predict, and only then is the test split looked at, once.
-    best = load_checkpoint(run_dir / "best_model.pt")
-    model = model_from_checkpoint(best).to(rt.device)
-    threshold = None
-    if len(classes) == 2:
-        val_probs = predict_probs(model, val_s.images, cfg.img_size, norm, rt, cfg.tta, desc="val")
-        threshold = youden_threshold(val_s.labels.numpy() == pos, val_probs[:, pos])
-        best["threshold"] = threshold
-        save_checkpoint(run_dir / "best_model.pt", best)
-        log.info(f"threshold on validation (Youden's J): {threshold:.4f}")
-    res = test_report(model, test_s, classes, norm, cfg.img_size, threshold, cfg, rt, run_dir)
-    log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
-    log.info(f"everything is in {run_dir}")
-    return 0
+    rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
+    if rc != 0 or not rt.is_main:
+        return rc
+    return final_report(cfg, rt, classes, norm, val_s, test_s, run_dir)
 
 
 def collect_files(paths: list) -> list:
