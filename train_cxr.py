@@ -359,8 +359,20 @@ def atomic_write(path: Path, write_fn) -> None:
         raise
 
 
+def _plain(obj):
+    """NaN/inf become null: strict JSON has no NaN (an AUC is NaN when a class is missing)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
 def save_json(path: Path, obj) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))
+    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
+    atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def save_checkpoint(path: Path, ckpt: dict) -> None:
@@ -1090,7 +1102,7 @@ def _minmax(cam: torch.Tensor) -> torch.Tensor:
 
 def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 256) -> np.ndarray:
     """The X-ray in gray with a JET heat map blended on top and a title strip; BGR uint8."""
-    if cam.min() < 0 or cam.max() > 1:
+    if not np.isfinite(cam).all() or cam.min() < 0 or cam.max() > 1:
         raise ValueError("the CAM must be scaled to [0, 1]")
     img = cv2.resize(gray_u8, (display, display), interpolation=cv2.INTER_LINEAR)
     heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (display, display))), cv2.COLORMAP_JET)
