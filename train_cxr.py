@@ -1031,16 +1031,17 @@ class GradCAM:
             maps = cam(x, target=1)        # or one class index per image
 
     CAM = ReLU(sum_k mean_ij(d y_c / d A_k) * A_k), min-max scaled per image, bilinearly resized to
-    the input size and scaled again (the order pytorch-grad-cam uses). The gradient is caught by a
-    tensor hook on the activation and computed with torch.autograd.grad, so parameters' .grad
-    (and a training step in progress) are never touched. The model's train/eval mode is restored.
+    the input size and scaled again (the order pytorch-grad-cam uses). A forward hook keeps the
+    activation; its gradient is taken with torch.autograd.grad on that tensor, not with a module
+    backward hook (those misbehave with in-place ReLU), so parameters' .grad (and a training step
+    in progress) are never touched. The model's train/eval mode is restored.
     """
 
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
         self.model = model
         self.target_layer = target_layer if target_layer is not None else unwrap(model).blocks[-1].conv
         self._handles: list = []
-        self._act = self._grad = None
+        self._act = None
 
     def __enter__(self) -> "GradCAM":
         self._handles.append(self.target_layer.register_forward_hook(self._forward_hook))
@@ -1054,15 +1055,10 @@ class GradCAM:
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        self._act = self._grad = None
+        self._act = None
 
     def _forward_hook(self, module, inputs, output):
         self._act = output
-        if output.requires_grad:
-            output.register_hook(self._save_grad)
-
-    def _save_grad(self, grad):
-        self._grad = grad
 
     def __call__(self, x: torch.Tensor, target=None) -> np.ndarray:
         if not self._handles:
@@ -1083,11 +1079,11 @@ class GradCAM:
                         raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
                 score = logits.gather(1, tgt.view(-1, 1)).sum()
                 act = self._act
-                torch.autograd.grad(score, act)  # fires the tensor hook; parameters keep their .grad
-                weights = self._grad.float().mean(dim=(2, 3), keepdim=True)
+                grad, = torch.autograd.grad(score, act)  # parameters keep their .grad
+                weights = grad.float().mean(dim=(2, 3), keepdim=True)
                 cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
         finally:
-            self._act = self._grad = None
+            self._act = None
             self.model.train(was_training)
         cam = _minmax(cam)
         cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
