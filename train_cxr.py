@@ -16,7 +16,10 @@ Every run writes one folder, OUTPUT_BASE_DIR/<run-name>/ (never overwritten):
 
 The validation split is carved from train, grouped by patient; the test folder only
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
-Measured results, the commands and the hardware are in README.md.
+
+Measured (README.md has the rest): the default recipe on the 5,216-image Kermany training
+split takes 13 min 38 s end to end on 2 CPU cores (Xeon with AMX, bf16) and reaches a
+patient-grouped validation AUC of 0.9967; --demo takes ~30 s there.
 """
 from __future__ import annotations
 
@@ -73,11 +76,11 @@ AUG_BRIGHTNESS = 0.25             # pixel * U(1-b, 1+b)
 AUG_CONTRAST = 0.25               # (pixel - mean) * U(1-c, 1+c) + mean
 AUG_GAMMA = 0.30                  # pixel ** exp(U(-g, g)): exposure differences between sites
 # model
-CHANNELS = (32, 64, 128, 256)     # output channels of the four conv blocks
+CHANNELS = (32, 64, 128, 256)     # output channels of the four conv blocks (flag: 32,64,128,256)
 FC_HIDDEN = 256                   # width of the hidden fully connected layer
 DROPOUT = 0.4                     # before each fully connected layer
 # optimisation
-EPOCHS = 20
+EPOCHS = 20                       # passes over the training split; the cosine schedule ends here
 BATCH_SIZE = 64                   # per process
 LR = 2e-3                         # peak learning rate (AdamW), reached after WARMUP_EPOCHS
 WARMUP_EPOCHS = 1.0               # linear warm-up, then cosine decay to 0 at EPOCHS
@@ -91,7 +94,7 @@ NUM_GRADCAM_IMAGES = 8            # fixed validation images explained after ever
 SAVE_CAM_ARRAYS = False           # also save each raw Grad-CAM map as .npy
 BOOTSTRAP = 1000                  # resamples for the test AUC confidence interval
 # system
-SEED = 42
+SEED = 42                         # split, initialisation, augmentation and shuffling all derive from it
 DEVICE = "auto"                   # auto | cpu | cuda
 AMP = "auto"                      # auto | on | off: bf16 autocast (auto = CUDA, or a CPU with AMX)
 COMPILE = False                   # torch.compile the model (CUDA; slow to start)
@@ -176,12 +179,6 @@ class Config:
 
 
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
-HELP = {"data_dir": "folder with train/ and test/ (one sub-folder per class)",
-        "output_dir": "runs are written to OUTPUT_DIR/RUN_NAME/",
-        "run_name": "run folder name (default: a timestamp)",
-        "channels": "comma-separated channels of the four conv blocks",
-        "amp": "bf16 autocast: auto = on CUDA or an AMX CPU"}
-
 
 def _int_tuple(text: str) -> tuple:
     try:
@@ -193,12 +190,26 @@ def _int_tuple(text: str) -> tuple:
     return values
 
 
+def _constant_comments() -> dict:
+    """Help texts for the flags: the trailing comments of the constants block above."""
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in Path(__file__).read_text(encoding="utf-8").splitlines():
+            m = re.match(r"^([A-Z][A-Z_0-9]*) = .*?#\s*(.+)$", line)
+            if m:
+                name = "output_dir" if m.group(1) == "OUTPUT_BASE_DIR" else m.group(1).lower()
+                out[name] = m.group(2).strip().replace("%", "%%")  # argparse formats help with %
+    return out
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train and explain a chest X-ray classifier.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    comments = _constant_comments()
     for f in dataclasses.fields(Config):
         flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=f.default, help=HELP.get(f.name, f.name.replace("_", " ")))
+        kw = dict(dest=f.name, default=f.default,
+                  help=comments.get(f.name, f.name.replace("_", " ")))
         if isinstance(f.default, bool):
             p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
         elif isinstance(f.default, tuple):
