@@ -1124,7 +1124,7 @@ def label_prob(probs_row: np.ndarray, pos: int) -> float:
     return float(probs_row[pos]) if len(probs_row) == 2 else float(probs_row.max())
 
 
-def explain_images(model: nn.Module, images_u8: torch.Tensor, labels, class_names: list, norm: dict,
+def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list, norm: dict,
                    img_size: int, rt: Runtime, threshold: float | None = None) -> tuple:
     """(maps N x H x W, probs N x K, predictions N) for a small set of images."""
     x = eval_batch(images_u8, img_size, norm, rt.device)
@@ -1144,7 +1144,7 @@ def predict_labels(probs: np.ndarray, class_names: list, threshold: float | None
 def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
                  save_arrays: bool, img_size: int) -> list:
     pos = positive_index(class_names)
-    tiles, names = [], []
+    tiles = []
     crops = center_crop(images_u8, img_size).cpu().numpy()
     for i in range(len(maps)):
         t = class_names[int(labels[i])] if labels is not None else "?"
@@ -1156,7 +1156,6 @@ def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, pred
         if save_arrays:
             atomic_write(folder / f"{stem}.npy", lambda q, m=maps[i]: np.save(q, m))
         tiles.append(tile)
-        names.append(stem)
     return tiles
 
 
@@ -1585,7 +1584,7 @@ def explain_epoch(st: TrainState, val: Split, cam_idx, classes: list, epoch: int
                   run_dir: Path) -> None:
     """Grad-CAM of the fixed validation images: one overlay each and a summary grid."""
     images, labels = val.images[cam_idx], val.labels[cam_idx]
-    maps, probs, preds = explain_images(st.eval_model, images, labels, classes, st.norm, st.cfg.img_size, st.rt)
+    maps, probs, preds = explain_images(st.eval_model, images, classes, st.norm, st.cfg.img_size, st.rt)
     tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", images, labels.numpy(), maps, probs,
                          preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size)
     save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: val AUC {val_auc:.3f}")
