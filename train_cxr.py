@@ -275,6 +275,11 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    @property
+    def channels_last(self) -> bool:
+        # NHWC pays off on GPUs and for bf16 convolutions on CPU (oneDNN/AMX), not for CPU fp32.
+        return self.device.type == "cuda" or self.amp_dtype is not None
+
     def autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -489,6 +494,10 @@ def _cache_key(path: str, size: int) -> str:
     return f"{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}"
 
 
+def _cache_key_path(key: str) -> str:
+    return key.rsplit("|", 3)[0]
+
+
 def decode_all(paths: list, size: int, num_workers: int = 0, cache_dir: str = "",
                desc: str = "decode") -> tuple[np.ndarray, list]:
     """Decode every file once. Returns (N x size x size uint8 array, [(path, reason)] of bad files).
@@ -547,8 +556,8 @@ def _write_cache(cache_dir: str, size: int, rows: dict, fresh: np.ndarray, old) 
     old_index, old_arr = old if old else ({}, None)
     if old_arr is not None and rows.keys() <= old_index.keys():
         return  # every row is already cached
-    current = {k.rsplit("|", 3)[0] for k in rows}
-    keep = {k: r for k, r in old_index.items() if old_arr is not None and k.rsplit("|", 3)[0] not in current}
+    current = {_cache_key_path(k) for k in rows}
+    keep = {k: r for k, r in old_index.items() if _cache_key_path(k) not in current}  # {} without a cache
     merged = np.zeros((len(keep) + len(rows), size, size), dtype=np.uint8)
     index = {}
     for n, (k, r) in enumerate(keep.items()):
@@ -895,7 +904,7 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
         for i in tqdm(range(0, len(images_u8), batch_size), desc=desc or "predict", leave=False,
                       disable=None if desc else True):
             x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
-            if rt.device.type == "cuda" or rt.amp_dtype is not None:
+            if rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with rt.autocast():
                 p = model(x).float().softmax(1)
@@ -955,7 +964,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         y = train.labels[idx].to(rt.device, non_blocking=True)
         x = augment_batch(train.images[idx].to(rt.device, non_blocking=True), cfg, st.norm, gen)
-        if rt.device.type == "cuda" or rt.amp_dtype is not None:
+        if rt.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
             logits = st.model(x)
@@ -1530,7 +1539,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     num_classes = len(class_names)
     seed_everything(cfg.seed)
     model = CustomCNN(**model_kwargs(cfg, num_classes)).to(rt.device)
-    if rt.device.type == "cuda" or rt.amp_dtype is not None:
+    if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     train_model = model
