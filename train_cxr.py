@@ -76,7 +76,10 @@ AUG_BRIGHTNESS = 0.25             # pixel * U(1-b, 1+b)
 AUG_CONTRAST = 0.25               # (pixel - mean) * U(1-c, 1+c) + mean
 AUG_GAMMA = 0.30                  # pixel ** exp(U(-g, g)): exposure differences between sites
 # model
-CHANNELS = (32, 64, 128, 256)     # output channels of the four conv blocks (flag: 32,64,128,256)
+# Half the usual 32-64-128-256: on a CPU the batch norm, ReLU and pooling of the first block's
+# full-size maps dominate a step, and halving the widths trains 2.3x faster with the same
+# cross-validated AUC (README, Results).
+CHANNELS = (16, 32, 64, 128)      # output channels of the four conv blocks (flag: 16,32,64,128)
 FC_HIDDEN = 256                   # width of the hidden fully connected layer
 DROPOUT = 0.4                     # before each fully connected layer
 # optimisation
@@ -102,8 +105,8 @@ NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one 
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
 # The demo's small settings: applied by --demo unless the flag is given explicitly.
-DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, channels=(16, 32, 64, 128),
-                      fc_hidden=128, lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
+DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128,
+                      lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
                       bootstrap=200, warmup_epochs=0.5)
 DEMO_COUNTS = ({"NORMAL": 400, "PNEUMONIA": 700}, {"NORMAL": 100, "PNEUMONIA": 150})  # train, test
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm")
