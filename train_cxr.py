@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import dataclasses
 import datetime as _dt
 import errno
@@ -298,6 +299,27 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+def keep_freed_memory() -> bool:
+    """Stop glibc from handing every freed activation back to the OS (Linux only).
+
+    A CPU training step allocates and frees tens of activation tensors of 1-30 MB. By default
+    glibc serves the large ones with fresh mmap()s and trims the heap after frees, so every step
+    page-faults its activations in again: a full default run took ~50 million minor page faults
+    and 15% of its CPU time in the kernel. Raising the mmap threshold to its maximum (32 MB) and
+    the trim threshold to 1 GB keeps that memory in the process for the next step (measured:
+    +15-30% training images/s on the 2-core dev machine; peak memory +~0.2 GB). Returns whether
+    the setting took (False on macOS, Windows, musl, ...).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
 def setup_runtime(cfg: Config) -> Runtime:
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise CXRError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
@@ -314,6 +336,7 @@ def setup_runtime(cfg: Config) -> Runtime:
         device = torch.device("cpu")
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
+        keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(device, amp_dtype(cfg.amp, device), rank, world)
