@@ -8,6 +8,7 @@ Sanity checks that can fail:
   * no leak: 1,000 calls leave no hooks and no growing memory.
 """
 import contextlib
+import copy
 import gc
 import json
 import re
@@ -63,8 +64,18 @@ def one_thread():
         torch.set_num_threads(old)
 
 
-def reference_cam(model, x, targets, layer) -> np.ndarray:
-    """pytorch-grad-cam's Grad-CAM for the same layer and targets (its constructor sets eval())."""
+def reference_cam(model, x, targets, layer_path: str) -> np.ndarray:
+    """pytorch-grad-cam's Grad-CAM for the same layer ("blocks.3.relu") and the same targets.
+
+    It runs on a copy whose ReLUs are not in place: pytorch-grad-cam takes the gradient with a
+    tensor hook on the layer's output, which never fires for an in-place ReLU's output. The copy
+    computes the same values (its constructor also sets eval(), as ours does).
+    """
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, torch.nn.ReLU):
+            m.inplace = False
+    layer = model.get_submodule(layer_path)
     with pytorch_grad_cam.GradCAM(model=model, target_layers=[layer]) as ref:
         return ref(input_tensor=x, targets=[ClassifierOutputTarget(int(t)) for t in targets])
 
@@ -147,18 +158,18 @@ def _train_and_prepare(cfg, root, lesions, classes, train, test):
 def test_hooks_exist_only_inside_the_block():
     model = small_model()
     x = batch()
+    layer = model.blocks[-1].relu
     assert hook_count(model) == 0
     gc_obj = GradCAM(model)
-    assert gc_obj.target_layer is model.blocks[-1].conv  # the default layer
+    assert gc_obj.target_layer is layer  # the default: the last block's rectified feature maps
     assert hook_count(model) == 0, "constructing must not register hooks (only __enter__ does)"
     with gc_obj as cam:
         assert cam is gc_obj
-        assert len(model.blocks[-1].conv._forward_hooks) >= 1
-        others = sum(len(m._forward_hooks) + len(m._backward_hooks)
-                     for m in model.modules() if m is not model.blocks[-1].conv)
+        assert len(layer._forward_hooks) >= 1
+        others = sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules() if m is not layer)
         assert others == 0, "hooks only on the target layer"
         cam(x)
-        assert len(model.blocks[-1].conv._forward_hooks) >= 1
+        assert len(layer._forward_hooks) >= 1
     assert hook_count(model) == 0
     # A plain forward/backward afterwards is unaffected (no stale hook firing).
     model(x).sum().backward()
@@ -205,11 +216,11 @@ def test_any_conv_layer_can_be_given(layer):
     x = batch(3, seed=3)
     with GradCAM(model, target_layer) as cam:
         assert len(target_layer._forward_hooks) >= 1
-        assert len(model.blocks[-1].conv._forward_hooks) == 0
+        assert len(model.blocks[-1].relu._forward_hooks) == 0
         maps = cam(x, target=[0, 1, 1])
     assert hook_count(model) == 0
     assert maps.shape == (3, 64, 64)
-    ref = reference_cam(model, x, [0, 1, 1], target_layer)
+    ref = reference_cam(model, x, [0, 1, 1], layer)
     assert np.abs(maps - ref).max() < 1e-4
     with GradCAM(model) as cam:  # the default layer gives a different map
         assert np.abs(cam(x, target=[0, 1, 1]) - maps).max() > 1e-2
@@ -335,40 +346,43 @@ def test_targets_none_int_and_sequences():
 # ----------------------------------------------------------------------------------------------
 # 3. Agreement with the reference implementation (pytorch-grad-cam)
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layer", ["relu", "conv"])  # the default, and the raw conv output
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_matches_pytorch_grad_cam_random_weights(seed):
+def test_matches_pytorch_grad_cam_random_weights(seed, layer):
     model = small_model(seed=seed)
     x = batch(6, seed=seed)
     targets = [0, 1, 0, 1, 1, 0]
     model.train()  # ours must switch to eval by itself (the reference does in its constructor)
-    with GradCAM(model) as cam:
+    with GradCAM(model, None if layer == "relu" else model.blocks[-1].conv) as cam:
         ours_t = cam(x, target=targets)
         ours_none = cam(x)
     with torch.no_grad():
         model.eval()
         preds = model(x).argmax(1).tolist()
-    ref_t = reference_cam(model, x, targets, model.blocks[-1].conv)
-    ref_none = reference_cam(model, x, preds, model.blocks[-1].conv)
+    ref_t = reference_cam(model, x, targets, f"blocks.3.{layer}")
+    ref_none = reference_cam(model, x, preds, f"blocks.3.{layer}")
     diff = max(np.abs(ours_t - ref_t).max(), np.abs(ours_none - ref_none).max())
-    print(f"max |ours - pytorch-grad-cam| (seed {seed}): {diff:.2e}")
+    print(f"max |ours - pytorch-grad-cam| (seed {seed}, {layer}): {diff:.2e}")
     assert ours_t.shape == ref_t.shape == (6, 64, 64)
     assert np.abs(ours_t - ref_t).max() < 1e-4
     assert np.abs(ours_none - ref_none).max() < 1e-4
     assert ref_t.max() > 0.99  # not a trivially equal pair of empty maps
 
 
-def test_matches_pytorch_grad_cam_trained_weights(trained):
+@pytest.mark.parametrize("layer", ["relu", "conv"])
+def test_matches_pytorch_grad_cam_trained_weights(trained, layer):
     model, x = trained["model"], trained["x"][:16]
     targets = [trained["pos"]] * 8 + [1 - trained["pos"]] * 8
-    with GradCAM(model) as cam:
+    with GradCAM(model, None if layer == "relu" else model.blocks[-1].conv) as cam:
         ours = cam(x, target=targets)
         ours_none = cam(x)
-    ref = reference_cam(model, x, targets, model.blocks[-1].conv)
-    ref_none = reference_cam(model, x, trained["preds"][:16], model.blocks[-1].conv)
+    ref = reference_cam(model, x, targets, f"blocks.3.{layer}")
+    ref_none = reference_cam(model, x, trained["preds"][:16], f"blocks.3.{layer}")
     diff = max(np.abs(ours - ref).max(), np.abs(ours_none - ref_none).max())
-    print(f"max |ours - pytorch-grad-cam| (trained): {diff:.2e}")
+    print(f"max |ours - pytorch-grad-cam| (trained, {layer}): {diff:.2e}")
     assert np.abs(ours - ref).max() < 1e-4
     assert np.abs(ours_none - ref_none).max() < 1e-4
+    assert ref.max() > 0.99
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,6 +515,27 @@ def test_lung_focus_shares():
     mixed = train_cxr.lung_focus(np.stack([inside, corner, zero]))
     assert mixed["n_images"] == 2  # an all-zero map has no mass to share
     assert mixed["mean_share_in_box"] == pytest.approx(0.5)
+    assert mixed["n_empty_maps"] == 1  # ... and is counted, so that empty maps cannot hide
+
+
+def test_maps_explain_the_thresholded_prediction_not_the_argmax():
+    # With the validation threshold at, say, 0.35, an image at p=0.4 is reported as PNEUMONIA:
+    # its map must explain PNEUMONIA, not the argmax class NORMAL.
+    model = small_model(seed=7).eval()
+    rt = train_cxr.Runtime(torch.device("cpu"), None)
+    images = torch.randint(0, 256, (12, 72, 72), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
+    norm = {"mode": "image"}
+    probs = train_cxr.predict_probs(model, images, 64, norm, rt, tta=False)
+    p1 = np.sort(probs[:, 1])
+    threshold = float(p1[2] + p1[3]) / 2  # below most probabilities: several argmax-0 images flip
+    maps, _, preds = train_cxr.explain_images(model, images, ["NORMAL", "PNEUMONIA"], norm, 64, rt, threshold)
+    flipped = np.flatnonzero(preds != probs.argmax(1))
+    assert len(flipped) >= 1, "precondition: the threshold must change some predictions"
+    x = train_cxr.eval_batch(images, 64, norm, rt.device)
+    with GradCAM(model) as cam:
+        want, argmax_maps = cam(x, target=preds.tolist()), cam(x)
+    assert np.array_equal(maps, want)
+    assert np.abs(maps[flipped] - argmax_maps[flipped]).max() > 1e-2
 
 
 # ----------------------------------------------------------------------------------------------
