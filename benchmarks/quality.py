@@ -3,6 +3,7 @@
     python benchmarks/quality.py --data ../shared/data/chest_xray_224/train --folds 5
     python benchmarks/quality.py --recipe baseline --folds 3 --epochs 4
     python benchmarks/quality.py --recipe default -- --img-size 160     # extra flags for train_cxr.py
+    python benchmarks/quality.py --recipe baseline --folds 3 --only 0   # one fold of a slow recipe
 
 Each fold holds out a patient-grouped, stratified fifth (for 5 folds) of the training split and
 runs the unmodified script on the rest, exactly as a user would: the script carves its own
@@ -66,6 +67,8 @@ def main() -> int:
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (state it when reporting)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", type=int, nargs="+", default=None, metavar="K",
+                   help="run only these folds (0-based; the folds themselves do not change): for recipes too slow for all")
     p.add_argument("--out", default=None, help="keep the fold runs here (default: a temp folder)")
     p.add_argument("extra", nargs="*", help="extra train_cxr.py flags after --")
     a = p.parse_args()
@@ -77,8 +80,12 @@ def main() -> int:
     flags = (BASELINE if a.recipe == "baseline" else []) + (["--epochs", str(a.epochs)] if a.epochs else [])
     flags += ["--num-gradcam-images", "0", "--bootstrap", "0"] + a.extra
     print(f"recipe: {a.recipe} | folds: {a.folds} | flags: {' '.join(flags)}")
+    if a.only is not None and not set(a.only) <= set(range(a.folds)):
+        p.error(f"--only takes fold numbers 0 to {a.folds - 1}, got {a.only}")
     rows = []
     for k, test_idx in enumerate(folds):
+        if a.only is not None and k not in a.only:
+            continue
         train_idx = np.setdiff1d(np.arange(len(samples)), test_idx)
         assert not {groups[i] for i in train_idx} & {groups[i] for i in test_idx}, "patient leak"
         root = work / f"fold{k}"
@@ -93,7 +100,8 @@ def main() -> int:
         rows.append({"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                      "specificity": m["specificity"], "minutes": (time.time() - t0) / 60})
         print(f"fold {k}: " + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items()), flush=True)
-    print(f"\n{a.recipe} recipe, {a.folds}-fold patient-grouped CV on {a.data} ({len(samples)} images)")
+    ran = f"folds {', '.join(map(str, a.only))} of " if a.only is not None else ""
+    print(f"\n{a.recipe} recipe, {ran}{a.folds}-fold patient-grouped CV on {a.data} ({len(samples)} images)")
     for key in rows[0]:
         v = np.array([r[key] for r in rows])
         print(f"{key}: {v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
