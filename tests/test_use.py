@@ -42,8 +42,8 @@ def read_csv(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
-def probs_by_hand(ckpt: dict, model: torch.nn.Module, path: str) -> np.ndarray:
-    """decode at work_size, center crop, normalize, softmax, mirror-averaged when the run used TTA."""
+def input_by_hand(ckpt: dict, path: str) -> torch.Tensor:
+    """decode at work_size, center crop, normalize: the network's input for one file."""
     img, work = ckpt["img_size"], ckpt["work_size"]
     x = torch.from_numpy(train_cxr.decode_xray(path, work)).float() / 255
     o = (work - img) // 2
@@ -53,6 +53,12 @@ def probs_by_hand(ckpt: dict, model: torch.nn.Module, path: str) -> np.ndarray:
         x = (x - x.mean()) / (x.std() + 1e-3)
     else:
         x = (x - norm["mean"]) / norm["std"]
+    return x
+
+
+def probs_by_hand(ckpt: dict, model: torch.nn.Module, path: str) -> np.ndarray:
+    """softmax of the network's input, mirror-averaged when the run used TTA."""
+    x = input_by_hand(ckpt, path)
     with torch.no_grad():
         p = model(x).softmax(1)
         if ckpt["config"]["tta"]:
@@ -127,6 +133,25 @@ def test_predict_folders_and_files(trained, scans, tmp_path):
                 "--img-size", 64, "--work-scale", 1.5, "--channels", "4,4,4,4", "--fc-hidden", 8,
                 "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD]) == 0
     assert read_csv(out / "q" / "predictions.csv") == rows
+
+
+def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
+    folder, _, _, _ = scans
+    ckpt_path = trained / "best_model.pt"
+    out = tmp_path / "pred"
+    assert run(["--predict", folder, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "m",
+                "--save-cam-arrays", "--num-workers", 0, *ONE_THREAD]) == 0
+    ckpt = train_cxr.load_checkpoint(ckpt_path)
+    model = train_cxr.model_from_checkpoint(ckpt)
+    rows = read_csv(out / "m" / "predictions.csv")
+    arrays = sorted((out / "m" / "grad_cam").glob("*.npy"))
+    assert len(arrays) == len(rows) >= 1
+    for r in rows:
+        saved = [a for a in arrays if f"_{Path(r['path']).stem}_pred-{r['predicted']}_" in a.name]
+        assert len(saved) == 1
+        with train_cxr.GradCAM(model) as cam:  # the label in the CSV, which follows the stored threshold
+            want = cam(input_by_hand(ckpt, r["path"]), target=ckpt["class_names"].index(r["predicted"]))[0]
+        np.testing.assert_allclose(np.load(saved[0]), want, atol=1e-4)
 
 
 @pytest.mark.parametrize("case", ["no_checkpoint", "missing_path", "missing_checkpoint"])
