@@ -68,7 +68,7 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=None, help="override the recipe's epochs (state it when reporting)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", type=int, nargs="+", default=None, metavar="K",
-                   help="run only these folds (0-based; the folds themselves do not change): for recipes too slow for all")
+                   help="run only these folds (0-based; the folds do not change): for recipes too slow for all")
     p.add_argument("--out", default=None, help="keep the fold runs here (default: a temp folder)")
     p.add_argument("extra", nargs="*", help="extra train_cxr.py flags after --")
     a = p.parse_args()
