@@ -1663,6 +1663,8 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
+    per_epoch = len(train_s) // rt.world // cfg.batch_size * cfg.batch_size * rt.world  # images trained on
+    train_seconds, trained = 0.0, 0
     log_epoch_header()
     with stop_on_signals():
         try:
@@ -1671,7 +1673,10 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                     log.info(f"early stop: no better validation AUC for {cfg.patience} epochs")
                     break
                 t0 = time.time()
-                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch), **evaluate(st, val_s)[0]}
+                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
+                train_seconds += time.time() - t0  # the epoch's results reached the host: no pending work
+                trained += per_epoch
+                row.update(evaluate(st, val_s)[0])
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 improved = row["val_auc"] > best_auc
                 best_auc = max(best_auc, row["val_auc"])
@@ -1695,6 +1700,11 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
         except FloatingPointError as e:
             log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
             return 3
+    if rt.is_main and trained:
+        gpu = (f"; peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB"
+               if rt.device.type == "cuda" else "")
+        log.info(f"training speed: {trained / train_seconds:.1f} images/s ({trained} images in "
+                 f"{train_seconds:.2f} s of training steps, validation excluded){gpu}")
     return 0
 
 

@@ -305,6 +305,13 @@ def test_e2e_artifacts(e2e):
     log_lines = (run_dir / "train.log").read_text().splitlines()
     epoch_lines = [ln for ln in log_lines if ln.split()[:1] == ["1"] and f"{val_auc:.4f}" in ln]
     assert epoch_lines, "train.log has no line for epoch 1"
+    speed = [re.search(r"training speed: ([\d.]+) images/s \((\d+) images in ([\d.]+) s", ln) for ln in log_lines]
+    speed = [m for m in speed if m]
+    assert len(speed) == 1, "train.log has no training-speed line"
+    rate, n, secs = float(speed[0].group(1)), int(speed[0].group(2)), float(speed[0].group(3))
+    bs = cfg["config"]["batch_size"]
+    assert n > 0 and n % bs == 0  # whole batches of the one epoch
+    assert n / (secs + 0.005) - 0.05 <= rate <= n / max(secs - 0.005, 1e-9) + 0.05  # within the printed rounding
 
 
 def test_e2e_gradcam_files(e2e):
