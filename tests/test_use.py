@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -248,3 +249,22 @@ def test_torchrun_two_processes_matches_single(tmp_path_factory):
     print(f"best val AUC: torchrun x2 {ddp_auc:.4f}, single process {single_auc:.4f}")
     assert ddp_auc > 0.95 and single_auc > 0.95
     assert abs(ddp_auc - single_auc) <= 0.02
+
+
+def test_gradcam_layers_benchmark_reports_every_layer(trained, synth_root, capsys):
+    # benchmarks/gradcam_layers.py: the diagnostic behind the choice of Grad-CAM's default layer.
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("gradcam_layers", ROOT / "benchmarks" / "gradcam_layers.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    assert mod.main([str(trained / "best_model.pt"), str(synth_root / "test")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    n = sum(1 for _ in (synth_root / "test").rglob("*.png"))
+    assert lines[0].startswith(f"{n} images (0 unreadable)")
+    rows = {ln.split()[0]: ln for ln in lines[1:]}
+    assert set(rows) == {"conv", "bn", "relu", "block"}
+    for ln in rows.values():
+        shares = [float(v) for v in re.findall(r"-pred (\d\.\d\d)", ln)]
+        assert shares and all(0 <= v <= 1 for v in shares)
+        assert 0 <= float(re.search(r"lung box (\d\.\d+)", ln).group(1)) <= 1
