@@ -1165,6 +1165,18 @@ def label_prob(probs_row: np.ndarray, pos: int) -> float:
     return float(probs_row[pos]) if len(probs_row) == 2 else float(probs_row.max())
 
 
+def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, img_size: int, norm: dict, rt: Runtime,
+                 layer: nn.Module | None = None, batch_size: int = 128) -> np.ndarray:
+    """Grad-CAM (N x img_size x img_size) of working-size uint8 images, one target class per image."""
+    targets = np.asarray(targets)
+    maps = [np.zeros((0, img_size, img_size), np.float32)]
+    with GradCAM(model, layer) as cam:
+        for i in range(0, len(images_u8), batch_size):
+            x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
+            maps.append(cam(x, target=targets[i:i + batch_size].tolist()))
+    return np.concatenate(maps)
+
+
 def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list, norm: dict,
                    img_size: int, rt: Runtime, threshold: float | None = None) -> tuple:
     """(maps N x H x W, probs N x K, predictions N) for a small set of images.
@@ -1175,9 +1187,7 @@ def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list,
     """
     probs = predict_probs(model, images_u8, img_size, norm, rt, tta=False)
     preds = predict_labels(probs, class_names, threshold)
-    with GradCAM(model) as cam:
-        maps = cam(eval_batch(images_u8, img_size, norm, rt.device), target=preds.tolist())
-    return maps, probs, preds
+    return gradcam_maps(model, images_u8, preds, img_size, norm, rt), probs, preds
 
 
 def predict_labels(probs: np.ndarray, class_names: list, threshold: float | None) -> np.ndarray:
@@ -1370,12 +1380,7 @@ def test_report(model: nn.Module, test: Split, class_names: list, norm: dict, im
 
     # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
     # right and wrong predictions of every class.
-    maps_all = []
-    with GradCAM(model) as cam:
-        for i in range(0, len(test), 128):
-            maps_all.append(cam(eval_batch(test.images[i:i + 128], img_size, norm, rt.device),
-                                target=preds[i:i + 128].tolist()))  # explain what is reported
-    maps_all = np.concatenate(maps_all) if maps_all else np.zeros((0, img_size, img_size), np.float32)
+    maps_all = gradcam_maps(model, test.images, preds, img_size, norm, rt)  # explain what is reported
     res["gradcam"] = lung_focus(maps_all)
     gallery = []
     cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
@@ -1825,8 +1830,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     preds = predict_labels(probs, classes, ckpt.get("threshold"))
     pos = positive_index(classes)
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):
-        with GradCAM(model) as cam:
-            maps = cam(eval_batch(images[i:i + 64], img, norm, rt.device), target=preds[i:i + 64].tolist())
+        maps = gradcam_maps(model, images[i:i + 64], preds[i:i + 64], img, norm, rt)
         stems, titles = [], []
         for k in range(i, i + len(maps)):
             f, c, p = Path(files[k]), classes[preds[k]], label_prob(probs[k], pos)

@@ -41,12 +41,7 @@ def main(argv=None) -> int:
     print(f"{len(images)} images ({len(bad)} unreadable), threshold {ckpt.get('threshold')}")
     last = model.blocks[-1]
     for name, layer in (("conv", last.conv), ("bn", last.bn), ("relu", last.relu), ("block", last)):
-        maps = []
-        with train_cxr.GradCAM(model, layer) as cam:
-            for i in range(0, len(images), a.batch):
-                x = train_cxr.eval_batch(images[i:i + a.batch], size, norm, rt.device)
-                maps.append(cam(x, target=preds[i:i + a.batch].tolist()))
-        maps = np.concatenate(maps)
+        maps = train_cxr.gradcam_maps(model, images, preds, size, norm, rt, layer=layer, batch_size=a.batch)
         empty = maps.reshape(len(maps), -1).max(1) <= 0
         per_class = " ".join(f"{c}-pred {empty[preds == k].mean():.2f}" if (preds == k).any() else f"{c}-pred -"
                              for k, c in enumerate(classes))
