@@ -198,11 +198,15 @@ def run_ours(paths: list, cfg: train_cxr.Config, workers: int, seed: int) -> dic
 # ----------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------
+def original_model(num_classes: int = 2) -> nn.Module:
+    """The network of the script this project replaces: 3 x 224 x 224 input, 32-64-128-256, FC 512."""
+    return train_cxr.CustomCNN(num_classes=num_classes, in_channels=3, img_size=224, channels=(32, 64, 128, 256),
+                               fc_hidden=512).train()
+
+
 def original_train_rate(steps: int, warmup: int, seed: int) -> float:
     torch.manual_seed(seed)
-    model = train_cxr.CustomCNN(num_classes=2, in_channels=3, img_size=224, channels=(32, 64, 128, 256),
-                                fc_hidden=512)
-    model.train()
+    model = original_model()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     x = torch.randn(BASELINE_BATCH, 3, 224, 224)
@@ -231,8 +235,7 @@ def original_end_to_end_rate(root: Path, workers: int, batches: int, seed: int) 
     torch.manual_seed(seed)
     ds = torchvision.datasets.ImageFolder(str(root), transform=baseline_transform())
     loader = torch.utils.data.DataLoader(ds, batch_size=BASELINE_BATCH, shuffle=True, num_workers=workers)
-    model = train_cxr.CustomCNN(num_classes=len(ds.classes), in_channels=3, img_size=224,
-                                channels=(32, 64, 128, 256), fc_hidden=512).train()
+    model = original_model(len(ds.classes))
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     crit = nn.CrossEntropyLoss()
     n, t0 = 0, None
@@ -459,9 +462,7 @@ def main(argv=None) -> int:
         print("== FLOP/s (estimate)")
         our_model = train_cxr.CustomCNN(**train_cxr.model_kwargs(cfg, 2))
         f_ours = forward_flops(our_model, torch.zeros(cfg.batch_size, 1, cfg.img_size, cfg.img_size))
-        orig_model = train_cxr.CustomCNN(num_classes=2, in_channels=3, img_size=224, channels=(32, 64, 128, 256),
-                                         fc_hidden=512)
-        f_orig = forward_flops(orig_model, torch.zeros(2, 3, 224, 224))
+        f_orig = forward_flops(original_model(), torch.zeros(2, 3, 224, 224))
         emit(res, "ours_forward_gflop_per_image", round(f_ours / 1e9, 4))
         emit(res, "original_forward_gflop_per_image", round(f_orig / 1e9, 4))
         peak_o, how_o = peak_estimate(info, bf16_amx=amx and rt.amp_dtype is not None)
