@@ -1,9 +1,12 @@
 """Shared fixtures: tiny synthetic datasets and a way to run the script in-process."""
+import csv
+import importlib.util
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -33,6 +36,28 @@ def data_copy(synth_root, tmp_path) -> Path:
     dst = tmp_path / "data"
     shutil.copytree(synth_root, dst)
     return dst
+
+
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """--num-threads sets a process-wide torch setting: give every other test its value back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def read_csv(path: Path) -> list:
+    """The rows of a CSV the script wrote (history.csv, predictions.csv) as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the folder is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def run(argv, capsys=None) -> int:

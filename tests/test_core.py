@@ -16,7 +16,7 @@ from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precisi
 from sklearn.utils.class_weight import compute_class_weight
 
 import train_cxr
-from conftest import REAL_TRAIN, TINY, run
+from conftest import REAL_TRAIN, TINY, read_csv, run
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "train_acc", "train_auc", "val_loss", "val_acc", "val_auc",
                    "lr", "seconds"]
@@ -31,11 +31,6 @@ def snapshot(folder: Path) -> dict:
     """{relative path: (mtime_ns, sha1)} of every file under folder."""
     return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, hashlib.sha1(p.read_bytes()).hexdigest())
             for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def read_history(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -295,7 +290,7 @@ def test_e2e_artifacts(e2e):
     assert cfg["versions"]["torch"] == torch.__version__
     assert cfg["device"] == "cpu"
 
-    hist = read_history(run_dir / "history.csv")
+    hist = read_csv(run_dir / "history.csv")
     with open(run_dir / "history.csv", newline="") as f:
         assert next(csv.reader(f)) == HISTORY_COLUMNS
     assert len(hist) == 1 and hist[0]["epoch"] == "1"
@@ -374,7 +369,7 @@ def test_e2e_reload_reproduces(e2e):
     assert train_cxr.roc_auc(y, p1[:, pos]) == pytest.approx(metrics["auc"], abs=1e-6)
     assert ckpt["threshold"] == pytest.approx(metrics["threshold"])
     # The validation metrics recorded for the best epoch come back from the saved weights.
-    hist = read_history(run_dir / "history.csv")
+    hist = read_csv(run_dir / "history.csv")
     best_row = next(h for h in hist if int(h["epoch"]) == ckpt["epoch"])
     val = data["val"]
     pv = train_cxr.predict_probs(m1, val.images, img, norm, CPU, cfg.tta)
@@ -402,8 +397,8 @@ def test_e2e_same_run_name_refused(e2e, capsys):
 def test_e2e_same_seed_same_history(e2e, tmp_path):
     rc = run([*TINY, "--epochs", "1", "--data-dir", e2e["root"], "--output-dir", tmp_path, "--run-name", "again"])
     assert rc == 0
-    h1 = read_history(e2e["run"] / "history.csv")
-    h2 = read_history(tmp_path / "again" / "history.csv")
+    h1 = read_csv(e2e["run"] / "history.csv")
+    h2 = read_csv(tmp_path / "again" / "history.csv")
     assert len(h1) == len(h2) == 1
     for a, b in zip(h1, h2):
         assert {k: v for k, v in a.items() if k != "seconds"} == {k: v for k, v in b.items() if k != "seconds"}
@@ -536,7 +531,7 @@ def test_real_data_learns(tmp_path):
     cfg = json.loads((out / "real" / "config.json").read_text())
     assert cfg["split_sizes"]["test"] == 40 and cfg["split_sizes"]["train"] + cfg["split_sizes"]["val"] == 200
     ckpt = train_cxr.load_checkpoint(out / "real" / "best_model.pt")
-    hist = read_history(out / "real" / "history.csv")
+    hist = read_csv(out / "real" / "history.csv")
     best_hist = max(float(h["val_auc"]) for h in hist)
     assert ckpt["best_auc"] == pytest.approx(best_hist)
     print(f"real-data best validation AUC: {ckpt['best_auc']:.4f}")

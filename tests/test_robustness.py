@@ -2,7 +2,6 @@
 
 Every damaged or odd input is generated here (no committed binaries).
 """
-import csv
 import errno
 import json
 import math
@@ -25,19 +24,12 @@ import torch
 from PIL import Image
 
 import train_cxr
-from conftest import TINY, run
+from conftest import TINY, read_csv, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # decode size used by the direct decode_xray checks
 # One torch thread: these tiny models gain nothing from two, and lose a lot on a busy machine.
 FAST = [*TINY, "--num-threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,11 +168,6 @@ def test_hidden_folders_are_not_classes(synth_root, data_copy):
 # ----------------------------------------------------------------------------------------------
 # Interruption and resume
 # ----------------------------------------------------------------------------------------------
-def _history(run_dir: Path) -> list:
-    with open(run_dir / "history.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def _same(a: str, b: str) -> bool:
     x, y = float(a), float(b)
     return (math.isnan(x) and math.isnan(y)) or math.isclose(x, y, rel_tol=0, abs_tol=1e-6)
@@ -231,7 +218,7 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
     assert f"Resume with: python train_cxr.py --resume {run_dir}" in stdout
     ck = train_cxr.load_checkpoint(run_dir / "last.pt")
     assert ck["epoch"] == 1 and len(ck["history"]) == 1
-    assert [r["epoch"] for r in _history(run_dir)] == ["1"]
+    assert [r["epoch"] for r in read_csv(run_dir / "history.csv")] == ["1"]
     assert (run_dir / "training_history.png").stat().st_size > 0
     assert not (run_dir / "test_metrics.json").exists()
     assert signal.getsignal(signal.SIGINT) is outer_handler  # the caller's handler is restored
@@ -241,7 +228,7 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
     resumed = capsys.readouterr().out
     # The run's own settings (here --amp off) apply after a resume, not this command line's defaults.
     assert re.findall(r"precision: (\S+)", resumed) == precision == ["fp32"], (precision, resumed[:600])
-    got, want = _history(run_dir), _history(reference_run)
+    got, want = read_csv(run_dir / "history.csv"), read_csv(reference_run / "history.csv")
     assert [r["epoch"] for r in got] == ["1", "2", "3"]
     assert list(got[0]) == list(want[0])
     for g, w in zip(got, want):
@@ -277,7 +264,7 @@ def test_sigterm_subprocess_leaves_resumable_run(synth_root, tmp_path):
     assert resume[0].rstrip().endswith(f"python train_cxr.py --resume {run_dir}")
     ck = train_cxr.load_checkpoint(run_dir / "last.pt")
     assert ck["epoch"] >= 1
-    assert len(_history(run_dir)) == ck["epoch"] == len(ck["history"])
+    assert len(read_csv(run_dir / "history.csv")) == ck["epoch"] == len(ck["history"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -479,7 +466,7 @@ def test_nan_loss_stops_with_exit_3(synth_root, tmp_path, monkeypatch, capsys):
         for name, t in ck[key].items():
             if t.is_floating_point():
                 assert torch.isfinite(t).all(), (key, name)
-    assert len(_history(out / "nan")) == 1
+    assert len(read_csv(out / "nan" / "history.csv")) == 1
 
 
 # ----------------------------------------------------------------------------------------------

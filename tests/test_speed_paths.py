@@ -3,7 +3,6 @@
 CPU only, a few seconds in all. No timing is asserted here: benchmarks/speed.py measures speed.
 """
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,8 +16,7 @@ import torch
 from PIL import Image
 
 import train_cxr
-
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT, load_benchmark
 
 
 def xray_like(width: int, height: int, seed: int) -> np.ndarray:
@@ -248,15 +246,8 @@ def test_bf16_channels_last_forward_matches_fp32():
 # ----------------------------------------------------------------------------------------------
 # The benchmark's data builder (benchmarks/speed.py)
 # ----------------------------------------------------------------------------------------------
-def load_speed():
-    spec = importlib.util.spec_from_file_location("speed_bench", ROOT / "benchmarks" / "speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_benchmark_builds_kermany_sized_grayscale_copies(tmp_path):
-    speed = load_speed()
+    speed = load_benchmark("speed")
     src = tmp_path / "src"
     for c, n in (("NORMAL", 3), ("PNEUMONIA", 7)):
         (src / c).mkdir(parents=True)

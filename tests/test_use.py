@@ -1,5 +1,4 @@
 """Using a trained model: --predict, --evaluate, and training under torchrun (2 CPU processes, gloo)."""
-import csv
 import json
 import os
 import re
@@ -14,17 +13,9 @@ import pytest
 import torch
 
 import train_cxr
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, load_benchmark, read_csv, run
 
 ONE_THREAD = ["--num-threads", "1"]  # 2 cores shared with other test runs: one thread is much faster here
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _restore_threads():
-    """--num-threads sets a process-wide torch setting: give the rest of the suite its default back."""
-    old = torch.get_num_threads()
-    yield
-    torch.set_num_threads(old)
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +27,6 @@ def trained(synth_root, tmp_path_factory) -> Path:
     run_dir = out / "tiny"
     assert (run_dir / "best_model.pt").is_file() and (run_dir / "test_metrics.json").is_file()
     return run_dir
-
-
-def read_csv(path: Path) -> list:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def input_by_hand(ckpt: dict, path: str) -> torch.Tensor:
@@ -253,10 +239,7 @@ def test_torchrun_two_processes_matches_single(tmp_path_factory):
 
 def test_gradcam_layers_benchmark_reports_every_layer(trained, synth_root, capsys):
     # benchmarks/gradcam_layers.py: the diagnostic behind the choice of Grad-CAM's default layer.
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("gradcam_layers", ROOT / "benchmarks" / "gradcam_layers.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_benchmark("gradcam_layers")
     capsys.readouterr()
     assert mod.main([str(trained / "best_model.pt"), str(synth_root / "test")]) == 0
     lines = capsys.readouterr().out.splitlines()
