@@ -30,7 +30,6 @@ import ctypes
 import dataclasses
 import datetime as _dt
 import errno
-import hashlib
 import json
 import logging
 import logging.handlers
@@ -50,7 +49,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFile
+from PIL import Image
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
