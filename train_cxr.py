@@ -973,6 +973,12 @@ def epoch_seed(cfg: Config, epoch: int) -> int:
     return cfg.seed * 1000 + epoch
 
 
+def batches_per_epoch(n_train: int, cfg: Config, rt: Runtime) -> int:
+    """Optimizer steps per epoch and process: each rank gets n_train // world images (the
+    DistributedSampler drops the rest), and the last partial batch is dropped (batch norm needs > 1)."""
+    return n_train // rt.world // cfg.batch_size
+
+
 def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     cfg, rt = st.cfg, st.rt
     torch.manual_seed(epoch_seed(cfg, epoch))
@@ -981,7 +987,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler))
-    n_batches = len(order) // cfg.batch_size  # drop the last partial batch: batch norm needs > 1
+    n_batches = batches_per_epoch(len(train), cfg, rt)
     st.model.train()
     losses, probs, labels = [], [], []
     bar = tqdm(range(n_batches), desc=f"epoch {epoch} train", leave=False, disable=None if rt.is_main else True)
@@ -1667,7 +1673,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
-    per_epoch = len(train_s) // rt.world // cfg.batch_size * cfg.batch_size * rt.world  # images trained on
+    per_epoch = batches_per_epoch(len(train_s), cfg, rt) * cfg.batch_size * rt.world  # images trained on
     train_seconds, trained = 0.0, 0
     log_epoch_header()
     with stop_on_signals():
@@ -1762,7 +1768,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
-    steps = max(1, len(train_s) // rt.world // cfg.batch_size)
+    steps = max(1, batches_per_epoch(len(train_s), cfg, rt))
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,
             "positive_class": positive_index(classes), "img_size": cfg.img_size, "work_size": cfg.work_size,
