@@ -50,6 +50,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from PIL import Image
+from sklearn.calibration import calibration_curve
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 from tqdm import tqdm
 
 # ----------------------------------------------------------------------------------------------
@@ -96,6 +99,8 @@ TTA = True                        # average the prediction of the image and its 
 NUM_GRADCAM_IMAGES = 8            # fixed validation images explained after every epoch
 SAVE_CAM_ARRAYS = False           # also save each raw Grad-CAM map as .npy
 BOOTSTRAP = 1000                  # resamples for the test AUC confidence interval
+THRESHOLD_POLICY = "balanced"     # balanced | accuracy | youden | sensitivity:0.95 (README, Operating point)
+OOD_QUANTILE = 0.99               # share of held-out training images the out-of-distribution guard passes
 # system
 SEED = 42                         # split, initialisation, augmentation and shuffling all derive from it
 DEVICE = "auto"                   # auto | cpu | cuda
@@ -161,6 +166,8 @@ class Config:
     num_gradcam_images: int = NUM_GRADCAM_IMAGES
     save_cam_arrays: bool = SAVE_CAM_ARRAYS
     bootstrap: int = BOOTSTRAP
+    threshold_policy: str = THRESHOLD_POLICY
+    ood_quantile: float = OOD_QUANTILE
     seed: int = SEED
     device: str = DEVICE
     amp: str = AMP
@@ -223,7 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--demo", action="store_true", help="generate synthetic X-rays and run everything")
     modes.add_argument("--predict", nargs="+", metavar="PATH", help="files or folders to classify")
     modes.add_argument("--evaluate", action="store_true", help="test report of --checkpoint on --data-dir")
-    modes.add_argument("--checkpoint", help="a best_model.pt / last.pt for --predict and --evaluate")
+    modes.add_argument("--recalibrate", metavar="DIR", help="refit calibration, threshold and the guard's cutoff "
+                       "of --checkpoint on a labelled folder from a new site (DIR/<CLASS>/*); weights unchanged")
+    modes.add_argument("--checkpoint", help="the model for --predict, --evaluate and --recalibrate: a run folder "
+                       "(its best_model.pt) or a .pt file")
     modes.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue an interrupted run")
     return p
 
@@ -258,7 +268,11 @@ def check_config(cfg: Config) -> None:
              ("patience", cfg.patience >= 1, "at least 1"),
              ("num_gradcam_images", cfg.num_gradcam_images >= 0, "0 or more"),
              ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
-             ("num_workers", cfg.num_workers >= 0, "0 or more")]
+             ("num_workers", cfg.num_workers >= 0, "0 or more"),
+             ("ood_quantile", 0.5 <= cfg.ood_quantile < 1.0, "in [0.5, 1)"),
+             ("threshold_policy", cfg.threshold_policy in THRESHOLD_POLICIES[:3] or bool(re.fullmatch(
+                 r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
+                 "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
     for name, ok, want in rules:
         if not ok:
             raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
@@ -432,21 +446,28 @@ def save_image(path: Path, bgr: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def load_checkpoint(path) -> dict:
-    """Load a checkpoint without executing anything in it (weights_only=True)."""
+def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
+    """Load a checkpoint without executing anything in it (weights_only=True). A run folder means
+    its best model (its last.pt for --resume)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "last.pt"
+        if not (path / in_folder).is_file():
+            hint = (" (the run finished no epoch); pass its last.pt explicitly to use the latest weights, "
+                    "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
+            raise CXRError(f"run folder {path} has no {in_folder}{hint}")
+        path = path / in_folder
     if not path.is_file():
-        raise CXRError(f"checkpoint {path} not found: pass a best_model.pt/last.pt file or a run folder")
+        raise CXRError(f"checkpoint {path} not found: pass a run folder or its best_model.pt / last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle.UnpicklingError for anything that is not plain data
+    except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        first = f"it references {m.group(1)}" if m else (text.strip().splitlines() or [type(e).__name__])[0]
-        raise CXRError(f"refusing to load {path}: it is not a plain-data checkpoint ({first[:160]}); "
-                       "only load checkpoints written by train_cxr.py from people you trust")
+        if m:  # a real pickle that would run code on load
+            raise CXRError(f"refusing to load {path}: it is a pickle that references {m.group(1)}, not plain "
+                           "data; only load checkpoints written by train_cxr.py from people you trust")
+        raise CXRError(f"{path} is not a checkpoint, or it is damaged (an incomplete copy?): "
+                       "pass the best_model.pt or last.pt that train_cxr.py wrote")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CXRError(f"{path} is not a train_cxr.py checkpoint (format {CKPT_FORMAT} expected)")
     return ckpt
@@ -801,67 +822,33 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------
-# Metrics (pure numpy: tests compare them with scikit-learn)
+# Metrics: scikit-learn's, plus only what it lacks (bootstrap CI, calibration, threshold policies)
 # ----------------------------------------------------------------------------------------------
 def positive_index(class_names: list) -> int:
     upper = [c.upper() for c in class_names]
     return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1
 
 
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="mergesort")
-    xs = x[order]
-    ranks = np.empty(len(x), dtype=np.float64)
-    bounds = np.flatnonzero(np.r_[True, xs[1:] != xs[:-1], True])
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        ranks[order[a:b]] = (a + b + 1) / 2.0  # ties share the mean of their 1-based ranks
-    return ranks
-
-
 def roc_auc(y_true, score) -> float:
-    """Binary ROC AUC (Mann-Whitney U with tie correction); nan if only one class is present."""
-    y, s = np.asarray(y_true).astype(bool), np.asarray(score, dtype=np.float64)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    r = _average_ranks(s)
-    return float((r[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    """Binary ROC AUC; nan when only one class is present (where scikit-learn raises)."""
+    y = np.asarray(y_true).astype(bool)
+    return float(roc_auc_score(y, score)) if 0 < y.sum() < len(y) else float("nan")
 
 
 def multiclass_auc(labels, probs: np.ndarray, pos: int) -> float:
-    """Binary: AUC of the positive class's probability. More classes: macro one-vs-rest AUC."""
+    """Binary: AUC of the positive class's probability. More classes: mean one-vs-rest AUC of the
+    classes present (scikit-learn's multi_class="ovr" refuses a split that lacks a class)."""
     labels = np.asarray(labels)
     if probs.shape[1] == 2:
         return roc_auc(labels == pos, probs[:, pos])
-    aucs = [roc_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])]
-    aucs = [a for a in aucs if not math.isnan(a)]
+    aucs = [a for a in (roc_auc(labels == k, probs[:, k]) for k in range(probs.shape[1])) if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else float("nan")
 
 
-def roc_points(y_true, score) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(fpr, tpr, thresholds), thresholds descending, predicting positive when score >= t."""
-    y, s = np.asarray(y_true).astype(bool), np.asarray(score, dtype=np.float64)
-    order = np.argsort(-s, kind="mergesort")
-    s, y = s[order], y[order]
-    last = np.r_[np.flatnonzero(s[1:] != s[:-1]), len(s) - 1]
-    tp, fp = np.cumsum(y)[last], np.cumsum(~y)[last]
-    tpr = np.r_[0.0, tp / max(y.sum(), 1)]
-    fpr = np.r_[0.0, fp / max((~y).sum(), 1)]
-    return fpr, tpr, np.r_[np.inf, s[last]]
-
-
-def youden_threshold(y_true, score) -> float:
-    """The score threshold maximising sensitivity + specificity - 1 (first, i.e. highest, on ties)."""
-    fpr, tpr, thr = roc_points(y_true, score)
-    j = int(np.argmax(tpr - fpr))
-    return float(min(thr[j], 1.0))
-
-
 def binary_metrics(y_true, score, threshold: float) -> dict:
+    """Metrics of the rule "positive when score >= threshold"."""
     y = np.asarray(y_true).astype(bool)
-    pred = np.asarray(score) >= threshold
-    tp, tn = int((pred & y).sum()), int((~pred & ~y).sum())
-    fp, fn = int((pred & ~y).sum()), int((~pred & y).sum())
+    (tn, fp), (fn, tp) = confusion_matrix(y, np.asarray(score) >= threshold, labels=[False, True]).tolist()
     div = lambda a, b: float(a / b) if b else float("nan")
     sens, prec = div(tp, tp + fn), div(tp, tp + fp)
     return {"threshold": float(threshold), "accuracy": div(tp + tn, len(y)), "sensitivity": sens,
@@ -874,12 +861,8 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     """Percentile 95% interval of the AUC over n resamples of the test set."""
     y, s = np.asarray(y_true).astype(bool), np.asarray(score)
     rng = np.random.default_rng(seed)
-    aucs = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].all() or not y[i].any():
-            continue
-        aucs.append(roc_auc(y[i], s[i]))
+    aucs = [roc_auc(y[i], s[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n))]
+    aucs = [a for a in aucs if not math.isnan(a)]  # resamples that lost a class have no AUC
     if not aucs:
         return [float("nan"), float("nan")]
     return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
@@ -887,6 +870,82 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
 
 def accuracy(labels, probs: np.ndarray) -> float:
     return float((np.asarray(probs).argmax(1) == np.asarray(labels)).mean())
+
+
+def fit_calibration(probs: np.ndarray, labels) -> dict:
+    """A temperature T and class biases b, fitted on validation by log loss (LBFGS):
+
+        calibrated = softmax(log(p) / T + b)
+
+    T undoes over- or under-confidence (temperature scaling, Guo et al. 2017). b undoes the prior
+    shift that the class-weighted loss and label smoothing build into p on purpose; for two classes
+    this is Platt scaling of the log-odds (Platt 1999). Monotone in P(positive) for two classes, so
+    the AUC and the ranking of images do not change. Returned as plain tensors for the checkpoint.
+    """
+    z = torch.log(torch.as_tensor(probs, dtype=torch.float64).clamp_min(1e-7))
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    log_inv_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(-log_inv_t) > 0
+    b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_inv_t, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z * log_inv_t.exp() + b, y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    bias = b.detach() - b.detach().mean()  # softmax ignores a common shift: keep the biases centred
+    # A model that learned nothing is best "calibrated" as a constant (T -> infinity); a cap keeps
+    # its scores distinct, so the ranking (and the AUC) survives.
+    return {"temperature": torch.exp(-log_inv_t.detach()).clamp(max=100.0).float()[0], "bias": bias.float()}
+
+
+def calibrate(probs: np.ndarray, cal: dict | None) -> np.ndarray:
+    """Apply fit_calibration's map; None (a checkpoint without calibration) leaves probs as they are."""
+    if cal is None or len(probs) == 0:
+        return probs
+    z = np.log(np.clip(probs, 1e-7, 1)) / float(cal["temperature"]) + np.asarray(cal["bias"], dtype=np.float64)
+    return torch.from_numpy(z).softmax(1).numpy()  # float64: float32 would merge close scores into ties
+
+
+def calibration_error(y_true, prob, bins: int = 15) -> float:
+    """Expected calibration error over equal-width bins: sum_b n_b/N |frequency_b - mean prob_b|.
+    (scikit-learn has the reliability curve, calibration_curve, but not this number.)"""
+    y, p = np.asarray(y_true, dtype=np.float64), np.asarray(prob, dtype=np.float64)
+    b = np.minimum((p * bins).astype(int), bins - 1)
+    gap = np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=p, minlength=bins)
+    return float(np.abs(gap).sum() / max(len(p), 1))
+
+
+THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
+
+
+def choose_threshold(y_true, prob, policy: str) -> float:
+    """The decision threshold on calibrated P(positive) for a --threshold-policy (validation data).
+
+    balanced       the validation prevalence: with calibrated probabilities, "p >= prior" is the
+                   rule that maximises sensitivity + specificity (Youden's objective) in expectation,
+                   estimated from the two-parameter calibration fit instead of the argmax of a
+                   nearly flat empirical curve, so it does not jump between seeds.
+    accuracy       0.5: the fewest expected errors at the training prevalence.
+    youden         the empirical maximiser of sensitivity + specificity - 1, placed midway between
+                   the chosen score and the next lower one (on a score, any tie would flip).
+    sensitivity:X  the highest threshold that keeps at least X of the positive validation images,
+                   midway between neighbouring positive scores.
+    """
+    y, p = np.asarray(y_true).astype(bool), np.asarray(prob, dtype=np.float64)
+    if policy == "balanced":
+        return float(y.mean())
+    if policy == "accuracy":
+        return 0.5
+    if policy == "youden":
+        fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+        j = int(np.argmax(tpr - fpr))
+        return float(min(1.0, (thr[j] + thr[j + 1]) / 2 if j + 1 < len(thr) else thr[j]))
+    target = float(policy.split(":", 1)[1])
+    pos = np.sort(p[y])
+    k = int(math.floor((1 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
+    return float(pos[0] if k == 0 else (pos[k - 1] + pos[k]) / 2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -931,10 +990,11 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
             x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
             if rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with rt.autocast():
-                p = model(x).float().softmax(1)
-                if tta:
-                    p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
+            # Always fp32, also after bf16 training: bf16 scores fall into ties, and a threshold
+            # chosen among ties moves with every run.
+            p = model(x).float().softmax(1)
+            if tta:
+                p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
             out.append(p.cpu())
     finally:
         model.train(was_training)
@@ -1047,6 +1107,69 @@ def build_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-distribution guard: does an image look like the training images at all?
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def layer_features(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, device,
+                   batch_size: int = 256) -> list:
+    """N x C features per layer: each conv block's output averaged over space, then the hidden
+    fully connected layer. Always fp32, in eval mode (the mode is restored)."""
+    net = unwrap(model)
+    layers = [*net.blocks, net.head[3]]  # head[3]: the ReLU after the first Linear
+    feats: list = [[] for _ in layers]
+
+    def keep(k):
+        return lambda m, i, out: feats[k].append((out.mean((2, 3)) if out.ndim == 4 else out).float().cpu())
+    handles = [m.register_forward_hook(keep(k)) for k, m in enumerate(layers)]
+    was_training = net.training
+    net.eval()
+    try:
+        for i in range(0, len(images_u8), batch_size):
+            net(eval_batch(images_u8[i:i + batch_size], img_size, norm, device))
+    finally:
+        for h in handles:
+            h.remove()
+        net.train(was_training)
+    return [torch.cat(f).double().numpy() if f else np.zeros((0, 1)) for f in feats]
+
+
+def _mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    """Squared distance of each row of x to the nearest class mean under a shared precision."""
+    d = x[:, None, :] - means[None]                       # N x K x C
+    return np.einsum("nkc,cd,nkd->nk", d, precision, d).min(1)
+
+
+def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantile: float) -> dict:
+    """Class-conditional Gaussians with a shared, shrunk covariance on every layer's features
+    (Lee et al. 2018; Ledoit-Wolf shrinkage from scikit-learn). An image's score is the mean over
+    layers of its Mahalanobis distance divided by the layer's median distance on held-out images,
+    so every layer counts alike: early layers see texture and exposure, late ones anatomy, and no
+    single layer catches every kind of outlier (Anthony & Kamnitsas 2023). The cutoff is the
+    `quantile` of the held-out (patient-grouped validation) scores: about 1 - quantile of images
+    like the training ones are flagged. Plain tensors only, for the checkpoint."""
+    labels = np.asarray(train_labels)
+    guard = {"means": [], "precisions": [], "scales": []}
+    for f, h in zip(train_feats, held_out_feats):
+        means = np.stack([f[labels == c].mean(0) for c in np.unique(labels)])
+        precision = LedoitWolf(assume_centered=True).fit(f - means[np.searchsorted(np.unique(labels), labels)]).precision_
+        guard["means"].append(torch.from_numpy(means).float())
+        guard["precisions"].append(torch.from_numpy(precision).float())
+        guard["scales"].append(float(np.median(_mahalanobis(h, means, precision))))
+    guard["scales"] = torch.tensor(guard["scales"])
+    guard["cutoff"] = float(np.quantile(ood_scores(guard, held_out_feats), quantile))
+    guard["quantile"] = float(quantile)
+    return guard
+
+
+def ood_scores(guard: dict, feats: list) -> np.ndarray:
+    """The guard's score per image: 1 is a typical held-out training image; above guard["cutoff"]
+    the image is flagged as unlike the training data."""
+    parts = [_mahalanobis(f, m.double().numpy(), p.double().numpy()) / float(s)
+             for f, m, p, s in zip(feats, guard["means"], guard["precisions"], guard["scales"])]
+    return np.mean(parts, axis=0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1191,13 +1314,13 @@ def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list,
     shown and explained as PNEUMONIA.
     """
     probs = predict_probs(model, images_u8, img_size, norm, rt, tta=False)
-    preds = predict_labels(probs, class_names, threshold)
+    preds = predict_labels(probs, positive_index(class_names), threshold)
     return gradcam_maps(model, images_u8, preds, img_size, norm, rt), probs, preds
 
 
-def predict_labels(probs: np.ndarray, class_names: list, threshold: float | None) -> np.ndarray:
-    pos = positive_index(class_names)
-    if len(class_names) == 2 and threshold is not None:
+def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.ndarray:
+    """Two classes: positive when P(positive) >= threshold; otherwise (or without one) the argmax."""
+    if probs.shape[1] == 2 and threshold is not None:
         return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
     return probs.argmax(1)
 
@@ -1217,16 +1340,18 @@ def save_overlays(folder: Path, stems: list, titles: list, images_u8, maps, img_
 
 
 def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
-                 save_arrays: bool, img_size: int) -> list:
-    """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set and the test gallery."""
+                 save_arrays: bool, img_size: int, flagged=None) -> list:
+    """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set and the test gallery.
+    Images the out-of-distribution guard flagged get "_ood" in the name and a warning in the title."""
     pos = positive_index(class_names)
     stems, titles = [], []
     for i in range(len(maps)):
         t = class_names[int(labels[i])] if labels is not None else "?"
         p = class_names[int(preds[i])]
         prob = label_prob(probs[i], pos)
-        stems.append(f"{prefix}_{i:02d}_true-{t}_pred-{p}_p{prob:.2f}")
-        titles.append(f"true {t} | pred {p} | p={prob:.2f}")
+        ood = flagged is not None and bool(flagged[i])
+        stems.append(f"{prefix}_{i:02d}_true-{t}_pred-{p}_p{prob:.2f}" + ("_ood" if ood else ""))
+        titles.append(("UNLIKE TRAINING | " if ood else "") + f"true {t} | pred {p} | p={prob:.2f}")
     return save_overlays(folder, stems, titles, images_u8, maps, img_size, save_arrays)
 
 
@@ -1346,46 +1471,122 @@ def write_history(history: list, run_dir: Path) -> None:
 # ----------------------------------------------------------------------------------------------
 # Test report (used after training and by --evaluate)
 # ----------------------------------------------------------------------------------------------
-def test_report(model: nn.Module, test: Split, class_names: list, norm: dict, img_size: int,
-                threshold: float | None, cfg: Config, rt: Runtime, run_dir: Path) -> dict:
-    probs = predict_probs(model, test.images, img_size, norm, rt, cfg.tta, desc="test")
+def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runtime, desc: str = "") -> dict:
+    """What every report says about images: calibrated probabilities, the labels the checkpoint's
+    threshold gives, and the out-of-distribution score (nan without a guard)."""
+    img, norm = ckpt["img_size"], ckpt["normalization"]
+    raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
+    probs = calibrate(raw, ckpt.get("calibration"))
+    guard = ckpt.get("ood")
+    ood = (ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device)) if guard
+           else np.full(len(raw), np.nan))
+    return {"raw": raw, "probs": probs, "ood_score": ood,
+            "preds": predict_labels(probs, ckpt["positive_class"], ckpt.get("threshold")),
+            "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
+
+
+def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
+    share = 1 - float(np.mean(in_distribution)) if len(in_distribution) else 0.0
+    if share > 0.10:
+        log.warning(f"WARNING: {share:.0%} of the images in {where} do not look like the training data "
+                    "(ood_score above the cutoff): predictions on them are unreliable")
+
+
+def write_csv(path: Path, header: list, rows) -> None:
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
+def prediction_rows(paths: list, sc: dict, class_names: list, threshold, labels=None) -> tuple[list, list]:
+    """Header and rows of predictions.csv / test_predictions.csv."""
+    header = ["path", *(["true"] if labels is not None else []), "predicted",
+              *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
+    rows = [[path, *([class_names[int(labels[i])]] if labels is not None else []), class_names[sc["preds"][i]],
+             *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
+             f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i])] for i, path in enumerate(paths)]
+    return header, rows
+
+
+def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
+    plt = _plt()
+    frac, mean = calibration_curve(y, prob, n_bins=15, strategy="uniform")
+    fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.6, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
+    ax.plot(mean, frac, "o-", label=f"this model (ECE {ece:.3f})")
+    ax.set_ylabel("observed frequency")
+    ax.set_title(title)
+    ax.legend(loc="upper left")
+    hx.hist(prob, bins=15, range=(0, 1), color="gray")
+    hx.set_xlabel("predicted probability")
+    hx.set_ylabel("images")
+    _savefig(fig, path)
+
+
+def binary_report(y, s, threshold: float, bootstrap: int, seed: int) -> dict:
+    """AUC with its CI and the metrics at the threshold, for P(positive) scores s."""
+    return {"n": int(len(y)), "auc": roc_auc(y, s), "auc_ci95": bootstrap_auc_ci(y, s, bootstrap, seed),
+            **binary_metrics(y, s, threshold)}
+
+
+def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runtime, run_dir: Path) -> dict:
+    class_names, pos = ckpt["class_names"], ckpt["positive_class"]
+    sc = score_images(model, ckpt, test.images, rt, desc="test")
+    probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
     labels = test.labels.numpy()
-    pos = positive_index(class_names)
     binary = len(class_names) == 2
+    threshold = ckpt.get("threshold")
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
-           "tta": cfg.tta}
+           "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
+           "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
+           "none in the checkpoint: labels are the argmax (0.5 for two classes)"}
     if binary:
         y, s = labels == pos, probs[:, pos]
-        res["auc"] = roc_auc(y, s)
-        res["auc_ci95"] = bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed)
-        res.update(binary_metrics(y, s, threshold))
+        thr = 0.5 if threshold is None else threshold
+        res.update(binary_report(y, s, thr, cfg.bootstrap, cfg.seed))
         res["at_0.5"] = binary_metrics(y, s, 0.5)
-        fpr, tpr, _ = roc_points(y, s)
+        res["ece"] = calibration_error(y, s)  # of P(positive), 15 bins
+        res["ece_uncalibrated"] = calibration_error(y, sc["raw"][:, pos])
+        fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         point = (1 - res["specificity"], res["sensitivity"])
         plot_roc(fpr, tpr, res["auc"], point, run_dir / "roc_curve.png", f"test ROC ({class_names[pos]})")
-        preds = np.where(s >= threshold, pos, 1 - pos)
+        plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
-        preds = probs.argmax(1)
         res["auc"] = multiclass_auc(labels, probs, pos)
         res["accuracy"] = accuracy(labels, probs)
         res["threshold"] = None
+        top = probs.max(1)
+        res["ece"] = calibration_error(preds == labels, top)  # top-label confidence, 15 bins
         plt = _plt()
         fig, ax = plt.subplots(figsize=(4.6, 4.4))
         for k, name in enumerate(class_names):
-            fpr, tpr, _ = roc_points(labels == k, probs[:, k])
-            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
+            if 0 < (labels == k).sum() < len(labels):
+                fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
+                ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
         ax.plot([0, 1], [0, 1], "k--", lw=1)
         ax.legend(loc="lower right")
         ax.set_title("test ROC, one vs rest")
         _savefig(fig, run_dir / "roc_curve.png")
-    cm = np.zeros((len(class_names),) * 2, dtype=int)
-    np.add.at(cm, (labels, preds), 1)
+        plot_reliability(preds == labels, top, res["ece"], run_dir / "reliability.png",
+                         "test calibration: confidence of the predicted class")
+    cm = confusion_matrix(labels, preds, labels=range(len(class_names)))
     res["confusion_matrix"] = cm.tolist()
     plot_confusion(cm, class_names, run_dir / "confusion_matrix.png", "test confusion matrix")
+    if ckpt.get("ood"):
+        res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
+                      "share_flagged": float((~inside).mean())}
+        if binary and inside.any():
+            res["ood"]["in_distribution_only"] = binary_report(y[inside], s[inside], thr, cfg.bootstrap, cfg.seed)
+        warn_if_unlike_training(inside, "the test set")
+    write_csv(run_dir / "test_predictions.csv",
+              *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, labels))
 
     # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
     # right and wrong predictions of every class.
-    maps_all = gradcam_maps(model, test.images, preds, img_size, norm, rt)  # explain what is reported
+    maps_all = gradcam_maps(model, test.images, preds, ckpt["img_size"], ckpt["normalization"], rt)
     res["gradcam"] = lung_focus(maps_all)
     gallery = []
     cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
@@ -1398,7 +1599,8 @@ def test_report(model: nn.Module, test: Split, class_names: list, norm: dict, im
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
         tiles = save_cam_set(folder, "test", test.images[gallery], labels[gallery], maps_all[gallery],
-                             probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays, img_size)
+                             probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays,
+                             ckpt["img_size"], flagged=~inside[gallery])
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions")
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
         res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
@@ -1408,13 +1610,21 @@ def test_report(model: nn.Module, test: Split, class_names: list, norm: dict, im
 
 def summary_table(res: dict) -> str:
     rows = [("n", res["n"]), ("AUC", f"{res['auc']:.4f}")]
+    ood = res.get("ood", {}).get("in_distribution_only")
     if "auc_ci95" in res:
         rows += [("AUC 95% CI", f"{res['auc_ci95'][0]:.4f} - {res['auc_ci95'][1]:.4f}"),
-                 ("threshold (val)", f"{res['threshold']:.4f}")]
+                 ("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})")]
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
-            rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"))
+            rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
+                            + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
     else:
         rows.append(("accuracy", f"{res['accuracy']:.4f}"))
+    rows.append(("calibration error (ECE)", f"{res['ece']:.4f}" + (
+        f"  (uncalibrated: {res['ece_uncalibrated']:.4f})" if res.get("calibrated") and "ece_uncalibrated" in res
+        else "" if res.get("calibrated") else "  (the checkpoint has no calibration)")))
+    if "ood" in res:
+        rows.append(("unlike training (OOD)", f"{res['ood']['flagged']} of {res['n']} "
+                                              f"({res['ood']['share_flagged']:.1%}) flagged"))
     rows.append(("CAM share in lung box", f"{res['gradcam']['mean_share_in_box']:.3f} "
                                           f"(uniform: {res['gradcam']['uniform_share']:.3f})"))
     width = max(len(r[0]) for r in rows)
@@ -1621,7 +1831,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
 
 def resume_settings(args, rt: Runtime) -> tuple[dict, Config, Runtime, Path]:
     """The checkpoint, config, runtime and run folder of --resume."""
-    resume = load_checkpoint(args.resume)
+    resume = load_checkpoint(args.resume, "last.pt")
     if "optimizer" not in resume:
         raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
     cfg = Config.from_dict(resume["config"])
@@ -1718,23 +1928,44 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
     return 0
 
 
-def final_report(cfg: Config, rt: Runtime, classes: list, norm: dict, val_s: Split, test_s: Split,
+def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str, rt: Runtime) -> dict:
+    """Calibration, and for two classes the threshold of the policy, fitted on a labelled split
+    (the validation split after training, or a new site's folder for --recalibrate)."""
+    raw = predict_probs(model, split.images, ckpt["img_size"], ckpt["normalization"], rt,
+                        bool(ckpt["config"].get("tta", False)), desc="calibrate")
+    labels, pos = split.labels.numpy(), ckpt["positive_class"]
+    cal = fit_calibration(raw, labels)
+    out = {"calibration": cal, "threshold": None, "threshold_policy": None}
+    if raw.shape[1] == 2:
+        y = labels == pos
+        out.update(threshold=choose_threshold(y, calibrate(raw, cal)[:, pos], policy), threshold_policy=policy,
+                   prevalence=float(y.mean()))
+    return out
+
+
+def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Split, test_s: Split,
                  run_dir: Path) -> int:
-    """Threshold on validation with the best model, stored in its checkpoint; then the test, once."""
+    """With the best model: calibration, threshold and out-of-distribution guard fitted on
+    training and validation data and stored in best_model.pt; then the test set, once."""
     if not (run_dir / "best_model.pt").is_file():
         log.info("no epoch finished, so there is no best model to report on")
         return 1
     best = load_checkpoint(run_dir / "best_model.pt")
     model = model_from_checkpoint(best).to(rt.device)
-    threshold = None
-    if len(classes) == 2:
-        pos = positive_index(classes)
-        val_probs = predict_probs(model, val_s.images, cfg.img_size, norm, rt, cfg.tta, desc="val")
-        threshold = youden_threshold(val_s.labels.numpy() == pos, val_probs[:, pos])
-        best["threshold"] = threshold
-        save_checkpoint(run_dir / "best_model.pt", best)
-        log.info(f"threshold on validation (Youden's J): {threshold:.4f}")
-    res = test_report(model, test_s, classes, norm, cfg.img_size, threshold, cfg, rt, run_dir)
+    best.update(fit_operating_point(model, best, val_s, cfg.threshold_policy, rt))
+    feats = lambda sp: layer_features(model, sp.images, cfg.img_size, norm, rt.device)
+    best["ood"] = fit_ood_guard(feats(train_s), train_s.labels.numpy(), feats(val_s), cfg.ood_quantile)
+    save_checkpoint(run_dir / "best_model.pt", best)
+    log.info(f"calibration on validation: temperature {float(best['calibration']['temperature']):.3f}, "
+             f"class biases {[round(b, 3) for b in best['calibration']['bias'].tolist()]}")
+    if best["threshold"] is not None:
+        log.info(f"threshold on validation ({cfg.threshold_policy}): {best['threshold']:.4f} on the calibrated "
+                 f"P({best['class_names'][best['positive_class']]}); validation prevalence {best['prevalence']:.3f}")
+    log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f} "
+             f"({cfg.ood_quantile:.0%} of the validation images score below it)")
+    if test_s is None:
+        return 0
+    res = test_report(model, best, test_s, cfg, rt, run_dir)
     log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
     log.info(f"everything is in {run_dir}")
     return 0
@@ -1791,7 +2022,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
-    return final_report(cfg, rt, classes, norm, val_s, test_s, run_dir)
+    return final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
 
 
 def collect_files(paths: list) -> list:
@@ -1809,20 +2040,41 @@ def collect_files(paths: list) -> list:
 
 
 def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
+    """The checkpoint of --checkpoint and its model; says once what an older or unfinished
+    checkpoint lacks, and what is used instead."""
     if not args.checkpoint:
-        raise CXRError("--predict and --evaluate need --checkpoint runs/RUN/best_model.pt")
+        raise CXRError("--predict, --evaluate and --recalibrate need --checkpoint runs/RUN (or its best_model.pt)")
     ckpt = load_checkpoint(args.checkpoint)
-    if "amp" not in args.given:  # precision follows the run that made the checkpoint
-        rt.amp_dtype = amp_dtype(ckpt["config"].get("amp", "auto"), rt.device)
+    ckpt.setdefault("positive_class", positive_index(ckpt["class_names"]))
+    if ckpt.get("calibration") is None:
+        log.warning("note: this checkpoint has no calibration (last.pt, an unfinished run, or an older version): "
+                    "probabilities are the network's raw softmax")
+    if ckpt.get("threshold") is None and len(ckpt["class_names"]) == 2:
+        log.warning("note: this checkpoint has no validation threshold: labels are the argmax (P >= 0.5); "
+                    "use the run's best_model.pt for the validated operating point")
+    if ckpt.get("ood") is None:
+        log.warning("note: this checkpoint has no out-of-distribution guard (made before it existed, or not "
+                    "finished): ood_score is empty and no image is flagged")
     return ckpt, model_from_checkpoint(ckpt).to(rt.device)
+
+
+def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split:
+    """A labelled folder (FOLDER/<CLASS>/*) decoded the way the checkpoint's run decoded images."""
+    classes, samples = check_split_dir(folder, what)
+    if classes != ckpt["class_names"]:
+        raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
+    ck_cfg = Config.from_dict(ckpt["config"])
+    ck_cfg.num_workers, ck_cfg.cache_dir = cfg.num_workers, cfg.cache_dir
+    split, bad = load_split(samples, ck_cfg, f"decode {what}")
+    report_bad_files(bad, cfg.strict)
+    return split
 
 
 def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = collect_files(args.predict)
-    classes, norm, img, work = ckpt["class_names"], ckpt["normalization"], ckpt["img_size"], ckpt["work_size"]
-    tta = bool(ckpt["config"].get("tta", False))
-    arr, bad = decode_all(files, work, cfg.num_workers, cfg.cache_dir, "decode")
+    classes, norm, img, pos = ckpt["class_names"], ckpt["normalization"], ckpt["img_size"], ckpt["positive_class"]
+    arr, bad = decode_all(files, ckpt["work_size"], cfg.num_workers, cfg.cache_dir, "decode")
     report_bad_files(bad, cfg.strict)
     bad_set = {p for p, _ in bad}
     keep = [i for i, f in enumerate(files) if f not in bad_set]
@@ -1831,25 +2083,26 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     images, files = torch.from_numpy(arr[keep]), [files[i] for i in keep]
     run_dir = make_run_dir(cfg)
     attach_log_file(run_dir / "train.log")
-    probs = predict_probs(model, images, img, norm, rt, tta, desc="predict")
-    preds = predict_labels(probs, classes, ckpt.get("threshold"))
-    pos = positive_index(classes)
+    sc = score_images(model, ckpt, images, rt, desc="predict")
+    probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):
         maps = gradcam_maps(model, images[i:i + 64], preds[i:i + 64], img, norm, rt)
         stems, titles = [], []
         for k in range(i, i + len(maps)):
             f, c, p = Path(files[k]), classes[preds[k]], label_prob(probs[k], pos)
-            stems.append(f"{k:05d}_{f.stem}_pred-{c}_p{p:.2f}")
-            titles.append(f"{f.name[:28]} | {c} p={p:.2f}")
+            stems.append(f"{k:05d}_{f.stem}_pred-{c}_p{p:.2f}" + ("" if inside[k] else "_ood"))
+            titles.append(("UNLIKE TRAINING | " if not inside[k] else "") + f"{f.name[:28]} | {c} p={p:.2f}")
         save_overlays(run_dir / "grad_cam", stems, titles, images[i:i + 64], maps, img, cfg.save_cam_arrays)
-
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["path", "predicted", *[f"prob_{c}" for c in classes], "threshold"])
-            for k, path in enumerate(files):
-                w.writerow([path, classes[preds[k]], *[f"{v:.6f}" for v in probs[k]], ckpt.get("threshold")])
-    atomic_write(run_dir / "predictions.csv", write)
+    write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold")))
+    shown = 25
+    name_w = min(40, max(len(Path(f).name) for f in files))
+    log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
+    for k in range(min(shown, len(files))):
+        flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
+        log.info(f"{Path(files[k]).name[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {probs[k][pos]:>14.3f}  {flag}")
+    if len(files) > shown:
+        log.info(f"... and {len(files) - shown} more in predictions.csv")
+    warn_if_unlike_training(inside, "--predict")
     log.info(f"predicted {len(files)} image(s) ({len(bad)} skipped): {run_dir / 'predictions.csv'}")
     return 0
 
@@ -1858,18 +2111,59 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     root = Path(cfg.data_dir)
     folder = root / "test" if (root / "test").is_dir() else root
-    classes, samples = check_split_dir(folder, "test")
-    if classes != ckpt["class_names"]:
-        raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
-    ck_cfg = Config.from_dict(ckpt["config"])
-    ck_cfg.num_workers, ck_cfg.cache_dir = cfg.num_workers, cfg.cache_dir
-    split, bad = load_split(samples, ck_cfg, "decode test")
-    report_bad_files(bad, cfg.strict)
+    split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
     attach_log_file(run_dir / "train.log")
-    res = test_report(model, split, classes, ckpt["normalization"], ckpt["img_size"], ckpt.get("threshold"),
-                      ck_cfg, rt, run_dir)
+    res = test_report(model, ckpt, split, Config.from_dict(ckpt["config"]), rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
+    return 0
+
+
+def recalibrate(cfg: Config, args, rt: Runtime) -> int:
+    """--recalibrate DIR: refit calibration, threshold and the guard's cutoff on a new site's
+    labelled folder; the weights are copied unchanged into a new checkpoint."""
+    ckpt, model = checkpoint_model(args, rt)
+    folder = Path(args.recalibrate)
+    split = split_from_folder(folder, ckpt, cfg, "recalibration")
+    policy = cfg.threshold_policy if "threshold_policy" in args.given else ckpt.get("threshold_policy") or cfg.threshold_policy
+    new = fit_operating_point(model, ckpt, split, policy, rt)
+    before = score_images(model, ckpt, split.images, rt)
+    if ckpt.get("ood"):
+        # The site's own images define what is "like the training data" from now on, and what
+        # passed before still passes (a few dozen images give a rough quantile).
+        q = float(ckpt["ood"]["quantile"])
+        new["ood"] = {**ckpt["ood"], "cutoff": max(float(ckpt["ood"]["cutoff"]),
+                                                   float(np.quantile(before["ood_score"], q)))}
+    counts = {c: int((split.labels == k).sum()) for k, c in enumerate(ckpt["class_names"])}
+    new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": policy,
+                            "from_checkpoint": str(Path(args.checkpoint).resolve()),
+                            "date": _dt.datetime.now().isoformat(timespec="seconds"),
+                            "before": {k: ckpt.get(k) for k in ("threshold", "threshold_policy")} |
+                                      {"ood_cutoff": ckpt["ood"]["cutoff"] if ckpt.get("ood") else None}}
+    run_dir = make_run_dir(cfg)
+    attach_log_file(run_dir / "train.log")
+    out = {**ckpt, **new}
+    save_checkpoint(run_dir / "recalibrated_model.pt", out)
+    after = score_images(model, out, split.images, rt)
+    y = split.labels.numpy() == ckpt["positive_class"]
+    fit = {"images": counts}
+    for name, sc, ck in (("before", before, ckpt), ("after", after, out)):
+        p = sc["probs"][:, ckpt["positive_class"]]
+        fit[name] = {"ece": calibration_error(y, p), "threshold": ck.get("threshold"),
+                     "share_flagged": float(1 - sc["in_distribution"].mean()),
+                     **({k: v for k, v in binary_metrics(y, p, ck["threshold"] if ck.get("threshold") is not None
+                                                          else 0.5).items() if k != "threshold"}
+                        if len(ckpt["class_names"]) == 2 else {})}
+    save_json(run_dir / "recalibration.json", fit)
+    log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
+    for name in ("before", "after"):
+        m = fit[name]
+        log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (
+            f", threshold {m['threshold']:.4f}, accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
+            f"specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
+            + f", flagged {m['share_flagged']:.1%}")
+    log.info("  (fitted and measured on the same images: judge it on other images of that site with --evaluate)")
+    log.info(f"new checkpoint: {run_dir / 'recalibrated_model.pt'}")
     return 0
 
 
@@ -1882,6 +2176,8 @@ def main(argv=None) -> int:
             return predict(cfg, args, rt)
         if args.evaluate:
             return evaluate_mode(cfg, args, rt)
+        if args.recalibrate:
+            return recalibrate(cfg, args, rt)
         return train(cfg, args, rt)
     except CXRError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     rt = train_cxr.Runtime(torch.device("cpu"), None)
     norm, size = ckpt["normalization"], ckpt["img_size"]
     probs = train_cxr.predict_probs(model, images, size, norm, rt, tta=False)
-    preds = train_cxr.predict_labels(probs, classes, ckpt.get("threshold"))
+    preds = train_cxr.predict_labels(probs, ckpt["positive_class"], ckpt.get("threshold"))
     print(f"{len(images)} images ({len(bad)} unreadable), threshold {ckpt.get('threshold')}")
     last = model.blocks[-1]
     for name, layer in (("conv", last.conv), ("bn", last.bn), ("relu", last.relu), ("block", last)):

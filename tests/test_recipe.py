@@ -74,8 +74,8 @@ def test_test_report_uses_tta_when_configured(synth_root, tmp_path, monkeypatch)
     monkeypatch.setattr(T, "predict_probs", spy)
     args = ["--data-dir", synth_root, "--output-dir", tmp_path, "--run-name", "r", "--epochs", "1", "--tta", *TINY]
     assert run(args) == 0
-    # Validation metrics, the threshold and the test report use TTA; the Grad-CAM captions
+    # Validation metrics, the calibration and threshold, and the test report use TTA; the Grad-CAM captions
     # (no desc) show the plain forward pass that the heat map explains.
-    scored = [tta for desc, tta in seen if desc in ("val", "test")]
+    scored = [tta for desc, tta in seen if desc in ("val", "calibrate", "test")]
     assert len(scored) >= 3 and all(scored)
     assert ("test", True) in seen

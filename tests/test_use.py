@@ -44,13 +44,15 @@ def input_by_hand(ckpt: dict, path: str) -> torch.Tensor:
 
 
 def probs_by_hand(ckpt: dict, model: torch.nn.Module, path: str) -> np.ndarray:
-    """softmax of the network's input, mirror-averaged when the run used TTA."""
+    """softmax of the network's input, mirror-averaged when the run used TTA, then the stored
+    calibration softmax(log(p) / T + b) written out again here."""
     x = input_by_hand(ckpt, path)
     with torch.no_grad():
         p = model(x).softmax(1)
         if ckpt["config"]["tta"]:
             p = (p + model(torch.flip(x, dims=[3])).softmax(1)) / 2
-    return p[0].double().numpy()
+    cal = ckpt["calibration"]
+    return (p.double().log() / float(cal["temperature"]) + cal["bias"].double()).softmax(1)[0].numpy()
 
 
 @pytest.fixture
@@ -84,7 +86,11 @@ def test_predict_folders_and_files(trained, scans, tmp_path):
     ckpt = train_cxr.load_checkpoint(ckpt_path)
     classes, thr = ckpt["class_names"], ckpt["threshold"]
     assert classes == ["NORMAL", "PNEUMONIA"] and isinstance(thr, float)
-    assert list(rows[0].keys()) == ["path", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold"]
+    assert list(rows[0].keys()) == ["path", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold",
+                                    "ood_score", "in_distribution"]
+    cutoff = ckpt["ood"]["cutoff"]
+    for r in rows:  # synthetic test images are like the synthetic training images
+        assert r["in_distribution"] == str(float(r["ood_score"]) <= cutoff)
 
     # One row per readable image, found recursively; the broken file and the .txt are not rows.
     assert len(rows) == len(good) == 6
@@ -166,7 +172,7 @@ def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
     got = json.loads((out / "e" / "test_metrics.json").read_text())
     assert want["n"] == got["n"] == 50
     for key in ("class_names", "positive_class", "auc", "auc_ci95", "threshold", "accuracy", "sensitivity",
-                "specificity", "confusion_matrix", "at_0.5"):
+                "specificity", "confusion_matrix", "at_0.5", "ece", "ood", "threshold_policy"):
         assert got[key] == want[key], key
     for key in ("mean_share_in_box", "uniform_share", "n_images"):
         assert got["gradcam"][key] == pytest.approx(want["gradcam"][key], abs=1e-4), key

@@ -1,0 +1,191 @@
+"""How well does the out-of-distribution guard separate training-like X-rays from everything else?
+
+    python benchmarks/quality.py --folds 3 --only 0 --out /tmp/cv     # a run with a held-out fold
+    python benchmarks/ood.py /tmp/cv/fold0                            # then this
+
+FOLD is a folder that quality.py left: FOLD/run/best_model.pt was trained on FOLD/data/train
+(which the script split into train and a patient-grouped validation part) and never saw the
+patients of FOLD/data/test. The guard stored in the checkpoint is scored on:
+
+  held-out      FOLD/data/test: Kermany children the model never saw (target: at most 5% flagged)
+  adult         ../shared/data/adult_cxr_ood: adult X-rays from other hospitals (target: >= 90%)
+  photos        crops of the photographs shipped with scikit-learn and matplotlib (>= 99%)
+  documents     rendered text pages                                              (>= 99%)
+  noise         uniform, Gaussian, smooth and salt-and-pepper noise              (>= 99%)
+  constant      blank and constant images                                        (>= 99%)
+  inverted      held-out X-rays with inverted gray levels                        (>= 99%)
+  rotated-90    held-out X-rays turned by 90 degrees                             (>= 99%)
+  partial       held-out X-rays cropped to 25-45% of their area (< half the chest) (>= 99%)
+
+With --compare it also refits other guards on the same features and prints the same table for
+each (single layers, the maximum instead of the mean over layers, k-nearest neighbours on
+normalised penultimate features, Sun et al. 2022): the measurement behind the shipped choice.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_cxr as T  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+ADULT = ROOT.parent / "shared" / "data" / "adult_cxr_ood" / "images"
+TARGETS = {"held-out": ("<=", 0.05), "adult": (">=", 0.90)}  # every other set: >= 0.99
+
+
+def photos(rng, n: int, size: int) -> np.ndarray:
+    import matplotlib
+    from sklearn.datasets import load_sample_images
+    srcs = [cv2.cvtColor(im, cv2.COLOR_RGB2GRAY) for im in load_sample_images().images]
+    sample = Path(matplotlib.get_data_path()) / "sample_data"
+    for name in ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png"):
+        im = cv2.imread(str(sample / name), cv2.IMREAD_GRAYSCALE)
+        if im is not None:
+            srcs.append(im)
+    out = []
+    for i in range(n):
+        im = srcs[i % len(srcs)]
+        h, w = im.shape
+        s = rng.uniform(0.3, 1.0)
+        ch, cw = int(h * s), int(w * s)
+        y, x = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = im[y:y + ch, x:x + cw]
+        out.append(cv2.resize(crop[:, ::-1] if rng.random() < 0.5 else crop, (size, size)))
+    return np.stack(out)
+
+
+def documents(rng, n: int, size: int) -> np.ndarray:
+    words = "the patient was seen in clinic chest pain cough fever report findings impression normal".split()
+    out = []
+    for _ in range(n):
+        page = np.full((512, 512), int(rng.integers(200, 256)), np.uint8)
+        for row in range(int(rng.integers(8, 22))):
+            line = " ".join(rng.choice(words, int(rng.integers(3, 8))))
+            cv2.putText(page, line, (20, 30 + row * 22), cv2.FONT_HERSHEY_SIMPLEX, 0.6, 0, 1, cv2.LINE_AA)
+        out.append(cv2.resize(page, (size, size), interpolation=cv2.INTER_AREA))
+    return np.stack(out)
+
+
+def noise(rng, n: int, size: int) -> np.ndarray:
+    out = []
+    for i in range(n):
+        kind = i % 4
+        if kind == 0:
+            im = rng.uniform(0, 255, (size, size))
+        elif kind == 1:
+            im = rng.normal(128, rng.uniform(10, 60), (size, size))
+        elif kind == 2:
+            im = cv2.GaussianBlur(rng.normal(128, 60, (size, size)), (0, 0), rng.uniform(2, 12)) * 3 - 256
+        else:
+            im = np.where(rng.random((size, size)) < 0.5, 0, 255) * (rng.random((size, size)) < 0.2) + 128
+        out.append(np.clip(im, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def constant(n: int, size: int) -> np.ndarray:
+    return np.stack([np.full((size, size), v, np.uint8) for v in np.linspace(0, 255, n).astype(int)])
+
+
+def partial(rng, images: np.ndarray) -> np.ndarray:
+    out = []
+    size = images.shape[-1]
+    for im in images:
+        area = rng.uniform(0.25, 0.45)
+        aspect = rng.uniform(0.7, 1.4)
+        ch = int(min(size, size * np.sqrt(area * aspect)))
+        cw = int(min(size, size * area * size / ch))
+        y, x = rng.integers(0, size - ch + 1), rng.integers(0, size - cw + 1)
+        out.append(cv2.resize(im[y:y + ch, x:x + cw], (size, size), interpolation=cv2.INTER_LINEAR))
+    return np.stack(out)
+
+
+def ood_sets(held_out: np.ndarray, work: int, seed: int = 0, n: int = 120) -> dict:
+    rng = np.random.default_rng(seed)
+    some = held_out[rng.permutation(len(held_out))[:300]]
+    sets = {"held-out": held_out}
+    files = sorted(str(p) for p in ADULT.glob("*")) if ADULT.is_dir() else []
+    if files:
+        sets["adult"] = T.decode_all(files, work)[0]
+    sets.update({"photos": photos(rng, n, work), "documents": documents(rng, n, work),
+                 "noise": noise(rng, n, work), "constant": constant(24, work),
+                 "inverted": 255 - some, "rotated-90": np.ascontiguousarray(np.rot90(some, 1, axes=(1, 2))),
+                 "partial": partial(rng, some)})
+    return sets
+
+
+def knn_scores(train_f: np.ndarray, f: np.ndarray, k: int = 10) -> np.ndarray:
+    """Distance to the k-th nearest training feature after L2 normalisation (Sun et al. 2022)."""
+    a = train_f / (np.linalg.norm(train_f, axis=1, keepdims=True) + 1e-12)
+    b = f / (np.linalg.norm(f, axis=1, keepdims=True) + 1e-12)
+    out = []
+    for i in range(0, len(b), 512):
+        d = 2 - 2 * b[i:i + 512] @ a.T
+        out.append(np.sort(d, axis=1)[:, k - 1])
+    return np.concatenate(out)
+
+
+def table(name: str, flagged: dict) -> bool:
+    ok_all = True
+    cells = []
+    for key, share in flagged.items():
+        op, target = TARGETS.get(key, (">=", 0.99))
+        ok = share <= target if op == "<=" else share >= target
+        ok_all &= ok
+        cells.append(f"{key} {share:6.1%}{'' if ok else '!'}")
+    print(f"{name:<26} " + " | ".join(cells) + ("   all targets met" if ok_all else ""))
+    return ok_all
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("fold", help="a fold folder left by benchmarks/quality.py (FOLD/run, FOLD/data)")
+    p.add_argument("--compare", action="store_true", help="also refit and score the alternative guards")
+    a = p.parse_args()
+    fold = Path(a.fold)
+    ckpt = T.load_checkpoint(fold / "run" / "best_model.pt")
+    if not ckpt.get("ood"):
+        print(f"{fold / 'run' / 'best_model.pt'} has no out-of-distribution guard")
+        return 1
+    model = T.model_from_checkpoint(ckpt)
+    norm, img, work = ckpt["normalization"], ckpt["img_size"], ckpt["work_size"]
+    test_samples = T.list_image_folder(fold / "data" / "test")[1]
+    held_out, _ = T.decode_all([s for s, _ in test_samples], work)
+    sets = ood_sets(held_out, work)
+    feats = {k: T.layer_features(model, torch.from_numpy(v), img, norm, "cpu") for k, v in sets.items()}
+    guard = ckpt["ood"]
+    print(f"checkpoint {fold / 'run' / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
+          f"({guard['quantile']:.0%} of the validation images pass); images per set: "
+          + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+    shipped = table("shipped: mean of 5 layers", {k: float((T.ood_scores(guard, f) > guard["cutoff"]).mean())
+                                                   for k, f in feats.items()})
+    if a.compare:
+        cfg = T.Config.from_dict(ckpt["config"])
+        cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
+        data = T.prepare_data(cfg)  # the run's own split: same seed, same patients in validation
+        ft = T.layer_features(model, data["train"].images, img, norm, "cpu")
+        fv = T.layer_features(model, data["val"].images, img, norm, "cpu")
+        labels = data["train"].labels.numpy()
+        q = guard["quantile"]
+        names = [f"block {i + 1}" for i in range(4)] + ["hidden FC"]
+        for i, name in enumerate(names):
+            g = T.fit_ood_guard([ft[i]], labels, [fv[i]], q)
+            table(f"only {name}", {k: float((T.ood_scores(g, [f[i]]) > g["cutoff"]).mean()) for k, f in feats.items()})
+        g = T.fit_ood_guard(ft, labels, fv, q)
+        per_layer = lambda fs: np.max([T.ood_scores({**g, "means": [m], "precisions": [pr], "scales": s[None]}, [f])
+                                       for f, m, pr, s in zip(fs, g["means"], g["precisions"], g["scales"])], 0)
+        cut = np.quantile(per_layer(fv), q)
+        table("max over 5 layers", {k: float((per_layer(f) > cut).mean()) for k, f in feats.items()})
+        cut = np.quantile(knn_scores(ft[-1], fv[-1]), q)
+        table("kNN k=10, hidden FC", {k: float((knn_scores(ft[-1], f[-1]) > cut).mean()) for k, f in feats.items()})
+    return 0 if shipped else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
