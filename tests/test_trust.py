@@ -1,0 +1,333 @@
+"""Saying when a prediction cannot be trusted: calibration, threshold policies, the
+out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import mahalanobis
+from sklearn.calibration import calibration_curve
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_curve
+
+import train_cxr as T
+from conftest import TINY, read_csv, run
+
+ONE_THREAD = ["--num-threads", "1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Calibration maths against references
+# ----------------------------------------------------------------------------------------------
+def overconfident(n=20000, temperature=3.0, prior_shift=0.8, seed=0):
+    """Labels drawn from sigmoid(z), probabilities reported as sigmoid(temperature * z - shift)."""
+    rng = np.random.default_rng(seed)
+    z = np.clip(rng.normal(0, 1.2, n), -4, 4)  # no probability below the 1e-7 that the fit clips to
+    y = rng.random(n) < 1 / (1 + np.exp(-z))
+    p1 = 1 / (1 + np.exp(-(temperature * z - prior_shift)))
+    return y.astype(int), np.stack([1 - p1, p1], 1)
+
+
+def test_calibration_equals_logistic_regression_on_the_log_odds():
+    # For two classes softmax(log p / T + b) is Platt scaling: a logistic regression on logit(p).
+    y, probs = overconfident()
+    cal = T.fit_calibration(probs, y)
+    logit = np.log(probs[:, 1] / probs[:, 0])[:, None]
+    ref = LogisticRegression(C=1e12, tol=1e-10, max_iter=10_000).fit(logit, y)
+    assert 1 / float(cal["temperature"]) == pytest.approx(ref.coef_[0, 0], rel=1e-3)
+    b = cal["bias"].double().numpy()
+    assert b[1] - b[0] == pytest.approx(ref.intercept_[0], abs=1e-3)
+    np.testing.assert_allclose(T.calibrate(probs, cal)[:, 1], ref.predict_proba(logit)[:, 1], atol=1e-4)
+    assert float(cal["temperature"]) == pytest.approx(3.0, rel=0.1)  # the distortion is recovered
+
+
+def test_calibration_is_monotone_and_lowers_ece():
+    y, probs = overconfident(seed=1)
+    cal = T.fit_calibration(probs, y)
+    after = T.calibrate(probs, cal)
+    order = np.argsort(probs[:, 1])
+    assert np.all(np.diff(after[order, 1]) >= 0)  # ranking (AUC) unchanged
+    assert T.calibration_error(y, after[:, 1]) < 0.02 < T.calibration_error(y, probs[:, 1])
+    assert T.calibrate(probs, None) is probs  # no calibration: untouched
+
+
+def test_three_class_calibration_sums_to_one():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 600)
+    logits = rng.normal(size=(600, 3)) + 2 * np.eye(3)[labels]
+    probs = torch.from_numpy(logits * 2.5).softmax(1).numpy()
+    cal = T.fit_calibration(probs, labels)
+    out = T.calibrate(probs, cal)
+    np.testing.assert_allclose(out.sum(1), 1, atol=1e-9)
+    assert float(cal["temperature"]) > 1.0  # overconfident inputs get a temperature above 1
+    nll = lambda p: -np.log(p[np.arange(len(labels)), labels]).mean()
+    assert nll(out) < nll(probs)
+
+
+def test_ece_matches_a_reference_built_on_sklearn_calibration_curve():
+    rng = np.random.default_rng(3)
+    p = rng.random(5000) ** 1.5
+    y = rng.random(5000) < np.clip(p + 0.1, 0, 1)
+    frac, mean = calibration_curve(y, p, n_bins=15, strategy="uniform")
+    counts = np.histogram(p, bins=np.linspace(0, 1, 16))[0]
+    ref = float((counts[counts > 0] / len(p) * np.abs(frac - mean)).sum())
+    assert T.calibration_error(y, p) == pytest.approx(ref, abs=1e-12)
+    assert T.calibration_error(y, np.clip(p + 0.1, 0, 1)) < T.calibration_error(y, p)
+
+
+# ----------------------------------------------------------------------------------------------
+# Threshold policies
+# ----------------------------------------------------------------------------------------------
+def scores(seed, n=400, decimals=2):
+    rng = np.random.default_rng(seed)
+    y = rng.random(n) < 0.7
+    return y, np.round(np.clip(rng.normal(0.35 + 0.3 * y, 0.15), 0, 1), decimals)  # rounded: many ties
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_youden_policy_maximises_j_and_never_sits_on_a_score(seed):
+    y, s = scores(seed)
+    t = T.choose_threshold(y, s, "youden")
+    fpr, tpr, _ = roc_curve(y, s)
+    m = T.binary_metrics(y, s, t)
+    assert m["sensitivity"] + m["specificity"] - 1 == pytest.approx((tpr - fpr).max())
+    assert t not in set(s.tolist())  # midway between neighbouring scores: a tie cannot flip it
+
+
+@pytest.mark.parametrize("target", [0.8, 0.95, 0.99])
+def test_sensitivity_policy_is_the_highest_threshold_meeting_the_target(target):
+    y, s = scores(4, decimals=6)
+    t = T.choose_threshold(y, s, f"sensitivity:{target}")
+    assert T.binary_metrics(y, s, t)["sensitivity"] >= target
+    nxt = np.sort(s[y])[np.sort(s[y]) > t][0]  # thresholds in (t, nxt] keep the same images...
+    assert T.binary_metrics(y, s, nxt)["sensitivity"] == T.binary_metrics(y, s, t)["sensitivity"]
+    assert T.binary_metrics(y, s, np.nextafter(nxt, 1))["sensitivity"] < target  # ...any higher one misses
+
+
+def test_balanced_and_accuracy_policies():
+    y, s = scores(5)
+    assert T.choose_threshold(y, s, "balanced") == pytest.approx(y.mean())
+    assert T.choose_threshold(y, s, "accuracy") == 0.5
+
+
+@pytest.mark.parametrize("policy", ["sensitivity:1", "sensitivity:0", "sensitivity:x", "median", ""])
+def test_bad_threshold_policy_is_one_line_error(policy, capsys):
+    assert run(["--threshold-policy", policy, "--demo", "--output-dir", "/nonexistent/never"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threshold-policy" in err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Out-of-distribution guard
+# ----------------------------------------------------------------------------------------------
+def gaussian_layers(rng, n, shift=0.0):
+    a = rng.normal(size=(n, 4)) @ np.diag([1, 2, 0.5, 1]) + shift
+    b = rng.normal(size=(n, 6)) + shift
+    return [a, b]
+
+
+def test_mahalanobis_matches_scipy():
+    rng = np.random.default_rng(0)
+    x, means = rng.normal(size=(20, 5)), rng.normal(size=(2, 5))
+    a = rng.normal(size=(5, 5))
+    prec = a @ a.T + np.eye(5)
+    ref = [min(mahalanobis(r, m, prec) ** 2 for m in means) for r in x]
+    np.testing.assert_allclose(T._mahalanobis(x, means, prec), ref, rtol=1e-10)
+
+
+def test_guard_flags_shifted_data_and_passes_held_out_data():
+    rng = np.random.default_rng(1)
+    train, held, fresh = (gaussian_layers(rng, n) for n in (3000, 1000, 2000))
+    labels = rng.integers(0, 2, 3000)
+    guard = T.fit_ood_guard(train, labels, held, quantile=0.99)
+    flagged = lambda feats: float((T.ood_scores(guard, feats) > guard["cutoff"]).mean())
+    assert flagged(held) == pytest.approx(0.01, abs=0.002)  # the cutoff is the held-out 99th percentile
+    assert flagged(fresh) < 0.03
+    assert flagged(gaussian_layers(rng, 500, shift=3.0)) > 0.99
+    # Only one layer shifted: the mean over layers still catches it.
+    one = gaussian_layers(rng, 500)
+    one[1] = one[1] + 4.0
+    assert flagged(one) > 0.99
+    assert np.median(T.ood_scores(guard, held)) == pytest.approx(1.0, abs=0.1)  # 1 = a typical image
+
+
+def test_guard_is_plain_tensors_in_the_checkpoint(tmp_path):
+    rng = np.random.default_rng(2)
+    guard = T.fit_ood_guard(gaussian_layers(rng, 500), rng.integers(0, 2, 500), gaussian_layers(rng, 200), 0.99)
+    buf = io.BytesIO()
+    torch.save({"ood": guard}, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=True)["ood"]  # nothing pickled beyond tensors and numbers
+    feats = gaussian_layers(rng, 50)
+    np.testing.assert_allclose(T.ood_scores(back, feats), T.ood_scores(guard, feats))
+    assert all(isinstance(m, torch.Tensor) for m in back["means"] + back["precisions"])
+
+
+def test_layer_features_shapes_and_mode_restored():
+    model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12).train()
+    images = torch.randint(0, 255, (5, 36, 36), dtype=torch.uint8)
+    feats = T.layer_features(model, images, 32, {"mode": "image"}, "cpu", batch_size=2)
+    assert [f.shape for f in feats] == [(5, 4), (5, 8), (5, 8), (5, 16), (5, 12)]
+    assert model.training
+
+
+# ----------------------------------------------------------------------------------------------
+# End to end: what a trained run stores and writes
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained(synth_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("trust")
+    assert run([*TINY, "--epochs", "3", "--data-dir", synth_root, "--output-dir", out, "--run-name", "r",
+                *ONE_THREAD]) == 0
+    return out / "r"
+
+
+def test_checkpoint_stores_calibration_threshold_and_guard(trained):
+    ck = T.load_checkpoint(trained / "best_model.pt")
+    assert isinstance(ck["calibration"]["temperature"], torch.Tensor) and ck["calibration"]["bias"].shape == (2,)
+    assert ck["threshold_policy"] == T.THRESHOLD_POLICY and 0 < ck["threshold"] < 1
+    assert ck["ood"]["quantile"] == T.OOD_QUANTILE and len(ck["ood"]["means"]) == 5
+    last = T.load_checkpoint(trained / "last.pt")
+    assert last.get("calibration") is None and last.get("ood") is None  # only the best model is fitted
+
+
+def test_test_outputs_have_ece_reliability_ood_and_per_image_rows(trained):
+    m = json.loads((trained / "test_metrics.json").read_text())
+    assert 0 <= m["ece"] <= 1 and "ece_uncalibrated" in m and m["calibrated"] is True
+    assert m["ood"]["flagged"] == round(m["ood"]["share_flagged"] * m["n"])
+    assert (trained / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    rows = read_csv(trained / "test_predictions.csv")
+    assert len(rows) == m["n"] == 50
+    assert list(rows[0]) == ["path", "true", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold",
+                             "ood_score", "in_distribution"]
+    pred_pos = [r["predicted"] == "PNEUMONIA" for r in rows]
+    assert pred_pos == [float(r["prob_PNEUMONIA"]) >= m["threshold"] for r in rows]
+    tp = sum(p and r["true"] == "PNEUMONIA" for p, r in zip(pred_pos, rows))
+    assert m["confusion_matrix"][1][1] == tp
+    assert sum(r["in_distribution"] == "False" for r in rows) == m["ood"]["flagged"]
+    if "in_distribution_only" in m["ood"]:
+        assert m["ood"]["in_distribution_only"]["n"] == m["n"] - m["ood"]["flagged"]
+
+
+def test_predict_warns_and_marks_images_unlike_training(trained, tmp_path, capsys):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    rng = np.random.default_rng(0)
+    import cv2
+    for i in range(6):  # noise and blank pictures: nothing like a chest X-ray
+        img = rng.integers(0, 255, (48, 48), dtype=np.uint8) if i % 2 else np.full((48, 48), 40 * i, np.uint8)
+        cv2.imwrite(str(scans / f"junk{i}.png"), img)
+    capsys.readouterr()
+    assert run(["--predict", scans, "--checkpoint", trained, "--output-dir", tmp_path / "o", "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD]) == 0
+    out = capsys.readouterr().out
+    rows = read_csv(tmp_path / "o" / "p" / "predictions.csv")
+    assert all(r["in_distribution"] == "False" for r in rows)
+    assert sum("do not look like the training data" in ln for ln in out.splitlines()) == 1
+    assert all(f"junk{i}.png" in out for i in range(6))  # the per-image table
+    overlays = sorted(p.name for p in (tmp_path / "o" / "p" / "grad_cam").glob("*.png"))
+    assert len(overlays) == 6 and all(n.endswith("_ood.png") for n in overlays)
+
+
+def test_folder_checkpoint_means_best_model(trained, synth_root, tmp_path):
+    scans = synth_root / "test" / "PNEUMONIA"
+    for name, ck in (("folder", trained), ("file", trained / "best_model.pt")):
+        assert run(["--predict", scans, "--checkpoint", ck, "--output-dir", tmp_path, "--run-name", name,
+                    "--num-workers", 0, *ONE_THREAD]) == 0
+    a, b = read_csv(tmp_path / "folder" / "predictions.csv"), read_csv(tmp_path / "file" / "predictions.csv")
+    assert a == b and a[0]["threshold"] != "none (argmax)"
+
+
+def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synth_root, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(["--predict", synth_root / "test" / "NORMAL", "--checkpoint", trained / "last.pt", "--output-dir",
+                tmp_path, "--run-name", "old", "--num-workers", 0, *ONE_THREAD]) == 0
+    out = capsys.readouterr().out
+    for what in ("no calibration", "no validation threshold", "no out-of-distribution guard"):
+        assert sum(what in ln for ln in out.splitlines()) == 1, what
+    rows = read_csv(tmp_path / "old" / "predictions.csv")
+    assert {r["threshold"] for r in rows} == {"none (argmax)"} and {r["ood_score"] for r in rows} == {"nan"}
+    for r in rows:  # argmax labels
+        assert r["predicted"] == ("PNEUMONIA" if float(r["prob_PNEUMONIA"]) >= float(r["prob_NORMAL"]) else "NORMAL")
+    # --evaluate on last.pt used to end in a TypeError; now it reports the fallback it used.
+    assert run(["--evaluate", "--checkpoint", trained / "last.pt", "--data-dir", synth_root, "--output-dir",
+                tmp_path, "--run-name", "ev", "--num-workers", 0, *ONE_THREAD]) == 0
+    m = json.loads((tmp_path / "ev" / "test_metrics.json").read_text())
+    assert m["threshold"] == 0.5 and m["threshold_policy"].startswith("none in the checkpoint")
+    assert m["calibrated"] is False and "ood" not in m
+
+
+def test_run_folder_without_best_model_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    capsys.readouterr()
+    assert run(["--predict", tmp_path, "--checkpoint", tmp_path / "run", "--output-dir", tmp_path / "o"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "best_model.pt" in err and "last.pt explicitly" in err
+
+
+@pytest.mark.parametrize("kind", ["text", "truncated", "pickle"])
+def test_checkpoint_messages_say_what_is_wrong(trained, tmp_path, kind):
+    bad = tmp_path / "bad.pt"
+    if kind == "text":
+        bad.write_text("hello")
+    elif kind == "truncated":
+        bad.write_bytes((trained / "best_model.pt").read_bytes()[:5000])
+    else:
+        torch.save({"format": T.CKPT_FORMAT, "x": print}, bad)  # a pickle that would call a function
+    with pytest.raises(T.CXRError) as e:
+        T.load_checkpoint(bad)
+    if kind == "pickle":
+        assert "refusing" in str(e.value) and "print" in str(e.value)
+    else:
+        assert "not a checkpoint, or it is damaged" in str(e.value) and "trust" not in str(e.value)
+
+
+def test_scores_are_fp32_even_when_training_ran_in_bf16():
+    torch.manual_seed(0)
+    model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12)
+    images = torch.randint(0, 255, (6, 36, 36), dtype=torch.uint8)
+    bf16 = T.Runtime(torch.device("cpu"), torch.bfloat16)
+    fp32 = T.Runtime(torch.device("cpu"), None)
+    a = T.predict_probs(model, images, 32, {"mode": "image"}, bf16, tta=True)
+    b = T.predict_probs(model, images, 32, {"mode": "image"}, fp32, tta=True)
+    np.testing.assert_array_equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------
+# Recalibration for a new site
+# ----------------------------------------------------------------------------------------------
+def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_path, capsys):
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 30, "PNEUMONIA": 30}, {}, size=40, seed=7)
+    before = T.load_checkpoint(trained / "best_model.pt")
+    capsys.readouterr()
+    assert run(["--recalibrate", site / "train", "--checkpoint", trained, "--output-dir", tmp_path / "o",
+                "--run-name", "rc", "--threshold-policy", "sensitivity:0.9", "--num-workers", 0, *ONE_THREAD]) == 0
+    after = T.load_checkpoint(tmp_path / "o" / "rc" / "recalibrated_model.pt")
+    for k, v in before["model"].items():
+        assert torch.equal(v, after["model"][k]), k  # the weights are never touched
+    rec = after["recalibration"]
+    assert rec["images"] == {"NORMAL": 30, "PNEUMONIA": 30} and rec["policy"] == "sensitivity:0.9"
+    assert rec["before"]["threshold"] == before["threshold"]
+    assert after["threshold_policy"] == "sensitivity:0.9" and after["threshold"] != before["threshold"]
+    assert after["ood"]["cutoff"] >= before["ood"]["cutoff"]
+    assert not torch.equal(after["calibration"]["bias"], before["calibration"]["bias"])
+    fit = json.loads((tmp_path / "o" / "rc" / "recalibration.json").read_text())
+    assert fit["after"]["sensitivity"] >= 0.9  # the policy holds on the folder it was fitted on
+    # The new checkpoint is a working checkpoint.
+    assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
+                "--output-dir", tmp_path / "o", "--run-name", "p", "--num-workers", 0, *ONE_THREAD]) == 0
+    assert "weights unchanged" in capsys.readouterr().out
+
+
+def test_recalibrate_refuses_other_classes(trained, tmp_path):
+    site = tmp_path / "site"
+    for c in ("A", "B"):
+        (site / c).mkdir(parents=True)
+    T.write_synthetic_dataset(tmp_path / "s", {"NORMAL": 3, "PNEUMONIA": 3}, {}, size=40)
+    for i, p in enumerate(sorted((tmp_path / "s" / "train").rglob("*.png"))):
+        p.rename(site / ("A" if i % 2 else "B") / p.name)
+    with pytest.raises(T.CXRError, match="classes"):
+        T.split_from_folder(site, T.load_checkpoint(trained), T.Config(num_workers=0), "recalibration")
