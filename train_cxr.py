@@ -1542,7 +1542,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
-           "none in the checkpoint: labels are the argmax (0.5 for two classes)"}
+           "none in the checkpoint: labels are the argmax (0.5 for two classes)",
+           "thresholds_by_policy": ckpt.get("thresholds_by_policy")}
     if binary:
         y, s = labels == pos, probs[:, pos]
         thr = 0.5 if threshold is None else threshold
@@ -1937,9 +1938,13 @@ def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str,
     cal = fit_calibration(raw, labels)
     out = {"calibration": cal, "threshold": None, "threshold_policy": None}
     if raw.shape[1] == 2:
-        y = labels == pos
-        out.update(threshold=choose_threshold(y, calibrate(raw, cal)[:, pos], policy), threshold_policy=policy,
-                   prevalence=float(y.mean()))
+        y, p = labels == pos, calibrate(raw, cal)[:, pos]
+        out.update(threshold=choose_threshold(y, p, policy), threshold_policy=policy, prevalence=float(y.mean()))
+        # What the other policies would pick, for the report (and the stability benchmark); the last
+        # entry is the rule before calibration existed: Youden's J on raw scores, highest on ties.
+        others = {q: choose_threshold(y, p, q) for q in ("balanced", "accuracy", "youden", "sensitivity:0.95")}
+        fpr, tpr, thr = roc_curve(y, raw[:, pos])
+        out["thresholds_by_policy"] = {**others, "youden_uncalibrated": float(min(1.0, thr[np.argmax(tpr - fpr)]))}
     return out
 
 

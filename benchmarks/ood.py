@@ -146,32 +146,34 @@ def table(name: str, flagged: dict) -> bool:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("fold", help="a fold folder left by benchmarks/quality.py (FOLD/run, FOLD/data)")
+    p.add_argument("--run", default="run", help="the run folder inside FOLD (quality.py --train-seeds: run_seedS)")
     p.add_argument("--compare", action="store_true", help="also refit and score the alternative guards")
     a = p.parse_args()
     fold = Path(a.fold)
-    ckpt = T.load_checkpoint(fold / "run" / "best_model.pt")
-    if not ckpt.get("ood"):
-        print(f"{fold / 'run' / 'best_model.pt'} has no out-of-distribution guard")
-        return 1
+    ckpt = T.load_checkpoint(fold / a.run / "best_model.pt")
     model = T.model_from_checkpoint(ckpt)
     norm, img, work = ckpt["normalization"], ckpt["img_size"], ckpt["work_size"]
     test_samples = T.list_image_folder(fold / "data" / "test")[1]
     held_out, _ = T.decode_all([s for s, _ in test_samples], work)
     sets = ood_sets(held_out, work)
     feats = {k: T.layer_features(model, torch.from_numpy(v), img, norm, "cpu") for k, v in sets.items()}
-    guard = ckpt["ood"]
-    print(f"checkpoint {fold / 'run' / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
-          f"({guard['quantile']:.0%} of the validation images pass); images per set: "
-          + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
-    shipped = table("shipped: mean of 5 layers", {k: float((T.ood_scores(guard, f) > guard["cutoff"]).mean())
-                                                   for k, f in feats.items()})
-    if a.compare:
+    guard = ckpt.get("ood")
+    if a.compare or guard is None:
         cfg = T.Config.from_dict(ckpt["config"])
         cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
         data = T.prepare_data(cfg)  # the run's own split: same seed, same patients in validation
         ft = T.layer_features(model, data["train"].images, img, norm, "cpu")
         fv = T.layer_features(model, data["val"].images, img, norm, "cpu")
         labels = data["train"].labels.numpy()
+        if guard is None:
+            print("the checkpoint has no guard (made before it existed): fitting it as training would")
+            guard = T.fit_ood_guard(ft, labels, fv, T.OOD_QUANTILE)
+    print(f"checkpoint {fold / a.run / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
+          f"({guard['quantile']:.0%} of the validation images pass); images per set: "
+          + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
+    shipped = table("shipped: mean of 5 layers", {k: float((T.ood_scores(guard, f) > guard["cutoff"]).mean())
+                                                   for k, f in feats.items()})
+    if a.compare:
         q = guard["quantile"]
         names = [f"block {i + 1}" for i in range(4)] + ["hidden FC"]
         for i, name in enumerate(names):

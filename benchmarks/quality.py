@@ -4,12 +4,16 @@
     python benchmarks/quality.py --recipe baseline --folds 3 --epochs 4
     python benchmarks/quality.py --recipe default -- --img-size 160     # extra flags for train_cxr.py
     python benchmarks/quality.py --recipe baseline --folds 3 --only 0   # one fold of a slow recipe
+    python benchmarks/quality.py --folds 3 --only 0 --train-seeds 1 2 3 4 5   # threshold stability
 
 Each fold holds out a patient-grouped, stratified fifth (for 5 folds) of the training split and
 runs the unmodified script on the rest, exactly as a user would: the script carves its own
 validation split from the fold's training part, picks the best epoch and the threshold there,
 and its "test" report is the held-out fold. The figures printed are mean +- std over folds of
-AUC, accuracy, sensitivity and specificity at the threshold the script chose.
+AUC, accuracy, sensitivity and specificity at the threshold the script chose, the calibration
+error (ECE, 15 bins), the share of the held-out fold that the out-of-distribution guard flags,
+and the threshold. With --train-seeds, every fold is trained once per seed and the spread of
+the threshold each policy would choose is printed.
 
 Recipes: "default" is the script's constants; "baseline" is the original notebook recipe
 (224 px, 3x identical channels averaged to gray, 32-64-128-256 channels, FC 512, Adam 1e-3,
@@ -69,6 +73,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--only", type=int, nargs="+", default=None, metavar="K",
                    help="run only these folds (0-based; the folds do not change): for recipes too slow for all")
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="train each fold once per seed (same folds): the spread of the chosen threshold")
     p.add_argument("--out", default=None, help="keep the fold runs here (default: a temp folder)")
     p.add_argument("extra", nargs="*", help="extra train_cxr.py flags after --")
     a = p.parse_args()
@@ -82,7 +88,7 @@ def main() -> int:
     print(f"recipe: {a.recipe} | folds: {a.folds} | flags: {' '.join(flags)}")
     if a.only is not None and not set(a.only) <= set(range(a.folds)):
         p.error(f"--only takes fold numbers 0 to {a.folds - 1}, got {a.only}")
-    rows = []
+    rows, thresholds = [], []
     for k, test_idx in enumerate(folds):
         if a.only is not None and k not in a.only:
             continue
@@ -90,21 +96,33 @@ def main() -> int:
         assert not {groups[i] for i in train_idx} & {groups[i] for i in test_idx}, "patient leak"
         root = work / f"fold{k}"
         link_fold(root / "data", samples, classes, train_idx, test_idx)
-        t0 = time.time()
-        rc = train_cxr.main(["--data-dir", str(root / "data"), "--output-dir", str(root), "--run-name", "run",
-                             *flags])
-        if rc != 0:
-            print(f"fold {k}: train_cxr.py exited {rc}")
-            return rc
-        m = json.loads((root / "run" / "test_metrics.json").read_text())
-        rows.append({"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
-                     "specificity": m["specificity"], "minutes": (time.time() - t0) / 60})
-        print(f"fold {k}: " + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items()), flush=True)
+        for seed in a.train_seeds or [None]:
+            name = "run" if seed is None else f"run_seed{seed}"
+            t0 = time.time()
+            rc = train_cxr.main(["--data-dir", str(root / "data"), "--output-dir", str(root), "--run-name", name,
+                                 *flags, *(["--seed", str(seed)] if seed is not None else [])])
+            if rc != 0:
+                print(f"fold {k}: train_cxr.py exited {rc}")
+                return rc
+            m = json.loads((root / name / "test_metrics.json").read_text())
+            rows.append({"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
+                         "specificity": m["specificity"], "ece": m["ece"],
+                         "flagged": m["ood"]["share_flagged"], "threshold": m["threshold"],
+                         "minutes": (time.time() - t0) / 60})
+            thresholds.append(m["thresholds_by_policy"])
+            print(f"fold {k}{'' if seed is None else f' seed {seed}'}: "
+                  + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items()), flush=True)
     ran = f"folds {', '.join(map(str, a.only))} of " if a.only is not None else ""
     print(f"\n{a.recipe} recipe, {ran}{a.folds}-fold patient-grouped CV on {a.data} ({len(samples)} images)")
     for key in rows[0]:
         v = np.array([r[key] for r in rows])
         print(f"{key}: {v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+    if len(thresholds) > 1:
+        print("threshold chosen on validation, spread (max - min) over the runs above, per policy:")
+        for policy in thresholds[0]:
+            v = np.array([t[policy] for t in thresholds])
+            scale = "raw scores" if policy.endswith("uncalibrated") else "calibrated"
+            print(f"  {policy:<20} {v.max() - v.min():.4f}  ({scale}: {', '.join(f'{x:.3f}' for x in v)})")
     return 0
 
 

@@ -331,3 +331,22 @@ def test_recalibrate_refuses_other_classes(trained, tmp_path):
         p.rename(site / ("A" if i % 2 else "B") / p.name)
     with pytest.raises(T.CXRError, match="classes"):
         T.split_from_folder(site, T.load_checkpoint(trained), T.Config(num_workers=0), "recalibration")
+
+
+def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, monkeypatch, capsys):
+    from conftest import load_benchmark
+    T.write_synthetic_dataset(tmp_path / "d", {"NORMAL": 40, "PNEUMONIA": 60}, {}, size=40, seed=3)
+    quality = load_benchmark("quality")
+    monkeypatch.setattr("sys.argv", ["quality.py", "--data", str(tmp_path / "d" / "train"), "--folds", "3",
+                                     "--only", "0", "--train-seeds", "1", "2", "--out", str(tmp_path / "cv"),
+                                     "--", *TINY, "--epochs", "1", *ONE_THREAD])
+    assert quality.main() == 0
+    out = capsys.readouterr().out
+    runs = [json.loads((tmp_path / "cv" / "fold0" / f"run_seed{s}" / "test_metrics.json").read_text()) for s in (1, 2)]
+    for line, m in zip([ln for ln in out.splitlines() if ln.startswith("fold 0 seed")], runs):
+        assert f"ece {m['ece']:.4f}" in line and f"flagged {m['ood']['share_flagged']:.4f}" in line
+    spread = {ln.split()[0]: float(ln.split()[1]) for ln in out.split("per policy:")[1].strip().splitlines()}
+    for policy, value in spread.items():
+        v = [m["thresholds_by_policy"][policy] for m in runs]
+        assert value == pytest.approx(max(v) - min(v), abs=1e-4), policy
+    assert set(spread) == {"balanced", "accuracy", "youden", "sensitivity:0.95", "youden_uncalibrated"}
