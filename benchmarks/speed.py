@@ -14,8 +14,6 @@ What is measured (every figure is printed as `name: value`):
              (b) ours: train_cxr.decode_all (reduced JPEG decode, once) + augment_batch in batches
              of 32 -> 1 x IMG_SIZE x IMG_SIZE. cold = decode + augment, warm = augment only (the
              images stay decoded in memory from epoch 2 on). Run at the default IMG_SIZE and at 224.
-             (c) ours with --cache-dir: the first decode_all writes the on-disk cache, a second,
-             fresh decode_all reads it back (a later run of the tool).
   training   forward + backward + optimizer step on the CPU. original: CustomCNN(in_channels=3,
              img_size=224, channels 32-64-128-256, FC 512), fp32, contiguous, Adam 1e-3, batch 32.
              ours: the default recipe, train_cxr.train_one_epoch with build_state/setup_runtime of
@@ -409,24 +407,6 @@ def main(argv=None) -> int:
             emit(res, f"ours{tag}_pipeline_warm_imgs_per_s", round(n / r["warm_s"], 1))
             emit(res, f"pipeline_cold_speedup{tag}", round(n / r["cold_s"] / base_rate, 2))
             emit(res, f"pipeline_warm_speedup{tag}", round(n / r["warm_s"] / base_rate, 2))
-
-        print(f"== on-disk cache (--cache-dir, work size {cfg.work_size})")
-        cache_dir = Path(tmp.name) / "cache"
-        t0 = time.perf_counter()
-        a1, _ = train_cxr.decode_all(paths, cfg.work_size, num_workers=args.workers, cache_dir=str(cache_dir))
-        t_build = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        a2, _ = train_cxr.decode_all(paths, cfg.work_size, num_workers=args.workers, cache_dir=str(cache_dir))
-        t_read = time.perf_counter() - t0
-        if not np.array_equal(a1, a2):
-            raise SystemExit("the on-disk cache returned different pixels")
-        emit(res, "cache_build_seconds", round(t_build, 3))
-        emit(res, "cache_read_seconds", round(t_read, 3))
-        emit(res, "cache_read_imgs_per_s", round(n / t_read, 1))
-        cached_cold = n / (t_read + ours[cfg.img_size]["warm_s"])
-        emit(res, "ours_pipeline_cold_from_disk_cache_imgs_per_s", round(cached_cold, 1))
-        emit(res, "pipeline_cold_from_disk_cache_speedup", round(cached_cold / base_rate, 2))
-        del a1, a2
 
         print("== training (CPU; forward + backward + optimizer step; images/s)")
         orig_rate = original_train_rate(args.train_steps, args.warmup_steps, args.seed)

@@ -1,10 +1,8 @@
-"""The fast paths: reduced JPEG decode, the on-disk decode cache, batched augmentation, bf16 autocast.
+"""The fast paths: reduced JPEG decode, batched augmentation, bf16 autocast.
 
 CPU only, a few seconds in all. No timing is asserted here: benchmarks/speed.py measures speed.
 """
 import dataclasses
-import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,80 +55,6 @@ def test_draft_decode_matches_full_decode(tmp_path):
     arr, bad = train_cxr.decode_all([path], size, num_workers=0)
     assert bad == []
     np.testing.assert_array_equal(arr[0], fast)
-
-
-# ----------------------------------------------------------------------------------------------
-# On-disk cache
-# ----------------------------------------------------------------------------------------------
-@pytest.fixture
-def counted_decode(monkeypatch):
-    calls = []
-    real = train_cxr.decode_xray
-
-    def counting(path, size):
-        calls.append(path)
-        return real(path, size)
-    monkeypatch.setattr(train_cxr, "decode_xray", counting)
-    return calls
-
-
-def test_disk_cache_reuses_rows_and_invalidates_only_changed_files(tmp_path, monkeypatch):
-    real = train_cxr.decode_xray
-    calls, mode = [], {"raise": False}
-
-    def patched(path, size):
-        calls.append(path)
-        if mode["raise"]:
-            raise AssertionError("decoded although cached")
-        return real(path, size)
-    monkeypatch.setattr(train_cxr, "decode_xray", patched)
-
-    size = 48
-    paths = [write_jpeg(tmp_path / f"img{i}.jpeg", xray_like(220, 180, seed=i)) for i in range(3)]
-    cache = str(tmp_path / "cache")
-    first, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
-    assert bad == [] and sorted(calls) == sorted(paths)
-    assert (tmp_path / "cache" / f"xray_cache_{size}.npy").is_file()
-    for i, p in enumerate(paths):
-        np.testing.assert_array_equal(first[i], real(p, size))
-
-    calls.clear()
-    mode["raise"] = True
-    second, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
-    assert calls == [] and bad == []  # decode_all would report a raising decode as a bad file
-    np.testing.assert_array_equal(second, first)
-
-    # Rewrite one file with other content and a later mtime: only that file is decoded again.
-    changed = paths[1]
-    write_jpeg(Path(changed), 255 - xray_like(220, 180, seed=1))
-    st = os.stat(changed)
-    os.utime(changed, ns=(st.st_atime_ns, st.st_mtime_ns + 5_000_000_000))
-    mode["raise"] = False
-    third, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
-    assert bad == [] and calls == [changed]
-    np.testing.assert_array_equal(third[[0, 2]], first[[0, 2]])
-    np.testing.assert_array_equal(third[1], real(changed, size))
-    assert np.abs(third[1].astype(int) - first[1]).mean() > 20  # really the new content
-    index = json.loads((tmp_path / "cache" / f"xray_cache_{size}.json").read_text())
-    assert len(index) == 3  # the changed file's old row was dropped, not kept as a stale entry
-
-    calls.clear()  # and the new row is cached as well
-    mode["raise"] = True
-    fourth, bad = train_cxr.decode_all(paths, size, num_workers=0, cache_dir=cache)
-    assert calls == [] and bad == []
-    np.testing.assert_array_equal(fourth, third)
-
-
-def test_damaged_cache_is_rebuilt(tmp_path, counted_decode):
-    size = 32
-    paths = [write_jpeg(tmp_path / f"img{i}.jpeg", xray_like(120, 100, seed=i)) for i in range(2)]
-    cache = tmp_path / "cache"
-    first, _ = train_cxr.decode_all(paths, size, cache_dir=str(cache))
-    (cache / f"xray_cache_{size}.json").write_text("{not json")
-    counted_decode.clear()
-    again, bad = train_cxr.decode_all(paths, size, cache_dir=str(cache))
-    assert bad == [] and sorted(counted_decode) == sorted(paths)
-    np.testing.assert_array_equal(again, first)
 
 
 # ----------------------------------------------------------------------------------------------
