@@ -45,6 +45,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pydicom
+import pydicom.pixels
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -113,7 +115,10 @@ DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128,
                       lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
                       bootstrap=200, warmup_epochs=0.5)
 DEMO_COUNTS = ({"NORMAL": 400, "PNEUMONIA": 700}, {"NORMAL": 100, "PNEUMONIA": 150})  # train, test
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm")
+DICOM_EXTENSIONS = (".dcm", ".dicom")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", *DICOM_EXTENSIONS)
+DICOM_MODALITIES = ("CR", "DX", "RG")  # DICOM modalities read as X-rays: computed, digital, film radiography
+DICOM_PERCENTILES = (0.5, 99.5)        # display window of a DICOM that has no VOI LUT and no window
 LUNG_BOX = (0.12, 0.88, 0.10, 0.90)  # x0, x1, y0, y1 as fractions: where lungs sit in a PA film
 CKPT_FORMAT = "train_cxr/1"
 
@@ -495,26 +500,90 @@ def decode_xray(path: str, size: int) -> np.ndarray:
     """Decode any X-ray file to a size x size uint8 grayscale array.
 
     JPEGs are decoded at a reduced scale in the DCT domain (PIL draft) when they are much larger
-    than needed. 16-bit and float images are min-max scaled to 8 bits. Raises on a broken file.
+    than needed. 16-bit and float images are min-max scaled to 8 bits; DICOM files go through
+    read_dicom. Raises on a broken file.
     """
-    with Image.open(path) as im:
-        if im.format == "JPEG":
-            im.draft("L", (size, size))  # picks the smallest 1/2, 1/4, 1/8 scale still >= size
-        im.load()  # raises OSError on truncated/corrupt data
-        if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-            arr = np.asarray(im, dtype=np.float32)
-            lo, hi = float(arr.min()), float(arr.max())
-            arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
-        else:
-            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                im = im.convert("RGBA")
-                background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                im = Image.alpha_composite(background, im)  # transparent = black, like film background
-            arr = np.asarray(im.convert("L"))
+    if path.lower().endswith(DICOM_EXTENSIONS):
+        arr = read_dicom(path)
+    else:
+        with Image.open(path) as im:
+            if im.format == "JPEG":
+                im.draft("L", (size, size))  # picks the smallest 1/2, 1/4, 1/8 scale still >= size
+            im.load()  # raises OSError on truncated/corrupt data
+            if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+                arr = np.asarray(im, dtype=np.float32)
+                lo, hi = float(arr.min()), float(arr.max())
+                arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
+            else:
+                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                    im = im.convert("RGBA")
+                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+                    im = Image.alpha_composite(background, im)  # transparent = black, like film background
+                arr = np.asarray(im.convert("L"))
     if arr.shape != (size, size):
         interp = cv2.INTER_AREA if min(arr.shape) >= size else cv2.INTER_LINEAR
         arr = cv2.resize(arr, (size, size), interpolation=interp)
     return np.ascontiguousarray(arr)
+
+
+class FirstFrameOnly(UserWarning):
+    """A multi-frame DICOM file was read: only its first frame is used."""
+
+
+def read_dicom(path: str) -> np.ndarray:
+    """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
+
+    1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
+    WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values; 3. MONOCHROME1 is
+    inverted (its low values are white). Multi-frame files give their first frame. Raises ValueError
+    for a modality that is not an X-ray, no pixel data, or a transfer syntax no installed package decodes.
+    """
+    ds = pydicom.dcmread(path)
+    modality = str(ds.get("Modality", "")).upper()
+    if modality not in DICOM_MODALITIES:
+        raise ValueError(f"DICOM modality {modality or '(none)'} is not an X-ray ({', '.join(DICOM_MODALITIES)})")
+    if "PixelData" not in ds:
+        raise ValueError("DICOM file without pixel data")
+    ts = ds.file_meta.TransferSyntaxUID
+    try:
+        decoder = pydicom.pixels.get_decoder(ts)
+    except NotImplementedError:  # pydicom has no decoder at all for this syntax
+        decoder = None
+    if decoder is None or not decoder.is_available:
+        needs = decoder.missing_dependencies if decoder else []
+        needs = sorted(needs, key=lambda d: not d.startswith("pylibjpeg"))[:1]  # one pip-installable choice
+        how = needs[0].split(" - requires ")[-1] if needs else "a converter to an uncompressed DICOM"
+        raise ValueError(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
+    if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+        warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
+    arr = pydicom.pixels.apply_modality_lut(pydicom.pixels.pixel_array(ds, index=0), ds)
+    if arr.ndim == 3:
+        arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
+    if ds.get("VOILUTSequence"):
+        d = ds.VOILUTSequence[0].LUTDescriptor
+        ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
+        arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        ends = pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds)  # what the window maps to black, white
+        arr = pydicom.pixels.apply_voi_lut(arr, ds)
+    else:
+        ends = np.percentile(arr, DICOM_PERCENTILES)
+    lo, hi = float(np.min(ends)), float(np.max(ends))
+    img = np.clip((arr - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros(arr.shape)
+    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+        img = 1 - img
+    return np.rint(img * 255).astype(np.uint8)
+
+
+def dicom_patient_id(path: str) -> str:
+    """"dicom:<PatientID>" of a DICOM file; "" for other files and DICOMs without one."""
+    if not path.lower().endswith(DICOM_EXTENSIONS):
+        return ""
+    try:
+        pid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
+    except (OSError, pydicom.errors.InvalidDicomError):
+        return ""
+    return f"dicom:{pid.strip()}" if pid.strip() else ""
 
 
 class _DecodeDataset(torch.utils.data.Dataset):
@@ -525,12 +594,13 @@ class _DecodeDataset(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             try:
-                return i, decode_xray(self.paths[i], self.size), ""
+                arr, err = decode_xray(self.paths[i], self.size), ""
             except Exception as e:  # reported, not hidden: the caller lists every bad file
-                return i, None, f"{type(e).__name__}: {str(e)[:120]}"
+                arr, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+        return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
 
 
 def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list]:
@@ -544,11 +614,17 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     workers = min(num_workers, max(0, len(paths) // 64))
     loader = torch.utils.data.DataLoader(_DecodeDataset(paths, size), batch_size=None, num_workers=workers,
                                          collate_fn=lambda x: x)
-    for i, arr, err in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
+    multi_frame = []
+    for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
             bad.append((paths[i], err))
         else:
             out[i] = arr
+        if first_frame_only:
+            multi_frame.append(paths[i])
+    if multi_frame:
+        log.info(f"note: {len(multi_frame)} multi-frame DICOM file(s) (e.g. {multi_frame[0]}): "
+                 "the first frame of each is used")
     return out, bad
 
 
@@ -1707,7 +1783,7 @@ def prepare_data(cfg: Config) -> dict:
             c = classes[int(counts.argmin())]
             raise CXRError(f"class {c} has {counts.min()} usable training image(s) in {root / 'train' / c}: "
                            "a validation split needs at least 2 per class; add images")
-        groups = [patient_id(p) for p in train_all.paths]
+        groups = [dicom_patient_id(p) or patient_id(p) for p in train_all.paths]  # DICOM PatientID first
         tr_idx, va_idx = grouped_split(labels, groups, cfg.val_fraction, cfg.seed)
         val_counts = np.bincount(labels[va_idx], minlength=len(classes))
         tr_counts = np.bincount(labels[tr_idx], minlength=len(classes))

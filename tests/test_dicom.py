@@ -1,0 +1,219 @@
+"""DICOM input: every file is built here with pydicom from a synthetic X-ray (no downloaded files).
+
+Each decodable case must give the picture of its source PNG: exactly for lossless files, within
+JPEG tolerance for JPEG Baseline, after inversion (MONOCHROME1) and windowing.
+"""
+import json
+import shutil
+
+import cv2
+import numpy as np
+import pydicom
+import pytest
+
+import train_cxr
+from conftest import TINY, load_benchmark, read_csv, run
+
+write_dicom = load_benchmark("dicom_auc").write_dicom
+SIZE = 64
+FAST = [*TINY, "--device", "cpu", "--num-threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """(PNG path, its pixels) of one synthetic PNEUMONIA X-ray."""
+    img, _ = train_cxr.synth_xray(np.random.default_rng(3), SIZE, True)
+    png = tmp_path_factory.mktemp("src") / "person1_bacteria_1.png"
+    assert cv2.imwrite(str(png), img)
+    assert np.array_equal(train_cxr.decode_xray(str(png), SIZE), img)
+    return png, img
+
+
+def percentile_window(img: np.ndarray) -> np.ndarray:
+    """What the DICOM_PERCENTILES window makes of a picture (percentiles follow a linear encoding)."""
+    lo, hi = np.percentile(img.astype(np.float64), train_cxr.DICOM_PERCENTILES)
+    return np.rint(np.clip((img - lo) / (hi - lo), 0, 1) * 255)
+
+
+def dicom_window(x: np.ndarray, center: float, width: float) -> np.ndarray:
+    """The standard's linear window (PS3.3 C.11.2.1.2.1), written out independently of pydicom."""
+    return np.rint(np.clip((x - (center - 0.5)) / (width - 1) + 0.5, 0, 1) * 255)
+
+
+def decoded(path) -> np.ndarray:
+    return train_cxr.decode_xray(str(path), SIZE).astype(np.float64)
+
+
+def test_monochrome2_8_bit_without_window_gets_the_percentile_window(source, tmp_path):
+    _, img = source
+    got = decoded(write_dicom(tmp_path / "a.dcm", img))
+    np.testing.assert_array_equal(got, percentile_window(img))
+    assert got.min() == 0 and got.max() == 255  # the window stretches: not a flat, low-contrast picture
+
+
+def test_monochrome2_12_bit_in_16_bit_container(source, tmp_path):
+    _, img = source
+    stored = img.astype(np.uint16) * 16 | 0xF000  # values in bits 0-11; the unused top bits hold junk
+    got = decoded(write_dicom(tmp_path / "a.dcm", stored, bits_stored=12))
+    np.testing.assert_array_equal(got, percentile_window(img))  # not black, not wrapped
+
+
+def test_monochrome1_is_inverted(source, tmp_path):
+    _, img = source
+    got = decoded(write_dicom(tmp_path / "a.dcm", (255 - img.astype(np.uint16)) * 16, bits_stored=12,
+                              photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(got, percentile_window(img))  # bone bright, as in the PNG
+
+
+def test_rescale_slope_and_intercept_come_before_the_window(source, tmp_path):
+    _, img = source
+    # Stored values 2000-2510 mean img after the Modality LUT; the window is in those units and maps
+    # 0-255 to black-white, so only a decoder that rescales first gets the PNG back.
+    path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 2 + 2000, bits_stored=12,
+                       RescaleSlope=0.5, RescaleIntercept=-1000, WindowCenter=128, WindowWidth=256)
+    np.testing.assert_array_equal(decoded(path), img)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_window_center_and_width(source, tmp_path, photometric):
+    _, img = source
+    # The same window on the same tissue: gray values 30-149 of the PNG, in the stored units.
+    stored, center = (img, 90) if photometric == "MONOCHROME2" else (255 - img, 166)
+    path = write_dicom(tmp_path / "a.dcm", stored, photometric=photometric, WindowCenter=center, WindowWidth=120)
+    want = dicom_window(img.astype(np.float64), 90, 120)
+    if photometric == "MONOCHROME1":  # windowed first, then inverted
+        assert np.abs(255 - dicom_window(stored.astype(np.float64), center, 120) - want).max() <= 1
+    assert np.abs(decoded(path) - want).max() <= 1
+    assert (want == 0).mean() > 0.05 and (want == 255).mean() > 0.01  # the window really clips
+
+
+def test_voi_lut_sequence(source, tmp_path):
+    _, img = source
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [256, 0, 8])
+    item.add_new("LUTData", "US", [int(v) for v in np.rint(np.sqrt(np.arange(256) / 255) * 255)])  # a gamma curve
+    path = write_dicom(tmp_path / "a.dcm", img, VOILUTSequence=[item])
+    np.testing.assert_array_equal(decoded(path), np.rint(np.sqrt(img / 255) * 255))
+
+
+def test_jpeg_baseline_encapsulated(source, tmp_path):
+    _, img = source
+    ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    path = write_dicom(tmp_path / "a.dcm", img, transfer_syntax=pydicom.uid.JPEGBaseline8Bit,
+                       encapsulated=jpeg.tobytes())
+    diff = np.abs(decoded(path) - percentile_window(img))
+    assert diff.mean() < 3.0 and diff.max() <= 16, (diff.mean(), diff.max())
+
+
+def test_multi_frame_gives_the_first_frame_and_says_so_once(source, tmp_path, monkeypatch):
+    _, img = source
+    paths = [str(write_dicom(tmp_path / f"m{i}.dcm", np.stack([img, 255 - img, img // 2]))) for i in range(2)]
+    notes = []
+    monkeypatch.setattr(train_cxr.log, "info", notes.append)
+    arr, bad = train_cxr.decode_all(paths, SIZE)
+    assert bad == []
+    for row in arr:
+        np.testing.assert_array_equal(row, percentile_window(img))
+    assert len(notes) == 1 and "2 multi-frame DICOM" in notes[0] and "first frame" in notes[0], notes
+
+
+def unsupported_syntax():
+    uid = pydicom.uid.JPEGLSLossless
+    if pydicom.pixels.get_decoder(uid).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    return uid
+
+
+def bad_dicoms(folder, img) -> dict:
+    """{path: words its skip reason must contain} for the three kinds of DICOM that are refused."""
+    return {write_dicom(folder / "jpeg_ls.dcm", img, transfer_syntax=unsupported_syntax(),
+                        encapsulated=b"\xff\xd8\xff\xf7 not decodable here"):
+            ["JPEG-LS Lossless", "1.2.840.10008.1.2.4.80", "pylibjpeg-libjpeg"],
+            write_dicom(folder / "no_pixels.dcm", None): ["without pixel data"],
+            write_dicom(folder / "ct.dcm", img, modality="CT"): ["modality CT", "not an X-ray"]}
+
+
+def test_refused_dicoms_are_bad_files_with_a_reason(source, tmp_path):
+    _, img = source
+    bad_files = bad_dicoms(tmp_path, img)
+    arr, bad = train_cxr.decode_all([str(p) for p in bad_files], SIZE)
+    assert len(bad) == 3
+    for (path, why), words in zip(bad, bad_files.values()):
+        assert "\n" not in why
+        for w in words:
+            assert w in why, (path, why)
+
+
+def kermany_like(root, n_patients: int, shots: int, seed: int = 0):
+    """train/ and test/ of DICOMs named by number only; the patient is in PatientID alone."""
+    rng = np.random.default_rng(seed)
+    k = 0
+    for split in ("train", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            (root / split / cls).mkdir(parents=True)
+            for p in range(n_patients if split == "train" else 3):
+                for _ in range(shots):
+                    img, _ = train_cxr.synth_xray(rng, 40, cls == "PNEUMONIA")
+                    k += 1
+                    write_dicom(root / split / cls / f"{k:05d}.dcm", img, PatientID=f"{split}-{cls}-{p}")
+
+
+def test_patient_id_from_dicom_keeps_patients_on_one_side(tmp_path):
+    kermany_like(tmp_path / "d", n_patients=12, shots=3)
+    cfg = train_cxr.Config(data_dir=str(tmp_path / "d"), img_size=32, num_workers=0, val_fraction=0.3)
+    data = train_cxr.prepare_data(cfg)
+    pid = lambda p: pydicom.dcmread(p, stop_before_pixels=True).PatientID
+    train_ids, val_ids = {pid(p) for p in data["train"].paths}, {pid(p) for p in data["val"].paths}
+    assert train_ids and val_ids and not train_ids & val_ids
+    assert len(data["val"]) % 3 == 0  # whole patients, three images each
+    assert train_cxr.dicom_patient_id(data["train"].paths[0]).startswith("dicom:")
+    assert train_cxr.dicom_patient_id(str(tmp_path / "x.png")) == ""
+
+
+def test_mixed_png_jpeg_dicom_folder_trains_end_to_end(synth_root, tmp_path, source):
+    """A third of the PNGs become DICOMs (MONOCHROME1 12-bit or JPEG Baseline), a third JPEGs; plus the
+    three refused DICOMs, which are skipped and listed. Then --predict and --evaluate read DICOMs too."""
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    n = {"dcm": 0, "jpeg": 0}
+    for i, png in enumerate(sorted(data.rglob("*.png"))):
+        img = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+        if i % 3 == 1:
+            assert cv2.imwrite(str(png.with_suffix(".jpeg")), img)
+            n["jpeg"] += 1
+        elif i % 3 == 2 and i % 2:
+            write_dicom(png.with_suffix(".dcm"), (255 - img.astype(np.uint16)) * 16, bits_stored=12,
+                        photometric="MONOCHROME1")
+            n["dcm"] += 1
+        elif i % 3 == 2:
+            jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])[1].tobytes()
+            write_dicom(png.with_suffix(".dicom"), img, transfer_syntax=pydicom.uid.JPEGBaseline8Bit,
+                        encapsulated=jpeg)
+            n["dcm"] += 1
+        else:
+            continue
+        png.unlink()
+    refused = bad_dicoms(data / "train" / "PNEUMONIA", source[1])
+    out = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "1", "--data-dir", data, "--output-dir", out, "--run-name", "mixed"]) == 0
+    cfg = json.loads((out / "mixed" / "config.json").read_text())
+    assert sum(cfg["split_sizes"].values()) == 200 and n["dcm"] > 40 and n["jpeg"] > 40
+    assert sorted(cfg["skipped_files"]) == sorted(str(p) for p in refused)
+
+    dicoms = sorted(str(p) for p in (data / "test").rglob("*.dc*"))
+    assert run(["--predict", *dicoms, "--checkpoint", out / "mixed" / "best_model.pt", "--output-dir", out,
+                "--run-name", "pred", "--num-workers", 0, "--num-threads", 1]) == 0
+    assert sorted(r["path"] for r in read_csv(out / "pred" / "predictions.csv")) == dicoms
+    assert run(["--evaluate", "--checkpoint", out / "mixed" / "best_model.pt", "--data-dir", data,
+                "--output-dir", out, "--run-name", "ev", "--num-workers", 0, "--num-threads", 1]) == 0
+    assert json.loads((out / "ev" / "test_metrics.json").read_text())["n"] == 50
+
+
+def test_strict_refuses_a_bad_dicom(synth_root, tmp_path, source, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)
+    write_dicom(data / "train" / "NORMAL" / "ct.dcm", source[1], modality="CT")
+    assert run([*FAST, "--epochs", "1", "--data-dir", data, "--output-dir", tmp_path / "runs", "--strict"]) == 2
+    err = capsys.readouterr().err
+    assert "ct.dcm (ValueError: DICOM modality CT is not an X-ray" in err and "--strict" in err
