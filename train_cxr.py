@@ -30,6 +30,7 @@ import ctypes
 import dataclasses
 import datetime as _dt
 import errno
+import html
 import json
 import logging
 import logging.handlers
@@ -40,6 +41,7 @@ import re
 import signal
 import sys
 import time
+import urllib.parse
 import warnings
 from pathlib import Path
 
@@ -1646,6 +1648,122 @@ def summary_table(res: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# Report page: one static report.html per folder, built from the files the folder holds
+# ----------------------------------------------------------------------------------------------
+REPORT_PNGS = ("roc_curve.png", "confusion_matrix.png", "reliability.png")  # shown with the test metrics
+REPORT_FILES = ("config.json", "train.log", "history.csv", "test_metrics.json", "test_predictions.csv",
+                "predictions.csv", "best_model.pt")
+REPORT_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222}"
+              "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;"
+              "text-align:right}th{background:#f2f2f2}td:first-child{text-align:left}"
+              "img{max-width:100%;vertical-align:top}figure{display:inline-block;margin:4px}"
+              ".headline{font-size:17px;background:#f6f8fa;padding:8px 12px}")
+
+
+def _fmt(v) -> str:
+    """A value as the page shows it; floats with 4 decimals, or 4 significant digits when tiny or huge."""
+    if v is None:
+        return "–"  # JSON null: a NaN metric
+    if isinstance(v, list):
+        return json.dumps(v) if any(isinstance(x, list) for x in v) else ", ".join(map(_fmt, v))
+    if isinstance(v, float):
+        return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.3e}"
+    return str(v)
+
+
+def _csv_cell(text: str) -> str:
+    with contextlib.suppress(ValueError):
+        return str(int(text))
+    with contextlib.suppress(ValueError):
+        return _fmt(float(text))
+    return text
+
+
+def _flatten(d: dict, prefix: str = "") -> list:
+    """[("a.b", value)] of a nested dict: every key of test_metrics.json or config.json, known or not."""
+    rows = []
+    for k, v in d.items():
+        rows += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
+    return rows
+
+
+class _Html(str):
+    """Text that is already HTML (an image in a table cell): not escaped again."""
+
+
+def _table(table_id: str, header: list, rows: list) -> str:
+    cell = lambda c: f"<td>{c if isinstance(c, _Html) else html.escape(c)}</td>"
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(map(cell, r)) + "</tr>" for r in rows)
+    return f'<table id="{table_id}"><tr>{head}</tr>{body}</table>'
+
+
+def _img(rel: str, caption: str, width: int = 0) -> _Html:
+    """An image linked to itself; with a width, a thumbnail without caption."""
+    src, alt = urllib.parse.quote(rel), html.escape(caption)
+    if width:
+        return _Html(f'<a href="{src}"><img src="{src}" alt="{alt}" width="{width}" loading="lazy"></a>')
+    return _Html(f'<figure><a href="{src}"><img src="{src}" alt="{alt}"></a><figcaption>{alt}</figcaption></figure>')
+
+
+def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
+    """folder/report.html: a static page (no script, no network) of whatever the folder holds.
+
+    Test metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the
+    Grad-CAM summaries of the first, middle and last epochs, the test gallery, predictions.csv with
+    each image's overlay, and the configuration (config.json, or `config` for --predict/--evaluate).
+    Images are linked relative to the page, so the folder can be moved or zipped.
+    """
+    folder = Path(folder)
+    cam = folder / "grad_cam"
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if (folder / "test_metrics.json").is_file():
+        m = json.loads((folder / "test_metrics.json").read_text())
+        line = f"Test AUC {_fmt(m.get('auc'))}"
+        if m.get("auc_ci95"):
+            line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
+        if m.get("threshold") is not None:
+            line += f"; decision threshold {_fmt(m['threshold'])}, chosen on validation (Youden's J)"
+        parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
+                  _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
+        parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
+    if (folder / "history.csv").is_file():
+        with open(folder / "history.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png")
+                  if (folder / "training_history.png").is_file() else "",
+                  _table("history", rows[0], [[_csv_cell(c) for c in r] for r in rows[1:]])]
+    summaries = sorted(cam.glob("summary_epoch_*.png"))
+    if summaries:
+        picks = sorted({0, len(summaries) // 2, len(summaries) - 1})
+        parts += ["<h2>Grad-CAM of the fixed validation images: first, middle and last epoch</h2>"]
+        parts += [_img(f"grad_cam/{summaries[i].name}", summaries[i].stem.replace("_", " ")) for i in picks]
+    if (cam / "test_summary.png").is_file():
+        parts += ["<h2>Grad-CAM test gallery: right and wrong predictions</h2>",
+                  _img("grad_cam/test_summary.png", "grad_cam/test_summary.png")]
+    if (folder / "predictions.csv").is_file():
+        with open(folder / "predictions.csv", newline="") as f:
+            rows = list(csv.reader(f))
+        overlays = {p.name[:5]: p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # predict()'s names
+        body = []
+        for k, r in enumerate(rows[1:]):
+            name = overlays.get(f"{k:05d}")
+            body.append([_csv_cell(c) for c in r] + [_img(f"grad_cam/{name}", name, 128) if name else ""])
+        parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
+    if config is None and (folder / "config.json").is_file():
+        config = json.loads((folder / "config.json").read_text())
+    if config:
+        parts += ["<h2>Configuration and library versions</h2>",
+                  _table("config", ["setting", "value"], [(k, _fmt(v)) for k, v in _flatten(config)])]
+    files = [f'<a href="{n}">{n}</a>' for n in REPORT_FILES if (folder / n).is_file()]
+    parts.append(f"<p>Files: {' · '.join(files)}</p>" if files else "")
+    page = (f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{REPORT_CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
+    atomic_write(folder / "report.html", lambda p: p.write_text(page, encoding="utf-8"))
+    return folder / "report.html"
+
+
+# ----------------------------------------------------------------------------------------------
 # Synthetic chest X-rays for --demo and the tests
 # ----------------------------------------------------------------------------------------------
 def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np.ndarray, list]:
@@ -1926,6 +2044,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                 write_history(history, run_dir)
                 if len(cam_idx):
                     explain_epoch(st, val_s, cam_idx, classes, epoch, row["val_auc"], run_dir)
+                write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
             log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
@@ -2040,7 +2159,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
-    return final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
+    rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
+    log.info(f"report page: {write_report(run_dir, f'train_cxr run {run_dir.name}')}")
+    return rc
 
 
 def collect_files(paths: list) -> list:
@@ -2088,6 +2209,13 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     return split
 
 
+def report_config(args, ckpt: dict, data: str = "") -> dict:
+    """What the report page of --predict/--evaluate shows as its configuration."""
+    extra = {"data": data} if data else {}
+    return {"checkpoint": str(args.checkpoint), **extra, "threshold": ckpt.get("threshold"),
+            "config": ckpt["config"], "versions": library_versions()}
+
+
 def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = collect_files(args.predict)
@@ -2122,6 +2250,8 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")
     log.info(f"predicted {len(files)} image(s) ({len(bad)} skipped): {run_dir / 'predictions.csv'}")
+    page = write_report(run_dir, f"train_cxr predictions {run_dir.name}", report_config(args, ckpt))
+    log.info(f"report page: {page}")
     return 0
 
 
@@ -2134,6 +2264,8 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     attach_log_file(run_dir / "train.log")
     res = test_report(model, ckpt, split, Config.from_dict(ckpt["config"]), rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
+    page = write_report(run_dir, f"train_cxr evaluation {run_dir.name}", report_config(args, ckpt, str(folder)))
+    log.info(f"report page: {page}")
     return 0
 
 

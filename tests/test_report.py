@@ -1,0 +1,199 @@
+"""report.html: one static page per run, --evaluate and --predict folder, parsed with html.parser."""
+import csv
+import json
+import shutil
+import urllib.parse
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_cxr
+from conftest import TINY, read_csv, run
+
+FAST = [*TINY, "--device", "cpu", "--num-threads", "1"]
+
+
+class Page(HTMLParser):
+    """Every src/href, every table (by id) as rows of cell texts, and the page's text."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        self.links, self.tables, self.tags, self.text = [], {}, set(), []
+        self._table = self._row = self._cell = None
+        self.feed(path.read_text(encoding="utf-8"))
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        self.tags.add(tag)
+        self.links += [a[k] for k in ("src", "href") if k in a]
+        if tag == "table":
+            self._table = self.tables.setdefault(a.get("id"), [])
+        elif tag == "tr" and self._table is not None:
+            self._row = []
+            self._table.append(self._row)
+        elif tag in ("td", "th") and self._row is not None:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag in ("td", "th") and self._cell is not None:
+            self._row.append("".join(self._cell).strip())
+            self._cell = None
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data):
+        self.text.append(data)
+        if self._cell is not None:
+            self._cell.append(data)
+
+    def pairs(self, table_id: str) -> dict:
+        return {r[0]: r[1] for r in self.tables[table_id][1:]}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def same_number(cell: str, value) -> bool:
+    return float(cell) == pytest.approx(float(value), rel=1e-3, abs=5e-5)
+
+
+def check_links(folder: Path, page: Page) -> list:
+    """Every link is relative, stays inside the folder and names an existing file; returns them."""
+    files = []
+    for link in page.links:
+        parts = urllib.parse.urlsplit(link)
+        assert not parts.scheme and not parts.netloc and not link.startswith("/"), link
+        path = (folder / urllib.parse.unquote(parts.path)).resolve()
+        assert path.is_file() and folder.resolve() in path.parents, link
+        files.append(path.relative_to(folder.resolve()).as_posix())
+    assert "script" not in page.tags and "link" not in page.tags  # nothing to run, nothing to fetch
+    return files
+
+
+@pytest.fixture(scope="module")
+def folders(synth_root, tmp_path_factory):
+    """A 4-epoch run, a --predict folder and an --evaluate folder of its best model."""
+    out = tmp_path_factory.mktemp("report_runs")
+    assert run([*FAST, "--epochs", 4, "--data-dir", synth_root, "--output-dir", out, "--run-name", "run"]) == 0
+    ckpt = out / "run" / "best_model.pt"
+    scans = sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:3] + \
+        sorted((synth_root / "test" / "NORMAL").glob("*.png"))[:2]
+    assert run(["--predict", *scans, "--checkpoint", ckpt, "--output-dir", out, "--run-name", "pred",
+                "--num-workers", 0, "--num-threads", 1]) == 0
+    assert run(["--evaluate", "--checkpoint", ckpt, "--data-dir", synth_root, "--output-dir", out,
+                "--run-name", "eval", "--num-workers", 0, "--num-threads", 1]) == 0
+    return {"run": out / "run", "pred": out / "pred", "eval": out / "eval"}
+
+
+def test_run_page_links_every_figure_relative_and_existing(folders):
+    folder = folders["run"]
+    files = check_links(folder, Page(folder / "report.html"))
+    for name in ("training_history.png", "roc_curve.png", "confusion_matrix.png", "grad_cam/test_summary.png",
+                 "config.json", "history.csv", "test_metrics.json", "train.log"):
+        assert name in files, name
+    # Grad-CAM summaries of the first, middle and last of the 4 epochs, and no other.
+    assert sorted(f for f in set(files) if "summary_epoch" in f) == \
+        [f"grad_cam/summary_epoch_{e:03d}.png" for e in (1, 3, 4)]
+    assert not [p for p in folder.rglob("*") if ".tmp" in p.name]
+
+
+def test_run_page_numbers_equal_the_files(folders):
+    folder = folders["run"]
+    page = Page(folder / "report.html")
+    metrics = flatten(json.loads((folder / "test_metrics.json").read_text()))
+    shown = page.pairs("test-metrics")
+    assert shown.keys() == metrics.keys()
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            assert same_number(shown[key], value), key
+        elif isinstance(value, list) and not any(isinstance(v, list) for v in value):
+            cells = shown[key].split(", ")
+            assert len(cells) == len(value), key
+            assert all(same_number(c, v) if isinstance(v, float) else c == str(v) for c, v in zip(cells, value)), key
+        elif isinstance(value, list):
+            assert json.loads(shown[key]) == value, key  # the confusion matrices
+        else:
+            assert shown[key] == str(value), key
+    text = " ".join(" ".join(page.text).split())
+    lo, hi = json.loads((folder / "test_metrics.json").read_text())["auc_ci95"]
+    assert f"95% CI {lo:.4f} – {hi:.4f}" in text
+    assert f"decision threshold {metrics['threshold']:.4f}, chosen on validation" in text
+
+    history = page.tables["history"]
+    with open(folder / "history.csv", newline="") as f:
+        want = list(csv.reader(f))
+    assert history[0] == want[0] and len(history) == len(want) == 5
+    for got_row, want_row in zip(history[1:], want[1:]):
+        assert all(same_number(g, w) for g, w in zip(got_row, want_row)), (got_row, want_row)
+
+    config = page.pairs("config")
+    assert config["config.epochs"] == "4" and config["versions.torch"] == torch.__version__
+
+
+def test_predict_page_has_every_image_with_its_overlay(folders):
+    folder = folders["pred"]
+    page = Page(folder / "report.html")
+    files = check_links(folder, page)
+    rows = read_csv(folder / "predictions.csv")
+    table = page.tables["predictions"]
+    assert table[0] == [*rows[0].keys(), "overlay"] and len(table) == len(rows) + 1 == 6
+    for k, (r, cells) in enumerate(zip(rows, table[1:])):
+        assert cells[0] == r["path"] and cells[1] == r["predicted"]
+        assert same_number(cells[3], r["prob_PNEUMONIA"])
+        name = f"grad_cam/{k:05d}_{Path(r['path']).stem}_pred-{r['predicted']}_"
+        overlay = {f for f in files if f.startswith(name)}
+        assert len(overlay) == 1, (k, r["path"])
+    config = page.pairs("config")
+    assert config["checkpoint"].endswith("best_model.pt") and same_number(config["threshold"], rows[0]["threshold"])
+
+
+def test_evaluate_page_numbers_equal_its_test_metrics(folders):
+    folder = folders["eval"]
+    page = Page(folder / "report.html")
+    files = check_links(folder, page)
+    assert {"roc_curve.png", "confusion_matrix.png", "grad_cam/test_summary.png"} <= set(files)
+    metrics = json.loads((folder / "test_metrics.json").read_text())
+    shown = page.pairs("test-metrics")
+    for key in ("auc", "threshold", "accuracy", "sensitivity", "specificity"):
+        assert same_number(shown[key], metrics[key]), key
+    assert "history" not in page.tables  # nothing trained here
+
+
+def test_new_metrics_figures_and_columns_appear_without_code_that_knows_them(folders, tmp_path):
+    run_dir, pred_dir = tmp_path / "run", tmp_path / "pred"
+    shutil.copytree(folders["run"], run_dir)
+    shutil.copytree(folders["pred"], pred_dir)
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    metrics.update(ece=0.0345, ood={"auroc": 0.912, "flagged": 3})
+    (run_dir / "test_metrics.json").write_text(json.dumps(metrics))
+    shutil.copy(run_dir / "roc_curve.png", run_dir / "reliability.png")
+    train_cxr.write_report(run_dir, "run")
+    page = Page(run_dir / "report.html")
+    shown = page.pairs("test-metrics")
+    assert shown["ece"] == "0.0345" and shown["ood.auroc"] == "0.9120" and shown["ood.flagged"] == "3"
+    assert "reliability.png" in check_links(run_dir, page)
+
+    rows = read_csv(pred_dir / "predictions.csv")
+    with open(pred_dir / "predictions.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, [*rows[0].keys(), "ood_score", "in_distribution"])
+        w.writeheader()
+        w.writerows({**r, "ood_score": f"{0.1 * k:.6f}", "in_distribution": "True"} for k, r in enumerate(rows))
+    train_cxr.write_report(pred_dir, "pred")
+    table = Page(pred_dir / "report.html").tables["predictions"]
+    assert table[0][-3:] == ["ood_score", "in_distribution", "overlay"]
+    assert [r[-3] for r in table[1:]] == [f"{0.1 * k:.4f}" for k in range(len(rows))]
+
+
+def test_report_is_written_atomically(folders, tmp_path, monkeypatch):
+    written = []
+    real = train_cxr.atomic_write
+    monkeypatch.setattr(train_cxr, "atomic_write", lambda path, fn: (written.append(Path(path)), real(path, fn)))
+    train_cxr.write_report(tmp_path, "empty folder")  # a folder with nothing in it still gets a valid page
+    assert written == [tmp_path / "report.html"]
+    assert Page(tmp_path / "report.html").links == []
