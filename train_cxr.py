@@ -12,7 +12,8 @@ Run it:
 Every run writes one folder, OUTPUT_BASE_DIR/<run-name>/ (never overwritten):
     config.json, train.log, history.csv, training_history.png, best_model.pt, last.pt,
     grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json,
-    roc_curve.png, confusion_matrix.png.
+    roc_curve.png, confusion_matrix.png, and report.html: all of it on one page.
+DICOM files (.dcm, .dicom) are read like images, through pydicom (read_dicom).
 
 The validation split is carved from train, grouped by patient; the test folder only
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
@@ -1657,6 +1658,7 @@ REPORT_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-wid
               "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;"
               "text-align:right}th{background:#f2f2f2}td:first-child{text-align:left}"
               "img{max-width:100%;vertical-align:top}figure{display:inline-block;margin:4px}"
+              "figure img{max-width:560px}figure.wide img{max-width:100%}"
               ".headline{font-size:17px;background:#f6f8fa;padding:8px 12px}")
 
 
@@ -1698,12 +1700,13 @@ def _table(table_id: str, header: list, rows: list) -> str:
     return f'<table id="{table_id}"><tr>{head}</tr>{body}</table>'
 
 
-def _img(rel: str, caption: str, width: int = 0) -> _Html:
-    """An image linked to itself; with a width, a thumbnail without caption."""
+def _img(rel: str, caption: str, width: int = 0, wide: bool = False) -> _Html:
+    """An image linked to itself (click for full size); with a width, a thumbnail without caption."""
     src, alt = urllib.parse.quote(rel), html.escape(caption)
     if width:
         return _Html(f'<a href="{src}"><img src="{src}" alt="{alt}" width="{width}" loading="lazy"></a>')
-    return _Html(f'<figure><a href="{src}"><img src="{src}" alt="{alt}"></a><figcaption>{alt}</figcaption></figure>')
+    return _Html(f'<figure{" class=wide" if wide else ""}><a href="{src}"><img src="{src}" alt="{alt}"></a>'
+                 f"<figcaption>{alt}</figcaption></figure>")
 
 
 def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
@@ -1730,7 +1733,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "history.csv").is_file():
         with open(folder / "history.csv", newline="") as f:
             rows = list(csv.reader(f))
-        parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png")
+        parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png", wide=True)
                   if (folder / "training_history.png").is_file() else "",
                   _table("history", rows[0], [[_csv_cell(c) for c in r] for r in rows[1:]])]
     summaries = sorted(cam.glob("summary_epoch_*.png"))

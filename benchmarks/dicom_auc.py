@@ -84,9 +84,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--num-threads", type=int, default=1)
     p.add_argument("--keep", help="keep the data and runs in this folder")
+    p.add_argument("--seed", type=int, default=train_cxr.SEED, help="of the synthetic data and of the runs")
     args = p.parse_args()
     work = Path(args.keep or tempfile.mkdtemp(prefix="dicom_auc_"))
-    cfg = train_cxr.Config(**train_cxr.DEMO_OVERRIDES)
+    cfg = train_cxr.Config(**train_cxr.DEMO_OVERRIDES, seed=args.seed)
     roots = {name: work / name for name in ("png", "dicom_window", "dicom_percentile")}
     train_cxr.write_synthetic_dataset(roots["png"], *train_cxr.DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
     for name in ("dicom_window", "dicom_percentile"):
@@ -96,7 +97,7 @@ def main() -> None:
     aucs = {}
     for name, root in roots.items():
         rc = train_cxr.main([*flags, "--data-dir", str(root), "--output-dir", str(work / "runs"), "--run-name", name,
-                             "--device", "cpu", "--num-threads", str(args.num_threads)])
+                             "--device", "cpu", "--num-threads", str(args.num_threads), "--seed", str(args.seed)])
         if rc != 0:
             raise SystemExit(f"the {name} run failed with exit code {rc}")
         aucs[name] = best_val_auc(work / "runs" / name)
