@@ -533,20 +533,24 @@ class FirstFrameOnly(UserWarning):
     """A multi-frame DICOM file was read: only its first frame is used."""
 
 
+class DicomRefused(ValueError):
+    """A DICOM file this script does not read; the message, shown in full, says why."""
+
+
 def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
     1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
     WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values; 3. MONOCHROME1 is
-    inverted (its low values are white). Multi-frame files give their first frame. Raises ValueError
+    inverted (its low values are white). Multi-frame files give their first frame. Raises DicomRefused
     for a modality that is not an X-ray, no pixel data, or a transfer syntax no installed package decodes.
     """
     ds = pydicom.dcmread(path)
     modality = str(ds.get("Modality", "")).upper()
     if modality not in DICOM_MODALITIES:
-        raise ValueError(f"DICOM modality {modality or '(none)'} is not an X-ray ({', '.join(DICOM_MODALITIES)})")
+        raise DicomRefused(f"DICOM modality {modality or '(none)'} is not an X-ray ({', '.join(DICOM_MODALITIES)})")
     if "PixelData" not in ds:
-        raise ValueError("DICOM file without pixel data")
+        raise DicomRefused("DICOM file without pixel data")
     ts = ds.file_meta.TransferSyntaxUID
     try:
         decoder = pydicom.pixels.get_decoder(ts)
@@ -556,7 +560,7 @@ def read_dicom(path: str) -> np.ndarray:
         needs = decoder.missing_dependencies if decoder else []
         needs = sorted(needs, key=lambda d: not d.startswith("pylibjpeg"))[:1]  # one pip-installable choice
         how = needs[0].split(" - requires ")[-1] if needs else "a converter to an uncompressed DICOM"
-        raise ValueError(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
+        raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
     arr = pydicom.pixels.apply_modality_lut(pydicom.pixels.pixel_array(ds, index=0), ds)
@@ -602,7 +606,7 @@ class _DecodeDataset(torch.utils.data.Dataset):
             try:
                 arr, err = decode_xray(self.paths[i], self.size), ""
             except Exception as e:  # reported, not hidden: the caller lists every bad file
-                arr, err = None, f"{type(e).__name__}: {str(e)[:200]}"
+                arr, err = None, str(e) if isinstance(e, DicomRefused) else f"{type(e).__name__}: {str(e)[:120]}"
         return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
 
 

@@ -216,4 +216,4 @@ def test_strict_refuses_a_bad_dicom(synth_root, tmp_path, source, capsys):
     write_dicom(data / "train" / "NORMAL" / "ct.dcm", source[1], modality="CT")
     assert run([*FAST, "--epochs", "1", "--data-dir", data, "--output-dir", tmp_path / "runs", "--strict"]) == 2
     err = capsys.readouterr().err
-    assert "ct.dcm (ValueError: DICOM modality CT is not an X-ray" in err and "--strict" in err
+    assert "ct.dcm (DICOM modality CT is not an X-ray (CR, DX, RG))" in err and "--strict" in err
