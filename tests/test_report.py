@@ -169,24 +169,25 @@ def test_new_metrics_figures_and_columns_appear_without_code_that_knows_them(fol
     run_dir, pred_dir = tmp_path / "run", tmp_path / "pred"
     shutil.copytree(folders["run"], run_dir)
     shutil.copytree(folders["pred"], pred_dir)
+    assert "reliability.png" in check_links(run_dir, Page(run_dir / "report.html"))  # REPORT_PNGS that exist
+    (run_dir / "reliability.png").unlink()
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
-    metrics.update(ece=0.0345, ood={"auroc": 0.912, "flagged": 3})
+    metrics.update(brier=0.0345, drift={"auroc": 0.912, "flagged": 3})
     (run_dir / "test_metrics.json").write_text(json.dumps(metrics))
-    shutil.copy(run_dir / "roc_curve.png", run_dir / "reliability.png")
     train_cxr.write_report(run_dir, "run")
     page = Page(run_dir / "report.html")
     shown = page.pairs("test-metrics")
-    assert shown["ece"] == "0.0345" and shown["ood.auroc"] == "0.9120" and shown["ood.flagged"] == "3"
-    assert "reliability.png" in check_links(run_dir, page)
+    assert shown["brier"] == "0.0345" and shown["drift.auroc"] == "0.9120" and shown["drift.flagged"] == "3"
+    assert "reliability.png" not in check_links(run_dir, page)
 
     rows = read_csv(pred_dir / "predictions.csv")
     with open(pred_dir / "predictions.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, [*rows[0].keys(), "ood_score", "in_distribution"])
+        w = csv.DictWriter(f, [*rows[0].keys(), "site_score", "site"])
         w.writeheader()
-        w.writerows({**r, "ood_score": f"{0.1 * k:.6f}", "in_distribution": "True"} for k, r in enumerate(rows))
+        w.writerows({**r, "site_score": f"{0.1 * k:.6f}", "site": "A"} for k, r in enumerate(rows))
     train_cxr.write_report(pred_dir, "pred")
     table = Page(pred_dir / "report.html").tables["predictions"]
-    assert table[0][-3:] == ["ood_score", "in_distribution", "overlay"]
+    assert table[0][-3:] == ["site_score", "site", "overlay"]
     assert [r[-3] for r in table[1:]] == [f"{0.1 * k:.4f}" for k in range(len(rows))]
 
 
