@@ -2102,6 +2102,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
+    if batches_per_epoch(len(train_s), cfg, rt) == 0:
+        raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
+                       f"in each of {rt.world} process(es): lower --batch-size or add images")
     if not demo and resume is None:
         run_dir = make_run_dir(cfg) if rt.is_main else None
     if rt.world > 1:

@@ -187,6 +187,13 @@ def test_compile_flag_is_gone(capsys):
     assert e.value.code == 2
 
 
+def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run([*FAST, "--batch-size", 500, "--data-dir", synth_root, "--output-dir", out, "--run-name", "b"]) == 2
+    assert "--batch-size 500" in one_error_line(capsys)  # was a traceback from an empty epoch
+    assert not out.exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # --resume with another --epochs
 # ----------------------------------------------------------------------------------------------
