@@ -45,8 +45,8 @@ def test_positive_index_rules():
 def test_predict_labels_follow_the_given_positive_class():
     probs = torch.tensor([[0.7, 0.3], [0.2, 0.8]]).numpy()
     # ABNORMAL (index 0) positive with threshold 0.6: only the first image reaches it.
-    assert T.predict_labels(probs, ["ABNORMAL", "NORMAL"], 0.6, pos=0).tolist() == [0, 1]
-    assert T.predict_labels(probs, ["ABNORMAL", "NORMAL"], 0.15, pos=0).tolist() == [0, 0]
+    assert T.predict_labels(probs, 0, 0.6).tolist() == [0, 1]
+    assert T.predict_labels(probs, 0, 0.15).tolist() == [0, 0]
 
 
 def _rename_class(root: Path, old: str, new: str) -> None:
