@@ -871,6 +871,8 @@ class EMA:
             e.lerp_(p.detach(), 1 - d)
         # Batch-norm running statistics are averaged with the same decay, so that they describe
         # the averaged weights' activations rather than the live model's (the batch count is copied).
+        # Recomputing them for the EMA weights costs forward passes and scored no better on a CV
+        # fold (issue 12); copying them scored the same AUC with a higher early validation loss.
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
 
