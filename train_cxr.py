@@ -73,6 +73,8 @@ WORK_SCALE = 1.143                # images are decoded once at IMG_SIZE*WORK_SCA
 VAL_FRACTION = 0.15               # share of train (per class, grouped by patient) used for validation
 MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has at least this many
 NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
+PATIENT_REGEX = ""                # its first group is the patient id in a file name; "" = Kermany names
+POSITIVE_CLASS = ""               # the class whose sensitivity is reported; "" = PNEUMONIA if present
 NUM_WORKERS = 2                   # processes that decode images (once, before training)
 # augmentation (training only; done on whole batches, on the training device)
 AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
@@ -109,7 +111,7 @@ OOD_QUANTILE = 0.99               # share of held-out training images the out-of
 SEED = 42                         # split, initialisation, augmentation and shuffling all derive from it
 DEVICE = "auto"                   # auto | cpu | cuda
 AMP = "auto"                      # auto | on | off: bf16 autocast (auto = CUDA, or a CPU with AMX)
-COMPILE = False                   # torch.compile the model (CUDA; slow to start)
+DETERMINISTIC = False             # CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)
 NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one per core)
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
@@ -149,6 +151,8 @@ class Config:
     val_fraction: float = VAL_FRACTION
     min_val_per_class: int = MIN_VAL_PER_CLASS
     normalize: str = NORMALIZE
+    patient_regex: str = PATIENT_REGEX
+    positive_class: str = POSITIVE_CLASS
     num_workers: int = NUM_WORKERS
     aug_scale_min: float = AUG_SCALE_MIN
     aug_rotate_deg: float = AUG_ROTATE_DEG
@@ -177,7 +181,7 @@ class Config:
     seed: int = SEED
     device: str = DEVICE
     amp: str = AMP
-    compile: bool = COMPILE
+    deterministic: bool = DETERMINISTIC
     num_threads: int = NUM_THREADS
     strict: bool = STRICT
 
@@ -240,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "of --checkpoint on a labelled folder from a new site (DIR/<CLASS>/*); weights unchanged")
     modes.add_argument("--checkpoint", help="the model for --predict, --evaluate and --recalibrate: a run folder "
                        "(its best_model.pt) or a .pt file")
-    modes.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue an interrupted run")
+    modes.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue an interrupted run with its own "
+                       "settings and learning-rate schedule (a different --epochs is refused)")
     return p
 
 
@@ -344,13 +349,11 @@ def setup_runtime(cfg: Config) -> Runtime:
         raise CXRError("--device cuda was asked for but no CUDA GPU is visible: use --device cpu or auto")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+    set_backend_flags(cfg.deterministic, use_cuda)
     if use_cuda:
         local = int(os.environ.get("LOCAL_RANK", 0))
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     else:
         device = torch.device("cpu")
         if cfg.num_threads > 0:
@@ -359,6 +362,25 @@ def setup_runtime(cfg: Config) -> Runtime:
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     return Runtime(device, amp_dtype(cfg.amp, device), rank, world)
+
+
+def set_backend_flags(deterministic: bool, cuda: bool) -> None:
+    """The process-wide switches between a fast and a reproducible GPU run.
+
+    cuDNN autotuning picks convolution kernels by timing them, TF32 rounds fp32 matmuls and
+    convolutions to 10-bit mantissas, and several CUDA backward kernels accumulate with atomics:
+    fast, but two runs with one seed differ. --deterministic turns all three off. The CPU path is
+    deterministic for a seed and a thread count either way.
+    """
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA starts.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    fast = cuda and not deterministic
+    torch.backends.cudnn.benchmark = fast
+    torch.backends.cuda.matmul.allow_tf32 = fast
+    torch.backends.cudnn.allow_tf32 = fast
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -664,14 +686,52 @@ def load_split(samples: list, cfg: Config, desc: str) -> tuple[Split, list]:
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.I), re.compile(r"^(.*?IM-\d+)-\d+", re.I))
 
 
-def patient_id(path: str) -> str:
-    """Patient id from a Kermany-style file name; the file's own stem when there is none."""
+def patient_pattern(regex: str) -> re.Pattern | None:
+    """--patient-regex compiled and checked; None (Kermany names) for ""."""
+    if not regex:
+        return None
+    try:
+        pat = re.compile(regex)
+    except re.error as e:
+        raise CXRError(f"--patient-regex {regex!r} is not a valid regular expression ({e})")
+    if pat.groups < 1:
+        raise CXRError(f"--patient-regex {regex!r} has no group: put the patient id in parentheses, "
+                       r"e.g. '^(P\d+)_'")
+    return pat
+
+
+def _patient_match(path: str, pattern: re.Pattern | None = None) -> str | None:
     name = os.path.basename(path)
-    for pat in _PATIENT_PATTERNS:
-        m = pat.match(name)
-        if m:
+    for pat in (pattern,) if pattern else _PATIENT_PATTERNS:
+        m = pat.search(name)
+        if m and m.group(1):
             return m.group(1).lower()
-    return os.path.splitext(name)[0].lower()
+    return None
+
+
+def patient_id(path: str, pattern: re.Pattern | None = None) -> str:
+    """A DICOM file's PatientID; else the id in the file name (the pattern's first group, by
+    default Kermany-style names); else the file's own stem."""
+    return (dicom_patient_id(path) or _patient_match(path, pattern)
+            or os.path.splitext(os.path.basename(path))[0].lower())
+
+
+def patient_ids(paths: list, pattern: re.Pattern | None) -> list:
+    """patient_id of every path; says once when no name matched, so each file is its own patient."""
+    if paths and not any(dicom_patient_id(p) or _patient_match(p, pattern) for p in paths):
+        which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
+        log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
+                 "(pass --patient-regex to group the images of one patient)")
+    return [patient_id(p, pattern) for p in paths]
+
+
+def warn_patient_overlap(train_ids: list, other_ids: list, other: str) -> None:
+    """A patient in train and in the test or val/ folder makes that folder's figures optimistic."""
+    shared = sorted(set(train_ids) & set(other_ids))
+    if shared:
+        log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {other} "
+                    f"(e.g. {', '.join(shared[:3])}): {other} figures will be optimistic; move them "
+                    "to one side (ids from file names, see --patient-regex)")
 
 
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -817,7 +877,7 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict:
 
 
 class EMA:
-    """Exponential moving average of the weights; batch-norm statistics are copied, not averaged."""
+    """Exponential moving average of the weights and of the batch-norm statistics."""
 
     def __init__(self, model: nn.Module, decay: float):
         import copy
@@ -830,8 +890,12 @@ class EMA:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short memory at the start
         for e, p in zip(self.module.parameters(), model.parameters()):
             e.lerp_(p.detach(), 1 - d)
+        # Batch-norm running statistics are averaged with the same decay, so that they describe
+        # the averaged weights' activations rather than the live model's (the batch count is copied).
+        # Recomputing them for the EMA weights costs forward passes and scored no better on a CV
+        # fold (issue 12); copying them scored the same AUC with a higher early validation loss.
         for e, b in zip(self.module.buffers(), model.buffers()):
-            e.copy_(b)
+            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}
@@ -844,9 +908,21 @@ class EMA:
 # ----------------------------------------------------------------------------------------------
 # Metrics: scikit-learn's, plus only what it lacks (bootstrap CI, calibration, threshold policies)
 # ----------------------------------------------------------------------------------------------
-def positive_index(class_names: list) -> int:
+def positive_index(class_names: list, name: str = "") -> int:
+    """The positive class: --positive-class NAME, else PNEUMONIA; with more than two classes (where
+    it only names the report's class) the last one. Two other names are refused, not guessed: for
+    ABNORMAL/NORMAL a guess of NORMAL would swap sensitivity and specificity."""
+    if name:
+        if name not in class_names:
+            raise CXRError(f"--positive-class {name!r} is not a class folder; choose one of {class_names}")
+        return class_names.index(name)
     upper = [c.upper() for c in class_names]
-    return upper.index("PNEUMONIA") if "PNEUMONIA" in upper else len(class_names) - 1
+    if "PNEUMONIA" in upper:
+        return upper.index("PNEUMONIA")
+    if len(class_names) == 2:
+        raise CXRError(f"classes {class_names[0]} and {class_names[1]} leave the positive class ambiguous: "
+                       "pass --positive-class with the one whose sensitivity you want")
+    return len(class_names) - 1
 
 
 def roc_auc(y_true, score) -> float:
@@ -993,8 +1069,7 @@ def stop_on_signals():
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "module", model)            # DistributedDataParallel
-    return getattr(model, "_orig_mod", model)          # torch.compile
+    return getattr(model, "module", model)  # DistributedDataParallel
 
 
 @torch.no_grad()
@@ -1034,9 +1109,32 @@ def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
     return out
 
 
+def rank_max(value: float, rt: Runtime) -> float:
+    """The largest value over all processes. A decision that ends the loop (a signal, a NaN) must
+    be taken by every process at the same batch: one that stops alone leaves the others waiting
+    forever in the next all-reduce."""
+    if rt.world == 1:
+        return value
+    t = torch.tensor([float(value)], device=rt.device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t.item())
+
+
+@torch.no_grad()
+def average_buffers(model: nn.Module, rt: Runtime) -> None:
+    """Average the batch-norm statistics over processes: each saw only its own shard, and the
+    validation, sharded over processes, must score one model."""
+    if rt.world == 1:
+        return
+    for b in model.buffers():
+        if b.is_floating_point():
+            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.SUM)
+            b.div_(rt.world)
+
+
 @dataclasses.dataclass
 class TrainState:
-    model: nn.Module           # what is trained (maybe DDP/compiled)
+    model: nn.Module           # what is trained (maybe wrapped in DDP)
     eval_model: nn.Module      # what is evaluated and saved: the EMA copy, or the model itself
     ema: EMA | None
     optimizer: torch.optim.Optimizer
@@ -1089,20 +1187,28 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
         losses.append(loss.detach())
         probs.append(logits.detach().float().softmax(1))
         labels.append(y)
-        if b % 20 == 19 or b == n_batches - 1:  # the only host sync of the loop
+        check = b % 20 == 19 or b == n_batches - 1  # the only host sync of the loop
+        if check:
             recent = torch.stack(losses[-20:])
             bad = (~torch.isfinite(recent)).nonzero()
-            if len(bad):
+            if rank_max(len(bad), rt):
+                if not len(bad):
+                    raise FloatingPointError(f"loss became non-finite in another process at epoch {epoch}, "
+                                             f"by batch {b + 1}")
                 i = len(losses) - len(recent) + int(bad[0])
                 raise FloatingPointError(f"loss became {float(losses[i])} at epoch {epoch}, batch {i + 1}")
             bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
-        if _STOP["signal"] is not None:
-            raise Interrupted()
-    probs_np = torch.cat(probs).cpu().numpy()
-    labels_np = torch.cat(labels).cpu().numpy()
-    pos = st.pos
-    return {"train_loss": float(torch.stack(losses).mean()), "train_acc": accuracy(labels_np, probs_np),
-            "train_auc": multiclass_auc(labels_np, probs_np, pos)}
+        if check or rt.world == 1:
+            signum = int(rank_max(_STOP["signal"] or 0, rt))
+            if signum:
+                _STOP["signal"] = signum  # also in the processes the signal did not reach
+                raise Interrupted()
+    # Over all processes' shards: the same figures on every rank, and the whole epoch in history.csv.
+    probs_np = gather_rows(torch.cat(probs).cpu().numpy(), rt)
+    labels_np = gather_rows(torch.cat(labels).cpu().numpy(), rt)
+    loss = gather_rows(torch.stack(losses).cpu().numpy(), rt).mean()
+    return {"train_loss": float(loss), "train_acc": accuracy(labels_np, probs_np),
+            "train_auc": multiclass_auc(labels_np, probs_np, st.pos)}
 
 
 def evaluate(st: TrainState, split: Split, desc: str = "val") -> tuple[dict, np.ndarray]:
@@ -1326,7 +1432,7 @@ def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, img_size: i
 
 
 def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list, norm: dict,
-                   img_size: int, rt: Runtime, threshold: float | None = None) -> tuple:
+                   img_size: int, rt: Runtime, threshold: float | None = None, pos: int | None = None) -> tuple:
     """(maps N x H x W, probs N x K, predictions N) for a small set of images.
 
     Each map explains the class shown as the prediction, which is decided by the threshold
@@ -1334,7 +1440,7 @@ def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list,
     shown and explained as PNEUMONIA.
     """
     probs = predict_probs(model, images_u8, img_size, norm, rt, tta=False)
-    preds = predict_labels(probs, positive_index(class_names), threshold)
+    preds = predict_labels(probs, positive_index(class_names) if pos is None else pos, threshold)
     return gradcam_maps(model, images_u8, preds, img_size, norm, rt), probs, preds
 
 
@@ -1360,10 +1466,9 @@ def save_overlays(folder: Path, stems: list, titles: list, images_u8, maps, img_
 
 
 def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
-                 save_arrays: bool, img_size: int, flagged=None) -> list:
+                 save_arrays: bool, img_size: int, pos: int, flagged=None) -> list:
     """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set and the test gallery.
     Images the out-of-distribution guard flagged get "_ood" in the name and a warning in the title."""
-    pos = positive_index(class_names)
     stems, titles = [], []
     for i in range(len(maps)):
         t = class_names[int(labels[i])] if labels is not None else "?"
@@ -1621,7 +1726,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
         folder.mkdir(exist_ok=True)
         tiles = save_cam_set(folder, "test", test.images[gallery], labels[gallery], maps_all[gallery],
                              probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays,
-                             ckpt["img_size"], flagged=~inside[gallery])
+                             ckpt["img_size"], pos, flagged=~inside[gallery])
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions")
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
         res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
@@ -1879,6 +1984,8 @@ def prepare_data(cfg: Config) -> dict:
     if test_classes != classes:
         raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
                        f"{test_classes}; make them match")
+    pos = positive_index(classes, cfg.positive_class)
+    pattern = patient_pattern(cfg.patient_regex)
     val_samples, val_note = [], ""
     if (root / "val").is_dir():
         try:
@@ -1897,10 +2004,13 @@ def prepare_data(cfg: Config) -> dict:
     train_all, bad = load_split(train_samples, cfg, "decode train")
     test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
     bad += bad_test
+    train_ids = patient_ids(train_all.paths, pattern)
+    warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in test.paths], "test")
     if val_samples:
         val, bad_val = load_split(val_samples, cfg, "decode val")
         bad += bad_val
         train = train_all
+        warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in val.paths], "val")
     else:
         labels = train_all.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
@@ -1908,8 +2018,7 @@ def prepare_data(cfg: Config) -> dict:
             c = classes[int(counts.argmin())]
             raise CXRError(f"class {c} has {counts.min()} usable training image(s) in {root / 'train' / c}: "
                            "a validation split needs at least 2 per class; add images")
-        groups = [dicom_patient_id(p) or patient_id(p) for p in train_all.paths]  # DICOM PatientID first
-        tr_idx, va_idx = grouped_split(labels, groups, cfg.val_fraction, cfg.seed)
+        tr_idx, va_idx = grouped_split(labels, train_ids, cfg.val_fraction, cfg.seed)
         val_counts = np.bincount(labels[va_idx], minlength=len(classes))
         tr_counts = np.bincount(labels[tr_idx], minlength=len(classes))
         if val_counts.min() == 0 or tr_counts.min() == 0:
@@ -1923,7 +2032,7 @@ def prepare_data(cfg: Config) -> dict:
         if len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test":
             raise CXRError(f"the {name} split has no usable images of some class: check {root}")
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
-            "bad_files": [p for p, _ in bad]}
+            "bad_files": [p for p, _ in bad], "pos": pos}
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -1951,8 +2060,6 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
     train_model = model
-    if cfg.compile:
-        train_model = torch.compile(train_model)
     if rt.world > 1:
         train_model = nn.parallel.DistributedDataParallel(
             train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
@@ -1965,7 +2072,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     weights = class_weights(train_labels, num_classes).to(rt.device)
     crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
-                      positive_index(class_names))
+                      positive_index(class_names, cfg.positive_class))
 
 
 def resume_settings(args, rt: Runtime) -> tuple[dict, Config, Runtime, Path]:
@@ -1974,15 +2081,19 @@ def resume_settings(args, rt: Runtime) -> tuple[dict, Config, Runtime, Path]:
     if "optimizer" not in resume:
         raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
     cfg = Config.from_dict(resume["config"])
+    if "epochs" in args.given and args.epochs != cfg.epochs:
+        raise CXRError(f"--epochs {args.epochs} differs from the {cfg.epochs} epochs of {args.resume}: the cosine "
+                       "learning-rate schedule is defined by the total, so a resume keeps it; start a new run "
+                       "for another length")
     # A resume repeats the run's own settings; only these may be changed on the command line.
-    for key in ("epochs", "device", "amp", "num_threads", "num_workers", "strict"):
+    for key in ("device", "amp", "deterministic", "num_threads", "num_workers", "strict"):
         if key in args.given:
             setattr(cfg, key, getattr(args, key))
     rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
     run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    if resume["epoch"] >= cfg.epochs and (run_dir / "test_metrics.json").exists():
-        raise CXRError(f"{run_dir} already finished {resume['epoch']} epochs and has its test report: "
-                       "pass --epochs N (more) to train longer")
+    if (run_dir / "test_metrics.json").exists():
+        raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs) and has its test report: "
+                       "nothing to resume; start a new run to train longer")
     return resume, cfg, rt, run_dir
 
 
@@ -2001,9 +2112,10 @@ def explain_epoch(st: TrainState, val: Split, cam_idx, classes: list, epoch: int
                   run_dir: Path) -> None:
     """Grad-CAM of the fixed validation images: one overlay each and a summary grid."""
     images, labels = val.images[cam_idx], val.labels[cam_idx]
-    maps, probs, preds = explain_images(st.eval_model, images, classes, st.norm, st.cfg.img_size, st.rt)
+    maps, probs, preds = explain_images(st.eval_model, images, classes, st.norm, st.cfg.img_size, st.rt,
+                                        pos=st.pos)
     tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", images, labels.numpy(), maps, probs,
-                         preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size)
+                         preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size, st.pos)
     save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: val AUC {val_auc:.3f}")
 
 
@@ -2035,6 +2147,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                 row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
                 train_seconds += time.time() - t0  # the epoch's results reached the host: no pending work
                 trained += per_epoch
+                average_buffers(unwrap(st.eval_model), rt)
                 row.update(evaluate(st, val_s)[0])
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 improved = row["val_auc"] > best_auc
@@ -2130,6 +2243,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         cfg.data_dir = str(data_root)
     data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
+    cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
+    if batches_per_epoch(len(train_s), cfg, rt) == 0:
+        raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
+                       f"in each of {rt.world} process(es): lower --batch-size or add images")
     if not demo and resume is None:
         run_dir = make_run_dir(cfg) if rt.is_main else None
     if rt.world > 1:
@@ -2146,7 +2263,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     steps = max(1, batches_per_epoch(len(train_s), cfg, rt))
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,
-            "positive_class": positive_index(classes), "img_size": cfg.img_size, "work_size": cfg.work_size,
+            "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
             "threshold": None}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
@@ -2155,6 +2272,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     log.info(f"train: {len(train_s)} ({counts(train_s)}) | val: {len(val_s)} ({counts(val_s)}) | "
              f"test: {len(test_s)} (kept aside until the end)")
     log.info(data["val_note"])
+    if len(classes) == 2:
+        log.info(f"positive class: {cfg.positive_class} (sensitivity, AUC and threshold refer to it; "
+                 "--positive-class to change)")
     log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
     if rt.is_main and resume is None:
         save_json(run_dir / "config.json", {"config": cfg.to_dict(), "versions": library_versions(),

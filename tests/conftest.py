@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic datasets and a way to run the script in-process."""
 import csv
 import importlib.util
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -15,10 +16,12 @@ import train_cxr  # noqa: E402
 
 REAL_TRAIN = ROOT.parent / "shared" / "data" / "chest_xray_224" / "train"
 
-# Small, fast settings for end-to-end runs on 2 CPU cores.
+# Small, fast settings for end-to-end runs on 2 CPU cores. On the CPU even where a GPU is visible:
+# the tests compare against CPU recomputations and bit-identical reruns (tests/test_cuda.py has the
+# GPU's own checks).
 TINY = ["--img-size", "32", "--channels", "8,16,32,32", "--fc-hidden", "32", "--batch-size", "16",
         "--bootstrap", "50", "--num-workers", "0", "--num-gradcam-images", "4", "--lr", "1e-3",
-        "--amp", "off"]
+        "--amp", "off", "--device", "cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -38,12 +41,39 @@ def data_copy(synth_root, tmp_path) -> Path:
     return dst
 
 
+def backend_flags() -> dict:
+    """Every process-wide setting the script changes (setup_runtime, --num-threads, --deterministic)."""
+    return {"threads": torch.get_num_threads(),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic,
+            "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
+            "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+            "matmul_precision": torch.get_float32_matmul_precision(),
+            "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+
+
+def restore_backend_flags(flags: dict) -> None:
+    torch.set_num_threads(flags["threads"])
+    torch.use_deterministic_algorithms(flags["deterministic_algorithms"], warn_only=flags["deterministic_warn_only"])
+    torch.backends.cudnn.deterministic = flags["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
+    torch.backends.cudnn.allow_tf32 = flags["cudnn_allow_tf32"]
+    torch.backends.cuda.matmul.allow_tf32 = flags["matmul_allow_tf32"]
+    torch.set_float32_matmul_precision(flags["matmul_precision"])
+    if flags["cublas_workspace"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = flags["cublas_workspace"]
+
+
 @pytest.fixture(autouse=True)
-def _keep_torch_threads():
-    """--num-threads sets a process-wide torch setting: give every other test its value back."""
-    n = torch.get_num_threads()
+def _keep_backend_flags():
+    """A run sets process-wide torch switches: give every other test the values it found."""
+    flags = backend_flags()
     yield
-    torch.set_num_threads(n)
+    restore_backend_flags(flags)
 
 
 def read_csv(path: Path) -> list:

@@ -358,10 +358,12 @@ def test_e2e_reload_reproduces(e2e):
                                                                                   abs=1e-6)
     assert ckpt["best_auc"] == pytest.approx(float(best_row["val_auc"]), abs=1e-9)
     assert train_cxr.accuracy(val.labels.numpy(), pv) == pytest.approx(float(best_row["val_acc"]), abs=1e-9)
+    # The validation loss is the class-weighted NLL of the training loss (without label smoothing).
     w = train_cxr.class_weights(data["train"].labels.numpy(), 2)
     log_p = torch.from_numpy(np.log(np.clip(pv, 1e-7, 1)))
-    losses = [float(torch.nn.functional.nll_loss(log_p, val.labels, weight=wt)) for wt in (w, None)]
-    assert min(abs(v - float(best_row["val_loss"])) for v in losses) < 1e-5  # class-weighted or plain
+    weighted, plain = (float(torch.nn.functional.nll_loss(log_p, val.labels, weight=wt)) for wt in (w, None))
+    assert abs(weighted - plain) > 1e-4, "precondition: the weights must change the loss"
+    assert float(best_row["val_loss"]) == pytest.approx(weighted, abs=1e-5)
     pv_cal = train_cxr.calibrate(pv, ckpt["calibration"])  # the threshold lives on the calibrated scale
     assert train_cxr.choose_threshold(val.labels.numpy() == pos, pv_cal[:, pos],
                                       ckpt["threshold_policy"]) == pytest.approx(ckpt["threshold"])

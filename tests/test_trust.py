@@ -14,7 +14,7 @@ from sklearn.metrics import roc_curve
 import train_cxr as T
 from conftest import TINY, read_csv, run
 
-ONE_THREAD = ["--num-threads", "1"]
+ONE_THREAD = ["--num-threads", "1", "--device", "cpu"]  # compared with CPU runs: pinned where a GPU is visible
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import train_cxr
 from conftest import ROOT, TINY, load_benchmark, read_csv, run
 
 ONE_THREAD = ["--num-threads", "1"]  # 2 cores shared with other test runs: one thread is much faster here
+CPU = ["--device", "cpu"]  # the expectations are CPU recomputations, also where a GPU is visible
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_predict_folders_and_files(trained, scans, tmp_path):
     ckpt_path = trained / "best_model.pt"
     out = tmp_path / "pred"
     assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "p",
-                "--num-workers", 0, *ONE_THREAD]) == 0
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     pdir = out / "p"
     rows = read_csv(pdir / "predictions.csv")
     ckpt = train_cxr.load_checkpoint(ckpt_path)
@@ -124,7 +125,7 @@ def test_predict_folders_and_files(trained, scans, tmp_path):
     # Nothing but the checkpoint decides preprocessing, TTA and threshold: other flags change nothing.
     assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "q",
                 "--img-size", 64, "--work-scale", 1.5, "--channels", "4,4,4,4", "--fc-hidden", 8,
-                "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD]) == 0
+                "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     assert read_csv(out / "q" / "predictions.csv") == rows
 
 
@@ -133,7 +134,7 @@ def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
     ckpt_path = trained / "best_model.pt"
     out = tmp_path / "pred"
     assert run(["--predict", folder, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "m",
-                "--save-cam-arrays", "--num-workers", 0, *ONE_THREAD]) == 0
+                "--save-cam-arrays", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     ckpt = train_cxr.load_checkpoint(ckpt_path)
     model = train_cxr.model_from_checkpoint(ckpt)
     rows = read_csv(out / "m" / "predictions.csv")
@@ -167,7 +168,7 @@ def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
     data = synth_root if where == "root" else synth_root / "test"
     out = tmp_path / "ev"
     assert run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", data, "--output-dir", out,
-                "--run-name", "e", "--num-workers", 0, *ONE_THREAD]) == 0
+                "--run-name", "e", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     want = json.loads((trained / "test_metrics.json").read_text())
     got = json.loads((out / "e" / "test_metrics.json").read_text())
     assert want["n"] == got["n"] == 50

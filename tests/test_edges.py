@@ -1,0 +1,360 @@
+"""Corner cases of issue 12: the positive class, patient overlap, --deterministic, --resume with
+another --epochs, the EMA's batch-norm statistics, and decisions every DDP process takes together."""
+import dataclasses
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_cxr as T
+from conftest import ROOT, TINY, backend_flags, read_csv, restore_backend_flags, run
+
+FAST = [*TINY, "--num-threads", "1"]
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Positive class
+# ----------------------------------------------------------------------------------------------
+def test_positive_index_rules():
+    assert T.positive_index(["NORMAL", "PNEUMONIA"]) == 1
+    assert T.positive_index(["Pneumonia", "normal"]) == 0
+    assert T.positive_index(["NORMAL", "PNEUMONIA"], "NORMAL") == 0
+    assert T.positive_index(["ABNORMAL", "NORMAL"], "ABNORMAL") == 0
+    assert T.positive_index(["COVID", "NORMAL", "VIRAL"]) == 2  # more classes: only names the report's class
+    with pytest.raises(T.CXRError, match="--positive-class") as e:
+        T.positive_index(["ABNORMAL", "NORMAL"])  # the old rule silently took NORMAL
+    assert "ABNORMAL" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(T.CXRError, match="--positive-class 'SICK'"):
+        T.positive_index(["NORMAL", "PNEUMONIA"], "SICK")
+
+
+def test_predict_labels_follow_the_given_positive_class():
+    probs = torch.tensor([[0.7, 0.3], [0.2, 0.8]]).numpy()
+    # ABNORMAL (index 0) positive with threshold 0.6: only the first image reaches it.
+    assert T.predict_labels(probs, 0, 0.6).tolist() == [0, 1]
+    assert T.predict_labels(probs, 0, 0.15).tolist() == [0, 0]
+
+
+def _rename_class(root: Path, old: str, new: str) -> None:
+    for split in ("train", "test"):
+        (root / split / old).rename(root / split / new)
+
+
+def test_ambiguous_classes_stop_and_the_flag_decides(data_copy, tmp_path, capsys):
+    _rename_class(data_copy, "PNEUMONIA", "ABNORMAL")  # classes ABNORMAL, NORMAL
+    out = tmp_path / "runs"
+    args = [*FAST, "--epochs", "1", "--data-dir", data_copy, "--output-dir", out]
+    assert run([*args, "--run-name", "guess"]) == 2
+    assert "--positive-class" in one_error_line(capsys)
+    assert run([*args, "--run-name", "typo", "--positive-class", "ABNORMALL"]) == 2
+    assert "--positive-class 'ABNORMALL'" in one_error_line(capsys)
+    assert not out.exists()  # refused before anything was written
+
+    assert run([*args, "--run-name", "ok", "--positive-class", "ABNORMAL"]) == 0
+    assert "positive class: ABNORMAL" in capsys.readouterr().out
+    metrics = json.loads((out / "ok" / "test_metrics.json").read_text())
+    assert metrics["positive_class"] == "ABNORMAL"
+    cm = metrics["confusion_matrix"]  # rows and columns in class order: ABNORMAL (30 images), NORMAL (20)
+    assert sum(cm[0]) == 30 and sum(cm[1]) == 20
+    assert metrics["sensitivity"] == pytest.approx(cm[0][0] / 30)  # ABNORMAL found as ABNORMAL
+    assert metrics["specificity"] == pytest.approx(cm[1][1] / 20)
+    ckpt = T.load_checkpoint(out / "ok" / "best_model.pt")
+    assert ckpt["class_names"] == ["ABNORMAL", "NORMAL"] and ckpt["positive_class"] == 0
+    assert json.loads((out / "ok" / "config.json").read_text())["config"]["positive_class"] == "ABNORMAL"
+
+
+# ----------------------------------------------------------------------------------------------
+# Patients: grouping pattern and overlap between train and test / val
+# ----------------------------------------------------------------------------------------------
+def test_patient_regex():
+    pat = T.patient_pattern(r"_(P\d+)_")
+    assert T.patient_id("x/site1_P0042_view2.png", pat) == "p0042"
+    assert T.patient_id("x/site1_view2.png", pat) == "site1_view2"  # no match: the file is its own patient
+    assert T.patient_id("person7_bacteria_1.jpeg") == "person7"     # one argument: Kermany names
+    assert T.patient_pattern("") is None
+    with pytest.raises(T.CXRError, match=r"--patient-regex .*no group"):
+        T.patient_pattern(r"P\d+")
+    with pytest.raises(T.CXRError, match=r"--patient-regex .*not a valid"):
+        T.patient_pattern(r"(P\d+")
+
+
+def _prepare(capsys, **kw) -> tuple[dict, str]:
+    T.setup_console_logging()  # the log's console handler writes to the captured stdout
+    capsys.readouterr()
+    data = T.prepare_data(T.Config(num_workers=0, img_size=32, **kw))
+    return data, capsys.readouterr().out
+
+
+def _copy_as(src: Path, dst_dir: Path, name: str) -> None:
+    dst_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copy(src, dst_dir / name)
+
+
+def test_patient_overlap_with_test_is_reported(data_copy, capsys):
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    assert "both train and" not in out
+    train_files = sorted((data_copy / "train" / "PNEUMONIA").glob("person*.png"))
+    ids = sorted({T.patient_id(str(p)) for p in train_files})[:4]
+    for k, pid in enumerate(ids):
+        _copy_as(train_files[0], data_copy / "test" / "PNEUMONIA", f"{pid}_virus_{900 + k}.png")
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    lines = [ln for ln in out.splitlines() if "both train and test" in ln]
+    assert len(lines) == 1, out
+    assert "4 patient id(s)" in lines[0]
+    examples = re.search(r"\(e\.g\. ([^)]*)\)", lines[0]).group(1).split(", ")
+    assert len(examples) == 3 and set(examples) <= set(ids)
+
+
+def test_patient_overlap_with_a_used_val_folder_is_reported(data_copy, capsys):
+    train_files = sorted((data_copy / "train" / "NORMAL").glob("*.png"))
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for k, src in enumerate(sorted((data_copy / "test" / cls).glob("*.png"))[:3]):
+            _copy_as(src, data_copy / "val" / cls, f"{cls}_val_{k}.png")
+    _copy_as(train_files[0], data_copy / "val" / "NORMAL", train_files[0].name)
+    data, out = _prepare(capsys, data_dir=str(data_copy), min_val_per_class=3)
+    assert data["val_note"].startswith(f"validation: {data_copy / 'val'} (")  # the folder is used
+    lines = [ln for ln in out.splitlines() if "both train and val" in ln]
+    assert len(lines) == 1 and "1 patient id(s)" in lines[0], out
+
+
+def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
+    # Names of another scheme: site_<patient>_<shot>.png, two images per patient.
+    for split in ("train", "test"):
+        for cls in ("NORMAL", "PNEUMONIA"):
+            for k, p in enumerate(sorted((data_copy / split / cls).glob("*.png"))):
+                p.rename(p.with_name(f"site_{split[:2]}{cls[0]}{k // 2}_{k % 2}.png"))
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    assert out.count("each file counts as its own patient") == 1, out
+
+    data, out = _prepare(capsys, data_dir=str(data_copy), patient_regex=r"^site_(\w+?)_\d+\.png$")
+    assert "own patient" not in out
+    pat = T.patient_pattern(r"^site_(\w+?)_\d+\.png$")
+    tr = {T.patient_id(p, pat) for p in data["train"].paths}
+    va = {T.patient_id(p, pat) for p in data["val"].paths}
+    assert tr and va and not tr & va, "a patient is on both sides of the split"
+    assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
+
+
+# ----------------------------------------------------------------------------------------------
+# --deterministic and the process-wide backend flags
+# ----------------------------------------------------------------------------------------------
+def test_backend_flags_fast_deterministic_and_restored(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    before = backend_flags()
+    T.set_backend_flags(deterministic=False, cuda=True)  # the default on a GPU: fast
+    assert torch.backends.cudnn.benchmark and torch.backends.cudnn.allow_tf32
+    assert torch.backends.cuda.matmul.allow_tf32 and not torch.are_deterministic_algorithms_enabled()
+    T.set_backend_flags(deterministic=True, cuda=True)
+    assert not torch.backends.cudnn.benchmark and torch.backends.cudnn.deterministic
+    assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    # Through the command line's path, on the CPU: the flag sets and a plain run unsets it.
+    T.setup_runtime(T.Config(device="cpu", deterministic=True))
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.benchmark
+    T.setup_runtime(T.Config(device="cpu"))
+    assert not torch.are_deterministic_algorithms_enabled() and not torch.backends.cudnn.deterministic
+    restore_backend_flags(before)  # what the autouse fixture does after every test
+    assert backend_flags() == before
+
+
+def test_deterministic_cpu_run_completes(synth_root, tmp_path):
+    # Every op of a run (training, Grad-CAM, the report) has a deterministic CPU kernel.
+    out = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "1", "--deterministic", "--data-dir", synth_root, "--output-dir", out,
+                "--run-name", "det"]) == 0
+    assert json.loads((out / "det" / "config.json").read_text())["config"]["deterministic"] is True
+
+
+def test_compile_flag_is_gone(capsys):
+    assert "compile" not in {f.name for f in dataclasses.fields(T.Config)}
+    with pytest.raises(SystemExit) as e:
+        T.parse_config(["--compile"])
+    assert e.value.code == 2
+
+
+def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run([*FAST, "--batch-size", 500, "--data-dir", synth_root, "--output-dir", out, "--run-name", "b"]) == 2
+    assert "--batch-size 500" in one_error_line(capsys)  # was a traceback from an empty epoch
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# --resume with another --epochs
+# ----------------------------------------------------------------------------------------------
+def test_resume_refuses_another_epochs(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(T._STOP, "signal", None)
+    real = T.train_one_epoch
+
+    def stop_in_epoch_2(st, train, epoch):
+        if epoch == 2:
+            T._STOP["signal"] = signal.SIGINT
+        return real(st, train, epoch)
+    monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
+    out = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "3", "--data-dir", synth_root, "--output-dir", out, "--run-name", "r"]) == 130
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    before = (out / "r" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert run(["--resume", out / "r", "--epochs", "5"]) == 2
+    err = one_error_line(capsys)
+    assert "--epochs 5" in err and "schedule" in err
+    assert (out / "r" / "last.pt").read_bytes() == before
+    assert [r["epoch"] for r in read_csv(out / "r" / "history.csv")] == ["1"]
+
+
+# ----------------------------------------------------------------------------------------------
+# EMA: batch-norm statistics are averaged like the weights
+# ----------------------------------------------------------------------------------------------
+def test_ema_averages_batch_norm_statistics_with_the_weights():
+    model = T.CustomCNN(img_size=32, channels=(4, 4, 8, 8), fc_hidden=8)
+    ema = T.EMA(model, decay=0.9)
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for v in model.state_dict().values():
+            v.add_(1)  # weights, running means and variances, and the batch counter
+    for _ in range(3):
+        ema.update(model)
+    moved = {k: float((v - before[k]).float().mean()) for k, v in ema.module.state_dict().items()}
+    weights = [k for k in moved if k.endswith("weight")]
+    stats = [k for k in moved if k.endswith(("running_mean", "running_var"))]
+    assert weights and stats
+    for k in stats:  # the same share of the way as the weights: not copied (1.0), not frozen (0.0)
+        assert moved[k] == pytest.approx(moved[weights[0]], abs=1e-5) and 0 < moved[k] < 1, k
+    for k in moved:
+        if k.endswith("num_batches_tracked"):
+            assert torch.equal(ema.module.state_dict()[k], model.state_dict()[k])
+
+
+# ----------------------------------------------------------------------------------------------
+# DDP: two CPU processes (gloo) take every stop decision together
+# ----------------------------------------------------------------------------------------------
+PROBE = r'''
+import hashlib, json, os, signal, sys
+sys.path.insert(0, {root!r})
+import train_cxr as T
+
+out, mode, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
+rank = int(os.environ["RANK"])
+where = {{"epoch": 0, "batch": 0, "n": 0}}
+real_epoch, real_eval, real_build, real_aug = T.train_one_epoch, T.evaluate, T.build_state, T.augment_batch
+
+
+def dump(name, obj):
+    with open(os.path.join(out, f"rank{{rank}}_{{name}}.json"), "w") as f:
+        json.dump(obj, f)
+
+
+def train_one_epoch(st, train, epoch):
+    where.update(epoch=epoch, batch=0, n=T.batches_per_epoch(len(train), st.cfg, st.rt))
+    row = real_epoch(st, train, epoch)
+    dump(f"train{{epoch}}", row)
+    return row
+
+
+def augment_batch(*a, **k):
+    where["batch"] += 1
+    if mode == "signal" and rank == 1 and (where["epoch"], where["batch"]) == (2, 3):
+        T._STOP["signal"] = signal.SIGTERM  # as if the signal had reached this process only
+    return real_aug(*a, **k)
+
+
+def evaluate(st, split, *a, **k):
+    sd = T.unwrap(st.eval_model).state_dict()
+    dump(f"eval{{where['epoch']}}", {{n: hashlib.sha1(v.cpu().contiguous().numpy().tobytes()).hexdigest()
+                                     for n, v in sd.items()}})
+    return real_eval(st, split, *a, **k)
+
+
+class NaNInLastBatchOnRank1:
+    def __init__(self, inner):
+        self.inner, self.weight = inner, inner.weight
+
+    def __call__(self, logits, y):
+        loss = self.inner(logits, y)
+        last = (where["epoch"], where["batch"]) == (1, where["n"])
+        return loss * float("nan") if rank == 1 and last else loss
+
+
+def build_state(*a, **k):
+    st = real_build(*a, **k)
+    if mode == "nan":
+        st.criterion = NaNInLastBatchOnRank1(st.criterion)
+    return st
+
+
+T.train_one_epoch, T.augment_batch, T.evaluate, T.build_state = train_one_epoch, augment_batch, evaluate, build_state
+rc = T.main(argv)
+with open(os.path.join(out, f"rank{{rank}}_rc"), "w") as f:
+    f.write(str(rc))
+sys.exit(rc)
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(tmp_path, mode: str, argv: list) -> tuple[list, Path, str]:
+    """Run the probe as ranks 0 and 1 of a gloo group; returns (exit codes, dump folder, rank 0's stdout)."""
+    probe, dumps = tmp_path / "probe.py", tmp_path / f"dumps_{mode}"
+    probe.write_text(PROBE.format(root=str(ROOT)))
+    dumps.mkdir()
+    env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(probe), str(dumps), mode, *map(str, argv)], cwd=ROOT,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=150)[0] for p in procs]
+    finally:
+        for p in procs:  # a process waiting forever for its partner: the bug this guards against
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [p.returncode for p in procs], dumps, outputs[0] + outputs[1][-2000:]
+
+
+def _ddp_args(data, out, epochs):
+    return [*FAST, "--epochs", epochs, "--batch-size", 8, "--num-gradcam-images", 0, "--data-dir", data,
+            "--output-dir", out, "--run-name", "ddp"]
+
+
+def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
+    out = tmp_path / "runs"
+    rcs, dumps, log = _two_processes(tmp_path, "signal", _ddp_args(synth_root, out, 3))
+    assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
+    assert "interrupted during epoch 2" in log
+    assert [r["epoch"] for r in read_csv(out / "ddp" / "history.csv")] == ["1"]
+    # Epoch 1: the train metrics cover both shards (the same on both ranks, and in history.csv) ...
+    rows = [json.loads((dumps / f"rank{r}_train1.json").read_text()) for r in (0, 1)]
+    assert rows[0] == rows[1]
+    hist = read_csv(out / "ddp" / "history.csv")[0]
+    assert float(hist["train_loss"]) == pytest.approx(rows[0]["train_loss"], abs=1e-9)
+    # ... and the validation scored one model: the EMA's weights and statistics agree bit for bit.
+    states = [json.loads((dumps / f"rank{r}_eval1.json").read_text()) for r in (0, 1)]
+    assert any("running_mean" in k for k in states[0]) and states[0] == states[1]
+
+
+def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
+    out = tmp_path / "runs"
+    rcs, dumps, log = _two_processes(tmp_path, "nan", _ddp_args(synth_root, out, 1))
+    assert rcs == [3, 3], (rcs, log[-3000:])
+    assert re.search(r"stopped: loss became non-finite in another process at epoch 1", log), log[-3000:]
