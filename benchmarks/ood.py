@@ -31,6 +31,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cxr as T  # noqa: E402
@@ -171,8 +172,12 @@ def main() -> int:
     print(f"checkpoint {fold / a.run / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
           f"({guard['quantile']:.0%} of the validation images pass); images per set: "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
-    shipped = table("shipped: mean of 5 layers", {k: float((T.ood_scores(guard, f) > guard["cutoff"]).mean())
-                                                   for k, f in feats.items()})
+    scores = {k: T.ood_scores(guard, f) for k, f in feats.items()}
+    shipped = table("shipped: mean of 5 layers", {k: float((s > guard["cutoff"]).mean()) for k, s in scores.items()})
+    held = scores["held-out"]
+    print("AUROC against held-out (1 = every such image scores above every held-out one): " + ", ".join(
+        f"{k} {roc_auc_score(np.r_[np.zeros(len(held)), np.ones(len(s))], np.r_[held, s]):.3f}"
+        for k, s in scores.items() if k != "held-out"))
     if a.compare:
         q = guard["quantile"]
         names = [f"block {i + 1}" for i in range(4)] + ["hidden FC"]
