@@ -9,7 +9,7 @@ Run it:
     python train_cxr.py --resume runs/RUN               # after Ctrl-C or a kill
     torchrun --nproc_per_node=2 train_cxr.py ...        # DistributedDataParallel
 
-Every run writes one folder, OUTPUT_BASE_DIR/<run-name>/ (never overwritten):
+Every run writes one folder, OUTPUT_DIR/<run-name>/ (never overwritten):
     config.json, train.log, history.csv, training_history.png, best_model.pt, last.pt,
     grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json,
     roc_curve.png, confusion_matrix.png, and report.html: all of it on one page.
@@ -24,13 +24,18 @@ patient-grouped validation AUC of 0.9961; --demo takes ~20 s there.
 """
 from __future__ import annotations
 
+# Only the standard library is imported before the command line is checked: `import torch` alone
+# takes ~3 s, and --help or a mistyped flag should answer at once. The heavy imports follow the
+# "Command line" section (a trap for anyone tidying the imports back to the top).
 import argparse
 import contextlib
 import csv
 import ctypes
 import dataclasses
 import datetime as _dt
+import difflib
 import errno
+import hashlib
 import html
 import json
 import logging
@@ -46,26 +51,12 @@ import urllib.parse
 import warnings
 from pathlib import Path
 
-import cv2
-import numpy as np
-import pydicom
-import pydicom.pixels
-import torch
-import torch.nn as nn
-import torch.nn.functional as F
-import torchvision
-from PIL import Image
-from sklearn.calibration import calibration_curve
-from sklearn.covariance import LedoitWolf
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
-from tqdm import tqdm
-
 # ----------------------------------------------------------------------------------------------
 # Config: edit these, or pass the matching flag (--data-dir, --img-size, ...)
 # ----------------------------------------------------------------------------------------------
 # I/O
-DATA_DIR = "data/chest_xray"      # holds train/<CLASS>/, test/<CLASS>/ and optionally val/<CLASS>/
-OUTPUT_BASE_DIR = "runs"          # each run gets its own sub-folder here
+DATA_DIR = "data/chest_xray"      # holds train/<CLASS>/, optionally test/<CLASS>/ and val/<CLASS>/
+OUTPUT_DIR = "runs"               # each run gets its own sub-folder here
 RUN_NAME = ""                     # run folder name; "" = a timestamp
 # data
 IMG_SIZE = 128                    # network input, pixels a side
@@ -139,66 +130,85 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Config object and command line
+# Command line: every constant above is a flag (DATA_DIR -> --data-dir), grouped as --help shows them
 # ----------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Config:
-    data_dir: str = DATA_DIR
-    output_dir: str = OUTPUT_BASE_DIR
-    run_name: str = RUN_NAME
-    img_size: int = IMG_SIZE
-    work_scale: float = WORK_SCALE
-    val_fraction: float = VAL_FRACTION
-    min_val_per_class: int = MIN_VAL_PER_CLASS
-    normalize: str = NORMALIZE
-    patient_regex: str = PATIENT_REGEX
-    positive_class: str = POSITIVE_CLASS
-    num_workers: int = NUM_WORKERS
-    aug_scale_min: float = AUG_SCALE_MIN
-    aug_rotate_deg: float = AUG_ROTATE_DEG
-    aug_shift: float = AUG_SHIFT
-    aug_hflip: bool = AUG_HFLIP
-    aug_brightness: float = AUG_BRIGHTNESS
-    aug_contrast: float = AUG_CONTRAST
-    aug_gamma: float = AUG_GAMMA
-    channels: tuple = CHANNELS
-    fc_hidden: int = FC_HIDDEN
-    dropout: float = DROPOUT
-    epochs: int = EPOCHS
-    batch_size: int = BATCH_SIZE
-    lr: float = LR
-    warmup_epochs: float = WARMUP_EPOCHS
-    weight_decay: float = WEIGHT_DECAY
-    label_smoothing: float = LABEL_SMOOTHING
-    ema_decay: float = EMA_DECAY
-    patience: int = PATIENCE
-    tta: bool = TTA
-    num_gradcam_images: int = NUM_GRADCAM_IMAGES
-    save_cam_arrays: bool = SAVE_CAM_ARRAYS
-    bootstrap: int = BOOTSTRAP
-    threshold_policy: str = THRESHOLD_POLICY
-    ood_quantile: float = OOD_QUANTILE
-    seed: int = SEED
-    device: str = DEVICE
-    amp: str = AMP
-    deterministic: bool = DETERMINISTIC
-    num_threads: int = NUM_THREADS
-    strict: bool = STRICT
-
-    @property
-    def work_size(self) -> int:
-        return max(self.img_size, int(round(self.img_size * self.work_scale)))
-
-    def to_dict(self) -> dict:
-        return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Config":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
-
-
+# (constant, help) per --help group: the one table that turns constants into flags and Config fields.
+FLAGS = {
+    "common flags": [
+        ("DATA_DIR", "folder holding train/<CLASS>/*, optionally test/<CLASS>/* and val/<CLASS>/*"),
+        ("OUTPUT_DIR", "each run gets its own sub-folder here"),
+        ("RUN_NAME", "run folder name (default: a timestamp)"),
+        ("EPOCHS", "passes over the training split; the cosine schedule ends here"),
+        ("IMG_SIZE", "network input, pixels a side"),
+        ("BATCH_SIZE", "images per step (per process)"),
+        ("DEVICE", "where to train"),
+        ("NUM_THREADS", "torch CPU threads; 0 = one per core")],
+    "I/O": [
+        ("NUM_WORKERS", "processes that decode images (once, before training)")],
+    "data": [
+        ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
+        ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
+        ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many"),
+        ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
+        ("PATIENT_REGEX", "its first group is the patient id in a file name (default: Kermany names)"),
+        ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present)"),
+        ("STRICT", "unreadable images stop the run instead of being skipped")],
+    "augmentation (training only)": [
+        ("AUG_SCALE_MIN", "random resized crop keeps this share of the area, or more"),
+        ("AUG_ROTATE_DEG", "random rotation, +- degrees"),
+        ("AUG_SHIFT", "extra translation, fraction of the image"),
+        ("AUG_HFLIP", "horizontal flip with p=0.5"),
+        ("AUG_BRIGHTNESS", "pixel * U(1-b, 1+b)"),
+        ("AUG_CONTRAST", "(pixel - mean) * U(1-c, 1+c) + mean"),
+        ("AUG_GAMMA", "pixel ** exp(U(-g, g))")],
+    "model": [
+        ("CHANNELS", "output channels of the four conv blocks"),
+        ("FC_HIDDEN", "width of the hidden fully connected layer"),
+        ("DROPOUT", "before each fully connected layer")],
+    "optimisation": [
+        ("LR", "peak learning rate (AdamW)"),
+        ("WARMUP_EPOCHS", "linear warm-up, then cosine decay to 0"),
+        ("WEIGHT_DECAY", "AdamW weight decay (not on biases and batch norm)"),
+        ("LABEL_SMOOTHING", "cross-entropy label smoothing"),
+        ("EMA_DECAY", "moving average of the weights; 0 = off"),
+        ("PATIENCE", "early stop after this many epochs without a better validation AUC")],
+    "evaluation and explanations": [
+        ("TTA", "average the prediction of the image and its mirror image"),
+        ("NUM_GRADCAM_IMAGES", "fixed validation images explained after every epoch"),
+        ("SAVE_CAM_ARRAYS", "also save each raw Grad-CAM map as .npy"),
+        ("BOOTSTRAP", "resamples for the test AUC confidence interval"),
+        ("THRESHOLD_POLICY", "how the decision threshold is chosen on validation: balanced, accuracy, youden "
+                             "or sensitivity:X (README, Operating point)"),
+        ("OOD_QUANTILE", "share of held-out training images the out-of-distribution guard passes")],
+    "system": [
+        ("SEED", "split, initialisation, augmentation and shuffling all derive from it"),
+        ("AMP", "bf16 autocast: auto = on for CUDA or a CPU with AMX"),
+        ("DETERMINISTIC", "CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)")],
+}
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
+THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
+
+
+def _work_size(self) -> int:
+    return max(self.img_size, int(round(self.img_size * self.work_scale)))
+
+
+def _to_dict(self) -> dict:
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _from_dict(cls, d: dict):
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
+
+
+# The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
+# defaulting to the constant's value. Saved in config.json and in every checkpoint.
+Config = dataclasses.make_dataclass(
+    "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values()
+               for name, _ in group],
+    namespace={"work_size": property(_work_size), "to_dict": _to_dict, "from_dict": classmethod(_from_dict)})
+
 
 def _int_tuple(text: str) -> tuple:
     try:
@@ -210,59 +220,76 @@ def _int_tuple(text: str) -> tuple:
     return values
 
 
-def _constant_comments() -> dict:
-    """Help texts for the flags: the trailing comments of the constants block above."""
-    out = {}
-    with contextlib.suppress(OSError):
-        for line in Path(__file__).read_text(encoding="utf-8").splitlines():
-            m = re.match(r"^([A-Z][A-Z_0-9]*) = .*?#\s*(.+)$", line)
-            if m:
-                name = "output_dir" if m.group(1) == "OUTPUT_BASE_DIR" else m.group(1).lower()
-                out[name] = m.group(2).strip().replace("%", "%%")  # argparse formats help with %
-    return out
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        # One line instead of the whole usage; a mistyped flag gets the nearest real one.
+        m = re.match(r"unrecognized arguments: (\S+)", message)
+        close = difflib.get_close_matches(m.group(1).split("=")[0], self._option_string_actions, n=1) if m else []
+        hint = f"; did you mean {close[0]}?" if close else ""
+        self.exit(2, f"error: {message}{hint} (python train_cxr.py --help lists every flag)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train and explain a chest X-ray classifier.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    comments = _constant_comments()
-    for f in dataclasses.fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        kw = dict(dest=f.name, default=f.default,
-                  help=comments.get(f.name, f.name.replace("_", " ")))
-        if isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
-        elif isinstance(f.default, tuple):
-            p.add_argument(flag, type=_int_tuple, **kw)
-        else:
-            p.add_argument(flag, type=type(f.default), choices=CHOICES.get(f.name), **kw)
-    modes = p.add_argument_group("modes")
-    modes.add_argument("--demo", action="store_true", help="generate synthetic X-rays and run everything")
-    modes.add_argument("--predict", nargs="+", metavar="PATH", help="files or folders to classify")
-    modes.add_argument("--evaluate", action="store_true", help="test report of --checkpoint on --data-dir")
-    modes.add_argument("--recalibrate", metavar="DIR", help="refit calibration, threshold and the guard's cutoff "
-                       "of --checkpoint on a labelled folder from a new site (DIR/<CLASS>/*); weights unchanged")
-    modes.add_argument("--checkpoint", help="the model for --predict, --evaluate and --recalibrate: a run folder "
-                       "(its best_model.pt) or a .pt file")
-    modes.add_argument("--resume", metavar="RUN_OR_CKPT", help="continue an interrupted run with its own "
-                       "settings and learning-rate schedule (a different --epochs is refused)")
+    # Config flags default to SUPPRESS, so the parsed namespace holds exactly the flags typed:
+    # parse_config fills in the constants (or --demo's values) for the rest.
+    p = _Parser(usage="python train_cxr.py [MODE] [FLAGS]   (python train_cxr.py --help lists them)",
+                description="Train and explain a chest X-ray classifier. Every flag below is a constant "
+                            "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
+                add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
+    modes = p.add_argument_group("modes (default: train on --data-dir)")
+    modes.add_argument("-h", "--help", action="help", help="show this help and exit")
+    modes.add_argument("--demo", action="store_true", default=False,
+                       help="generate synthetic X-rays and run everything with small settings")
+    modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
+    modes.add_argument("--evaluate", action="store_true", default=False,
+                       help="test report of --checkpoint on --data-dir")
+    modes.add_argument("--recalibrate", metavar="DIR", default=None,
+                       help="refit calibration, threshold and the guard's cutoff of --checkpoint on a labelled "
+                            "folder from a new site (DIR/<CLASS>/*); weights unchanged")
+    modes.add_argument("--checkpoint", default=None, help="the model for --predict, --evaluate and --recalibrate: "
+                       "a run folder (its best_model.pt) or a .pt file")
+    modes.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run (its folder) with "
+                       "its own settings and learning-rate schedule (a different --epochs is refused)")
+    for title, entries in FLAGS.items():
+        group = p.add_argument_group(title)
+        for const, text in entries:
+            name, default = const.lower(), globals()[const]
+            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            if not isinstance(default, bool) and default != "" and "default:" not in text:
+                text += f" (default: {shown})"
+            kw = dict(dest=name, help=text.replace("%", "%%"))  # argparse formats help with %
+            flag = "--" + name.replace("_", "-")
+            if isinstance(default, bool):
+                group.add_argument(flag, action=argparse.BooleanOptionalAction,
+                                   help=kw["help"] + f" (default: {'on' if default else 'off'})", dest=name)
+            elif isinstance(default, tuple):
+                group.add_argument(flag, type=_int_tuple, metavar="A,B,C,D", **kw)
+            else:
+                group.add_argument(flag, type=type(default), choices=CHOICES.get(name), **kw)
     return p
 
 
-def parse_config(argv=None) -> tuple[Config, argparse.Namespace]:
+def parse_config(argv=None) -> tuple:
+    """(Config, argparse namespace); args.given is the set of Config fields typed on the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    # --img_size is the natural spelling next to IMG_SIZE: accept it as --img-size.
+    argv = [_dashed(a, parser) for a in argv]
     args = parser.parse_args(argv)
-    # Which flags were typed: a second parse whose defaults are all "absent".
-    probe = build_parser()
-    for a in probe._actions:
-        a.default = argparse.SUPPRESS
-    args.given = set(vars(probe.parse_args(argv)))
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
-    if args.demo:
-        values.update({k: v for k, v in DEMO_OVERRIDES.items() if k not in args.given})
+    names = [f.name for f in dataclasses.fields(Config)]
+    args.given = {n for n in names if hasattr(args, n)}
+    values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     check_config(cfg)
     return cfg, args
+
+
+def _dashed(arg: str, parser) -> str:
+    flag, eq, value = arg.partition("=")
+    dashed = "--" + flag[2:].replace("_", "-")
+    if flag.startswith("--") and "_" in flag and dashed in parser._option_string_actions:
+        return dashed + eq + value
+    return arg
 
 
 def check_config(cfg: Config) -> None:
@@ -287,6 +314,27 @@ def check_config(cfg: Config) -> None:
     for name, ok, want in rules:
         if not ok:
             raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+
+
+
+if __name__ == "__main__":
+    try:  # --help, a typo or a bad value ends here, before the slow imports below
+        _PARSED = parse_config()
+    except CXRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+import cv2  # noqa: E402  (after the command line on purpose: see the note on the imports above)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import torchvision  # noqa: E402
+from PIL import Image  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.covariance import LedoitWolf  # noqa: E402
+from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1011,9 +1059,6 @@ def calibration_error(y_true, prob, bins: int = 15) -> float:
     b = np.minimum((p * bins).astype(int), bins - 1)
     gap = np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=p, minlength=bins)
     return float(np.abs(gap).sum() / max(len(p), 1))
-
-
-THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
 
 
 def choose_threshold(y_true, prob, policy: str) -> float:
@@ -2167,8 +2212,13 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                 write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
-            log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
-                     f"Resume with: python train_cxr.py --resume {run_dir}")
+            if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
+                log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
+                         f"resume. Start again with the same command (delete {run_dir} first to reuse "
+                         "its --run-name)")
+            else:
+                log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
+                         f"Resume with: python train_cxr.py --resume {run_dir}")
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
@@ -2444,10 +2494,11 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv=None, parsed=None) -> int:
+    """Run the script; `parsed` is parse_config's result when the command line was checked already."""
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
-        cfg, args = parse_config(argv)
+        cfg, args = parsed or parse_config(argv)
         rt = setup_runtime(cfg)
         if args.predict:
             return predict(cfg, args, rt)
@@ -2468,4 +2519,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(parsed=_PARSED))
