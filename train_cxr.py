@@ -2018,14 +2018,36 @@ def report_bad_files(bad: list, strict: bool) -> None:
     log.warning(f"warning: skipping {len(bad)} unreadable image file(s): {listing}")
 
 
+def warn_duplicates(splits: dict) -> int:
+    """Warn about byte-identical files in two splits ({name: [paths]}): a test image that is also a
+    training image makes the test figures optimistic. Returns how many were found."""
+    first, dups = {}, []
+    for name, paths in splits.items():
+        for p in paths:
+            with open(p, "rb") as f:
+                digest = hashlib.file_digest(f, "sha1").hexdigest()
+            seen = first.setdefault(digest, (name, p))
+            if seen[0] != name:
+                dups.append(f"{seen[1]} = {p}")
+    if dups:
+        log.warning(f"warning: {len(dups)} file(s) are byte-identical copies across train/val/test, "
+                    f"e.g. {'; '.join(dups[:3])}: remove the copies, or the test and validation "
+                    "figures will be optimistic")
+    return len(dups)
+
+
 def prepare_data(cfg: Config) -> dict:
     """Check the data folders, decode every image once, carve the validation split."""
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
-                       "(a folder with train/ and test/), or try --demo")
+                       "(a folder with train/ and optionally test/), or try --demo")
+    if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
+        raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
-    test_classes, test_samples = check_split_dir(root / "test", "test")
+    test_classes, test_samples = classes, []
+    if (root / "test").is_dir():
+        test_classes, test_samples = check_split_dir(root / "test", "test")
     if test_classes != classes:
         raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
                        f"{test_classes}; make them match")
@@ -2046,11 +2068,15 @@ def prepare_data(cfg: Config) -> dict:
                         "carved from train")
             train_samples = train_samples + [s for s in val_samples if val_classes == classes]
             val_samples = []
+    warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
+                     "test": [p for p, _ in test_samples]})
     train_all, bad = load_split(train_samples, cfg, "decode train")
-    test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
-    bad += bad_test
     train_ids = patient_ids(train_all.paths, pattern)
-    warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in test.paths], "test")
+    test = None
+    if test_samples:
+        test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
+        bad += bad_test
+        warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in test.paths], "test")
     if val_samples:
         val, bad_val = load_split(val_samples, cfg, "decode val")
         bad += bad_val
@@ -2074,6 +2100,8 @@ def prepare_data(cfg: Config) -> dict:
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
+        if sp is None:
+            continue
         if len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test":
             raise CXRError(f"the {name} split has no usable images of some class: check {root}")
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
@@ -2084,6 +2112,8 @@ def make_run_dir(cfg: Config) -> Path:
     base = Path(cfg.output_dir)
     name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir = base / name
+    if base.exists() and not base.is_dir():
+        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
     if run_dir.exists():
         raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
                        "pass another --run-name, or --resume it")
@@ -2271,9 +2301,10 @@ def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Sp
     log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f} "
              f"({cfg.ood_quantile:.0%} of the validation images score below it)")
     if test_s is None:
-        return 0
-    res = test_report(model, best, test_s, cfg, rt, run_dir)
-    log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
+        log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
+    else:
+        res = test_report(model, best, test_s, cfg, rt, run_dir)
+        log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
     log.info(f"everything is in {run_dir}")
     return 0
 
@@ -2319,8 +2350,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
              f"threads: {torch.get_num_threads()}")
-    log.info(f"train: {len(train_s)} ({counts(train_s)}) | val: {len(val_s)} ({counts(val_s)}) | "
-             f"test: {len(test_s)} (kept aside until the end)")
+    log.info(f"train: {len(train_s)} ({counts(train_s)}) | val: {len(val_s)} ({counts(val_s)}) | " +
+             (f"test: {len(test_s)} (kept aside until the end)" if test_s is not None else
+              f"test: none ({Path(cfg.data_dir) / 'test'} does not exist), so the test report is skipped"))
     log.info(data["val_note"])
     if len(classes) == 2:
         log.info(f"positive class: {cfg.positive_class} (sensitivity, AUC and threshold refer to it; "
@@ -2332,7 +2364,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                                             "world_size": rt.world, "classes": classes, "normalization": norm,
                                             "skipped_files": data["bad_files"],
                                             "split_sizes": {"train": len(train_s), "val": len(val_s),
-                                                            "test": len(test_s)}})
+                                                            "test": len(test_s) if test_s else 0}})
     rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
@@ -2436,6 +2468,11 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     root = Path(cfg.data_dir)
     folder = root / "test" if (root / "test").is_dir() else root
+    splits = [n for n in ("train", "val") if (root / n).is_dir()]
+    if folder == root and splits:
+        raise CXRError(f"--evaluate reads {root}/test/<CLASS>/* or {root}/<CLASS>/*, but {root} holds only "
+                       f"{'/, '.join(splits)}/: add a test/ folder, or pass --data-dir {root / splits[0]} "
+                       "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
     attach_log_file(run_dir / "train.log")

@@ -405,11 +405,6 @@ def _no_train(d, tmp_path):
     return d, [d / "train"]
 
 
-def _no_test(d, tmp_path):
-    shutil.rmtree(d / "test")
-    return d, [d / "test"]
-
-
 def _classes_differ(d, tmp_path):
     (d / "test" / "NORMAL").rename(d / "test" / "HEALTHY")
     return d, [d / "train", d / "test"]
@@ -438,7 +433,7 @@ def _one_patient_class(d, tmp_path):
     return d, [d / "train" / "NORMAL"]
 
 
-@pytest.mark.parametrize("damage", [_no_dir, _no_train, _no_test, _classes_differ, _empty_class, _one_image_class,
+@pytest.mark.parametrize("damage", [_no_dir, _no_train, _classes_differ, _empty_class, _one_image_class,
                                     _one_patient_class])
 def test_input_errors(damage, data_copy, tmp_path, capsys):
     data_dir, paths = damage(data_copy, tmp_path)

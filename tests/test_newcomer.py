@@ -102,3 +102,64 @@ def test_help_is_grouped_modes_first_without_odd_defaults():
                                      "augmentation", "model:", "optimisation:", "evaluation", "system:")]
     assert order == sorted(order), order
     assert len(text.split("\n\n")[0].splitlines()) <= 2  # a short usage line, not every flag
+
+
+# ----------------------------------------------------------------------------------------------
+# Data: duplicates across splits, train-only data, messages that name the fix
+# ----------------------------------------------------------------------------------------------
+def test_duplicates_across_splits_are_counted(data_copy, tmp_path, capsys):
+    train_files = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:5]
+    for k, f in enumerate(train_files):  # a test folder that reuses training images under new names
+        (data_copy / "test" / "NORMAL" / f"copy_{k}.png").write_bytes(f.read_bytes())
+    assert run(_train(data_copy, tmp_path / "runs", "dups", "--epochs", "1", "--num-gradcam-images", "0")) == 0
+    out = capsys.readouterr().out
+    line = [x for x in out.splitlines() if "byte-identical" in x]
+    assert len(line) == 1 and line[0].startswith("warning: 5 file(s)"), out[-1500:]
+    assert str(train_files[0]) in line[0] or "copy_" in line[0]
+
+
+def test_no_duplicate_warning_for_distinct_files(synth_root, tmp_path, capsys):
+    n = train_cxr.warn_duplicates({"train": sorted(map(str, (synth_root / "train").rglob("*.png"))),
+                                   "test": sorted(map(str, (synth_root / "test").rglob("*.png")))})
+    assert n == 0 and "byte-identical" not in capsys.readouterr().out
+
+
+def test_train_only_data_trains_and_skips_the_test_report(data_copy, tmp_path, capsys):
+    import shutil
+    shutil.rmtree(data_copy / "test")
+    run_dir = tmp_path / "runs" / "notest"
+    assert run(_train(data_copy, tmp_path / "runs", "notest", "--epochs", "1")) == 0
+    out = capsys.readouterr().out.splitlines()
+    start = [x for x in out if x.startswith("train: ")][0]
+    assert "test: none" in start and "test report is skipped" in start
+    assert "no test folder, so no test report" in out[-2] or any("no test folder" in x for x in out[-3:])
+    assert (run_dir / "best_model.pt").is_file() and not (run_dir / "test_metrics.json").exists()
+    assert train_cxr.load_checkpoint(run_dir / "best_model.pt")["threshold"] is not None
+
+
+def test_data_dir_pointing_at_train_suggests_the_parent(synth_root, tmp_path, capsys):
+    assert run(_train(synth_root / "train", tmp_path / "runs", "x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"--data-dir {synth_root}" in err and len(err.splitlines()) == 1, err
+
+
+def test_output_dir_that_is_a_file(synth_root, tmp_path, capsys):
+    f = tmp_path / "runs.txt"
+    f.write_text("notes")
+    assert run(_train(synth_root, f, "x")) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{f} is a file, not a folder" in err, err
+    assert f.read_text() == "notes"
+
+
+def test_evaluate_on_train_only_folder_says_the_layout(synth_root, tmp_path, capsys):
+    trained = tmp_path / "runs" / "m"
+    assert run(_train(synth_root, tmp_path / "runs", "m", "--epochs", "1", "--num-gradcam-images", "0")) == 0
+    only_train = tmp_path / "only_train"
+    only_train.mkdir()
+    (only_train / "train").symlink_to(synth_root / "train")
+    capsys.readouterr()
+    rc = run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", only_train,
+              "--output-dir", tmp_path / "runs", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "test/<CLASS>/" in err and "only class folder" not in err, err
