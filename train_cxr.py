@@ -1447,16 +1447,50 @@ def _minmax(cam: torch.Tensor) -> torch.Tensor:
     return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
 
 
-def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 256) -> np.ndarray:
-    """The X-ray in gray with a JET heat map blended on top and a title strip; BGR uint8."""
+def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 200) -> np.ndarray:
+    """BGR uint8 tile: the plain X-ray, the same X-ray under a JET heat map, a colour bar, and the
+    title above them (wrapped to fit; "\n" starts a new line). An all-zero map is not tinted but
+    marked: Grad-CAM keeps only positive evidence, and this layer had none for the class."""
     if not np.isfinite(cam).all() or cam.min() < 0 or cam.max() > 1:
         raise ValueError("the CAM must be scaled to [0, 1]")
-    img = cv2.resize(gray_u8, (display, display), interpolation=cv2.INTER_LINEAR)
-    heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (display, display))), cv2.COLORMAP_JET)
-    blend = cv2.addWeighted(cv2.cvtColor(img, cv2.COLOR_GRAY2BGR), 0.6, heat, 0.4, 0)
-    strip = np.full((22, display, 3), 255, np.uint8)
-    cv2.putText(strip, title, (4, 16), cv2.FONT_HERSHEY_SIMPLEX, 0.42, (0, 0, 0), 1, cv2.LINE_AA)
-    return np.vstack([strip, blend])
+    img = cv2.cvtColor(cv2.resize(gray_u8, (display, display), interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR)
+    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.42
+    if cam.max() > 0:
+        heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (display, display))), cv2.COLORMAP_JET)
+        blend = cv2.addWeighted(img, 0.6, heat, 0.4, 0)
+    else:
+        blend = img.copy()
+        cv2.rectangle(blend, (2, display // 2 - 24), (display - 3, display // 2 + 16), (255, 255, 255), -1)
+        for k, line in enumerate(("no positive evidence", "at this layer")):
+            cv2.putText(blend, line, (6, display // 2 - 8 + 18 * k), font, scale, (0, 0, 255), 1, cv2.LINE_AA)
+    bar = np.full((display, 44, 3), 255, np.uint8)
+    ramp = np.linspace(255, 0, display - 20).astype(np.uint8)[:, None].repeat(12, 1)
+    bar[10:display - 10, 4:16] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
+    for text, y in (("1", 18), ("0", display - 10)):
+        cv2.putText(bar, text, (20, y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    body = np.hstack([img, np.full((display, 4, 3), 255, np.uint8), blend, bar])
+    lines = []
+    for part in title.split("\n"):  # wrap each line at word boundaries to the tile's width
+        words, line = part.split(" "), ""
+        for w in words:
+            trial = f"{line} {w}".strip()
+            if line and cv2.getTextSize(trial, font, scale, 1)[0][0] > body.shape[1] - 8:
+                lines.append(line)
+                trial = w
+            line = trial
+        lines.append(line)
+    strip = np.full((6 + 16 * len(lines), body.shape[1], 3), 255, np.uint8)
+    for k, line in enumerate(lines):
+        cv2.putText(strip, line, (4, 16 + 16 * k), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    return np.vstack([strip, body])
+
+
+def label_rule(class_names: list, pos: int, threshold: float | None) -> str:
+    """How predictions are labelled, in the words the figures use."""
+    pos = class_names[pos]
+    if len(class_names) == 2 and threshold is not None:
+        return f"pred {pos} if P({pos}) >= {threshold:.2f} (threshold chosen on validation)"
+    return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(class_names) == 2 else ")")
 
 
 def label_prob(probs_row: np.ndarray, pos: int) -> float:
@@ -1511,30 +1545,37 @@ def save_overlays(folder: Path, stems: list, titles: list, images_u8, maps, img_
 
 
 def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
-                 save_arrays: bool, img_size: int, pos: int, flagged=None) -> list:
-    """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set and the test gallery.
-    Images the out-of-distribution guard flagged get "_ood" in the name and a warning in the title."""
+                 save_arrays: bool, img_size: int, pos: int, flagged=None, threshold: float | None = None,
+                 names=None) -> list:
+    """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set, the test gallery
+    and (with labels=None and the file names as names) --predict. The title names the class whose
+    probability it shows and the rule that turned it into the label. Images the out-of-distribution
+    guard flagged get "_ood" in the name and a warning in the title."""
     stems, titles = [], []
     for i in range(len(maps)):
         t = class_names[int(labels[i])] if labels is not None else "?"
         p = class_names[int(preds[i])]
         prob = label_prob(probs[i], pos)
         ood = flagged is not None and bool(flagged[i])
+        shown = class_names[pos] if len(class_names) == 2 else p  # label_prob's class
         stems.append(f"{prefix}_{i:02d}_true-{t}_pred-{p}_p{prob:.2f}" + ("_ood" if ood else ""))
-        titles.append(("UNLIKE TRAINING | " if ood else "") + f"true {t} | pred {p} | p={prob:.2f}")
+        head = f"{names[i]}\n" if names is not None else ""
+        truth = f"true {t} | " if labels is not None else ""
+        titles.append(("UNLIKE TRAINING | " if ood else "") + f"{head}{truth}pred {p} | P({shown})={prob:.2f}\n"
+                      + label_rule(class_names, pos, threshold))
     return save_overlays(folder, stems, titles, images_u8, maps, img_size, save_arrays)
 
 
 def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
     if not tiles:
         return
-    h, w = tiles[0].shape[:2]
+    h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)  # titles may wrap differently
     rows = math.ceil(len(tiles) / cols)
     grid = np.full((rows * h + 26, cols * w, 3), 255, np.uint8)
     cv2.putText(grid, title, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
-        grid[26 + r * h:26 + (r + 1) * h, c * w:(c + 1) * w] = t
+        grid[26 + r * h:26 + r * h + t.shape[0], c * w:c * w + t.shape[1]] = t
     save_image(path, grid)
 
 
@@ -1584,30 +1625,39 @@ def _savefig(fig, path: Path) -> None:
 
 
 def plot_history(history: list, path: Path) -> None:
+    """Loss, accuracy, AUC and learning rate per epoch; the best epoch (the saved model) is marked."""
     plt = _plt()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ep = [h["epoch"] for h in history]
-    for ax, key, name in zip(axes, ("loss", "acc", "auc"), ("loss", "accuracy", "ROC AUC")):
-        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
-        ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", label="validation")
+    best = history[int(np.argmax([h["val_auc"] for h in history]))]["epoch"]  # first maximum, like fit()
+    for ax, key, name in zip(axes, ("loss", "acc", "auc", "lr"), ("loss", "accuracy", "ROC AUC", "learning rate")):
+        if key == "lr":
+            ax.plot(ep, [h["lr"] for h in history], "o-", color="gray", label="at epoch end")
+        else:
+            ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
+            ax.plot(ep, [h[f"val_{key}"] for h in history], "o-", label="validation")
+        ax.axvline(best, color="green", ls="--", lw=1, label=f"best epoch ({best})")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_title(name)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(fontsize=8)
     _savefig(fig, path)
 
 
-def plot_roc(fpr, tpr, auc: float, thr_point, path: Path, title: str) -> None:
+def plot_roc(fpr, tpr, auc: float, thr_point, path: Path, title: str, ci=None, threshold=None) -> None:
     plt = _plt()
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ax.plot(fpr, tpr, lw=2, label=f"AUC = {auc:.3f}")
+    ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci is not None and all(map(math.isfinite, ci)) else ""
+    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.3f}{ci_text}")
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     if thr_point is not None:
-        ax.plot(*thr_point, "ro", label="chosen threshold")
+        ax.plot(*thr_point, "ro", label="operating threshold" + (f" {threshold:.2f}" if threshold is not None else ""))
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=8)
     _savefig(fig, path)
 
 
@@ -1723,7 +1773,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
         res["ece_uncalibrated"] = calibration_error(y, sc["raw"][:, pos])
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         point = (1 - res["specificity"], res["sensitivity"])
-        plot_roc(fpr, tpr, res["auc"], point, run_dir / "roc_curve.png", f"test ROC ({class_names[pos]})")
+        plot_roc(fpr, tpr, res["auc"], point, run_dir / "roc_curve.png", f"test ROC ({class_names[pos]})",
+                 res.get("auc_ci95"), thr)
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
         res["auc"] = multiclass_auc(labels, probs, pos)
@@ -1745,7 +1796,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
                          "test calibration: confidence of the predicted class")
     cm = confusion_matrix(labels, preds, labels=range(len(class_names)))
     res["confusion_matrix"] = cm.tolist()
-    plot_confusion(cm, class_names, run_dir / "confusion_matrix.png", "test confusion matrix")
+    plot_confusion(cm, class_names, run_dir / "confusion_matrix.png",
+                   "test confusion matrix\n" + label_rule(class_names, pos, threshold if binary else None))
     if ckpt.get("ood"):
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
                       "share_flagged": float((~inside).mean())}
@@ -1771,8 +1823,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
         folder.mkdir(exist_ok=True)
         tiles = save_cam_set(folder, "test", test.images[gallery], labels[gallery], maps_all[gallery],
                              probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays,
-                             ckpt["img_size"], pos, flagged=~inside[gallery])
-        save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions")
+                             ckpt["img_size"], pos, flagged=~inside[gallery], threshold=threshold if binary else None)
+        save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
+                  + label_rule(class_names, pos, threshold if binary else None))
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
         res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
     save_json(run_dir / "test_metrics.json", res)
@@ -2191,7 +2244,9 @@ def explain_epoch(st: TrainState, val: Split, cam_idx, classes: list, epoch: int
                                         pos=st.pos)
     tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", images, labels.numpy(), maps, probs,
                          preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size, st.pos)
-    save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: val AUC {val_auc:.3f}")
+    # No threshold exists yet during training (it is chosen on validation after the last epoch).
+    save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles,
+              f"epoch {epoch}: val AUC {val_auc:.3f} | {label_rule(classes, st.pos, None)}")
 
 
 def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict, run_dir: Path,

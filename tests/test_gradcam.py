@@ -470,24 +470,29 @@ def test_no_hook_or_memory_leak_over_1000_calls():
 # 5. overlay_cam and lung_focus
 # ----------------------------------------------------------------------------------------------
 def test_overlay_cam_bgr_with_title_strip():
+    # Layout: title strip on top; below it the plain X-ray, a 4 px gap, the overlay, a colour bar.
+    d = 200
     gray = np.zeros((40, 40), np.uint8)
-    hot = train_cxr.overlay_cam(gray, np.ones((32, 32), np.float32), "true PNEUMONIA | pred NORMAL")
-    cold = train_cxr.overlay_cam(gray, np.zeros((32, 32), np.float32), "")
+    cold_map = np.zeros((32, 32), np.float32)
+    cold_map[0, 0] = 1.0  # not empty, but almost all of it cold
+    hot = train_cxr.overlay_cam(gray, np.ones((32, 32), np.float32), "true PNEUMONIA | pred NORMAL", display=d)
+    cold = train_cxr.overlay_cam(gray, cold_map, "", display=d)
     for img in (hot, cold):
         assert img.dtype == np.uint8 and img.ndim == 3 and img.shape[2] == 3
-        assert img.shape[1] == 256 and img.shape[0] > 256
-    strip_h = hot.shape[0] - 256
+        assert img.shape[1] == 2 * d + 4 + 44 and img.shape[0] > d
+    strip_h = hot.shape[0] - d
     assert strip_h >= 10
     # The title strip is on top: white background, dark text only when there is a title.
     assert (cold[:strip_h] == 255).all()
     assert (hot[:strip_h] < 128).any() and (hot[:strip_h] == 255).mean() > 0.5
-    # BGR, JET: a hot map is red (channel 2), a cold one blue (channel 0).
-    body_hot, body_cold = hot[strip_h:].reshape(-1, 3).mean(0), cold[strip_h:].reshape(-1, 3).mean(0)
-    assert body_hot[2] > body_hot[0] + 20
-    assert body_cold[0] > body_cold[2] + 20
+    # BGR, JET: a hot map is red (channel 2), a cold one blue (channel 0), in the overlay panel only.
+    over = lambda img: img[strip_h:, d + 4:2 * d + 4].reshape(-1, 3).mean(0)
+    assert over(hot)[2] > over(hot)[0] + 20
+    assert over(cold)[0] > over(cold)[2] + 20
+    assert (hot[strip_h:, :d] == 0).all()  # the plain image beside it, untinted
     # The X-ray shows through the blend.
-    bright = train_cxr.overlay_cam(np.full((40, 40), 255, np.uint8), np.zeros((32, 32), np.float32), "")
-    assert bright[strip_h:].mean() > cold[strip_h:].mean() + 50
+    bright = train_cxr.overlay_cam(np.full((40, 40), 255, np.uint8), cold_map, "", display=d)
+    assert over(bright).mean() > over(cold).mean() + 50
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, 2.0])

@@ -1,4 +1,5 @@
 """A newcomer's first hour (issue 16): flags, messages, pictures and the demo explain themselves."""
+import json
 import os
 import signal
 import subprocess
@@ -8,9 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 
 import train_cxr
-from conftest import ROOT, TINY, run
+from conftest import ROOT, TINY, read_csv, run
 
 FAST = [*TINY, "--num-threads", "1"]
 
@@ -163,3 +165,90 @@ def test_evaluate_on_train_only_folder_says_the_layout(synth_root, tmp_path, cap
               "--output-dir", tmp_path / "runs", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "test/<CLASS>/" in err and "only class folder" not in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures that explain themselves
+# ----------------------------------------------------------------------------------------------
+D = 200  # overlay_cam's panel size in these tests
+
+
+def _gray():
+    return np.tile(np.linspace(0, 255, 40, dtype=np.uint8), (40, 1))
+
+
+def test_overlay_has_plain_image_colour_bar_and_wrapped_title():
+    cam = np.zeros((40, 40), np.float32)
+    cam[10:20, 10:20] = 1.0
+    title = "NORMAL2-IM-1305-0001.jpeg | pred PNEUMONIA | P(PNEUMONIA)=0.66 | a long rule that does not fit on one line"
+    tile = train_cxr.overlay_cam(_gray(), cam, title, display=D)
+    body = tile[-D:]
+    strip = tile[:-D]
+    assert strip.shape[0] >= 2 * 16, "a long title wraps onto a second line"
+    assert (strip[:, -6:] == 255).all(), "no text runs off the right edge"
+    plain = cv2.resize(_gray(), (D, D), interpolation=cv2.INTER_LINEAR)
+    assert np.array_equal(body[:, :D, 0], plain)  # the untinted X-ray beside the overlay
+    bar = body[10:D - 10, 2 * D + 4 + 4:2 * D + 4 + 16].astype(int)
+    assert bar[0, :, 2].mean() > 100 and bar[0, :, 0].mean() < 60    # red (high) at the top
+    assert bar[-1, :, 0].mean() > 100 and bar[-1, :, 2].mean() < 60  # blue (low) at the bottom
+
+
+def test_empty_map_is_marked_not_tinted():
+    tile = train_cxr.overlay_cam(_gray(), np.zeros((40, 40), np.float32), "t", display=D)
+    over = tile[-D:, D + 4:2 * D + 4].astype(int)
+    plain = cv2.resize(_gray(), (D, D))
+    rows = np.r_[0:D // 2 - 30, D // 2 + 25:D]  # away from the marker
+    assert np.abs(over[rows, :, 0] - plain[rows].astype(int)).max() <= 1, "no blue tint"
+    reddish = (over[..., 2] > 150) & (over[..., 0] < 80) & (over[..., 1] < 80)
+    assert reddish.sum() > 50, "the 'no positive evidence' text is drawn"
+
+
+def test_overlay_titles_name_the_class_and_the_rule(monkeypatch, tmp_path):
+    titles = []
+    real = train_cxr.overlay_cam
+    monkeypatch.setattr(train_cxr, "overlay_cam", lambda g, c, t, **k: titles.append(t) or real(g, c, t, **k))
+    images = torch.zeros((2, 40, 40), dtype=torch.uint8)
+    maps = np.zeros((2, 32, 32), np.float32)
+    probs = np.array([[0.34, 0.66], [0.9, 0.1]])
+    classes = ["NORMAL", "PNEUMONIA"]
+    train_cxr.save_cam_set(tmp_path, "t", images, np.array([0, 0]), maps, probs, np.array([0, 0]), classes,
+                           False, 32, 1)
+    train_cxr.save_cam_set(tmp_path, "g", images, np.array([0, 0]), maps, probs, np.array([1, 0]), classes,
+                           False, 32, 1, threshold=0.6)
+    train_cxr.save_cam_set(tmp_path, "p", images, None, maps, probs, np.array([1, 0]), classes,
+                           False, 32, 1, threshold=0.6, names=["scan_a.png", "scan_b.png"])
+    assert all("p=" not in t for t in titles), titles
+    assert "pred NORMAL | P(PNEUMONIA)=0.66" in titles[0] and "argmax" in titles[0]
+    assert "P(PNEUMONIA) >= 0.60 (threshold chosen on validation)" in titles[2]
+    assert titles[4].startswith("scan_a.png\n") and "true" not in titles[4]
+
+
+def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
+    figs, grids = {}, {}
+
+    def keep(fig, path):
+        figs[Path(path).name] = {
+            "titles": [ax.get_title() for ax in fig.axes],
+            "legends": [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
+            "xticks": [list(ax.get_xticks()) for ax in fig.axes]}
+        train_cxr._plt().close(fig)
+
+    real_grid = train_cxr.save_grid
+    monkeypatch.setattr(train_cxr, "_savefig", keep)
+    monkeypatch.setattr(train_cxr, "save_grid", lambda p, tiles, title, **k: grids.__setitem__(Path(p).name, title)
+                        or real_grid(p, tiles, title, **k))
+    assert run(_train(synth_root, tmp_path / "runs", "figs", "--epochs", "3")) == 0
+    metrics = json.loads((tmp_path / "runs" / "figs" / "test_metrics.json").read_text())
+    hist = figs["training_history.png"]
+    assert "learning rate" in hist["titles"]
+    history = read_csv(tmp_path / "runs" / "figs" / "history.csv")
+    best = max(history, key=lambda r: float(r["val_auc"]))["epoch"]
+    assert f"best epoch ({best})" in hist["legends"]
+    assert all(float(t).is_integer() for ticks in hist["xticks"] for t in ticks)
+    roc = " ".join(figs["roc_curve.png"]["legends"])
+    lo, hi = metrics["auc_ci95"]
+    assert f"AUC {metrics['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})" in roc
+    assert f"operating threshold {metrics['threshold']:.2f}" in roc
+    assert f"{metrics['threshold']:.2f}" in figs["confusion_matrix.png"]["titles"][0]
+    assert "argmax" in grids["summary_epoch_001.png"]
+    assert f">= {metrics['threshold']:.2f} (threshold chosen on validation)" in grids["test_summary.png"]
