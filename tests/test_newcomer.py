@@ -252,3 +252,50 @@ def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
     assert f"{metrics['threshold']:.2f}" in figs["confusion_matrix.png"]["titles"][0]
     assert "argmax" in grids["summary_epoch_001.png"]
     assert f">= {metrics['threshold']:.2f} (threshold chosen on validation)" in grids["test_summary.png"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The demo visibly learns
+# ----------------------------------------------------------------------------------------------
+def _lesion_share(maps, lesions, work, img):
+    """Share of each map's heat inside its image's lesions (disks of 1.5 x the lesion radius), and
+    the share those disks cover (what a uniform map would give)."""
+    o = (work - img) // 2
+    yy, xx = np.mgrid[0:img, 0:img]
+    shares, areas = [], []
+    for cam, les in zip(maps, lesions):
+        mask = np.zeros((img, img), bool)
+        for cx, cy, r in les:
+            mask |= (xx + o - cx * work) ** 2 + (yy + o - cy * work) ** 2 <= (1.5 * r * work) ** 2
+        if cam.sum() > 0:
+            shares.append(cam[mask].sum() / cam.sum())
+            areas.append(mask.mean())
+    return float(np.mean(shares)), float(np.mean(areas))
+
+
+def test_demo_learns_both_classes_and_looks_at_the_lesions(tmp_path, capsys):
+    out = tmp_path / "runs"
+    assert run(["--demo", "--output-dir", out, "--run-name", "demo", "--device", "cpu", "--num-gradcam-images", "4"]) == 0
+    run_dir = out / "demo"
+    history = read_csv(run_dir / "history.csv")
+    n_val = [int(x) for x in
+             __import__("re").findall(r"val: \d+ \(NORMAL (\d+), PNEUMONIA (\d+)\)", capsys.readouterr().out)[0]]
+    majority = max(n_val) / sum(n_val)  # what "everything is PNEUMONIA" scores
+    mid = history[len(history) // 2 - 1]
+    assert float(mid["val_acc"]) > majority + 0.1, history  # both classes predicted by mid-run
+    assert float(history[-1]["val_acc"]) > float(history[0]["val_acc"])
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["at_0.5"]["specificity"] > 0.5 and metrics["at_0.5"]["sensitivity"] > 0.5
+    # Heat on the synthetic lesions of the PNEUMONIA test images, far above a uniform map.
+    lesions = json.loads((run_dir / "demo_data" / "lesions.json").read_text())
+    ckpt = train_cxr.load_checkpoint(run_dir / "best_model.pt")
+    names = sorted(k for k in lesions if k.startswith("test/"))
+    images = torch.from_numpy(np.stack([cv2.imread(str(run_dir / "demo_data" / n), cv2.IMREAD_GRAYSCALE)
+                                        for n in names]))
+    assert images.shape[-1] == ckpt["work_size"]
+    model = train_cxr.model_from_checkpoint(ckpt)
+    rt = train_cxr.Runtime(torch.device("cpu"), None)
+    pos = ckpt["positive_class"]
+    maps = train_cxr.gradcam_maps(model, images, [pos] * len(names), ckpt["img_size"], ckpt["normalization"], rt)
+    share, area = _lesion_share(maps, [lesions[n] for n in names], ckpt["work_size"], ckpt["img_size"])
+    assert share > 2 * area, (share, area)
