@@ -275,7 +275,8 @@ def _lesion_share(maps, lesions, work, img):
 
 def test_demo_learns_both_classes_and_looks_at_the_lesions(tmp_path, capsys):
     out = tmp_path / "runs"
-    assert run(["--demo", "--output-dir", out, "--run-name", "demo", "--device", "cpu", "--num-gradcam-images", "4"]) == 0
+    assert run(["--demo", "--output-dir", out, "--run-name", "demo", "--device", "cpu", "--num-gradcam-images", "4",
+                "--num-threads", "1"]) == 0
     run_dir = out / "demo"
     history = read_csv(run_dir / "history.csv")
     n_val = [int(x) for x in
