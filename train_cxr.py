@@ -326,6 +326,8 @@ if __name__ == "__main__":
 
 import cv2  # noqa: E402  (after the command line on purpose: see the note on the imports above)
 import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+import pydicom.pixels  # noqa: E402
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402

@@ -62,7 +62,8 @@ def test_monochrome1_is_inverted(source, tmp_path):
     _, img = source
     got = decoded(write_dicom(tmp_path / "a.dcm", (255 - img.astype(np.uint16)) * 16, bits_stored=12,
                               photometric="MONOCHROME1"))
-    np.testing.assert_array_equal(got, percentile_window(img))  # bone bright, as in the PNG
+    # Bone bright, as in the PNG; the inverted percentiles may round a pixel the other way at .5 ties.
+    np.testing.assert_allclose(got, percentile_window(img), atol=1)
 
 
 def test_rescale_slope_and_intercept_come_before_the_window(source, tmp_path):
