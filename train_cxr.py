@@ -2506,7 +2506,9 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         for k in range(i, i + len(maps)):
             f, c, p = Path(files[k]), classes[preds[k]], label_prob(probs[k], pos)
             stems.append(f"{k:05d}_{f.stem}_pred-{c}_p{p:.2f}" + ("" if inside[k] else "_ood"))
-            titles.append(("UNLIKE TRAINING | " if not inside[k] else "") + f"{f.name[:28]} | {c} p={p:.2f}")
+            shown = classes[pos] if len(classes) == 2 else c  # label_prob's class
+            titles.append(("UNLIKE TRAINING | " if not inside[k] else "") + f"{f.name}\npred {c} | P({shown})={p:.2f}\n"
+                          + label_rule(classes, pos, ckpt.get("threshold")))
         save_overlays(run_dir / "grad_cam", stems, titles, images[i:i + 64], maps, img, cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold")))
     shown = 25
