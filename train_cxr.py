@@ -51,6 +51,8 @@ import urllib.parse
 import warnings
 from pathlib import Path
 
+_STARTED = time.perf_counter()  # process start, for the "start-up" phase of the time breakdown
+
 # ----------------------------------------------------------------------------------------------
 # Config: edit these, or pass the matching flag (--data-dir, --img-size, ...)
 # ----------------------------------------------------------------------------------------------
@@ -1113,6 +1115,25 @@ def stop_on_signals():
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+
+
+PHASES: dict = {}  # seconds per phase of the current run, logged at its end
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    t = time.perf_counter()
+    try:
+        yield
+    finally:
+        PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t
+
+
+def log_phases(started: float) -> None:
+    """Where the wall time of the run went: the figure every speed claim starts from."""
+    wall = time.perf_counter() - started
+    rows = [*PHASES.items(), ("other (set-up, logging)", wall - sum(PHASES.values()))]
+    log.info(f"time per phase ({wall:.1f} s wall): " + "; ".join(f"{k} {v:.1f} s ({v / wall:.0%})" for k, v in rows))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -2279,11 +2300,13 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                     log.info(f"early stop: no better validation AUC for {cfg.patience} epochs")
                     break
                 t0 = time.time()
-                row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
+                with phase("training steps"):
+                    row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
                 train_seconds += time.time() - t0  # the epoch's results reached the host: no pending work
                 trained += per_epoch
                 average_buffers(unwrap(st.eval_model), rt)
-                row.update(evaluate(st, val_s)[0])
+                with phase("validation"):
+                    row.update(evaluate(st, val_s)[0])
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 improved = row["val_auc"] > best_auc
                 best_auc = max(best_auc, row["val_auc"])
@@ -2292,14 +2315,17 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                 if not rt.is_main:
                     continue
                 log_epoch(row, improved)
-                if improved:
-                    save_checkpoint(run_dir / "best_model.pt",
-                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
-                save_checkpoint(run_dir / "last.pt", make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
-                write_history(history, run_dir)
-                if len(cam_idx):
-                    explain_epoch(st, val_s, cam_idx, classes, epoch, row["val_auc"], run_dir)
-                write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
+                with phase("checkpoints"):
+                    if improved:
+                        save_checkpoint(run_dir / "best_model.pt",
+                                        make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
+                    save_checkpoint(run_dir / "last.pt",
+                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
+                with phase("per-epoch plots, Grad-CAM and report page"):
+                    write_history(history, run_dir)
+                    if len(cam_idx):
+                        explain_epoch(st, val_s, cam_idx, classes, epoch, row["val_auc"], run_dir)
+                    write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
@@ -2382,7 +2408,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"demo: writing synthetic X-rays to {data_root}")
         write_synthetic_dataset(data_root, *DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
         cfg.data_dir = str(data_root)
-    data = prepare_data(cfg)  # every input check happens before the run folder exists
+    PHASES.clear()
+    PHASES["start-up"] = time.perf_counter() - _STARTED
+    with phase("decode and data checks"):
+        data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
     if batches_per_epoch(len(train_s), cfg, rt) == 0:
@@ -2428,8 +2457,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
-    rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
-    log.info(f"report page: {write_report(run_dir, f'train_cxr run {run_dir.name}')}")
+    with phase("calibration, guard and test report"):
+        rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
+        page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+    log_phases(_STARTED)
+    log.info(f"report page: {page}")
     return rc
 
 
@@ -2595,6 +2627,8 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
 
 def main(argv=None, parsed=None) -> int:
     """Run the script; `parsed` is parse_config's result when the command line was checked already."""
+    global _STARTED
+    _STARTED = _STARTED or time.perf_counter()  # the process start on the first call; later calls (tests) time themselves
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)
@@ -2613,6 +2647,7 @@ def main(argv=None, parsed=None) -> int:
         print("error: out of GPU memory: lower --batch-size (e.g. half) or --img-size", file=sys.stderr)
         return 2
     finally:
+        _STARTED = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 

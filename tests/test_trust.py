@@ -350,3 +350,18 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
         v = [m["thresholds_by_policy"][policy] for m in runs]
         assert value == pytest.approx(max(v) - min(v), abs=1e-4), policy
     assert set(spread) == {"balanced", "accuracy", "youden", "sensitivity:0.95", "youden_uncalibrated"}
+
+
+def test_train_log_ends_with_the_time_per_phase(trained):
+    import re
+    line = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("time per phase")]
+    assert len(line) == 1
+    wall = float(re.search(r"\(([\d.]+) s wall\)", line[0]).group(1))
+    parts = dict((k.strip(), float(v)) for k, v, _ in re.findall(r"(?:: |; )([^;:]+?) ([\d.-]+) s \((\d+)%\)", line[0]))
+    for name in ("start-up", "decode and data checks", "training steps", "validation",
+                 "per-epoch plots, Grad-CAM and report page", "calibration, guard and test report"):
+        assert name in parts, name
+    assert sum(parts.values()) == pytest.approx(wall, abs=0.6)  # the phases add up to the wall time
+    speed = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("training speed")][0]
+    assert parts["training steps"] == pytest.approx(float(re.search(r"in ([\d.]+) s of training", speed).group(1)),
+                                                    abs=0.3)
