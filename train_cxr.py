@@ -2457,7 +2457,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
-    with phase("calibration, guard and test report"):
+    with phase("calibration, guard and test set"):
         rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
         page = write_report(run_dir, f"train_cxr run {run_dir.name}")
     log_phases(_STARTED)

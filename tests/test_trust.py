@@ -359,7 +359,7 @@ def test_train_log_ends_with_the_time_per_phase(trained):
     wall = float(re.search(r"\(([\d.]+) s wall\)", line[0]).group(1))
     parts = dict((k.strip(), float(v)) for k, v, _ in re.findall(r"(?:: |; )([^;:]+?) ([\d.-]+) s \((\d+)%\)", line[0]))
     for name in ("start-up", "decode and data checks", "training steps", "validation",
-                 "per-epoch plots, Grad-CAM and report page", "calibration, guard and test report"):
+                 "per-epoch plots, Grad-CAM and report page", "calibration, guard and test set"):
         assert name in parts, name
     assert sum(parts.values()) == pytest.approx(wall, abs=0.6)  # the phases add up to the wall time
     speed = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("training speed")][0]
