@@ -2500,6 +2500,9 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
 
 def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split:
     """A labelled folder (FOLDER/<CLASS>/*) decoded the way the checkpoint's run decoded images."""
+    if what == "recalibration" and not folder.is_dir():
+        raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
+                       f"labelled images per class ({', '.join(ckpt['class_names'])})")
     classes, samples = check_split_dir(folder, what)
     if classes != ckpt["class_names"]:
         raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")

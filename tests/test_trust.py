@@ -322,6 +322,15 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert "weights unchanged" in capsys.readouterr().out
 
 
+def test_recalibrate_missing_folder_is_one_line_error(trained, tmp_path, capsys):
+    capsys.readouterr()
+    assert run(["--recalibrate", tmp_path / "nope", "--checkpoint", trained, "--output-dir", tmp_path / "o",
+                *ONE_THREAD]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--recalibrate folder" in err[0] and "nope" in err[0] and "NORMAL" in err[0]
+    assert not (tmp_path / "o").exists()
+
+
 def test_recalibrate_refuses_other_classes(trained, tmp_path):
     site = tmp_path / "site"
     for c in ("A", "B"):
