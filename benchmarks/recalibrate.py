@@ -4,12 +4,13 @@
     python benchmarks/recalibrate.py /tmp/cv/fold0 --per-class 40
 
 The held-out fold FOLD/data/test (patients the model never saw) is split by patient into two
-halves: the "site" half gives --per-class labelled images per class to --recalibrate, the
-"judge" half is scored by --evaluate with the original and the recalibrated checkpoint. This
-is done twice: on the images as they are, and on the same images through a simulated other
-scanner (gamma 1.6, contrast squeezed into 15-85% of the range, a slight blur), the situation
-recalibration is for. Printed per setting: ECE, accuracy, sensitivity, specificity and the
-share flagged by the guard, before -> after.
+halves: the "site" half gives --per-class x (number of classes) labelled images to
+--recalibrate, the "judge" half is scored by --evaluate with the original and the recalibrated
+checkpoint. Three sites are simulated: the images as they are (site images drawn at the fold's
+prevalence); the same through another scanner (gamma 1.6, contrast squeezed into 15-85% of the
+range, a slight blur); and a site where half the patients have pneumonia (site and judge
+images balanced by class, against ~74% in training). Printed per setting: ECE, accuracy,
+sensitivity, specificity, threshold and the share flagged by the guard, before -> after.
 """
 from __future__ import annotations
 
@@ -53,15 +54,19 @@ def main() -> int:
     labels = np.array([s[1] for s in samples])
     site, judge = T.grouped_split(labels, [T.patient_id(s[0]) for s in samples], 0.5, a.seed)
     rng = np.random.default_rng(a.seed)
-    site = np.concatenate([rng.permutation(site[labels[site] == k])[:a.per_class] for k in range(len(classes))])
+    n_site = a.per_class * len(classes)
+    site_same = rng.permutation(site)[:n_site]  # the fold's own prevalence
+    balanced = lambda idx, n: np.concatenate([rng.permutation(idx[labels[idx] == k])[:n] for k in range(len(classes))])
+    judge_bal = balanced(judge, min(np.bincount(labels[judge])))
+    settings = [("as is", site_same, judge, False), ("other scanner", site_same, judge, True),
+                ("50% prevalence", balanced(site, a.per_class), judge_bal, False)]
     work = Path(tempfile.mkdtemp(prefix="recal_"))
     common = ["--num-workers", "0", "--output-dir", str(work)]
-    print(f"{fold}: recalibrate on {len(site)} images, judge on {len(judge)} other patients' images")
-    for shift in (False, True):
-        name = "other scanner" if shift else "as is"
-        tag = "shift" if shift else "plain"
-        write_half(work / f"site_{tag}", samples, classes, site, shift)
-        write_half(work / f"judge_{tag}", samples, classes, judge, shift)
+    print(f"{fold}: recalibrate on {n_site} images of half the held-out patients, judge on the other half")
+    for n, (name, site_idx, judge_idx, shift) in enumerate(settings):
+        tag = f"s{n}"
+        write_half(work / f"site_{tag}", samples, classes, site_idx, shift)
+        write_half(work / f"judge_{tag}", samples, classes, judge_idx, shift)
         assert T.main(["--recalibrate", str(work / f"site_{tag}"), "--checkpoint", str(ckpt), "--run-name",
                        f"recal_{tag}", *common]) == 0
         rows = {}
@@ -69,10 +74,10 @@ def main() -> int:
             assert T.main(["--evaluate", "--checkpoint", str(ck), "--data-dir", str(work / f"judge_{tag}"),
                            "--run-name", f"eval_{tag}_{when}", *common]) == 0
             rows[when] = json.loads((work / f"eval_{tag}_{when}" / "test_metrics.json").read_text())
-        keys = ("ece", "accuracy", "sensitivity", "specificity")
+        keys = ("ece", "accuracy", "sensitivity", "specificity", "threshold")
         cells = [f"{k} {rows['before'][k]:.3f} -> {rows['after'][k]:.3f}" for k in keys]
         cells.append(f"flagged {rows['before']['ood']['share_flagged']:.1%} -> {rows['after']['ood']['share_flagged']:.1%}")
-        print(f"{name:<14} " + " | ".join(cells), flush=True)
+        print(f"{name:<15} (judge {rows['before']['n']} images) " + " | ".join(cells), flush=True)
     return 0
 
 
