@@ -506,6 +506,15 @@ def _plain(obj):
     return obj
 
 
+def write_csv(path: Path, header: list, rows) -> None:
+    def write(p):
+        with open(p, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+    atomic_write(path, write)
+
+
 def save_json(path: Path, obj) -> None:
     text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
@@ -1702,13 +1711,7 @@ def plot_confusion(cm, class_names: list, path: Path, title: str) -> None:
 
 def write_history(history: list, run_dir: Path) -> None:
     keys = list(history[0].keys())
-
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=keys)
-            w.writeheader()
-            w.writerows(history)
-    atomic_write(run_dir / "history.csv", write)
+    write_csv(run_dir / "history.csv", keys, [[row[k] for k in keys] for row in history])
     plot_history(history, run_dir / "training_history.png")
 
 
@@ -1734,15 +1737,6 @@ def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
     if share > 0.10:
         log.warning(f"WARNING: {share:.0%} of the images in {where} do not look like the training data "
                     "(ood_score above the cutoff): predictions on them are unreliable")
-
-
-def write_csv(path: Path, header: list, rows) -> None:
-    def write(p):
-        with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-    atomic_write(path, write)
 
 
 def prediction_rows(paths: list, sc: dict, class_names: list, threshold, labels=None) -> tuple[list, list]:
