@@ -338,6 +338,7 @@ import torchvision  # noqa: E402
 from PIL import Image  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.covariance import LedoitWolf  # noqa: E402
+from sklearn.linear_model import LogisticRegression  # noqa: E402
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -1346,12 +1347,34 @@ def _mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.
     return np.einsum("nkc,cd,nkd->nk", d, precision, d).min(1)
 
 
-def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantile: float) -> dict:
-    """Class-conditional Gaussians with a shared, shrunk covariance on every layer's features
-    (Lee et al. 2018; Ledoit-Wolf shrinkage from scikit-learn). An image's score is the mean over
-    layers of its Mahalanobis distance divided by the layer's median distance on held-out images,
-    so every layer counts alike: early layers see texture and exposure, late ones anatomy, and no
-    single layer catches every kind of outlier (Anthony & Kamnitsas 2023). The cutoff is the
+def zoomed_views(images_u8: torch.Tensor, seed: int) -> torch.Tensor:
+    """Each image cropped to 15-50% of its area (aspect 0.6-1.6) and resized back: part of the
+    chest seen closer than any training augmentation shows it (AUG_SCALE_MIN keeps 60% or more).
+    The guard learns what such views look like, as synthetic outliers (outlier exposure,
+    Hendrycks et al. 2019)."""
+    rng = np.random.default_rng(seed)
+    size = images_u8.shape[-1]
+    out = []
+    for im in images_u8.numpy():
+        area, aspect = rng.uniform(0.15, 0.5), rng.uniform(0.6, 1.6)
+        h = int(min(size, size * np.sqrt(area * aspect)))
+        w = int(min(size, size * area * size / h))
+        y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
+        out.append(cv2.resize(im[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_LINEAR))
+    return torch.from_numpy(np.stack(out))
+
+
+def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantile: float,
+                  zoomed_feats: list | None = None) -> dict:
+    """Two parts, one score. (1) Class-conditional Gaussians with a shared, shrunk covariance on
+    every layer's features (Lee et al. 2018; Ledoit-Wolf shrinkage from scikit-learn): the mean
+    over layers of an image's Mahalanobis distance, each divided by the layer's median distance on
+    held-out images, so every layer counts alike (early layers see texture and exposure, late ones
+    anatomy; no single layer catches every kind of outlier, Anthony & Kamnitsas 2023). (2) With
+    zoomed_feats (features of zoomed_views of the training images): a logistic regression that
+    tells training images from close-up views of part of the chest, which part (1) misses because
+    augmentation taught the network to ignore scale. The score is the larger of the two, the
+    second scaled so both parts flag alike; 1 is a typical held-out image. The cutoff is the
     `quantile` of the held-out (patient-grouped validation) scores: about 1 - quantile of images
     like the training ones are flagged. Plain tensors only, for the checkpoint."""
     labels = np.asarray(train_labels)
@@ -1363,17 +1386,40 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
         guard["precisions"].append(torch.from_numpy(precision).float())
         guard["scales"].append(float(np.median(_mahalanobis(h, means, precision))))
     guard["scales"] = torch.tensor(guard["scales"])
+    if zoomed_feats is not None:
+        x = np.concatenate([np.concatenate(train_feats, 1), np.concatenate(zoomed_feats, 1)])
+        mean, sd = x.mean(0), x.std(0) + 1e-6
+        clf = LogisticRegression(C=0.1, max_iter=2000).fit((x - mean) / sd, np.r_[np.zeros(len(labels)),
+                                                                                 np.ones(len(zoomed_feats[0]))])
+        guard["zoomed"] = {"mean": torch.from_numpy(mean).float(), "scale": torch.from_numpy(sd).float(),
+                           "coef": torch.from_numpy(clf.coef_[0]).float(), "intercept": float(clf.intercept_[0]),
+                           "weight": 1.0}
+        # Scale the second part so that both flag the same share of held-out images on their own.
+        q = 1 - (1 - quantile) / 2
+        d, z = _guard_parts(guard, held_out_feats)
+        guard["zoomed"]["weight"] = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
     guard["cutoff"] = float(np.quantile(ood_scores(guard, held_out_feats), quantile))
     guard["quantile"] = float(quantile)
     return guard
 
 
+def _guard_parts(guard: dict, feats: list) -> tuple:
+    """The guard's two parts per image: the mean scaled Mahalanobis distance, and the weighted
+    probability of a zoomed-in view (zeros for a guard that has no such part)."""
+    d = np.mean([_mahalanobis(f, m.double().numpy(), p.double().numpy()) / float(s)
+                 for f, m, p, s in zip(feats, guard["means"], guard["precisions"], guard["scales"])], axis=0)
+    z = np.zeros_like(d)
+    if "zoomed" in guard:
+        g = {k: v.double().numpy() if torch.is_tensor(v) else v for k, v in guard["zoomed"].items()}
+        logit = ((np.concatenate(feats, 1) - g["mean"]) / g["scale"]) @ g["coef"] + g["intercept"]
+        z = g["weight"] / (1 + np.exp(-np.clip(logit, -50, 50)))
+    return d, z
+
+
 def ood_scores(guard: dict, feats: list) -> np.ndarray:
     """The guard's score per image: 1 is a typical held-out training image; above guard["cutoff"]
     the image is flagged as unlike the training data."""
-    parts = [_mahalanobis(f, m.double().numpy(), p.double().numpy()) / float(s)
-             for f, m, p, s in zip(feats, guard["means"], guard["precisions"], guard["scales"])]
-    return np.mean(parts, axis=0)
+    return np.maximum(*_guard_parts(guard, feats))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2371,8 +2417,9 @@ def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Sp
     best = load_checkpoint(run_dir / "best_model.pt")
     model = model_from_checkpoint(best).to(rt.device)
     best.update(fit_operating_point(model, best, val_s, cfg.threshold_policy, rt))
-    feats = lambda sp: layer_features(model, sp.images, cfg.img_size, norm, rt.device)
-    best["ood"] = fit_ood_guard(feats(train_s), train_s.labels.numpy(), feats(val_s), cfg.ood_quantile)
+    feats = lambda images: layer_features(model, images, cfg.img_size, norm, rt.device)
+    best["ood"] = fit_ood_guard(feats(train_s.images), train_s.labels.numpy(), feats(val_s.images), cfg.ood_quantile,
+                                feats(zoomed_views(train_s.images, cfg.seed)))
     save_checkpoint(run_dir / "best_model.pt", best)
     log.info(f"calibration on validation: temperature {float(best['calibration']['temperature']):.3f}, "
              f"class biases {[round(b, 3) for b in best['calibration']['bias'].tolist()]}")

@@ -152,9 +152,46 @@ def test_guard_flags_shifted_data_and_passes_held_out_data():
     assert np.median(T.ood_scores(guard, held)) == pytest.approx(1.0, abs=0.1)  # 1 = a typical image
 
 
+def test_zoomed_view_part_flags_what_the_mahalanobis_part_misses():
+    # A small shift spread over many features: the distance averaged over layers hardly notices
+    # it, while the logistic part, shown such "zoomed" features at fit time, projects onto it.
+    rng = np.random.default_rng(3)
+    layers = lambda n, shift=0.0: [rng.normal(size=(n, 4)), rng.normal(size=(n, 30)) + shift]
+    train, held = layers(3000), layers(1000)
+    labels = rng.integers(0, 2, 3000)
+    with_part = T.fit_ood_guard(train, labels, held, 0.99, zoomed_feats=layers(3000, 1.0))
+    without = T.fit_ood_guard(train, labels, held, 0.99)
+    close_ups = layers(1000, 1.0)
+    flagged = lambda g, f: float((T.ood_scores(g, f) > g["cutoff"]).mean())
+    assert flagged(without, close_ups) < 0.5
+    assert flagged(with_part, close_ups) > 0.95
+    assert flagged(with_part, held) == pytest.approx(0.01, abs=0.002)
+    assert flagged(with_part, layers(2000)) < 0.03
+    assert flagged(with_part, layers(500, 3.0)) > 0.99
+    assert np.median(T.ood_scores(with_part, held)) == pytest.approx(1.0, abs=0.1)
+    # A guard without the part (an older checkpoint) scores exactly as before.
+    d, z = T._guard_parts(without, held)
+    np.testing.assert_array_equal(T.ood_scores(without, held), d)
+    assert not z.any()
+
+
+def test_zoomed_views_show_at_most_half_of_the_image():
+    ramp = np.tile(np.arange(64, dtype=np.uint8) * 4, (64, 1))   # gray level = 4 * column
+    batch = lambda im: torch.from_numpy(np.stack([im] * 30))
+    across, down = T.zoomed_views(batch(ramp), seed=0), T.zoomed_views(batch(ramp.T.copy()), seed=0)
+    assert across.shape == (30, 64, 64) and across.dtype == torch.uint8
+    # The same seed crops the same boxes: the ramps show each box's width and height.
+    width = (across.float().amax((1, 2)) - across.float().amin((1, 2)) + 4) / 256
+    height = (down.float().amax((1, 2)) - down.float().amin((1, 2)) + 4) / 256
+    assert ((width * height) <= 0.52).all() and ((width * height) >= 0.13).all()
+    assert torch.equal(across, T.zoomed_views(batch(ramp), seed=0))
+
+
 def test_guard_is_plain_tensors_in_the_checkpoint(tmp_path):
     rng = np.random.default_rng(2)
-    guard = T.fit_ood_guard(gaussian_layers(rng, 500), rng.integers(0, 2, 500), gaussian_layers(rng, 200), 0.99)
+    train = gaussian_layers(rng, 500)
+    guard = T.fit_ood_guard(train, rng.integers(0, 2, 500), gaussian_layers(rng, 200), 0.99,
+                            zoomed_feats=[f + 1.0 for f in train])
     buf = io.BytesIO()
     torch.save({"ood": guard}, buf)
     buf.seek(0)
@@ -162,6 +199,7 @@ def test_guard_is_plain_tensors_in_the_checkpoint(tmp_path):
     feats = gaussian_layers(rng, 50)
     np.testing.assert_allclose(T.ood_scores(back, feats), T.ood_scores(guard, feats))
     assert all(isinstance(m, torch.Tensor) for m in back["means"] + back["precisions"])
+    assert all(isinstance(v, (torch.Tensor, float)) for v in back["zoomed"].values())
 
 
 def test_layer_features_shapes_and_mode_restored():
