@@ -17,7 +17,7 @@ What is measured (every figure is printed as `name: value`):
   training   forward + backward + optimizer step on the CPU. original: CustomCNN(in_channels=3,
              img_size=224, channels 32-64-128-256, FC 512), fp32, contiguous, Adam 1e-3, batch 32.
              ours: the default recipe, train_cxr.train_one_epoch with build_state/setup_runtime of
-             Config(device='cpu') (bf16 autocast + channels_last on an AMX CPU, augment_batch, EMA).
+             Config(device='cpu') (channels_last; bf16 autocast on an AMX CPU; augment_batch, EMA).
   end-to-end ours: train_one_epoch over the decoded images; original: min(baseline pipeline,
              original training) images/s (generous to the original: in reality both share the cores).
   FLOP/s     forward FLOPs from torch.utils.flop_counter x 3 (forward + backward) x images/s, and
@@ -415,7 +415,7 @@ def main(argv=None) -> int:
         our_rate = ours_train_rate(cfg, rt, args.train_steps, args.warmup_steps, args.seed)
         emit(res, "ours_model", f"CustomCNN 1x{cfg.img_size}x{cfg.img_size}, channels "
              f"{'-'.join(map(str, cfg.channels))}, FC {cfg.fc_hidden}, {rt.amp_dtype or 'fp32'}"
-             f"{' + channels_last' if rt.amp_dtype is not None else ''}, AdamW + EMA, batch {cfg.batch_size}, "
+             f"{' + channels_last' if rt.channels_last else ''}, AdamW + EMA, batch {cfg.batch_size}, "
              "augment_batch included")
         emit(res, "ours_train_imgs_per_s", round(our_rate, 1))
         emit(res, "train_speedup", round(our_rate / orig_rate, 2))

@@ -236,3 +236,27 @@ def test_keep_freed_memory_stops_the_page_faults_of_every_step():
         pytest.skip("this libc does not take mallopt (not glibc)")
     assert default > 5_000, f"six steps did not page-fault without the setting ({default}): nothing to test"
     assert tuned < default / 2, f"{tuned} page faults with keep_freed_memory(), {default} without"
+
+
+def test_fp32_channels_last_gives_the_same_probabilities_and_gradients():
+    # NHWC is only a memory layout: the CPU fp32 path uses it for speed and must not change results.
+    torch.manual_seed(1)
+    img = 64
+    make = lambda: train_cxr.CustomCNN(img_size=img, channels=(8, 16, 32, 64), fc_hidden=32)
+    model = make()
+    imgs = varied_batch(12, img + 8, seed=3)
+    norm = {"mode": "image"}
+    nchw = train_cxr.Runtime(torch.device("cpu"), None, channels_last=False)
+    nhwc = train_cxr.Runtime(torch.device("cpu"), None)
+    assert nhwc.channels_last  # the default on every device
+    np.testing.assert_allclose(train_cxr.predict_probs(model, imgs, img, norm, nhwc, tta=True),
+                               train_cxr.predict_probs(model, imgs, img, norm, nchw, tta=True), atol=1e-5)
+    cl = make()
+    cl.load_state_dict(model.state_dict())
+    cl = cl.to(memory_format=torch.channels_last)
+    x = train_cxr.eval_batch(imgs, img, norm, torch.device("cpu"))
+    for m, inp in ((model, x), (cl, x.contiguous(memory_format=torch.channels_last))):
+        torch.manual_seed(2)  # the same dropout masks
+        torch.nn.functional.cross_entropy(m.train()(inp), torch.arange(12) % 2).backward()
+    for a, b in zip(model.parameters(), cl.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3)

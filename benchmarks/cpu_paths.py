@@ -1,0 +1,110 @@
+"""Training speed of the default model on this CPU, per precision and memory layout, and
+optionally a whole default run with its per-phase time table.
+
+    python benchmarks/cpu_paths.py                        # the step table, ~2 minutes on 2 cores
+    python benchmarks/cpu_paths.py --run ../shared/data/chest_xray_224 --amp off --out /tmp/speed
+
+The step table times forward + backward + AdamW of the default CustomCNN (IMG_SIZE, CHANNELS,
+FC_HIDDEN, batch BATCH_SIZE) on random images, for fp32 and bf16 autocast, each in the NCHW and
+the NHWC (channels_last) layout, interleaved so that load from other processes hits every path
+alike; it prints images/s and the ratio to fp32 NCHW (the layout train_cxr.py used on CPUs without
+AMX before it switched to NHWC). `--amp auto` picks bf16 only on a CPU with AMX.
+
+--run DATA trains the default recipe on DATA (a subprocess: `python train_cxr.py --data-dir DATA
+--amp AMP`) and prints its wall time and the per-phase table from its train.log.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_cxr as T  # noqa: E402
+
+
+def step_rate(layout: str, dtype, steps: int, seed: int = 0) -> float:
+    torch.manual_seed(seed)
+    model = T.CustomCNN(img_size=T.IMG_SIZE, channels=T.CHANNELS, fc_hidden=T.FC_HIDDEN).train()
+    x = torch.randn(T.BATCH_SIZE, 1, T.IMG_SIZE, T.IMG_SIZE)
+    y = torch.randint(0, 2, (T.BATCH_SIZE,))
+    if layout == "NHWC":
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ctx = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype is not None else contextlib.nullcontext
+
+    def step():
+        with ctx():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    step()  # first call: oneDNN picks and caches its kernels
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * T.BATCH_SIZE / (time.perf_counter() - t)
+
+
+def run_default(data: str, amp: str, out: str) -> None:
+    name = f"cpu_paths_{amp}_{int(time.time())}"
+    cmd = [sys.executable, str(ROOT / "train_cxr.py"), "--data-dir", data, "--amp", amp,
+           "--output-dir", out, "--run-name", name]
+    print("running:", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    log = (Path(out) / name / "train.log").read_text()
+    line = [ln for ln in log.splitlines() if "time per phase" in ln][-1]
+    precision = re.search(r"precision: (\S+)", log)
+    print(f"default run, --amp {amp} ({precision.group(1) if precision else '?'}): {wall:.1f} s wall "
+          f"({wall / 60:.1f} min) including the interpreter start")
+    print(f"{'phase':<28} {'seconds':>8} {'share':>6}")
+    for name_, sec, share in re.findall(r"(?:: |; )([^;:()]+?) ([\d.]+) s \((\d+%)\)", line.split("wall):")[1]):
+        print(f"{name_:<28} {float(sec):>8.1f} {share:>6}")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=6, help="timed steps per path and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round is reported")
+    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--run", default="", help="also train the default recipe on this data folder")
+    p.add_argument("--amp", default="off", choices=("auto", "on", "off"), help="--amp of that run")
+    p.add_argument("--out", default="/tmp/cxr_cpu_paths", help="where that run's folder goes")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    T.keep_freed_memory()  # as train_cxr.py does on Linux
+    amx = T.cpu_has_fast_bf16()
+    print(f"CPU threads {torch.get_num_threads()}, AMX {amx}, torch {torch.__version__}; "
+          f"model: CustomCNN {T.IMG_SIZE} px, channels {T.CHANNELS}, FC {T.FC_HIDDEN}, batch {T.BATCH_SIZE}")
+    paths = [("fp32", "NCHW", None), ("fp32", "NHWC", None), ("bf16", "NCHW", torch.bfloat16),
+             ("bf16", "NHWC", torch.bfloat16)]
+    rates: dict = {p_[:2]: [] for p_ in paths}
+    for _ in range(a.rounds):
+        for prec, layout, dtype in paths:
+            # bf16 without AMX is an order of magnitude slower: fewer steps keep the table quick
+            rates[(prec, layout)].append(step_rate(layout, dtype, a.steps if dtype is None or amx else 2))
+    base = max(rates[("fp32", "NCHW")])
+    print(f"{'precision':<10} {'layout':<7} {'images/s':>9} {'vs fp32 NCHW':>13}   (best of {a.rounds} rounds; "
+          "median in brackets)")
+    for (prec, layout), r in rates.items():
+        print(f"{prec:<10} {layout:<7} {max(r):>9.1f} {max(r) / base:>12.2f}x   ({statistics.median(r):.1f})")
+    if a.run:
+        run_default(a.run, a.amp, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
