@@ -36,6 +36,7 @@ import dataclasses
 import datetime as _dt
 import difflib
 import errno
+import functools
 import hashlib
 import html
 import json
@@ -192,25 +193,18 @@ CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"),
 THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
 
 
-def _work_size(self) -> int:
-    return max(self.img_size, int(round(self.img_size * self.work_scale)))
-
-
-def _to_dict(self) -> dict:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-def _from_dict(cls, d: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items() if k in names})
-
-
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
-# defaulting to the constant's value. Saved in config.json and in every checkpoint.
+# defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
+# tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back and ignores unknown keys.
 Config = dataclasses.make_dataclass(
     "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values()
                for name, _ in group],
-    namespace={"work_size": property(_work_size), "to_dict": _to_dict, "from_dict": classmethod(_from_dict)})
+    namespace={"work_size": property(lambda c: max(c.img_size, int(round(c.img_size * c.work_scale)))),
+               "to_dict": lambda c: {k: list(v) if isinstance(v, tuple) else v
+                                     for k, v in dataclasses.asdict(c).items()},
+               "from_dict": classmethod(lambda cls, d: cls(**{k: tuple(v) if isinstance(v, list) else v
+                                                              for k, v in d.items()
+                                                              if k in cls.__dataclass_fields__}))})
 
 
 def _int_tuple(text: str) -> tuple:
@@ -276,8 +270,11 @@ def parse_config(argv=None) -> tuple:
     """(Config, argparse namespace); args.given is the set of Config fields typed on the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    # --img_size is the natural spelling next to IMG_SIZE: accept it as --img-size.
-    argv = [_dashed(a, parser) for a in argv]
+    for i, arg in enumerate(argv):  # --img_size is the natural spelling next to IMG_SIZE: accept it
+        flag, eq, value = arg.partition("=")
+        dashed = "--" + flag[2:].replace("_", "-")
+        if flag.startswith("--") and dashed in parser._option_string_actions:
+            argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
     names = [f.name for f in dataclasses.fields(Config)]
     args.given = {n for n in names if hasattr(args, n)}
@@ -285,14 +282,6 @@ def parse_config(argv=None) -> tuple:
     cfg = Config(**values)
     check_config(cfg)
     return cfg, args
-
-
-def _dashed(arg: str, parser) -> str:
-    flag, eq, value = arg.partition("=")
-    dashed = "--" + flag[2:].replace("_", "-")
-    if flag.startswith("--") and "_" in flag and dashed in parser._option_string_actions:
-        return dashed + eq + value
-    return arg
 
 
 def check_config(cfg: Config) -> None:
@@ -328,6 +317,9 @@ if __name__ == "__main__":
         sys.exit(2)
 
 import cv2  # noqa: E402  (after the command line on purpose: see the note on the imports above)
+import matplotlib  # noqa: E402
+matplotlib.use("Agg")  # figures go to files; no display needed
+import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 import pydicom.pixels  # noqa: E402
@@ -339,7 +331,7 @@ from PIL import Image  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.covariance import LedoitWolf  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
-from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
+from sklearn.metrics import accuracy_score, confusion_matrix, roc_auc_score, roc_curve  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 
@@ -441,11 +433,6 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for --amp auto|on|off on this device (None = fp32)."""
     on = amp == "on" or (amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     return torch.bfloat16 if on else None
-
-
-def seed_everything(seed: int) -> None:
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def setup_console_logging(is_main: bool = True) -> None:
@@ -678,21 +665,16 @@ def dicom_patient_id(path: str) -> str:
     return f"dicom:{pid.strip()}" if pid.strip() else ""
 
 
-class _DecodeDataset(torch.utils.data.Dataset):
-    def __init__(self, paths, size):
-        self.paths, self.size = paths, size
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                arr, err = decode_xray(self.paths[i], self.size), ""
-            except Exception as e:  # reported, not hidden: the caller lists every bad file
-                arr, err = None, str(e) if isinstance(e, DicomRefused) else f"{type(e).__name__}: {str(e)[:120]}"
-        return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
+def _decode_one(item: tuple, size: int) -> tuple:
+    """(index, array or None, error text, multi-frame?) of one (index, path): runs in a worker."""
+    i, path = item
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            arr, err = decode_xray(path, size), ""
+        except Exception as e:  # reported, not hidden: the caller lists every bad file
+            arr, err = None, str(e) if isinstance(e, DicomRefused) else f"{type(e).__name__}: {str(e)[:120]}"
+    return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
 
 
 def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list]:
@@ -704,8 +686,9 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     bad = []
     workers = min(num_workers, max(0, len(paths) // 64))
-    loader = torch.utils.data.DataLoader(_DecodeDataset(paths, size), batch_size=None, num_workers=workers,
-                                         collate_fn=lambda x: x)
+    # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
+    loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
+                                         collate_fn=functools.partial(_decode_one, size=size))
     multi_frame = []
     for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
@@ -960,13 +943,6 @@ class EMA:
         for e, b in zip(self.module.buffers(), model.buffers()):
             e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
 
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, sd: dict) -> None:
-        self.module.load_state_dict(sd["module"])
-        self.updates = int(sd["updates"])
-
 
 # ----------------------------------------------------------------------------------------------
 # Metrics: scikit-learn's, plus only what it lacks (bootstrap CI, calibration, threshold policies)
@@ -1025,10 +1001,6 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     if not aucs:
         return [float("nan"), float("nan")]
     return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
-
-
-def accuracy(labels, probs: np.ndarray) -> float:
-    return float((np.asarray(probs).argmax(1) == np.asarray(labels)).mean())
 
 
 def fit_calibration(probs: np.ndarray, labels) -> dict:
@@ -1110,17 +1082,13 @@ def choose_threshold(y_true, prob, policy: str) -> float:
 _STOP = {"signal": None}
 
 
-def _on_signal(signum, frame):
-    _STOP["signal"] = signum
-
-
 @contextlib.contextmanager
 def stop_on_signals():
     """SIGINT/SIGTERM set a flag that the training loop checks after every batch."""
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     _STOP["signal"] = None
     for s in old:
-        signal.signal(s, _on_signal)
+        signal.signal(s, lambda signum, frame: _STOP.update(signal=signum))
     try:
         yield
     finally:
@@ -1138,13 +1106,6 @@ def phase(name: str):
         yield
     finally:
         PHASES[name] = PHASES.get(name, 0.0) + time.perf_counter() - t
-
-
-def log_phases(started: float) -> None:
-    """Where the wall time of the run went: the figure every speed claim starts from."""
-    wall = time.perf_counter() - started
-    rows = [*PHASES.items(), ("other (set-up, logging)", wall - sum(PHASES.values()))]
-    log.info(f"time per phase ({wall:.1f} s wall): " + "; ".join(f"{k} {v:.1f} s ({v / wall:.0%})" for k, v in rows))
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -1225,26 +1186,18 @@ class TrainState:
     pos: int                   # index of the positive class (AUC)
 
 
-def epoch_seed(cfg: Config, epoch: int) -> int:
-    # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
-    return cfg.seed * 1000 + epoch
-
-
-def batches_per_epoch(n_train: int, cfg: Config, rt: Runtime) -> int:
-    """Optimizer steps per epoch and process: each rank gets n_train // world images (the
-    DistributedSampler drops the rest), and the last partial batch is dropped (batch norm needs > 1)."""
-    return n_train // rt.world // cfg.batch_size
-
-
 def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     cfg, rt = st.cfg, st.rt
-    torch.manual_seed(epoch_seed(cfg, epoch))
-    gen = torch.Generator().manual_seed(epoch_seed(cfg, epoch))
+    # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
+    torch.manual_seed(cfg.seed * 1000 + epoch)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     sampler = torch.utils.data.DistributedSampler(range(len(train)), num_replicas=rt.world, rank=rt.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
     order = torch.tensor(list(sampler))
-    n_batches = batches_per_epoch(len(train), cfg, rt)
+    # Each rank gets len(train) // world images (the sampler drops the rest) and drops the last
+    # partial batch (batch norm needs > 1 image).
+    n_batches = len(train) // rt.world // cfg.batch_size
     st.model.train()
     losses, probs, labels = [], [], []
     bar = tqdm(range(n_batches), desc=f"epoch {epoch} train", leave=False, disable=None if rt.is_main else True)
@@ -1286,7 +1239,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     probs_np = gather_rows(torch.cat(probs).cpu().numpy(), rt)
     labels_np = gather_rows(torch.cat(labels).cpu().numpy(), rt)
     loss = gather_rows(torch.stack(losses).cpu().numpy(), rt).mean()
-    return {"train_loss": float(loss), "train_acc": accuracy(labels_np, probs_np),
+    return {"train_loss": float(loss), "train_acc": accuracy_score(labels_np, probs_np.argmax(1)),
             "train_auc": multiclass_auc(labels_np, probs_np, st.pos)}
 
 
@@ -1299,19 +1252,8 @@ def evaluate(st: TrainState, split: Split, desc: str = "val") -> tuple[dict, np.
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)
-    return {"val_loss": float(loss), "val_acc": accuracy(labels, probs),
+    return {"val_loss": float(loss), "val_acc": accuracy_score(labels, probs.argmax(1)),
             "val_auc": multiclass_auc(labels, probs, st.pos)}, probs
-
-
-def build_scheduler(optimizer, cfg: Config, steps_per_epoch: int):
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = max(1, int(cfg.warmup_epochs * steps_per_epoch))
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1429,12 +1371,12 @@ def make_checkpoint(st: TrainState, meta: dict, epoch: int, history: list, best_
                     since_best: int, full: bool) -> dict:
     """Plain data only (tensors, numbers, strings, lists, dicts): loadable with weights_only=True."""
     ckpt = {"format": CKPT_FORMAT, "model": unwrap(st.eval_model).state_dict(), **meta,
-            "config": st.cfg.to_dict(), "normalization": dict(st.norm), "epoch": epoch,
+            "config": st.cfg.to_dict(), "epoch": epoch,
             "best_auc": best_auc, "history": history}
     if full:
         ckpt.update(train_model=unwrap(st.model).state_dict(), optimizer=st.optimizer.state_dict(),
                     scheduler=st.scheduler.state_dict(), since_best=since_best,
-                    ema=st.ema.state_dict() if st.ema else None)
+                    ema={"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None)
     return ckpt
 
 
@@ -1474,21 +1416,16 @@ class GradCAM:
         self._act = None
 
     def __enter__(self) -> "GradCAM":
-        self._handles.append(self.target_layer.register_forward_hook(self._forward_hook))
+        self._handles.append(self.target_layer.register_forward_hook(
+            lambda module, inputs, output: setattr(self, "_act", output)))
         return self
 
     def __exit__(self, *exc) -> bool:
-        self.release()
-        return False  # never swallow an exception
-
-    def release(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles.clear()
         self._act = None
-
-    def _forward_hook(self, module, inputs, output):
-        self._act = output
+        return False  # never swallow an exception
 
     def __call__(self, x: torch.Tensor, target=None) -> np.ndarray:
         if not self._handles:
@@ -1572,77 +1509,57 @@ def label_rule(class_names: list, pos: int, threshold: float | None) -> str:
     return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(class_names) == 2 else ")")
 
 
-def label_prob(probs_row: np.ndarray, pos: int) -> float:
-    """The probability shown with a prediction: of the positive class (binary) or of the argmax."""
-    return float(probs_row[pos]) if len(probs_row) == 2 else float(probs_row.max())
-
-
-def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, img_size: int, norm: dict, rt: Runtime,
+def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, ck: dict, rt: Runtime,
                  layer: nn.Module | None = None, batch_size: int = 128) -> np.ndarray:
-    """Grad-CAM (N x img_size x img_size) of working-size uint8 images, one target class per image."""
-    targets = np.asarray(targets)
+    """Grad-CAM (N x img_size x img_size) of working-size uint8 images, one target class per image;
+    ck (a checkpoint, or the run's meta during training) gives img_size and normalization."""
+    targets, img_size = np.asarray(targets), ck["img_size"]
     maps = [np.zeros((0, img_size, img_size), np.float32)]
     with GradCAM(model, layer) as cam:
         for i in range(0, len(images_u8), batch_size):
-            x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
+            x = eval_batch(images_u8[i:i + batch_size], img_size, ck["normalization"], rt.device)
             maps.append(cam(x, target=targets[i:i + batch_size].tolist()))
     return np.concatenate(maps)
 
 
-def explain_images(model: nn.Module, images_u8: torch.Tensor, class_names: list, norm: dict,
-                   img_size: int, rt: Runtime, threshold: float | None = None, pos: int | None = None) -> tuple:
-    """(maps N x H x W, probs N x K, predictions N) for a small set of images.
-
-    Each map explains the class shown as the prediction, which is decided by the threshold
-    chosen on validation, not by the argmax: with a threshold of 0.35, an image at p=0.4 is
-    shown and explained as PNEUMONIA.
-    """
-    probs = predict_probs(model, images_u8, img_size, norm, rt, tta=False)
-    preds = predict_labels(probs, positive_index(class_names) if pos is None else pos, threshold)
-    return gradcam_maps(model, images_u8, preds, img_size, norm, rt), probs, preds
-
-
 def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.ndarray:
-    """Two classes: positive when P(positive) >= threshold; otherwise (or without one) the argmax."""
+    """Two classes: positive when P(positive) >= threshold; otherwise (or without one) the argmax.
+    The maps explain these labels: with a threshold of 0.35, an image at p=0.4 is shown and
+    explained as PNEUMONIA."""
     if probs.shape[1] == 2 and threshold is not None:
         return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
     return probs.argmax(1)
 
 
-def save_overlays(folder: Path, stems: list, titles: list, images_u8, maps, img_size: int,
-                  save_arrays: bool) -> list:
-    """One overlay PNG (and optionally the raw map as .npy) per image; returns the tiles."""
-    crops = center_crop(images_u8, img_size).cpu().numpy()
+def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict, labels=None, names=None,
+                 save_arrays: bool = False) -> list:
+    """One overlay PNG per image (and with save_arrays its raw map as .npy); returns the tiles.
+
+    sc holds probs and preds per image (and in_distribution, from score_images); ck the checkpoint's
+    class_names, positive_class, img_size and threshold. Each file is {stem}[_true-T]_pred-P_p{prob}
+    [_ood]: the per-epoch set, the test gallery, and --predict (no labels; names, the file names,
+    head the titles). The title names the class whose probability it shows and the rule that turned
+    it into the label; images the out-of-distribution guard flagged are marked in name and title.
+    """
+    classes, pos = ck["class_names"], ck["positive_class"]
+    rule = label_rule(classes, pos, ck.get("threshold"))
+    crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
     tiles = []
-    for crop, cam, stem, title in zip(crops, maps, stems, titles):
+    for i, (crop, cam) in enumerate(zip(crops, maps)):
+        p = classes[int(sc["preds"][i])]
+        shown = classes[pos] if len(classes) == 2 else p  # binary: P(positive); more classes: the top one
+        prob = float(sc["probs"][i][pos] if len(classes) == 2 else sc["probs"][i].max())
+        ood = "in_distribution" in sc and not sc["in_distribution"][i]
+        true = classes[int(labels[i])] if labels is not None else None
+        stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.2f}" + ("_ood" if ood else "")
+        title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
+                 + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.2f}\n{rule}")
         tile = overlay_cam(crop, cam, title)
         save_image(folder / f"{stem}.png", tile)
         if save_arrays:
             atomic_write(folder / f"{stem}.npy", lambda q, m=cam: np.save(q, m))
         tiles.append(tile)
     return tiles
-
-
-def save_cam_set(folder: Path, prefix: str, images_u8, labels, maps, probs, preds, class_names,
-                 save_arrays: bool, img_size: int, pos: int, flagged=None, threshold: float | None = None,
-                 names=None) -> list:
-    """Overlays named {prefix}_{i}_true-{T}_pred-{P}_p{prob}: the per-epoch set, the test gallery
-    and (with labels=None and the file names as names) --predict. The title names the class whose
-    probability it shows and the rule that turned it into the label. Images the out-of-distribution
-    guard flagged get "_ood" in the name and a warning in the title."""
-    stems, titles = [], []
-    for i in range(len(maps)):
-        t = class_names[int(labels[i])] if labels is not None else "?"
-        p = class_names[int(preds[i])]
-        prob = label_prob(probs[i], pos)
-        ood = flagged is not None and bool(flagged[i])
-        shown = class_names[pos] if len(class_names) == 2 else p  # label_prob's class
-        stems.append(f"{prefix}_{i:02d}_true-{t}_pred-{p}_p{prob:.2f}" + ("_ood" if ood else ""))
-        head = f"{names[i]}\n" if names is not None else ""
-        truth = f"true {t} | " if labels is not None else ""
-        titles.append(("UNLIKE TRAINING | " if ood else "") + f"{head}{truth}pred {p} | P({shown})={prob:.2f}\n"
-                      + label_rule(class_names, pos, threshold))
-    return save_overlays(folder, stems, titles, images_u8, maps, img_size, save_arrays)
 
 
 def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
@@ -1670,16 +1587,11 @@ def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.array(sorted(out), dtype=np.int64)
 
 
-def lung_mask(h: int, w: int) -> np.ndarray:
-    x0, x1, y0, y1 = LUNG_BOX
-    m = np.zeros((h, w), bool)
-    m[int(y0 * h):int(math.ceil(y1 * h)), int(x0 * w):int(math.ceil(x1 * w))] = True
-    return m
-
-
 def lung_focus(maps: np.ndarray) -> dict:
     """Share of CAM mass inside LUNG_BOX, and the share a uniform map would have there."""
-    m = lung_mask(*maps.shape[1:])
+    (h, w), (x0, x1, y0, y1) = maps.shape[1:], LUNG_BOX
+    m = np.zeros((h, w), bool)
+    m[int(y0 * h):int(math.ceil(y1 * h)), int(x0 * w):int(math.ceil(x1 * w))] = True
     mass = maps.reshape(len(maps), -1).sum(1)
     inside = maps[:, m].sum(1)
     share = inside[mass > 0] / mass[mass > 0]
@@ -1691,21 +1603,13 @@ def lung_focus(maps: np.ndarray) -> dict:
 # ----------------------------------------------------------------------------------------------
 # Plots (matplotlib, no display needed)
 # ----------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def _savefig(fig, path: Path) -> None:
     atomic_write(path, lambda p: fig.savefig(p, dpi=110, bbox_inches="tight", format="png"))
-    _plt().close(fig)
+    plt.close(fig)
 
 
 def plot_history(history: list, path: Path) -> None:
     """Loss, accuracy, AUC and learning rate per epoch; the best epoch (the saved model) is marked."""
-    plt = _plt()
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ep = [h["epoch"] for h in history]
@@ -1725,14 +1629,14 @@ def plot_history(history: list, path: Path) -> None:
     _savefig(fig, path)
 
 
-def plot_roc(fpr, tpr, auc: float, thr_point, path: Path, title: str, ci=None, threshold=None) -> None:
-    plt = _plt()
+def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -> None:
+    """ROC curves [(fpr, tpr, label)], and the operating point (1 - specificity, sensitivity) if given."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
-    ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if ci is not None and all(map(math.isfinite, ci)) else ""
-    ax.plot(fpr, tpr, lw=2, label=f"AUC {auc:.3f}{ci_text}")
+    for fpr, tpr, label in curves:
+        ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
-    if thr_point is not None:
-        ax.plot(*thr_point, "ro", label="operating threshold" + (f" {threshold:.2f}" if threshold is not None else ""))
+    if point is not None:
+        ax.plot(*point, "ro", label="operating threshold" + (f" {threshold:.2f}" if threshold is not None else ""))
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
@@ -1741,7 +1645,6 @@ def plot_roc(fpr, tpr, auc: float, thr_point, path: Path, title: str, ci=None, t
 
 
 def plot_confusion(cm, class_names: list, path: Path, title: str) -> None:
-    plt = _plt()
     cm = np.asarray(cm)
     fig, ax = plt.subplots(figsize=(4.2, 3.8))
     ax.imshow(cm, cmap="Blues")
@@ -1753,12 +1656,6 @@ def plot_confusion(cm, class_names: list, path: Path, title: str) -> None:
     ax.set_ylabel("true")
     ax.set_title(title)
     _savefig(fig, path)
-
-
-def write_history(history: list, run_dir: Path) -> None:
-    keys = list(history[0].keys())
-    write_csv(run_dir / "history.csv", keys, [[row[k] for k in keys] for row in history])
-    plot_history(history, run_dir / "training_history.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1796,7 +1693,6 @@ def prediction_rows(paths: list, sc: dict, class_names: list, threshold, labels=
 
 
 def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
-    plt = _plt()
     frac, mean = calibration_curve(y, prob, n_bins=15, strategy="uniform")
     fig, (ax, hx) = plt.subplots(2, 1, figsize=(4.6, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], "k--", lw=1, label="perfect calibration")
@@ -1836,26 +1732,23 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
         res["ece"] = calibration_error(y, s)  # of P(positive), 15 bins
         res["ece_uncalibrated"] = calibration_error(y, sc["raw"][:, pos])
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
-        point = (1 - res["specificity"], res["sensitivity"])
-        plot_roc(fpr, tpr, res["auc"], point, run_dir / "roc_curve.png", f"test ROC ({class_names[pos]})",
-                 res.get("auc_ci95"), thr)
+        ci = res["auc_ci95"]
+        ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if all(map(math.isfinite, ci)) else ""
+        plot_roc([(fpr, tpr, f"AUC {res['auc']:.3f}{ci_text}")], run_dir / "roc_curve.png",
+                 f"test ROC ({class_names[pos]})", (1 - res["specificity"], res["sensitivity"]), thr)
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
         res["auc"] = multiclass_auc(labels, probs, pos)
-        res["accuracy"] = accuracy(labels, probs)
+        res["accuracy"] = accuracy_score(labels, probs.argmax(1))
         res["threshold"] = None
         top = probs.max(1)
         res["ece"] = calibration_error(preds == labels, top)  # top-label confidence, 15 bins
-        plt = _plt()
-        fig, ax = plt.subplots(figsize=(4.6, 4.4))
+        curves = []
         for k, name in enumerate(class_names):
             if 0 < (labels == k).sum() < len(labels):
                 fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
-                ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
-        ax.plot([0, 1], [0, 1], "k--", lw=1)
-        ax.legend(loc="lower right")
-        ax.set_title("test ROC, one vs rest")
-        _savefig(fig, run_dir / "roc_curve.png")
+                curves.append((fpr, tpr, f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})"))
+        plot_roc(curves, run_dir / "roc_curve.png", "test ROC, one vs rest")
         plot_reliability(preds == labels, top, res["ece"], run_dir / "reliability.png",
                          "test calibration: confidence of the predicted class")
     cm = confusion_matrix(labels, preds, labels=range(len(class_names)))
@@ -1873,7 +1766,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
 
     # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
     # right and wrong predictions of every class.
-    maps_all = gradcam_maps(model, test.images, preds, ckpt["img_size"], ckpt["normalization"], rt)
+    maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
     gallery = []
     cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
@@ -1885,11 +1778,11 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
-        tiles = save_cam_set(folder, "test", test.images[gallery], labels[gallery], maps_all[gallery],
-                             probs[gallery], preds[gallery], class_names, cfg.save_cam_arrays,
-                             ckpt["img_size"], pos, flagged=~inside[gallery], threshold=threshold if binary else None)
+        tiles = save_cam_set(folder, [f"test_{i:02d}" for i in range(len(gallery))], test.images[gallery],
+                             maps_all[gallery], {k: sc[k][gallery] for k in ("probs", "preds", "in_distribution")},
+                             ckpt, labels[gallery], save_arrays=cfg.save_cam_arrays)
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
-                  + label_rule(class_names, pos, threshold if binary else None))
+                  + label_rule(class_names, pos, threshold))
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
         res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
     save_json(run_dir / "test_metrics.json", res)
@@ -2249,7 +2142,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int) -> TrainState:
     num_classes = len(class_names)
-    seed_everything(cfg.seed)
+    torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
     model = CustomCNN(**model_kwargs(cfg, num_classes)).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -2263,61 +2156,20 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
         (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
-    sched = build_scheduler(opt, cfg, steps)
+    total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the last step
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     weights = class_weights(train_labels, num_classes).to(rt.device)
     crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
                       positive_index(class_names, cfg.positive_class))
 
 
-def resume_settings(args, rt: Runtime) -> tuple[dict, Config, Runtime, Path]:
-    """The checkpoint, config, runtime and run folder of --resume."""
-    resume = load_checkpoint(args.resume, "last.pt")
-    if "optimizer" not in resume:
-        raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
-    cfg = Config.from_dict(resume["config"])
-    if "epochs" in args.given and args.epochs != cfg.epochs:
-        raise CXRError(f"--epochs {args.epochs} differs from the {cfg.epochs} epochs of {args.resume}: the cosine "
-                       "learning-rate schedule is defined by the total, so a resume keeps it; start a new run "
-                       "for another length")
-    # A resume repeats the run's own settings; only these may be changed on the command line.
-    for key in ("device", "amp", "deterministic", "num_threads", "num_workers", "strict"):
-        if key in args.given:
-            setattr(cfg, key, getattr(args, key))
-    rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
-    run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-    if (run_dir / "test_metrics.json").exists():
-        raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs) and has its test report: "
-                       "nothing to resume; start a new run to train longer")
-    return resume, cfg, rt, run_dir
-
-
-def log_epoch_header() -> None:
-    log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
-             f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
-
-
-def log_epoch(row: dict, improved: bool) -> None:
-    log.info(f"{row['epoch']:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
-             f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
-             f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
-
-
-def explain_epoch(st: TrainState, val: Split, cam_idx, classes: list, epoch: int, val_auc: float,
-                  run_dir: Path) -> None:
-    """Grad-CAM of the fixed validation images: one overlay each and a summary grid."""
-    images, labels = val.images[cam_idx], val.labels[cam_idx]
-    maps, probs, preds = explain_images(st.eval_model, images, classes, st.norm, st.cfg.img_size, st.rt,
-                                        pos=st.pos)
-    tiles = save_cam_set(run_dir / "grad_cam", f"epoch_{epoch:03d}", images, labels.numpy(), maps, probs,
-                         preds, classes, st.cfg.save_cam_arrays, st.cfg.img_size, st.pos)
-    # No threshold exists yet during training (it is chosen on validation after the last epoch).
-    save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles,
-              f"epoch {epoch}: val AUC {val_auc:.3f} | {label_rule(classes, st.pos, None)}")
-
-
-def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict, run_dir: Path,
-        resume: dict | None) -> int:
+def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path, resume: dict | None) -> int:
     """The epoch loop: train, validate, checkpoint, plot, explain; early stopping on val AUC."""
     cfg, rt = st.cfg, st.rt
     history, best_auc, since_best, start = [], -1.0, 0, 1
@@ -2326,14 +2178,16 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
         st.optimizer.load_state_dict(resume["optimizer"])
         st.scheduler.load_state_dict(resume["scheduler"])
         if st.ema is not None:
-            st.ema.load_state_dict(resume["ema"])
+            st.ema.module.load_state_dict(resume["ema"]["module"])
+            st.ema.updates = int(resume["ema"]["updates"])
         history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
-    per_epoch = batches_per_epoch(len(train_s), cfg, rt) * cfg.batch_size * rt.world  # images trained on
+    per_epoch = len(train_s) // rt.world // cfg.batch_size * cfg.batch_size * rt.world  # images trained on
     train_seconds, trained = 0.0, 0
-    log_epoch_header()
+    log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
+             f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
     with stop_on_signals():
         try:
             for epoch in range(start, cfg.epochs + 1):
@@ -2355,7 +2209,9 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                 history.append(row)
                 if not rt.is_main:
                     continue
-                log_epoch(row, improved)
+                log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
+                         f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
+                         f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
                 with phase("checkpoints"):
                     if improved:
                         save_checkpoint(run_dir / "best_model.pt",
@@ -2363,9 +2219,17 @@ def fit(st: TrainState, train_s: Split, val_s: Split, classes: list, meta: dict,
                     save_checkpoint(run_dir / "last.pt",
                                     make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
                 with phase("per-epoch plots, Grad-CAM and report page"):
-                    write_history(history, run_dir)
-                    if len(cam_idx):
-                        explain_epoch(st, val_s, cam_idx, classes, epoch, row["val_auc"], run_dir)
+                    write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
+                    plot_history(history, run_dir / "training_history.png")
+                    if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
+                        images = val_s.images[cam_idx]
+                        probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=False)
+                        sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
+                        maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
+                        tiles = save_cam_set(run_dir / "grad_cam", [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(images))],
+                                             images, maps, sc, meta, val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
+                        save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
+                                  f"val AUC {row['val_auc']:.3f} | {label_rule(meta['class_names'], st.pos, None)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
@@ -2438,9 +2302,26 @@ def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Sp
 
 
 def train(cfg: Config, args, rt: Runtime) -> int:
+    """A training run, top-down: data, model, the epoch loop (fit), the report (final_report)."""
     resume = None
     if args.resume:
-        resume, cfg, rt, run_dir = resume_settings(args, rt)
+        resume = load_checkpoint(args.resume, "last.pt")
+        if "optimizer" not in resume:
+            raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
+        cfg = Config.from_dict(resume["config"])
+        if "epochs" in args.given and args.epochs != cfg.epochs:
+            raise CXRError(f"--epochs {args.epochs} differs from the {cfg.epochs} epochs of {args.resume}: the "
+                           "cosine learning-rate schedule is defined by the total, so a resume keeps it; start a "
+                           "new run for another length")
+        # A resume repeats the run's own settings; only these may be changed on the command line.
+        for key in ("device", "amp", "deterministic", "num_threads", "num_workers", "strict"):
+            if key in args.given:
+                setattr(cfg, key, getattr(args, key))
+        rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+        run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if (run_dir / "test_metrics.json").exists():
+            raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs) and has its test report: "
+                           "nothing to resume; start a new run to train longer")
     demo = args.demo and resume is None
     if demo and rt.world > 1:
         raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
@@ -2456,7 +2337,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
-    if batches_per_epoch(len(train_s), cfg, rt) == 0:
+    steps = len(train_s) // rt.world // cfg.batch_size  # per epoch and process, as in train_one_epoch
+    if steps == 0:
         raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
                        f"in each of {rt.world} process(es): lower --batch-size or add images")
     if not demo and resume is None:
@@ -2472,11 +2354,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
-    steps = max(1, batches_per_epoch(len(train_s), cfg, rt))
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
-    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,
+    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
-            "threshold": None}
+            "threshold": None, "normalization": norm}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
@@ -2496,29 +2377,18 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                                             "skipped_files": data["bad_files"],
                                             "split_sizes": {"train": len(train_s), "val": len(val_s),
                                                             "test": len(test_s) if test_s else 0}})
-    rc = fit(st, train_s, val_s, classes, meta, run_dir, resume)
+    rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
     with phase("calibration, guard and test set"):
         rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
         page = write_report(run_dir, f"train_cxr run {run_dir.name}")
-    log_phases(_STARTED)
+    # Where the wall time of the run went: the figure every speed claim starts from.
+    wall = time.perf_counter() - _STARTED
+    rows = [*PHASES.items(), ("other (set-up, logging)", wall - sum(PHASES.values()))]
+    log.info(f"time per phase ({wall:.1f} s wall): " + "; ".join(f"{k} {v:.1f} s ({v / wall:.0%})" for k, v in rows))
     log.info(f"report page: {page}")
     return rc
-
-
-def collect_files(paths: list) -> list:
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f)))
-        elif p.is_file():
-            files.append(str(p))
-        else:
-            raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
-    if not files:
-        raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(paths)}")
-    return files
 
 
 def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
@@ -2564,8 +2434,17 @@ def report_config(args, ckpt: dict, data: str = "") -> dict:
 
 def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
-    files = collect_files(args.predict)
-    classes, norm, img, pos = ckpt["class_names"], ckpt["normalization"], ckpt["img_size"], ckpt["positive_class"]
+    files = []
+    for p in map(Path, args.predict):
+        if p.is_dir():
+            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f)))
+        elif p.is_file():
+            files.append(str(p))
+        else:
+            raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+    if not files:
+        raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
+    classes, pos = ckpt["class_names"], ckpt["positive_class"]
     arr, bad = decode_all(files, ckpt["work_size"], cfg.num_workers, "decode")
     report_bad_files(bad, cfg.strict)
     bad_set = {p for p, _ in bad}
@@ -2577,16 +2456,12 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     attach_log_file(run_dir / "train.log")
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
-    for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):
-        maps = gradcam_maps(model, images[i:i + 64], preds[i:i + 64], img, norm, rt)
-        stems, titles = [], []
-        for k in range(i, i + len(maps)):
-            f, c, p = Path(files[k]), classes[preds[k]], label_prob(probs[k], pos)
-            stems.append(f"{k:05d}_{f.stem}_pred-{c}_p{p:.2f}" + ("" if inside[k] else "_ood"))
-            shown = classes[pos] if len(classes) == 2 else c  # label_prob's class
-            titles.append(("UNLIKE TRAINING | " if not inside[k] else "") + f"{f.name}\npred {c} | P({shown})={p:.2f}\n"
-                          + label_rule(classes, pos, ckpt.get("threshold")))
-        save_overlays(run_dir / "grad_cam", stems, titles, images[i:i + 64], maps, img, cfg.save_cam_arrays)
+    for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
+        part = slice(i, i + 64)
+        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{Path(f).stem}" for k, f in enumerate(files[part], i)],
+                     images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
+                     {k: v[part] for k, v in sc.items()}, ckpt, names=[Path(f).name for f in files[part]],
+                     save_arrays=cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold")))
     shown = 25
     name_w = min(40, max(len(Path(f).name) for f in files))

@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     print(f"{len(images)} images ({len(bad)} unreadable), threshold {ckpt.get('threshold')}")
     last = model.blocks[-1]
     for name, layer in (("conv", last.conv), ("bn", last.bn), ("relu", last.relu), ("block", last)):
-        maps = train_cxr.gradcam_maps(model, images, preds, size, norm, rt, layer=layer, batch_size=a.batch)
+        maps = train_cxr.gradcam_maps(model, images, preds, ckpt, rt, layer=layer, batch_size=a.batch)
         empty = maps.reshape(len(maps), -1).max(1) <= 0
         per_class = " ".join(f"{c}-pred {empty[preds == k].mean():.2f}" if (preds == k).any() else f"{c}-pred -"
                              for k, c in enumerate(classes))

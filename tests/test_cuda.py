@@ -55,7 +55,7 @@ def test_cuda_predict_probabilities_and_maps(cuda_run, synth_root, tmp_path):
     np.testing.assert_allclose(saved, probs, atol=2e-3)  # TF32-level, same device
 
     targets = [classes.index(r["predicted"]) for r in rows]  # explicit: the label the CSV reports
-    maps = T.gradcam_maps(model, images, targets, ckpt["img_size"], ckpt["normalization"], rt)
+    maps = T.gradcam_maps(model, images, targets, ckpt, rt)
     arrays = sorted((tmp_path / "p" / "grad_cam").glob("*.npy"))
     assert len(arrays) == len(rows)
     for k, (row, m) in enumerate(zip(rows, maps)):

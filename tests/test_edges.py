@@ -261,7 +261,7 @@ def dump(name, obj):
 
 
 def train_one_epoch(st, train, epoch):
-    where.update(epoch=epoch, batch=0, n=T.batches_per_epoch(len(train), st.cfg, st.rt))
+    where.update(epoch=epoch, batch=0, n=len(train) // st.rt.world // st.cfg.batch_size)
     row = real_epoch(st, train, epoch)
     dump(f"train{{epoch}}", row)
     return row

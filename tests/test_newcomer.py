@@ -211,12 +211,14 @@ def test_overlay_titles_name_the_class_and_the_rule(monkeypatch, tmp_path):
     maps = np.zeros((2, 32, 32), np.float32)
     probs = np.array([[0.34, 0.66], [0.9, 0.1]])
     classes = ["NORMAL", "PNEUMONIA"]
-    train_cxr.save_cam_set(tmp_path, "t", images, np.array([0, 0]), maps, probs, np.array([0, 0]), classes,
-                           False, 32, 1)
-    train_cxr.save_cam_set(tmp_path, "g", images, np.array([0, 0]), maps, probs, np.array([1, 0]), classes,
-                           False, 32, 1, threshold=0.6)
-    train_cxr.save_cam_set(tmp_path, "p", images, None, maps, probs, np.array([1, 0]), classes,
-                           False, 32, 1, threshold=0.6, names=["scan_a.png", "scan_b.png"])
+    ck = {"class_names": classes, "positive_class": 1, "img_size": 32}
+    train_cxr.save_cam_set(tmp_path, ["t0", "t1"], images, maps, {"probs": probs, "preds": np.array([0, 0])}, ck,
+                           np.array([0, 0]))
+    ck["threshold"] = 0.6
+    train_cxr.save_cam_set(tmp_path, ["g0", "g1"], images, maps, {"probs": probs, "preds": np.array([1, 0])}, ck,
+                           np.array([0, 0]))
+    train_cxr.save_cam_set(tmp_path, ["p0", "p1"], images, maps, {"probs": probs, "preds": np.array([1, 0])}, ck,
+                           names=["scan_a.png", "scan_b.png"])
     assert all("p=" not in t for t in titles), titles
     assert "pred NORMAL | P(PNEUMONIA)=0.66" in titles[0] and "argmax" in titles[0]
     assert "P(PNEUMONIA) >= 0.60 (threshold chosen on validation)" in titles[2]
@@ -231,7 +233,7 @@ def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
             "titles": [ax.get_title() for ax in fig.axes],
             "legends": [t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()],
             "xticks": [list(ax.get_xticks()) for ax in fig.axes]}
-        train_cxr._plt().close(fig)
+        train_cxr.plt.close(fig)
 
     real_grid = train_cxr.save_grid
     monkeypatch.setattr(train_cxr, "_savefig", keep)
@@ -297,6 +299,6 @@ def test_demo_learns_both_classes_and_looks_at_the_lesions(tmp_path, capsys):
     model = train_cxr.model_from_checkpoint(ckpt)
     rt = train_cxr.Runtime(torch.device("cpu"), None)
     pos = ckpt["positive_class"]
-    maps = train_cxr.gradcam_maps(model, images, [pos] * len(names), ckpt["img_size"], ckpt["normalization"], rt)
+    maps = train_cxr.gradcam_maps(model, images, [pos] * len(names), ckpt, rt)
     share, area = _lesion_share(maps, [lesions[n] for n in names], ckpt["work_size"], ckpt["img_size"])
     assert share > 2 * area, (share, area)
