@@ -407,7 +407,9 @@ def setup_runtime(cfg: Config) -> Runtime:
         keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    return Runtime(device, amp_dtype(cfg.amp, device), rank, world)
+    # bf16 autocast for --amp on, or for auto on CUDA or a CPU with AMX; None = fp32.
+    bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
+    return Runtime(device, torch.bfloat16 if bf16 else None, rank, world)
 
 
 def set_backend_flags(deterministic: bool, cuda: bool) -> None:
@@ -427,12 +429,6 @@ def set_backend_flags(deterministic: bool, cuda: bool) -> None:
     torch.backends.cudnn.benchmark = fast
     torch.backends.cuda.matmul.allow_tf32 = fast
     torch.backends.cudnn.allow_tf32 = fast
-
-
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for --amp auto|on|off on this device (None = fp32)."""
-    on = amp == "on" or (amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
-    return torch.bfloat16 if on else None
 
 
 def setup_console_logging(is_main: bool = True) -> None:
@@ -466,7 +462,7 @@ def library_versions() -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Safe file writing: everything goes to a temp file first, then is renamed into place
+# Safe file writing (a temp file first, then renamed into place) and checkpoints
 # ----------------------------------------------------------------------------------------------
 def atomic_write(path: Path, write_fn) -> None:
     """write_fn(tmp_path) writes the content; a kill at any moment leaves the old or the new file."""
@@ -549,6 +545,12 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CXRError(f"{path} is not a train_cxr.py checkpoint (format {CKPT_FORMAT} expected)")
     return ckpt
+
+
+def model_from_checkpoint(ckpt: dict) -> nn.Module:
+    model = CustomCNN(**ckpt["model_kwargs"])
+    model.load_state_dict(ckpt["model"])
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -769,15 +771,6 @@ def patient_ids(paths: list, pattern: re.Pattern | None) -> list:
         log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
                  "(pass --patient-regex to group the images of one patient)")
     return [patient_id(p, pattern) for p in paths]
-
-
-def warn_patient_overlap(train_ids: list, other_ids: list, other: str) -> None:
-    """A patient in train and in the test or val/ folder makes that folder's figures optimistic."""
-    shared = sorted(set(train_ids) & set(other_ids))
-    if shared:
-        log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {other} "
-                    f"(e.g. {', '.join(shared[:3])}): {other} figures will be optimistic; move them "
-                    "to one side (ids from file names, see --patient-regex)")
 
 
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1160,18 +1153,6 @@ def rank_max(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
-@torch.no_grad()
-def average_buffers(model: nn.Module, rt: Runtime) -> None:
-    """Average the batch-norm statistics over processes: each saw only its own shard, and the
-    validation, sharded over processes, must score one model."""
-    if rt.world == 1:
-        return
-    for b in model.buffers():
-        if b.is_floating_point():
-            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.SUM)
-            b.div_(rt.world)
-
-
 @dataclasses.dataclass
 class TrainState:
     model: nn.Module           # what is trained (maybe wrapped in DDP)
@@ -1362,28 +1343,6 @@ def ood_scores(guard: dict, feats: list) -> np.ndarray:
     """The guard's score per image: 1 is a typical held-out training image; above guard["cutoff"]
     the image is flagged as unlike the training data."""
     return np.maximum(*_guard_parts(guard, feats))
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints
-# ----------------------------------------------------------------------------------------------
-def make_checkpoint(st: TrainState, meta: dict, epoch: int, history: list, best_auc: float,
-                    since_best: int, full: bool) -> dict:
-    """Plain data only (tensors, numbers, strings, lists, dicts): loadable with weights_only=True."""
-    ckpt = {"format": CKPT_FORMAT, "model": unwrap(st.eval_model).state_dict(), **meta,
-            "config": st.cfg.to_dict(), "epoch": epoch,
-            "best_auc": best_auc, "history": history}
-    if full:
-        ckpt.update(train_model=unwrap(st.model).state_dict(), optimizer=st.optimizer.state_dict(),
-                    scheduler=st.scheduler.state_dict(), since_best=since_best,
-                    ema={"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None)
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
-    model = CustomCNN(**ckpt["model_kwargs"])
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1644,20 +1603,6 @@ def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -
     _savefig(fig, path)
 
 
-def plot_confusion(cm, class_names: list, path: Path, title: str) -> None:
-    cm = np.asarray(cm)
-    fig, ax = plt.subplots(figsize=(4.2, 3.8))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(class_names)), class_names)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    _savefig(fig, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Test report (used after training and by --evaluate)
 # ----------------------------------------------------------------------------------------------
@@ -1753,8 +1698,14 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runt
                          "test calibration: confidence of the predicted class")
     cm = confusion_matrix(labels, preds, labels=range(len(class_names)))
     res["confusion_matrix"] = cm.tolist()
-    plot_confusion(cm, class_names, run_dir / "confusion_matrix.png",
-                   "test confusion matrix\n" + label_rule(class_names, pos, threshold if binary else None))
+    fig, ax = plt.subplots(figsize=(4.2, 3.8))
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
+    ax.set_xticks(range(len(class_names)), class_names)
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix\n" + label_rule(class_names, pos, threshold))
+    _savefig(fig, run_dir / "confusion_matrix.png")
     if ckpt.get("ood"):
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
                       "share_flagged": float((~inside).mean())}
@@ -2085,16 +2036,21 @@ def prepare_data(cfg: Config) -> dict:
                      "test": [p for p, _ in test_samples]})
     train_all, bad = load_split(train_samples, cfg, "decode train")
     train_ids = patient_ids(train_all.paths, pattern)
-    test = None
+    test = val = None
     if test_samples:
         test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
         bad += bad_test
-        warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in test.paths], "test")
     if val_samples:
         val, bad_val = load_split(val_samples, cfg, "decode val")
         bad += bad_val
+    for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
+        shared = sorted(set(train_ids) & {patient_id(p, pattern) for p in other.paths}) if other else []
+        if shared:
+            log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
+                        f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
+                        "to one side (ids from file names, see --patient-regex)")
+    if val is not None:
         train = train_all
-        warn_patient_overlap(train_ids, [patient_id(p, pattern) for p in val.paths], "val")
     else:
         labels = train_all.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
@@ -2199,7 +2155,11 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                     row = {"epoch": epoch, **train_one_epoch(st, train_s, epoch)}
                 train_seconds += time.time() - t0  # the epoch's results reached the host: no pending work
                 trained += per_epoch
-                average_buffers(unwrap(st.eval_model), rt)
+                if rt.world > 1:  # batch-norm statistics: each process saw its own shard, validation scores one model
+                    for b in unwrap(st.eval_model).buffers():
+                        if b.is_floating_point():
+                            torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.SUM)
+                            b.div_(rt.world)
                 with phase("validation"):
                     row.update(evaluate(st, val_s)[0])
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
@@ -2212,22 +2172,26 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                 log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
                          f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
                          f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
-                with phase("checkpoints"):
+                with phase("checkpoints"):  # plain data only (tensors, numbers, strings, lists, dicts): weights_only
+                    ckpt = {"format": CKPT_FORMAT, "model": unwrap(st.eval_model).state_dict(), **meta,
+                            "config": cfg.to_dict(), "epoch": epoch, "best_auc": best_auc, "history": history}
                     if improved:
-                        save_checkpoint(run_dir / "best_model.pt",
-                                        make_checkpoint(st, meta, epoch, history, best_auc, since_best, False))
-                    save_checkpoint(run_dir / "last.pt",
-                                    make_checkpoint(st, meta, epoch, history, best_auc, since_best, True))
+                        save_checkpoint(run_dir / "best_model.pt", ckpt)
+                    ema = {"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None
+                    save_checkpoint(run_dir / "last.pt", {
+                        **ckpt, "train_model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
+                        "scheduler": st.scheduler.state_dict(), "since_best": since_best, "ema": ema})
                 with phase("per-epoch plots, Grad-CAM and report page"):
                     write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
                     plot_history(history, run_dir / "training_history.png")
                     if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                         images = val_s.images[cam_idx]
+                        stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
                         probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=False)
                         sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
                         maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
-                        tiles = save_cam_set(run_dir / "grad_cam", [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(images))],
-                                             images, maps, sc, meta, val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
+                        tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
+                                             val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
                         save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
                                   f"val AUC {row['val_auc']:.3f} | {label_rule(meta['class_names'], st.pos, None)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too

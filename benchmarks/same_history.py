@@ -40,6 +40,8 @@ def flat(obj, prefix: str = "") -> dict:
 
 
 def read_rows(path: Path, run_dir: Path, drop: tuple = ()) -> dict:
+    if not path.is_file():
+        return {f"{path.name}": "(no such file)"}
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     return {f"{path.name} row {i} {k}": v.replace(str(run_dir), "RUN") for i, r in enumerate(rows)
