@@ -440,7 +440,10 @@ def setup_console_logging(is_main: bool = True) -> None:
     console = logging.StreamHandler(sys.stdout)
     console.setFormatter(logging.Formatter("%(message)s"))
     log.addHandler(console)
-    # Lines logged before the run folder exists are kept and replayed into train.log.
+    # Lines logged before the run folder exists are kept and replayed into train.log: every input
+    # check runs before the folder is made, so without this the warnings about skipped files,
+    # duplicates across splits and patient overlap (measured: the only two warnings of a run on
+    # data with a broken and a copied file) would reach the console but not train.log.
     log.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
 
 
@@ -536,8 +539,10 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
+        # torch names the offending global only in its message text: the name tells the user what
+        # the file would have run (the exception type, UnpicklingError, also fits a truncated pickle).
         m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if m:  # a real pickle that would run code on load
+        if m:
             raise CXRError(f"refusing to load {path}: it is a pickle that references {m.group(1)}, not plain "
                            "data; only load checkpoints written by train_cxr.py from people you trust")
         raise CXRError(f"{path} is not a checkpoint, or it is damaged (an incomplete copy?): "
