@@ -753,25 +753,22 @@ def patient_pattern(regex: str) -> re.Pattern | None:
     return pat
 
 
-def _patient_match(path: str, pattern: re.Pattern | None = None) -> str | None:
+def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) -> str:
+    """A DICOM file's PatientID; else the id in the file name (the pattern's first group, by
+    default Kermany-style names); else the file's own stem ("" with stem=False)."""
+    if pid := dicom_patient_id(path):
+        return pid
     name = os.path.basename(path)
     for pat in (pattern,) if pattern else _PATIENT_PATTERNS:
         m = pat.search(name)
         if m and m.group(1):
             return m.group(1).lower()
-    return None
-
-
-def patient_id(path: str, pattern: re.Pattern | None = None) -> str:
-    """A DICOM file's PatientID; else the id in the file name (the pattern's first group, by
-    default Kermany-style names); else the file's own stem."""
-    return (dicom_patient_id(path) or _patient_match(path, pattern)
-            or os.path.splitext(os.path.basename(path))[0].lower())
+    return os.path.splitext(name)[0].lower() if stem else ""
 
 
 def patient_ids(paths: list, pattern: re.Pattern | None) -> list:
     """patient_id of every path; says once when no name matched, so each file is its own patient."""
-    if paths and not any(dicom_patient_id(p) or _patient_match(p, pattern) for p in paths):
+    if paths and not any(patient_id(p, pattern, stem=False) for p in paths):
         which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
         log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
                  "(pass --patient-regex to group the images of one patient)")
@@ -2161,7 +2158,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                 train_seconds += time.time() - t0  # the epoch's results reached the host: no pending work
                 trained += per_epoch
                 if rt.world > 1:  # batch-norm statistics: each process saw its own shard, validation scores one model
-                    for b in unwrap(st.eval_model).buffers():
+                    for b in st.eval_model.buffers():
                         if b.is_floating_point():
                             torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.SUM)
                             b.div_(rt.world)
@@ -2178,7 +2175,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                          f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
                          f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
                 with phase("checkpoints"):  # plain data only (tensors, numbers, strings, lists, dicts): weights_only
-                    ckpt = {"format": CKPT_FORMAT, "model": unwrap(st.eval_model).state_dict(), **meta,
+                    ckpt = {"format": CKPT_FORMAT, "model": st.eval_model.state_dict(), **meta,
                             "config": cfg.to_dict(), "epoch": epoch, "best_auc": best_auc, "history": history}
                     if improved:
                         save_checkpoint(run_dir / "best_model.pt", ckpt)
