@@ -1109,15 +1109,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, rt: Runtime,
-                  tta: bool, batch_size: int = 256, desc: str = "") -> np.ndarray:
-    """Softmax probabilities (N x K) in eval mode; the model's mode is restored afterwards."""
+                  tta: bool, desc: str = "") -> np.ndarray:
+    """Softmax probabilities (N x K) in eval mode, 256 images at a time; the model's mode is restored
+    afterwards. desc names the progress bar (none without it)."""
     was_training = model.training
     model.eval()
     out = []
     try:
-        for i in tqdm(range(0, len(images_u8), batch_size), desc=desc or "predict", leave=False,
-                      disable=None if desc else True):
-            x = eval_batch(images_u8[i:i + batch_size], img_size, norm, rt.device)
+        for i in tqdm(range(0, len(images_u8), 256), desc=desc, leave=False, disable=None if desc else True):
+            x = eval_batch(images_u8[i:i + 256], img_size, norm, rt.device)
             if rt.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             # Always fp32, also after bf16 training: bf16 scores fall into ties, and a threshold
@@ -1659,7 +1659,10 @@ def binary_report(y, s, threshold: float, bootstrap: int, seed: int) -> dict:
             **binary_metrics(y, s, threshold)}
 
 
-def test_report(model: nn.Module, ckpt: dict, test: Split, cfg: Config, rt: Runtime, run_dir: Path) -> dict:
+def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
+    """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
+    checkpoint, with the bootstrap and gallery settings of the run that made it."""
+    cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
@@ -2237,8 +2240,7 @@ def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str,
     return out
 
 
-def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Split, test_s: Split,
-                 run_dir: Path) -> int:
+def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s: Split, run_dir: Path) -> int:
     """With the best model: calibration, threshold and out-of-distribution guard fitted on
     training and validation data and stored in best_model.pt; then the test set, once."""
     if not (run_dir / "best_model.pt").is_file():
@@ -2247,7 +2249,7 @@ def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Sp
     best = load_checkpoint(run_dir / "best_model.pt")
     model = model_from_checkpoint(best).to(rt.device)
     best.update(fit_operating_point(model, best, val_s, cfg.threshold_policy, rt))
-    feats = lambda images: layer_features(model, images, cfg.img_size, norm, rt.device)
+    feats = lambda images: layer_features(model, images, cfg.img_size, best["normalization"], rt.device)
     best["ood"] = fit_ood_guard(feats(train_s.images), train_s.labels.numpy(), feats(val_s.images), cfg.ood_quantile,
                                 feats(zoomed_views(train_s.images, cfg.seed)))
     save_checkpoint(run_dir / "best_model.pt", best)
@@ -2261,7 +2263,7 @@ def final_report(cfg: Config, rt: Runtime, norm: dict, train_s: Split, val_s: Sp
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
-        res = test_report(model, best, test_s, cfg, rt, run_dir)
+        res = test_report(model, best, test_s, rt, run_dir)
         log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
     log.info(f"everything is in {run_dir}")
     return 0
@@ -2347,7 +2349,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     if rc != 0 or not rt.is_main:
         return rc
     with phase("calibration, guard and test set"):
-        rc = final_report(cfg, rt, norm, train_s, val_s, test_s, run_dir)
+        rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir)
         page = write_report(run_dir, f"train_cxr run {run_dir.name}")
     # Where the wall time of the run went: the figure every speed claim starts from.
     wall = time.perf_counter() - _STARTED
@@ -2384,8 +2386,7 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     classes, samples = check_split_dir(folder, what)
     if classes != ckpt["class_names"]:
         raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
-    ck_cfg = Config.from_dict(ckpt["config"])
-    ck_cfg.num_workers = cfg.num_workers
+    ck_cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), num_workers=cfg.num_workers)
     split, bad = load_split(samples, ck_cfg, f"decode {what}")
     report_bad_files(bad, cfg.strict)
     return split
@@ -2411,13 +2412,12 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
-    arr, bad = decode_all(files, ckpt["work_size"], cfg.num_workers, "decode")
+    ck_cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), num_workers=cfg.num_workers)
+    split, bad = load_split([(f, 0) for f in files], ck_cfg, "decode")  # decoded as the run decoded
     report_bad_files(bad, cfg.strict)
-    bad_set = {p for p, _ in bad}
-    keep = [i for i, f in enumerate(files) if f not in bad_set]
-    if not keep:
+    if not len(split):
         raise CXRError("none of the --predict files could be read")
-    images, files = torch.from_numpy(arr[keep]), [files[i] for i in keep]
+    images, files = split.images, split.paths
     run_dir = make_run_dir(cfg)
     attach_log_file(run_dir / "train.log")
     sc = score_images(model, ckpt, images, rt, desc="predict")
@@ -2456,7 +2456,7 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
     attach_log_file(run_dir / "train.log")
-    res = test_report(model, ckpt, split, Config.from_dict(ckpt["config"]), rt, run_dir)
+    res = test_report(model, ckpt, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     page = write_report(run_dir, f"train_cxr evaluation {run_dir.name}", report_config(args, ckpt, str(folder)))
     log.info(f"report page: {page}")
