@@ -336,7 +336,7 @@ from tqdm import tqdm  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
-# Setup: device, precision, seeding, logging, distributed
+# Setup: device, precision, logging, distributed
 # ----------------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Runtime:

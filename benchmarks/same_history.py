@@ -69,6 +69,8 @@ def main() -> int:
         after = numbers(run_demo(ROOT / "train_cxr.py", Path(tmp) / "runs_new", a.epochs))
     diffs = [f"{k}: {before.get(k, '(missing)')} -> {after.get(k, '(missing)')}"
              for k in sorted(before.keys() | after.keys()) if before.get(k) != after.get(k)]
+    if diffs:
+        diffs.append(f"{len(diffs)} of {len(before | after)} values differ ({a.rev} vs the working tree)")
     print("\n".join(diffs) or f"same: {len(before)} numbers of history.csv, test_metrics.json and "
                             f"test_predictions.csv are identical ({a.rev} vs the working tree, "
                             f"demo with {a.epochs or 'its'} epochs)")
