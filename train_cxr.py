@@ -1226,17 +1226,17 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
             "train_auc": multiclass_auc(labels_np, probs_np, st.pos)}
 
 
-def evaluate(st: TrainState, split: Split, desc: str = "val") -> tuple[dict, np.ndarray]:
-    """Loss, accuracy and AUC of the evaluated model on a split (sharded over ranks, gathered)."""
+def evaluate(st: TrainState, split: Split) -> dict:
+    """Validation loss, accuracy and AUC of the evaluated model (sharded over ranks, gathered)."""
     rt = st.rt
     local = split.images[rt.rank::rt.world]
     probs = gather_rows(predict_probs(st.eval_model, local, st.cfg.img_size, st.norm, rt, st.cfg.tta,
-                                      desc=desc if rt.is_main else ""), rt)
+                                      desc="val" if rt.is_main else ""), rt)
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)
     return {"val_loss": float(loss), "val_acc": accuracy_score(labels, probs.argmax(1)),
-            "val_auc": multiclass_auc(labels, probs, st.pos)}, probs
+            "val_auc": multiclass_auc(labels, probs, st.pos)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -2166,7 +2166,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                             torch.distributed.all_reduce(b, op=torch.distributed.ReduceOp.SUM)
                             b.div_(rt.world)
                 with phase("validation"):
-                    row.update(evaluate(st, val_s)[0])
+                    row.update(evaluate(st, val_s))
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 improved = row["val_auc"] > best_auc
                 best_auc = max(best_auc, row["val_auc"])
