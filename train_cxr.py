@@ -1157,6 +1157,8 @@ def rank_max(value: float, rt: Runtime) -> float:
 
 @dataclasses.dataclass
 class TrainState:
+    """What build_state makes for fit: the objects a step changes (all saved in last.pt) and the
+    settings train_one_epoch and evaluate read."""
     model: nn.Module           # what is trained (maybe wrapped in DDP)
     eval_model: nn.Module      # what is evaluated and saved: the EMA copy, or the model itself
     ema: EMA | None
