@@ -766,15 +766,6 @@ def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) 
     return os.path.splitext(name)[0].lower() if stem else ""
 
 
-def patient_ids(paths: list, pattern: re.Pattern | None) -> list:
-    """patient_id of every path; says once when no name matched, so each file is its own patient."""
-    if paths and not any(patient_id(p, pattern, stem=False) for p in paths):
-        which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
-        log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
-                 "(pass --patient-regex to group the images of one patient)")
-    return [patient_id(p, pattern) for p in paths]
-
-
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, patient-grouped train/val split. Returns (train_idx, val_idx), sorted.
 
@@ -2042,7 +2033,11 @@ def prepare_data(cfg: Config) -> dict:
     warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                      "test": [p for p, _ in test_samples]})
     train_all, bad = load_split(train_samples, cfg, "decode train")
-    train_ids = patient_ids(train_all.paths, pattern)
+    train_ids = [patient_id(p, pattern) for p in train_all.paths]
+    if train_ids and not any(patient_id(p, pattern, stem=False) for p in train_all.paths):
+        which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
+        log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
+                 "(pass --patient-regex to group the images of one patient)")
     test = val = None
     if test_samples:
         test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
