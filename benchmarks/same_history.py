@@ -1,7 +1,7 @@
 """Does a refactor of train_cxr.py change any number? Runs the demo with an old version and this one.
 
-    python benchmarks/same_history.py                 # against 9c07a40 (before issue 13's slimming)
-    python benchmarks/same_history.py --rev main --epochs 12
+    python benchmarks/same_history.py                 # the working tree against main, demo, 3 epochs
+    python benchmarks/same_history.py --rev 9c07a40 --epochs 0   # the full demo against another revision
     python benchmarks/same_history.py --data-dir ../shared/data/chest_xray_224 --epochs 1   # the default recipe
 
 The old script is `git show REV:train_cxr.py`, written to a temp folder and run from there (the
@@ -65,7 +65,7 @@ def numbers(run_dir: Path) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rev", default="9c07a40", help="git revision of the old train_cxr.py")
+    p.add_argument("--rev", default="main", help="git revision of the old train_cxr.py (default: main)")
     p.add_argument("--epochs", type=int, default=3, help="epochs (0 = the run's own: 12 for the demo)")
     p.add_argument("--data-dir", default="", help="run the default recipe on this DATA_DIR instead of --demo")
     a = p.parse_args()
