@@ -69,9 +69,11 @@ def run_default(data: str, amp: str, out: str) -> None:
     precision = re.search(r"precision: (\S+)", log)
     print(f"default run, --amp {amp} ({precision.group(1) if precision else '?'}): {wall:.1f} s wall "
           f"({wall / 60:.1f} min) including the interpreter start")
-    print(f"{'phase':<28} {'seconds':>8} {'share':>6}")
-    for name_, sec, share in re.findall(r"(?:: |; )([^;:()]+?) ([\d.]+) s \((\d+%)\)", line.split("wall):")[1]):
-        print(f"{name_:<28} {float(sec):>8.1f} {share:>6}")
+    print(f"{'phase':<44} {'seconds':>8} {'share':>6}")
+    for part in line.split("wall): ")[1].split("; "):
+        m = re.fullmatch(r"(.+) ([\d.]+) s \((\d+%)\)", part.strip())
+        if m:
+            print(f"{m.group(1):<44} {float(m.group(2)):>8.1f} {m.group(3):>6}")
 
 
 def main() -> int:
