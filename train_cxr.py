@@ -354,8 +354,8 @@ class Runtime:
         return self.rank == 0
 
     # NHWC (channels_last) memory layout everywhere: on GPUs, for bf16 on AMX, and in fp32 on a CPU
-    # without AMX, where oneDNN's convolutions run faster on it (2-core AMD EPYC, default recipe:
-    # 1.5x the training images/s of NCHW; benchmarks/speed.py prints both).
+    # without AMX, where oneDNN's convolutions run faster on it (2-core AMD EPYC, default model:
+    # 1.27x the training steps/s of NCHW; benchmarks/cpu_paths.py prints both).
     channels_last: bool = True
 
     def autocast(self):
@@ -1269,18 +1269,19 @@ def _mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.
     return np.einsum("nkc,cd,nkd->nk", d, precision, d).min(1)
 
 
-def zoomed_views(images_u8: torch.Tensor, seed: int) -> torch.Tensor:
+def zoomed_views(images_u8, seed, area: tuple = (0.15, 0.5), aspect: tuple = (0.6, 1.6)) -> torch.Tensor:
     """Each image cropped to 15-50% of its area (aspect 0.6-1.6) and resized back: part of the
     chest seen closer than any training augmentation shows it (AUG_SCALE_MIN keeps 60% or more).
     The guard learns what such views look like, as synthetic outliers (outlier exposure,
-    Hendrycks et al. 2019)."""
+    Hendrycks et al. 2019). seed: an int or a numpy Generator (benchmarks/ood.py draws its
+    partial crops from its own)."""
     rng = np.random.default_rng(seed)
     size = images_u8.shape[-1]
     out = []
-    for im in images_u8.numpy():
-        area, aspect = rng.uniform(0.15, 0.5), rng.uniform(0.6, 1.6)
-        h = int(min(size, size * np.sqrt(area * aspect)))
-        w = int(min(size, size * area * size / h))
+    for im in np.asarray(images_u8):
+        a, r = rng.uniform(*area), rng.uniform(*aspect)
+        h = int(min(size, size * np.sqrt(a * r)))
+        w = int(min(size, size * a * size / h))
         y, x = rng.integers(0, size - h + 1), rng.integers(0, size - w + 1)
         out.append(cv2.resize(im[y:y + h, x:x + w], (size, size), interpolation=cv2.INTER_LINEAR))
     return torch.from_numpy(np.stack(out))
@@ -1316,11 +1317,13 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
         guard["zoomed"] = {"mean": torch.from_numpy(mean).float(), "scale": torch.from_numpy(sd).float(),
                            "coef": torch.from_numpy(clf.coef_[0]).float(), "intercept": float(clf.intercept_[0]),
                            "weight": 1.0}
+    d, z = _guard_parts(guard, held_out_feats)  # the held-out images' parts, the second not yet scaled
+    if "zoomed" in guard:
         # Scale the second part so that both flag the same share of held-out images on their own.
         q = 1 - (1 - quantile) / 2
-        d, z = _guard_parts(guard, held_out_feats)
-        guard["zoomed"]["weight"] = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
-    guard["cutoff"] = float(np.quantile(ood_scores(guard, held_out_feats), quantile))
+        guard["zoomed"]["weight"] = w = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
+        z = z * w
+    guard["cutoff"] = float(np.quantile(np.maximum(d, z), quantile))
     guard["quantile"] = float(quantile)
     return guard
 
