@@ -21,7 +21,8 @@ patients of FOLD/data/test. The guard stored in the checkpoint is scored on:
 With --compare it also refits other guards on the same features and prints the same table for
 each (single layers, the maximum instead of the mean over layers, k-nearest neighbours on
 normalised penultimate features, Sun et al. 2022; the Mahalanobis part without the zoomed-view
-part): the measurement behind the shipped choice. The guard's zoomed views (train_cxr.zoomed_views:
+part; the same two parts on features averaged over the whole image instead of a 2 x 2 grid):
+the measurement behind the shipped choice. The guard's zoomed views (train_cxr.zoomed_views:
 15-50% of the area of training images) and the partial crops here (25-45% of held-out images) are
 one family, so the partial figure shows the part works, not that it covers every real close-up.
 """
@@ -155,19 +156,21 @@ def main() -> int:
     test_samples = T.list_image_folder(fold / "data" / "test")[1]
     held_out, _ = T.decode_all([s for s, _ in test_samples], work)
     sets = ood_sets(held_out, work)
-    feats = {k: T.layer_features(model, torch.from_numpy(v), img, norm, "cpu") for k, v in sets.items()}
     guard = ckpt.get("ood")
-    if a.compare or a.refit or guard is None:
+    refit = guard is None or a.refit or "zoomed" not in guard
+    grid = T.GUARD_GRID if refit or a.compare else guard.get("grid", 1)
+    feats = {k: T.layer_features(model, torch.from_numpy(v), img, norm, "cpu", grid) for k, v in sets.items()}
+    if a.compare or refit:
         cfg = T.Config.from_dict(ckpt["config"])
         cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
         data = T.prepare_data(cfg)  # the run's own split: same seed, same patients in validation
-        ft = T.layer_features(model, data["train"].images, img, norm, "cpu")
-        fv = T.layer_features(model, data["val"].images, img, norm, "cpu")
-        fz = T.layer_features(model, T.zoomed_views(data["train"].images, cfg.seed), img, norm, "cpu")
+        ft = T.layer_features(model, data["train"].images, img, norm, "cpu", grid)
+        fv = T.layer_features(model, data["val"].images, img, norm, "cpu", grid)
+        fz = T.layer_features(model, T.zoomed_views(data["train"].images, cfg.seed), img, norm, "cpu", grid)
         labels = data["train"].labels.numpy()
-        if guard is None or a.refit or "zoomed" not in guard:
+        if refit or grid != guard.get("grid", 1):
             print("refitting the guard as training does today" + (" (the checkpoint has none)" if guard is None else ""))
-            guard = T.fit_ood_guard(ft, labels, fv, T.OOD_QUANTILE, fz)
+            guard = {**T.fit_ood_guard(ft, labels, fv, T.OOD_QUANTILE, fz), "grid": grid}
     print(f"checkpoint {fold / a.run / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
           f"({guard['quantile']:.0%} of the validation images pass); images per set: "
           + ", ".join(f"{k} {len(v)}" for k, v in sets.items()))
@@ -179,6 +182,11 @@ def main() -> int:
         for k, s in scores.items() if k != "held-out"))
     if a.compare:
         q = guard["quantile"]
+        lf = lambda images: T.layer_features(model, images, img, norm, "cpu", grid=1)
+        g = T.fit_ood_guard(lf(data["train"].images), labels, lf(data["val"].images), q,
+                            lf(T.zoomed_views(data["train"].images, cfg.seed)))
+        whole = {k: T.ood_scores(g, lf(torch.from_numpy(v))) for k, v in sets.items()}
+        table("whole-image averages", {k: float((s > g["cutoff"]).mean()) for k, s in whole.items()})
         g = T.fit_ood_guard(ft, labels, fv, q)
         table("Mahalanobis part alone", {k: float((T.ood_scores(g, f) > g["cutoff"]).mean()) for k, f in feats.items()})
         names = [f"block {i + 1}" for i in range(4)] + ["hidden FC"]

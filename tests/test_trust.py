@@ -2,6 +2,7 @@
 out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -206,7 +207,12 @@ def test_layer_features_shapes_and_mode_restored():
     model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12).train()
     images = torch.randint(0, 255, (5, 36, 36), dtype=torch.uint8)
     feats = T.layer_features(model, images, 32, {"mode": "image"}, "cpu", batch_size=2)
-    assert [f.shape for f in feats] == [(5, 4), (5, 8), (5, 8), (5, 16), (5, 12)]
+    assert [f.shape for f in feats] == [(5, 16), (5, 32), (5, 32), (5, 64), (5, 12)]  # 2 x 2 regions per channel
+    whole = T.layer_features(model, images, 32, {"mode": "image"}, "cpu", grid=1)  # what older guards were fitted on
+    assert [f.shape for f in whole] == [(5, 4), (5, 8), (5, 8), (5, 16), (5, 12)]
+    # The blocks' maps have even sides here (16, 8, 4, 2), so the four regions average to the whole.
+    for g, w in zip(feats[:4], whole[:4]):
+        np.testing.assert_allclose(g.reshape(5, -1, 4).mean(2), w, rtol=1e-5, atol=1e-6)
     assert model.training
 
 
@@ -226,8 +232,23 @@ def test_checkpoint_stores_calibration_threshold_and_guard(trained):
     assert isinstance(ck["calibration"]["temperature"], torch.Tensor) and ck["calibration"]["bias"].shape == (2,)
     assert ck["threshold_policy"] == T.THRESHOLD_POLICY and 0 < ck["threshold"] < 1
     assert ck["ood"]["quantile"] == T.OOD_QUANTILE and len(ck["ood"]["means"]) == 5
+    assert ck["ood"]["grid"] == T.GUARD_GRID and ck["ood"]["means"][0].shape[1] == 4 * ck["config"]["channels"][0]
     last = T.load_checkpoint(trained / "last.pt")
     assert last.get("calibration") is None and last.get("ood") is None  # only the best model is fitted
+
+
+def test_guard_from_before_the_grid_scores_whole_image_features(trained, synth_root):
+    ck = T.load_checkpoint(trained / "best_model.pt")
+    model = T.model_from_checkpoint(ck)
+    images = torch.from_numpy(T.decode_all([s for s, _ in T.list_image_folder(Path(synth_root) / "test")[1]][:40],
+                                           ck["work_size"])[0])
+    whole = lambda x: T.layer_features(model, x, ck["img_size"], ck["normalization"], "cpu", grid=1)
+    old = T.fit_ood_guard(whole(images), np.arange(40) % 2, whole(images), 0.9)
+    assert "grid" not in old  # what a checkpoint made before GUARD_GRID holds
+    rt = T.Runtime(device=torch.device("cpu"), amp_dtype=None)
+    got = T.score_images(model, {**ck, "ood": old}, images, rt)["ood_score"]
+    np.testing.assert_allclose(got, T.ood_scores(old, whole(images)))
+    assert got.max() > 0  # a real score, not the nan of a missing guard
 
 
 def test_test_outputs_have_ece_reliability_ood_and_per_image_rows(trained):
