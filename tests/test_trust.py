@@ -13,7 +13,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_curve
 
 import train_cxr as T
-from conftest import TINY, read_csv, run
+from conftest import TINY, load_benchmark, read_csv, run
 
 ONE_THREAD = ["--num-threads", "1", "--device", "cpu"]  # compared with CPU runs: pinned where a GPU is visible
 
@@ -433,3 +433,28 @@ def test_train_log_ends_with_the_time_per_phase(trained):
     speed = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("training speed")][0]
     assert parts["training steps"] == pytest.approx(float(re.search(r"in ([\d.]+) s of training", speed).group(1)),
                                                     abs=0.3)
+
+
+def test_mask_box_keeps_or_blanks_exactly_the_lung_box():
+    lung = load_benchmark("lung_focus")
+    images = np.arange(2 * 12 * 12, dtype=np.uint8).reshape(2, 12, 12)
+    box = (0.25, 0.75, 0.5, 1.0)  # on the 8 px centre crop (offset 2): columns 4-7, rows 6-9
+    kept, blanked = lung.mask_box(images, 8, box, keep_inside=True), lung.mask_box(images, 8, box, keep_inside=False)
+    inside = np.zeros((12, 12), bool)
+    inside[6:10, 4:8] = True
+    for k in range(2):
+        gray = round(images[k].mean())
+        np.testing.assert_array_equal(kept[k][inside], images[k][inside])
+        assert (kept[k][~inside] == gray).all() and (blanked[k][inside] == gray).all()
+        np.testing.assert_array_equal(blanked[k][~inside], images[k][~inside])
+
+
+def test_lung_focus_benchmark_prints_three_aucs(trained, synth_root, capsys):
+    assert load_benchmark("lung_focus").main([str(trained), str(Path(synth_root) / "test"), "--num-threads", "1"]) == 0
+    lines = {ln[:18].strip(): ln for ln in capsys.readouterr().out.splitlines()}
+    aucs = {k: float(lines[k].split("AUC ")[1].split()[0]) for k in ("as they are", "only the lung box", "lung box blanked")}
+    m = json.loads((trained / "test_metrics.json").read_text())
+    assert aucs["as they are"] == pytest.approx(m["auc"], abs=1e-4)  # the same images the test report scored
+    flagged = {k: float(lines[k].split("guard")[1].strip().rstrip("%")) for k in aucs}
+    assert flagged["as they are"] == pytest.approx(100 * m["ood"]["share_flagged"], abs=0.05)
+    assert flagged["lung box blanked"] > flagged["as they are"]  # a gray rectangle is not a chest X-ray
