@@ -111,9 +111,8 @@ NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one 
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
 # The demo's small settings: applied by --demo unless the flag is given explicitly.
-DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128,
-                      lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
-                      bootstrap=200, warmup_epochs=0.5)
+DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128, lr=1e-3, patience=12,
+                      val_fraction=0.2, ema_decay=0.99, bootstrap=200, warmup_epochs=0.5)
 DEMO_COUNTS = ({"NORMAL": 400, "PNEUMONIA": 700}, {"NORMAL": 100, "PNEUMONIA": 150})  # train, test
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", *DICOM_EXTENSIONS)
@@ -255,18 +254,14 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(title)
         for const, text in entries:
             name, default = const.lower(), globals()[const]
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            if not isinstance(default, bool) and default != "" and "default:" not in text:
-                text += f" (default: {shown})"
-            kw = dict(dest=name, help=text.replace("%", "%%"))  # argparse formats help with %
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                   help=kw["help"] + f" (default: {'on' if default else 'off'})", dest=name)
-            elif isinstance(default, tuple):
-                group.add_argument(flag, type=_int_tuple, metavar="A,B,C,D", **kw)
-            else:
-                group.add_argument(flag, type=type(default), choices=CHOICES.get(name), **kw)
+            shown = (("on" if default else "off") if isinstance(default, bool) else
+                     ",".join(map(str, default)) if isinstance(default, tuple) else default)
+            text += f" (default: {shown})" if shown != "" and "default:" not in text else ""
+            kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
+                  dict(type=_int_tuple, metavar="A,B,C,D") if isinstance(default, tuple) else
+                  dict(type=type(default), choices=CHOICES.get(name)))
+            help_ = text.replace("%", "%%")  # argparse formats help with %
+            group.add_argument("--" + name.replace("_", "-"), dest=name, help=help_, **kw)
     return p
 
 
@@ -359,9 +354,7 @@ class Runtime:
     channels_last: bool = True
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, self.amp_dtype)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -374,15 +367,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Stop glibc from handing every freed activation back to the OS (Linux only).
+    """Keep freed activations in the process for the next step instead of handing them back to the OS.
 
-    A CPU training step allocates and frees tens of activation tensors of 1-30 MB. By default
-    glibc serves the large ones with fresh mmap()s and trims the heap after frees, so every step
-    page-faults its activations in again: a full default run took ~50 million minor page faults
-    and 15% of its CPU time in the kernel. Raising the mmap threshold to its maximum (32 MB) and
-    the trim threshold to 1 GB keeps that memory in the process for the next step (measured:
-    +15-30% training images/s on the 2-core dev machine; a full run's peak memory stayed at
-    2.0 GB). Returns whether the setting took (False on macOS, Windows, musl, ...).
+    A CPU step allocates and frees tens of 1-30 MB activations; by default glibc mmap()s the large ones
+    afresh and trims the heap after frees, so every step page-faults them in again (a full default run:
+    ~50 million minor faults, 15% of its CPU time in the kernel). Raising the mmap threshold to its
+    maximum (32 MB) and the trim threshold to 1 GB: +15-30% training images/s on the 2-core dev machine,
+    a full run's peak memory still 2.0 GB. Returns whether it took (False on macOS, Windows, musl, ...).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -401,9 +392,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     set_backend_flags(cfg.deterministic, use_cuda)
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if cfg.num_threads > 0:
@@ -417,22 +407,17 @@ def setup_runtime(cfg: Config) -> Runtime:
 
 
 def set_backend_flags(deterministic: bool, cuda: bool) -> None:
-    """The process-wide switches between a fast and a reproducible GPU run.
-
-    cuDNN autotuning picks convolution kernels by timing them, TF32 rounds fp32 matmuls and
-    convolutions to 10-bit mantissas, and several CUDA backward kernels accumulate with atomics:
-    fast, but two runs with one seed differ. --deterministic turns all three off. The CPU path is
-    deterministic for a seed and a thread count either way.
-    """
+    """Process-wide switches between a fast and a reproducible GPU run: cuDNN autotuning (kernels picked
+    by timing), TF32 (fp32 matmuls and convolutions rounded to 10-bit mantissas) and CUDA backward kernels
+    that accumulate with atomics are fast, but two runs with one seed differ; --deterministic turns all
+    three off. The CPU path is deterministic for a seed and a thread count either way."""
     if deterministic:
         # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     fast = cuda and not deterministic
-    torch.backends.cudnn.benchmark = fast
-    torch.backends.cuda.matmul.allow_tf32 = fast
-    torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
 
 
 def setup_console_logging(is_main: bool = True) -> None:
@@ -441,9 +426,7 @@ def setup_console_logging(is_main: bool = True) -> None:
         log.removeHandler(h)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
+    log.addHandler(logging.StreamHandler(sys.stdout))  # a handler's default format is the bare message
     # Lines logged before the run folder exists are kept and replayed into train.log: every input
     # check runs before the folder is made, so without this the warnings about skipped files,
     # duplicates across splits and patient overlap (measured: the only two warnings of a run on
@@ -453,7 +436,6 @@ def setup_console_logging(is_main: bool = True) -> None:
 
 def attach_log_file(path: Path) -> None:
     fh = logging.FileHandler(path, encoding="utf-8")
-    fh.setFormatter(logging.Formatter("%(message)s"))
     for h in list(log.handlers):
         if isinstance(h, logging.handlers.MemoryHandler):
             h.setTarget(fh)
@@ -486,28 +468,16 @@ def atomic_write(path: Path, write_fn) -> None:
         raise
 
 
-def _plain(obj):
-    """NaN/inf become null: strict JSON has no NaN (an AUC is NaN when a class is missing)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def write_csv(path: Path, header: list, rows) -> None:
     def write(p):
         with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
+            csv.writer(f).writerows([header, *rows])
     atomic_write(path, write)
 
 
 def save_json(path: Path, obj) -> None:
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
+    # NaN/inf become null: strict JSON has no NaN (an AUC is NaN when a class is missing).
+    text = json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
@@ -545,8 +515,7 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         # torch names the offending global only in its message text: the name tells the user what
         # the file would have run (the exception type, UnpicklingError, also fits a truncated pickle).
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if m:
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
             raise CXRError(f"refusing to load {path}: it is a pickle that references {m.group(1)}, not plain "
                            "data; only load checkpoints written by train_cxr.py from people you trust")
         raise CXRError(f"{path} is not a checkpoint, or it is damaged (an incomplete copy?): "
@@ -576,25 +545,19 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = torchvision.datasets.folder.make_dataset(
-        str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
-    return classes, samples
+    return classes, torchvision.datasets.folder.make_dataset(
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file, allow_empty=True)
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
-    """Decode any X-ray file to a size x size uint8 grayscale array.
-
-    JPEGs are decoded at a reduced scale in the DCT domain (PIL draft) when they are much larger
-    than needed. 16-bit and float images are min-max scaled to 8 bits; DICOM files go through
-    read_dicom. Raises on a broken file.
-    """
+    """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
+    images min-max scaled to 8 bits. Raises on a broken file."""
     if path.lower().endswith(DICOM_EXTENSIONS):
         arr = read_dicom(path)
     else:
         with Image.open(path) as im:
             if im.format == "JPEG":
-                im.draft("L", (size, size))  # picks the smallest 1/2, 1/4, 1/8 scale still >= size
+                im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
             im.load()  # raises OSError on truncated/corrupt data
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, dtype=np.float32)
@@ -665,17 +628,6 @@ def read_dicom(path: str) -> np.ndarray:
     return np.rint(img * 255).astype(np.uint8)
 
 
-def dicom_patient_id(path: str) -> str:
-    """"dicom:<PatientID>" of a DICOM file; "" for other files and DICOMs without one."""
-    if not path.lower().endswith(DICOM_EXTENSIONS):
-        return ""
-    try:
-        pid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
-    except (OSError, pydicom.errors.InvalidDicomError):
-        return ""
-    return f"dicom:{pid.strip()}" if pid.strip() else ""
-
-
 def _decode_one(item: tuple, size: int) -> tuple:
     """(index, array or None, error text, multi-frame?) of one (index, path): runs in a worker."""
     i, path = item
@@ -695,12 +647,11 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     of the 5,216-image training split (224 px JPEGs) takes 8.3 s with 2 workers, 3% of a full run.
     """
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
-    bad = []
+    bad, multi_frame = [], []
     workers = min(num_workers, max(0, len(paths) // 64))
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))
-    multi_frame = []
     for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
             bad.append((paths[i], err))
@@ -733,11 +684,9 @@ class Split:
 def load_split(samples: list, cfg: Config, desc: str) -> tuple[Split, list]:
     paths = [p for p, _ in samples]
     arr, bad = decode_all(paths, cfg.work_size, cfg.num_workers, desc)
-    bad_set = {p for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if p not in bad_set]
-    split = Split(torch.from_numpy(arr[keep]), torch.tensor([samples[i][1] for i in keep], dtype=torch.long),
-                  [paths[i] for i in keep])
-    return split, bad
+    bad_paths = {p for p, _ in bad}
+    split = Split(torch.from_numpy(arr), torch.tensor([y for _, y in samples], dtype=torch.long), paths)
+    return split.subset([i for i, p in enumerate(paths) if p not in bad_paths]), bad
 
 
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.I), re.compile(r"^(.*?IM-\d+)-\d+", re.I))
@@ -758,10 +707,13 @@ def patient_pattern(regex: str) -> re.Pattern | None:
 
 
 def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) -> str:
-    """A DICOM file's PatientID; else the id in the file name (the pattern's first group, by
-    default Kermany-style names); else the file's own stem ("" with stem=False)."""
-    if pid := dicom_patient_id(path):
-        return pid
+    """A DICOM file's PatientID ("dicom:<id>"); else the id in the file name (the pattern's first group,
+    by default Kermany-style names); else the file's own stem ("" with stem=False)."""
+    if path.lower().endswith(DICOM_EXTENSIONS):
+        with contextlib.suppress(OSError, pydicom.errors.InvalidDicomError):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+            if pid := str(ds.get("PatientID", "")).strip():
+                return f"dicom:{pid}"
     name = os.path.basename(path)
     for pat in (pattern,) if pattern else _PATIENT_PATTERNS:
         m = pat.search(name)
@@ -831,8 +783,7 @@ def dataset_norm(images: torch.Tensor, mode: str) -> dict:
 
 def center_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
     """Evaluation view: the central img_size crop of the working-size image (Resize+CenterCrop)."""
-    s = images.shape[-1]
-    o = (s - img_size) // 2
+    o = (images.shape[-1] - img_size) // 2
     return images[..., o:o + img_size, o:o + img_size]
 
 
@@ -977,8 +928,7 @@ def binary_metrics(y_true, score, threshold: float) -> dict:
     div = lambda a, b: float(a / b) if b else float("nan")
     sens, prec = div(tp, tp + fn), div(tp, tp + fp)
     return {"threshold": float(threshold), "accuracy": div(tp + tn, len(y)), "sensitivity": sens,
-            "specificity": div(tn, tn + fp), "precision": prec,
-            "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
+            "specificity": div(tn, tn + fp), "precision": prec, "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
             "confusion_matrix": [[tn, fp], [fn, tp]]}
 
 
@@ -988,9 +938,7 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     aucs = [roc_auc(y[i], s[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n))]
     aucs = [a for a in aucs if not math.isnan(a)]  # resamples that lost a class have no AUC
-    if not aucs:
-        return [float("nan"), float("nan")]
-    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+    return [float(np.percentile(aucs, q)) for q in (2.5, 97.5)] if aucs else [float("nan")] * 2
 
 
 def fit_calibration(probs: np.ndarray, labels) -> dict:
@@ -1132,8 +1080,7 @@ def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
         return local
     parts = [None] * rt.world
     torch.distributed.all_gather_object(parts, local)
-    n = sum(len(p) for p in parts)
-    out = np.zeros((n, *local.shape[1:]), dtype=local.dtype)
+    out = np.zeros((sum(map(len, parts)), *local.shape[1:]), dtype=local.dtype)
     for r, p in enumerate(parts):
         out[r::rt.world] = p
     return out
@@ -1211,8 +1158,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
                 raise FloatingPointError(f"loss became {float(losses[i])} at epoch {epoch}, batch {i + 1}")
             bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         if check or rt.world == 1:
-            signum = int(rank_max(_STOP["signal"] or 0, rt))
-            if signum:
+            if signum := int(rank_max(_STOP["signal"] or 0, rt)):
                 _STOP["signal"] = signum  # also in the processes the signal did not reach
                 raise Interrupted()
     # Over all processes' shards: the same figures on every rank, and the whole epoch in history.csv.
