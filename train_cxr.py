@@ -189,15 +189,13 @@ FLAGS = {
         ("DETERMINISTIC", "CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)")],
 }
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
-THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
 
 
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
 # defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
 # tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back and ignores unknown keys.
 Config = dataclasses.make_dataclass(
-    "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values()
-               for name, _ in group],
+    "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values() for name, _ in group],
     namespace={"work_size": property(lambda c: max(c.img_size, int(round(c.img_size * c.work_scale)))),
                "to_dict": lambda c: {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in dataclasses.asdict(c).items()},
@@ -231,10 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(usage="python train_cxr.py [MODE] [FLAGS]   (python train_cxr.py --help lists them)",
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
-                epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, "
-                       "README 'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); "
-                       "~12 min on 2 CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: "
-                       "20 s to 1 min.",
+                epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
+                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~12 min on 2 "
+                       "CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
     modes.add_argument("-h", "--help", action="help", help="show this help and exit")
@@ -275,8 +272,7 @@ def parse_config(argv=None) -> tuple:
         if flag.startswith("--") and dashed in parser._option_string_actions:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
-    names = [f.name for f in dataclasses.fields(Config)]
-    args.given = {n for n in names if hasattr(args, n)}
+    args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     check_config(cfg)
@@ -299,7 +295,7 @@ def check_config(cfg: Config) -> None:
              ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
              ("num_workers", cfg.num_workers >= 0, "0 or more"),
              ("ood_quantile", 0.5 <= cfg.ood_quantile < 1.0, "in [0.5, 1)"),
-             ("threshold_policy", cfg.threshold_policy in THRESHOLD_POLICIES[:3] or bool(re.fullmatch(
+             ("threshold_policy", cfg.threshold_policy in ("balanced", "accuracy", "youden") or bool(re.fullmatch(
                  r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
                  "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
     for name, ok, want in rules:
@@ -559,15 +555,14 @@ def decode_xray(path: str, size: int) -> np.ndarray:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
             im.load()  # raises OSError on truncated/corrupt data
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # transparent = black, like film background
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, dtype=np.float32)
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
             else:
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(background, im)  # transparent = black, like film background
                 arr = np.asarray(im.convert("L"))
     if arr.shape != (size, size):
         interp = cv2.INTER_AREA if min(arr.shape) >= size else cv2.INTER_LINEAR
@@ -844,8 +839,7 @@ class CustomCNN(nn.Module):
     def __init__(self, num_classes: int = 2, in_channels: int = 1, img_size: int = IMG_SIZE,
                  channels=CHANNELS, fc_hidden: int = FC_HIDDEN, dropout: float = DROPOUT):
         super().__init__()
-        chans = [in_channels, *channels]
-        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(4)])
+        self.blocks = nn.Sequential(*[ConvBlock(a, b) for a, b in zip([in_channels, *channels], channels)])
         with torch.no_grad():  # the flattened size follows from the input size, whatever it is
             n_flat = self.blocks(torch.zeros(1, in_channels, img_size, img_size)).numel()
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_flat, fc_hidden),
