@@ -636,11 +636,9 @@ def _decode_one(item: tuple, size: int) -> tuple:
 
 
 def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list]:
-    """Decode every file once. Returns (N x size x size uint8 array, [(path, reason)] of bad files).
-
-    Rows of bad files are left zero; callers drop them. There is no on-disk cache: a cold decode
-    of the 5,216-image training split (224 px JPEGs) takes 8.3 s with 2 workers, 3% of a full run.
-    """
+    """Decode every file once: (N x size x size uint8 array, [(path, reason)] of bad files, whose rows stay
+    zero). No on-disk cache: a cold decode of the 5,216-image training split (224 px JPEGs) takes 8.3 s
+    with 2 workers, 3% of a full run."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     bad, multi_frame = [], []
     workers = min(num_workers, max(0, len(paths) // 64))
@@ -718,12 +716,9 @@ def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) 
 
 
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, patient-grouped train/val split. Returns (train_idx, val_idx), sorted.
-
-    Each patient goes wholly to one side. Per class (a patient counts for the class of most of its
-    images), patients are shuffled with the seed and moved to validation until that class's
-    validation share reaches val_fraction of its images.
-    """
+    """Stratified, patient-grouped train/val split: (train_idx, val_idx), sorted. Each patient goes wholly
+    to one side: per class (a patient counts for the class of most of its images), patients are shuffled
+    with the seed and moved to validation until that class's share reaches val_fraction of its images."""
     labels = np.asarray(labels)
     by_group: dict = {}
     for i, g in enumerate(groups):
@@ -788,11 +783,9 @@ def eval_batch(images_u8: torch.Tensor, img_size: int, norm: dict, device) -> to
 
 
 def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter.
-
-    Works on whole batches on any device; random numbers come from the CPU generator `gen`, so a
-    seed gives the same augmentation on CPU and GPU and after a resume.
-    """
+    """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter, on whole
+    batches on any device. Random numbers come from the CPU generator `gen`, so a seed gives the same
+    augmentation on CPU and GPU and after a resume."""
     n, dev = images_u8.shape[0], images_u8.device
     u = torch.rand(n, 9, generator=gen).to(dev)
     area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
@@ -1166,9 +1159,8 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
 def evaluate(st: TrainState, split: Split) -> dict:
     """Validation loss, accuracy and AUC of the evaluated model (sharded over ranks, gathered)."""
     rt = st.rt
-    local = split.images[rt.rank::rt.world]
-    probs = gather_rows(predict_probs(st.eval_model, local, st.cfg.img_size, st.norm, rt, st.cfg.tta,
-                                      desc="val" if rt.is_main else ""), rt)
+    probs = gather_rows(predict_probs(st.eval_model, split.images[rt.rank::rt.world], st.cfg.img_size, st.norm, rt,
+                                      st.cfg.tta, desc="val" if rt.is_main else ""), rt)
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)
