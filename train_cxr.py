@@ -397,7 +397,6 @@ def setup_runtime(cfg: Config) -> Runtime:
         keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    # bf16 autocast for --amp on, or for auto on CUDA or a CPU with AMX; None = fp32.
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world)
 
