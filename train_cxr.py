@@ -303,7 +303,6 @@ def check_config(cfg: Config) -> None:
             raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
 
 
-
 if __name__ == "__main__":
     try:  # --help, a typo or a bad value ends here, before the slow imports below
         _PARSED = parse_config()
@@ -316,8 +315,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-import pydicom.pixels  # noqa: E402
+import pydicom.pixels  # noqa: E402  (binds pydicom too)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -735,8 +733,7 @@ def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.nd
             val.extend(by_group[g])
             taken += len(by_group[g])
     val_idx = np.array(sorted(val), dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    return train_idx, val_idx
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:
