@@ -1044,8 +1044,7 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
     try:
         for i in tqdm(range(0, len(images_u8), 256), desc=desc, leave=False, disable=None if desc else True):
             x = eval_batch(images_u8[i:i + 256], img_size, norm, rt.device)
-            if rt.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
             # Always fp32, also after bf16 training: bf16 scores fall into ties, and a threshold
             # chosen among ties moves with every run.
             p = model(x).float().softmax(1)
@@ -1115,8 +1114,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         y = train.labels[idx].to(rt.device, non_blocking=True)
         x = augment_batch(train.images[idx].to(rt.device, non_blocking=True), cfg, st.norm, gen)
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
         with rt.autocast():
             logits = st.model(x)
             loss = st.criterion(logits.float(), y)
