@@ -111,9 +111,8 @@ NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one 
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
 # The demo's small settings: applied by --demo unless the flag is given explicitly.
-DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128,
-                      lr=1e-3, patience=12, val_fraction=0.2, ema_decay=0.99,
-                      bootstrap=200, warmup_epochs=0.5)
+DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128, lr=1e-3, patience=12,
+                      val_fraction=0.2, ema_decay=0.99, bootstrap=200, warmup_epochs=0.5)
 DEMO_COUNTS = ({"NORMAL": 400, "PNEUMONIA": 700}, {"NORMAL": 100, "PNEUMONIA": 150})  # train, test
 DICOM_EXTENSIONS = (".dcm", ".dicom")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".pgm", *DICOM_EXTENSIONS)
@@ -190,15 +189,13 @@ FLAGS = {
         ("DETERMINISTIC", "CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)")],
 }
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
-THRESHOLD_POLICIES = ("balanced", "accuracy", "youden", "sensitivity:X")
 
 
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
 # defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
 # tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back and ignores unknown keys.
 Config = dataclasses.make_dataclass(
-    "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values()
-               for name, _ in group],
+    "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values() for name, _ in group],
     namespace={"work_size": property(lambda c: max(c.img_size, int(round(c.img_size * c.work_scale)))),
                "to_dict": lambda c: {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in dataclasses.asdict(c).items()},
@@ -232,10 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(usage="python train_cxr.py [MODE] [FLAGS]   (python train_cxr.py --help lists them)",
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
-                epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, "
-                       "README 'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); "
-                       "~12 min on 2 CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: "
-                       "20 s to 1 min.",
+                epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
+                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~12 min on 2 "
+                       "CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
     modes.add_argument("-h", "--help", action="help", help="show this help and exit")
@@ -255,18 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
         group = p.add_argument_group(title)
         for const, text in entries:
             name, default = const.lower(), globals()[const]
-            shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
-            if not isinstance(default, bool) and default != "" and "default:" not in text:
-                text += f" (default: {shown})"
-            kw = dict(dest=name, help=text.replace("%", "%%"))  # argparse formats help with %
-            flag = "--" + name.replace("_", "-")
-            if isinstance(default, bool):
-                group.add_argument(flag, action=argparse.BooleanOptionalAction,
-                                   help=kw["help"] + f" (default: {'on' if default else 'off'})", dest=name)
-            elif isinstance(default, tuple):
-                group.add_argument(flag, type=_int_tuple, metavar="A,B,C,D", **kw)
-            else:
-                group.add_argument(flag, type=type(default), choices=CHOICES.get(name), **kw)
+            shown = (("on" if default else "off") if isinstance(default, bool) else
+                     ",".join(map(str, default)) if isinstance(default, tuple) else default)
+            text += f" (default: {shown})" if shown != "" and "default:" not in text else ""
+            kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
+                  dict(type=_int_tuple, metavar="A,B,C,D") if isinstance(default, tuple) else
+                  dict(type=type(default), choices=CHOICES.get(name)))
+            help_ = text.replace("%", "%%")  # argparse formats help with %
+            group.add_argument("--" + name.replace("_", "-"), dest=name, help=help_, **kw)
     return p
 
 
@@ -280,8 +272,7 @@ def parse_config(argv=None) -> tuple:
         if flag.startswith("--") and dashed in parser._option_string_actions:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
-    names = [f.name for f in dataclasses.fields(Config)]
-    args.given = {n for n in names if hasattr(args, n)}
+    args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     check_config(cfg)
@@ -304,13 +295,12 @@ def check_config(cfg: Config) -> None:
              ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
              ("num_workers", cfg.num_workers >= 0, "0 or more"),
              ("ood_quantile", 0.5 <= cfg.ood_quantile < 1.0, "in [0.5, 1)"),
-             ("threshold_policy", cfg.threshold_policy in THRESHOLD_POLICIES[:3] or bool(re.fullmatch(
+             ("threshold_policy", cfg.threshold_policy in ("balanced", "accuracy", "youden") or bool(re.fullmatch(
                  r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
                  "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
     for name, ok, want in rules:
         if not ok:
             raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
-
 
 
 if __name__ == "__main__":
@@ -325,8 +315,7 @@ import matplotlib  # noqa: E402
 matplotlib.use("Agg")  # figures go to files; no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import pydicom  # noqa: E402
-import pydicom.pixels  # noqa: E402
+import pydicom.pixels  # noqa: E402  (binds pydicom too)
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -359,9 +348,7 @@ class Runtime:
     channels_last: bool = True
 
     def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return contextlib.nullcontext() if self.amp_dtype is None else torch.autocast(self.device.type, self.amp_dtype)
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -374,15 +361,13 @@ def cpu_has_fast_bf16() -> bool:
 
 
 def keep_freed_memory() -> bool:
-    """Stop glibc from handing every freed activation back to the OS (Linux only).
+    """Keep freed activations in the process for the next step instead of handing them back to the OS.
 
-    A CPU training step allocates and frees tens of activation tensors of 1-30 MB. By default
-    glibc serves the large ones with fresh mmap()s and trims the heap after frees, so every step
-    page-faults its activations in again: a full default run took ~50 million minor page faults
-    and 15% of its CPU time in the kernel. Raising the mmap threshold to its maximum (32 MB) and
-    the trim threshold to 1 GB keeps that memory in the process for the next step (measured:
-    +15-30% training images/s on the 2-core dev machine; a full run's peak memory stayed at
-    2.0 GB). Returns whether the setting took (False on macOS, Windows, musl, ...).
+    A CPU step allocates and frees tens of 1-30 MB activations; by default glibc mmap()s the large ones
+    afresh and trims the heap after frees, so every step page-faults them in again (a full default run:
+    ~50 million minor faults, 15% of its CPU time in the kernel). Raising the mmap threshold to its
+    maximum (32 MB) and the trim threshold to 1 GB: +15-30% training images/s on the 2-core dev machine,
+    a full run's peak memory still 2.0 GB. Returns whether it took (False on macOS, Windows, musl, ...).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -401,9 +386,8 @@ def setup_runtime(cfg: Config) -> Runtime:
     use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
     set_backend_flags(cfg.deterministic, use_cuda)
     if use_cuda:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local)
-        device = torch.device("cuda", local)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         if cfg.num_threads > 0:
@@ -411,28 +395,22 @@ def setup_runtime(cfg: Config) -> Runtime:
         keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
-    # bf16 autocast for --amp on, or for auto on CUDA or a CPU with AMX; None = fp32.
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world)
 
 
 def set_backend_flags(deterministic: bool, cuda: bool) -> None:
-    """The process-wide switches between a fast and a reproducible GPU run.
-
-    cuDNN autotuning picks convolution kernels by timing them, TF32 rounds fp32 matmuls and
-    convolutions to 10-bit mantissas, and several CUDA backward kernels accumulate with atomics:
-    fast, but two runs with one seed differ. --deterministic turns all three off. The CPU path is
-    deterministic for a seed and a thread count either way.
-    """
+    """Process-wide switches between a fast and a reproducible GPU run: cuDNN autotuning (kernels picked
+    by timing), TF32 (fp32 matmuls and convolutions rounded to 10-bit mantissas) and CUDA backward kernels
+    that accumulate with atomics are fast, but two runs with one seed differ; --deterministic turns all
+    three off. The CPU path is deterministic for a seed and a thread count either way."""
     if deterministic:
         # cuBLAS is deterministic only with a fixed workspace; it reads this when CUDA starts.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
     fast = cuda and not deterministic
-    torch.backends.cudnn.benchmark = fast
-    torch.backends.cuda.matmul.allow_tf32 = fast
-    torch.backends.cudnn.allow_tf32 = fast
+    torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
 
 
 def setup_console_logging(is_main: bool = True) -> None:
@@ -441,9 +419,7 @@ def setup_console_logging(is_main: bool = True) -> None:
         log.removeHandler(h)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
-    console = logging.StreamHandler(sys.stdout)
-    console.setFormatter(logging.Formatter("%(message)s"))
-    log.addHandler(console)
+    log.addHandler(logging.StreamHandler(sys.stdout))  # a handler's default format is the bare message
     # Lines logged before the run folder exists are kept and replayed into train.log: every input
     # check runs before the folder is made, so without this the warnings about skipped files,
     # duplicates across splits and patient overlap (measured: the only two warnings of a run on
@@ -453,7 +429,6 @@ def setup_console_logging(is_main: bool = True) -> None:
 
 def attach_log_file(path: Path) -> None:
     fh = logging.FileHandler(path, encoding="utf-8")
-    fh.setFormatter(logging.Formatter("%(message)s"))
     for h in list(log.handlers):
         if isinstance(h, logging.handlers.MemoryHandler):
             h.setTarget(fh)
@@ -486,28 +461,16 @@ def atomic_write(path: Path, write_fn) -> None:
         raise
 
 
-def _plain(obj):
-    """NaN/inf become null: strict JSON has no NaN (an AUC is NaN when a class is missing)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj
-
-
 def write_csv(path: Path, header: list, rows) -> None:
     def write(p):
         with open(p, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
+            csv.writer(f).writerows([header, *rows])
     atomic_write(path, write)
 
 
 def save_json(path: Path, obj) -> None:
-    text = json.dumps(_plain(obj), indent=2, allow_nan=False) + "\n"
+    # NaN/inf become null: strict JSON has no NaN (an AUC is NaN when a class is missing).
+    text = json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), indent=2, allow_nan=False) + "\n"
     atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
@@ -545,8 +508,7 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         # torch names the offending global only in its message text: the name tells the user what
         # the file would have run (the exception type, UnpicklingError, also fits a truncated pickle).
-        m = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if m:
+        if m := re.search(r"Unsupported global: GLOBAL (\S+)", text):
             raise CXRError(f"refusing to load {path}: it is a pickle that references {m.group(1)}, not plain "
                            "data; only load checkpoints written by train_cxr.py from people you trust")
         raise CXRError(f"{path} is not a checkpoint, or it is damaged (an incomplete copy?): "
@@ -576,35 +538,28 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
-    class_to_idx = {c: i for i, c in enumerate(classes)}
-    samples = torchvision.datasets.folder.make_dataset(
-        str(root), class_to_idx, is_valid_file=is_image_file, allow_empty=True)
-    return classes, samples
+    return classes, torchvision.datasets.folder.make_dataset(
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file, allow_empty=True)
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
-    """Decode any X-ray file to a size x size uint8 grayscale array.
-
-    JPEGs are decoded at a reduced scale in the DCT domain (PIL draft) when they are much larger
-    than needed. 16-bit and float images are min-max scaled to 8 bits; DICOM files go through
-    read_dicom. Raises on a broken file.
-    """
+    """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
+    images min-max scaled to 8 bits. Raises on a broken file."""
     if path.lower().endswith(DICOM_EXTENSIONS):
         arr = read_dicom(path)
     else:
         with Image.open(path) as im:
             if im.format == "JPEG":
-                im.draft("L", (size, size))  # picks the smallest 1/2, 1/4, 1/8 scale still >= size
+                im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
             im.load()  # raises OSError on truncated/corrupt data
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                # transparent = black, like film background
+                im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, dtype=np.float32)
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
             else:
-                if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-                    im = im.convert("RGBA")
-                    background = Image.new("RGBA", im.size, (0, 0, 0, 255))
-                    im = Image.alpha_composite(background, im)  # transparent = black, like film background
                 arr = np.asarray(im.convert("L"))
     if arr.shape != (size, size):
         interp = cv2.INTER_AREA if min(arr.shape) >= size else cv2.INTER_LINEAR
@@ -665,17 +620,6 @@ def read_dicom(path: str) -> np.ndarray:
     return np.rint(img * 255).astype(np.uint8)
 
 
-def dicom_patient_id(path: str) -> str:
-    """"dicom:<PatientID>" of a DICOM file; "" for other files and DICOMs without one."""
-    if not path.lower().endswith(DICOM_EXTENSIONS):
-        return ""
-    try:
-        pid = str(pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"]).get("PatientID", ""))
-    except (OSError, pydicom.errors.InvalidDicomError):
-        return ""
-    return f"dicom:{pid.strip()}" if pid.strip() else ""
-
-
 def _decode_one(item: tuple, size: int) -> tuple:
     """(index, array or None, error text, multi-frame?) of one (index, path): runs in a worker."""
     i, path = item
@@ -689,18 +633,15 @@ def _decode_one(item: tuple, size: int) -> tuple:
 
 
 def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list]:
-    """Decode every file once. Returns (N x size x size uint8 array, [(path, reason)] of bad files).
-
-    Rows of bad files are left zero; callers drop them. There is no on-disk cache: a cold decode
-    of the 5,216-image training split (224 px JPEGs) takes 8.3 s with 2 workers, 3% of a full run.
-    """
+    """Decode every file once: (N x size x size uint8 array, [(path, reason)] of bad files, whose rows stay
+    zero). No on-disk cache: a cold decode of the 5,216-image training split (224 px JPEGs) takes 8.3 s
+    with 2 workers, 3% of a full run."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
-    bad = []
+    bad, multi_frame = [], []
     workers = min(num_workers, max(0, len(paths) // 64))
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))
-    multi_frame = []
     for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
             bad.append((paths[i], err))
@@ -733,11 +674,9 @@ class Split:
 def load_split(samples: list, cfg: Config, desc: str) -> tuple[Split, list]:
     paths = [p for p, _ in samples]
     arr, bad = decode_all(paths, cfg.work_size, cfg.num_workers, desc)
-    bad_set = {p for p, _ in bad}
-    keep = [i for i, p in enumerate(paths) if p not in bad_set]
-    split = Split(torch.from_numpy(arr[keep]), torch.tensor([samples[i][1] for i in keep], dtype=torch.long),
-                  [paths[i] for i in keep])
-    return split, bad
+    bad_paths = {p for p, _ in bad}
+    split = Split(torch.from_numpy(arr), torch.tensor([y for _, y in samples], dtype=torch.long), paths)
+    return split.subset([i for i, p in enumerate(paths) if p not in bad_paths]), bad
 
 
 _PATIENT_PATTERNS = (re.compile(r"^(person\d+)_", re.I), re.compile(r"^(.*?IM-\d+)-\d+", re.I))
@@ -758,10 +697,13 @@ def patient_pattern(regex: str) -> re.Pattern | None:
 
 
 def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) -> str:
-    """A DICOM file's PatientID; else the id in the file name (the pattern's first group, by
-    default Kermany-style names); else the file's own stem ("" with stem=False)."""
-    if pid := dicom_patient_id(path):
-        return pid
+    """A DICOM file's PatientID ("dicom:<id>"); else the id in the file name (the pattern's first group,
+    by default Kermany-style names); else the file's own stem ("" with stem=False)."""
+    if path.lower().endswith(DICOM_EXTENSIONS):
+        with contextlib.suppress(OSError, pydicom.errors.InvalidDicomError):
+            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+            if pid := str(ds.get("PatientID", "")).strip():
+                return f"dicom:{pid}"
     name = os.path.basename(path)
     for pat in (pattern,) if pattern else _PATIENT_PATTERNS:
         m = pat.search(name)
@@ -771,12 +713,9 @@ def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) 
 
 
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, patient-grouped train/val split. Returns (train_idx, val_idx), sorted.
-
-    Each patient goes wholly to one side. Per class (a patient counts for the class of most of its
-    images), patients are shuffled with the seed and moved to validation until that class's
-    validation share reaches val_fraction of its images.
-    """
+    """Stratified, patient-grouped train/val split: (train_idx, val_idx), sorted. Each patient goes wholly
+    to one side: per class (a patient counts for the class of most of its images), patients are shuffled
+    with the seed and moved to validation until that class's share reaches val_fraction of its images."""
     labels = np.asarray(labels)
     by_group: dict = {}
     for i, g in enumerate(groups):
@@ -794,8 +733,7 @@ def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.nd
             val.extend(by_group[g])
             taken += len(by_group[g])
     val_idx = np.array(sorted(val), dtype=np.int64)
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    return train_idx, val_idx
+    return np.setdiff1d(np.arange(len(labels)), val_idx), val_idx
 
 
 def class_weights(labels, num_classes: int) -> torch.Tensor:
@@ -831,8 +769,7 @@ def dataset_norm(images: torch.Tensor, mode: str) -> dict:
 
 def center_crop(images: torch.Tensor, img_size: int) -> torch.Tensor:
     """Evaluation view: the central img_size crop of the working-size image (Resize+CenterCrop)."""
-    s = images.shape[-1]
-    o = (s - img_size) // 2
+    o = (images.shape[-1] - img_size) // 2
     return images[..., o:o + img_size, o:o + img_size]
 
 
@@ -842,11 +779,9 @@ def eval_batch(images_u8: torch.Tensor, img_size: int, norm: dict, device) -> to
 
 
 def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.Generator) -> torch.Tensor:
-    """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter.
-
-    Works on whole batches on any device; random numbers come from the CPU generator `gen`, so a
-    seed gives the same augmentation on CPU and GPU and after a resume.
-    """
+    """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter, on whole
+    batches on any device. Random numbers come from the CPU generator `gen`, so a seed gives the same
+    augmentation on CPU and GPU and after a resume."""
     n, dev = images_u8.shape[0], images_u8.device
     u = torch.rand(n, 9, generator=gen).to(dev)
     area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
@@ -893,8 +828,7 @@ class CustomCNN(nn.Module):
     def __init__(self, num_classes: int = 2, in_channels: int = 1, img_size: int = IMG_SIZE,
                  channels=CHANNELS, fc_hidden: int = FC_HIDDEN, dropout: float = DROPOUT):
         super().__init__()
-        chans = [in_channels, *channels]
-        self.blocks = nn.Sequential(*[ConvBlock(chans[i], chans[i + 1]) for i in range(4)])
+        self.blocks = nn.Sequential(*[ConvBlock(a, b) for a, b in zip([in_channels, *channels], channels)])
         with torch.no_grad():  # the flattened size follows from the input size, whatever it is
             n_flat = self.blocks(torch.zeros(1, in_channels, img_size, img_size)).numel()
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_flat, fc_hidden),
@@ -977,8 +911,7 @@ def binary_metrics(y_true, score, threshold: float) -> dict:
     div = lambda a, b: float(a / b) if b else float("nan")
     sens, prec = div(tp, tp + fn), div(tp, tp + fp)
     return {"threshold": float(threshold), "accuracy": div(tp + tn, len(y)), "sensitivity": sens,
-            "specificity": div(tn, tn + fp), "precision": prec,
-            "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
+            "specificity": div(tn, tn + fp), "precision": prec, "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
             "confusion_matrix": [[tn, fp], [fn, tp]]}
 
 
@@ -988,9 +921,7 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     rng = np.random.default_rng(seed)
     aucs = [roc_auc(y[i], s[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(n))]
     aucs = [a for a in aucs if not math.isnan(a)]  # resamples that lost a class have no AUC
-    if not aucs:
-        return [float("nan"), float("nan")]
-    return [float(np.percentile(aucs, 2.5)), float(np.percentile(aucs, 97.5))]
+    return [float(np.percentile(aucs, q)) for q in (2.5, 97.5)] if aucs else [float("nan")] * 2
 
 
 def fit_calibration(probs: np.ndarray, labels) -> dict:
@@ -1113,8 +1044,7 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
     try:
         for i in tqdm(range(0, len(images_u8), 256), desc=desc, leave=False, disable=None if desc else True):
             x = eval_batch(images_u8[i:i + 256], img_size, norm, rt.device)
-            if rt.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
             # Always fp32, also after bf16 training: bf16 scores fall into ties, and a threshold
             # chosen among ties moves with every run.
             p = model(x).float().softmax(1)
@@ -1132,8 +1062,7 @@ def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
         return local
     parts = [None] * rt.world
     torch.distributed.all_gather_object(parts, local)
-    n = sum(len(p) for p in parts)
-    out = np.zeros((n, *local.shape[1:]), dtype=local.dtype)
+    out = np.zeros((sum(map(len, parts)), *local.shape[1:]), dtype=local.dtype)
     for r, p in enumerate(parts):
         out[r::rt.world] = p
     return out
@@ -1185,8 +1114,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
         y = train.labels[idx].to(rt.device, non_blocking=True)
         x = augment_batch(train.images[idx].to(rt.device, non_blocking=True), cfg, st.norm, gen)
-        if rt.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
         with rt.autocast():
             logits = st.model(x)
             loss = st.criterion(logits.float(), y)
@@ -1211,8 +1139,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
                 raise FloatingPointError(f"loss became {float(losses[i])} at epoch {epoch}, batch {i + 1}")
             bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         if check or rt.world == 1:
-            signum = int(rank_max(_STOP["signal"] or 0, rt))
-            if signum:
+            if signum := int(rank_max(_STOP["signal"] or 0, rt)):
                 _STOP["signal"] = signum  # also in the processes the signal did not reach
                 raise Interrupted()
     # Over all processes' shards: the same figures on every rank, and the whole epoch in history.csv.
@@ -1226,9 +1153,8 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
 def evaluate(st: TrainState, split: Split) -> dict:
     """Validation loss, accuracy and AUC of the evaluated model (sharded over ranks, gathered)."""
     rt = st.rt
-    local = split.images[rt.rank::rt.world]
-    probs = gather_rows(predict_probs(st.eval_model, local, st.cfg.img_size, st.norm, rt, st.cfg.tta,
-                                      desc="val" if rt.is_main else ""), rt)
+    probs = gather_rows(predict_probs(st.eval_model, split.images[rt.rank::rt.world], st.cfg.img_size, st.norm, rt,
+                                      st.cfg.tta, desc="val" if rt.is_main else ""), rt)
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)

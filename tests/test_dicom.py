@@ -168,8 +168,8 @@ def test_patient_id_from_dicom_keeps_patients_on_one_side(tmp_path):
     train_ids, val_ids = {pid(p) for p in data["train"].paths}, {pid(p) for p in data["val"].paths}
     assert train_ids and val_ids and not train_ids & val_ids
     assert len(data["val"]) % 3 == 0  # whole patients, three images each
-    assert train_cxr.dicom_patient_id(data["train"].paths[0]).startswith("dicom:")
-    assert train_cxr.dicom_patient_id(str(tmp_path / "x.png")) == ""
+    assert train_cxr.patient_id(data["train"].paths[0]).startswith("dicom:")
+    assert train_cxr.patient_id(str(tmp_path / "x.png")) == "x"  # a PNG is not read as DICOM
 
 
 def test_mixed_png_jpeg_dicom_folder_trains_end_to_end(synth_root, tmp_path, source):
