@@ -1407,14 +1407,10 @@ class GradCAM:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
                 logits = self.model(x)
-                if target is None:
-                    tgt = logits.argmax(1)
-                elif isinstance(target, int):
-                    tgt = torch.full((len(x),), target, dtype=torch.long, device=logits.device)
-                else:
-                    tgt = torch.as_tensor(list(target), dtype=torch.long, device=logits.device)
-                    if len(tgt) != len(x):
-                        raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
+                tgt = logits.argmax(1) if target is None else torch.as_tensor(
+                    [target] * len(x) if isinstance(target, int) else list(target), device=logits.device).long()
+                if len(tgt) != len(x):
+                    raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
                 score = logits.gather(1, tgt.view(-1, 1)).sum()
                 act = self._act
                 grad, = torch.autograd.grad(score, act)  # parameters keep their .grad
@@ -1429,8 +1425,7 @@ class GradCAM:
 
 
 def _minmax(cam: torch.Tensor) -> torch.Tensor:
-    lo = cam.amin(dim=(2, 3), keepdim=True)
-    cam = cam - lo
+    cam = cam - cam.amin(dim=(2, 3), keepdim=True)
     return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
 
 
@@ -1504,14 +1499,10 @@ def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.n
 
 def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict, labels=None, names=None,
                  save_arrays: bool = False) -> list:
-    """One overlay PNG per image (and with save_arrays its raw map as .npy); returns the tiles.
-
-    sc holds probs and preds per image (and in_distribution, from score_images); ck the checkpoint's
-    class_names, positive_class, img_size and threshold. Each file is {stem}[_true-T]_pred-P_p{prob}
-    [_ood]: the per-epoch set, the test gallery, and --predict (no labels; names, the file names,
-    head the titles). The title names the class whose probability it shows and the rule that turned
-    it into the label; images the out-of-distribution guard flagged are marked in name and title.
-    """
+    """One overlay PNG per image, {stem}[_true-T]_pred-P_p{prob}[_ood].png (and with save_arrays the
+    raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
+    head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
+    checkpoint. Titles name the class whose probability they show and the labelling rule."""
     classes, pos = ck["class_names"], ck["positive_class"]
     rule = label_rule(classes, pos, ck.get("threshold"))
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
@@ -1549,13 +1540,9 @@ def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
 def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """n fixed indices, classes taken in turn so that every class is represented."""
     rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-    out = []
-    while len(out) < n and any(pools):
-        for p in pools:
-            if p and len(out) < n:
-                out.append(p.pop(0))
-    return np.array(sorted(out), dtype=np.int64)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    turns = sorted((r, k, i) for k, pool in enumerate(pools) for r, i in enumerate(pool))  # round r, class k
+    return np.array(sorted(i for _, _, i in turns[:n]), dtype=np.int64)
 
 
 def lung_focus(maps: np.ndarray) -> dict:
@@ -1625,9 +1612,8 @@ def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runt
     raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
     probs = calibrate(raw, ckpt.get("calibration"))
     guard = ckpt.get("ood")
-    ood = np.full(len(raw), np.nan)
-    if guard:
-        ood = ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1)))
+    ood = (ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1))) if guard
+           else np.full(len(raw), np.nan))
     return {"raw": raw, "probs": probs, "ood_score": ood,
             "preds": predict_labels(probs, ckpt["positive_class"], ckpt.get("threshold")),
             "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
@@ -1688,10 +1674,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if binary:
         y, s = labels == pos, probs[:, pos]
         thr = 0.5 if threshold is None else threshold
-        res.update(binary_report(y, s, thr, cfg.bootstrap, cfg.seed))
-        res["at_0.5"] = binary_metrics(y, s, 0.5)
-        res["ece"] = calibration_error(y, s)  # of P(positive), 15 bins
-        res["ece_uncalibrated"] = calibration_error(y, sc["raw"][:, pos])
+        res |= {**binary_report(y, s, thr, cfg.bootstrap, cfg.seed), "at_0.5": binary_metrics(y, s, 0.5),
+                "ece": calibration_error(y, s), "ece_uncalibrated": calibration_error(y, sc["raw"][:, pos])}  # 15 bins
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         ci = res["auc_ci95"]
         ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if all(map(math.isfinite, ci)) else ""
@@ -1699,16 +1683,11 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                  f"test ROC ({class_names[pos]})", (1 - res["specificity"], res["sensitivity"]), thr)
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
-        res["auc"] = multiclass_auc(labels, probs, pos)
-        res["accuracy"] = accuracy_score(labels, probs.argmax(1))
-        res["threshold"] = None
         top = probs.max(1)
-        res["ece"] = calibration_error(preds == labels, top)  # top-label confidence, 15 bins
-        curves = []
-        for k, name in enumerate(class_names):
-            if 0 < (labels == k).sum() < len(labels):
-                fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
-                curves.append((fpr, tpr, f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})"))
+        res |= {"auc": multiclass_auc(labels, probs, pos), "accuracy": accuracy_score(labels, probs.argmax(1)),
+                "threshold": None, "ece": calibration_error(preds == labels, top)}  # top-label confidence, 15 bins
+        curves = [(*roc_curve(labels == k, probs[:, k])[:2], f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
+                  for k, name in enumerate(class_names) if 0 < (labels == k).sum() < len(labels)]
         plot_roc(curves, run_dir / "roc_curve.png", "test ROC, one vs rest")
         plot_reliability(preds == labels, top, res["ece"], run_dir / "reliability.png",
                          "test calibration: confidence of the predicted class")
@@ -1735,13 +1714,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     # right and wrong predictions of every class.
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
-    gallery = []
-    cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
-    per_cell = max(1, cfg.num_gradcam_images // max(1, len(cells)))
-    for t, p in cells:
-        ok = (labels == t) & ((preds == t) if p is not None else (preds != t))
-        gallery.extend(np.flatnonzero(ok)[:per_cell].tolist())
-    gallery = np.array(sorted(gallery), dtype=np.int64)
+    per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names)))  # right and wrong of each class
+    gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
+                              for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
@@ -1978,8 +1953,7 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
         classes, samples = list_image_folder(path)
     except FileNotFoundError:
         raise CXRError(f"{path} has no class folders: put the images in {path}/<CLASS>/ (e.g. NORMAL, PNEUMONIA)")
-    counts = np.bincount([s[1] for s in samples], minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    empty = [c for c, n in zip(classes, np.bincount([s[1] for s in samples], minlength=len(classes))) if n == 0]
     if empty:
         raise CXRError(f"class folder {path / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                        "add images or remove the folder")
@@ -2033,12 +2007,10 @@ def prepare_data(cfg: Config) -> dict:
                        f"{test_classes}; make them match")
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
-    val_samples, val_note = [], ""
+    val_classes, val_samples, val_note = [], [], ""
     if (root / "val").is_dir():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
-        except FileNotFoundError:
-            val_classes, val_samples = [], []
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
         if val_classes == classes and min(counts) >= cfg.min_val_per_class:
             val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
@@ -2056,13 +2028,10 @@ def prepare_data(cfg: Config) -> dict:
         which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
         log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
                  "(pass --patient-regex to group the images of one patient)")
-    test = val = None
-    if test_samples:
-        test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
-        bad += bad_test
-    if val_samples:
-        val, bad_val = load_split(val_samples, cfg, "decode val")
-        bad += bad_val
+    # The test split is decoded now and looked at only after training.
+    (test, bad_test), (val, bad_val) = [load_split(s, cfg, f"decode {n}") if s else (None, [])
+                                        for n, s in (("test", test_samples), ("val", val_samples))]
+    bad += bad_test + bad_val
     for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
         shared = sorted(set(train_ids) & {patient_id(p, pattern) for p in other.paths}) if other else []
         if shared:
@@ -2079,19 +2048,16 @@ def prepare_data(cfg: Config) -> dict:
             raise CXRError(f"class {c} has {counts.min()} usable training image(s) in {root / 'train' / c}: "
                            "a validation split needs at least 2 per class; add images")
         tr_idx, va_idx = grouped_split(labels, train_ids, cfg.val_fraction, cfg.seed)
-        val_counts = np.bincount(labels[va_idx], minlength=len(classes))
-        tr_counts = np.bincount(labels[tr_idx], minlength=len(classes))
-        if val_counts.min() == 0 or tr_counts.min() == 0:
-            c = classes[int(np.argmin(np.minimum(val_counts, tr_counts)))]
+        least = np.minimum(*(np.bincount(labels[idx], minlength=len(classes)) for idx in (tr_idx, va_idx)))
+        if least.min() == 0:
+            c = classes[int(least.argmin())]
             raise CXRError(f"class {c} is too small to split into train and validation "
                            f"(patients in {root / 'train' / c}); add images or raise --val-fraction")
         train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
-        if sp is None:
-            continue
-        if len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test":
+        if sp is not None and (len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test"):
             raise CXRError(f"the {name} split has no usable images of some class: check {root}")
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
             "bad_files": [p for p, _ in bad], "pos": pos}
@@ -2117,21 +2083,16 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int) -> TrainState:
-    num_classes = len(class_names)
     torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
-    model = CustomCNN(**model_kwargs(cfg, num_classes)).to(rt.device)
+    model = CustomCNN(**model_kwargs(cfg, len(class_names))).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    train_model = model
-    if rt.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    decay, no_decay = [], []
-    for n_, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    train_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world > 1 else model
+    params = list(model.parameters())  # no weight decay on biases and BN
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
     total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the last step
@@ -2139,8 +2100,8 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    weights = class_weights(train_labels, num_classes).to(rt.device)
-    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    crit = nn.CrossEntropyLoss(weight=class_weights(train_labels, len(class_names)).to(rt.device),
+                               label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
                       positive_index(class_names, cfg.positive_class))
 
