@@ -1551,8 +1551,7 @@ def lung_focus(maps: np.ndarray) -> dict:
     m = np.zeros((h, w), bool)
     m[int(y0 * h):int(math.ceil(y1 * h)), int(x0 * w):int(math.ceil(x1 * w))] = True
     mass = maps.reshape(len(maps), -1).sum(1)
-    inside = maps[:, m].sum(1)
-    share = inside[mass > 0] / mass[mass > 0]
+    share = maps[:, m].sum(1)[mass > 0] / mass[mass > 0]
     return {"lung_box": list(LUNG_BOX), "mean_share_in_box": float(share.mean()) if len(share) else float("nan"),
             "uniform_share": float(m.mean()), "n_images": int(len(share)),
             "n_empty_maps": int((mass <= 0).sum())}  # all-zero maps have no share and are left out
@@ -1789,10 +1788,8 @@ def _csv_cell(text: str) -> str:
 
 def _flatten(d: dict, prefix: str = "") -> list:
     """[("a.b", value)] of a nested dict: every key of test_metrics.json or config.json, known or not."""
-    rows = []
-    for k, v in d.items():
-        rows += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return rows
+    return [row for k, v in d.items()
+            for row in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])]
 
 
 class _Html(str):
@@ -1816,13 +1813,11 @@ def _img(rel: str, caption: str, width: int = 0, wide: bool = False) -> _Html:
 
 
 def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
-    """folder/report.html: a static page (no script, no network) of whatever the folder holds.
-
-    Test metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the
-    Grad-CAM summaries of the first, middle and last epochs, the test gallery, predictions.csv with
-    each image's overlay, and the configuration (config.json, or `config` for --predict/--evaluate).
-    Images are linked relative to the page, so the folder can be moved or zipped.
-    """
+    """folder/report.html, a static page (no script, no network) of whatever the folder holds: test
+    metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the Grad-CAM
+    summaries of the first, middle and last epochs, the test gallery, predictions.csv with each image's
+    overlay, and the configuration (config.json, or `config` for --predict/--evaluate). Images are
+    linked relative to the page, so the folder can be moved or zipped."""
     folder = Path(folder)
     cam = folder / "grad_cam"
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -1853,11 +1848,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "predictions.csv").is_file():
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.reader(f))
-        overlays = {p.name[:5]: p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # predict()'s names
-        body = []
-        for k, r in enumerate(rows[1:]):
-            name = overlays.get(f"{k:05d}")
-            body.append([_csv_cell(c) for c in r] + [_img(f"grad_cam/{name}", name, 128) if name else ""])
+        overlays = {int(p.name[:5]): p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # --predict's
+        body = [[*map(_csv_cell, r), _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
+                for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
     if config is None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
@@ -1876,11 +1869,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
 # Synthetic chest X-rays for --demo and the tests
 # ----------------------------------------------------------------------------------------------
 def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np.ndarray, list]:
-    """A chest-X-ray-like image (body, lungs, ribs, spine, heart) and its lesions.
-
-    PNEUMONIA images get 1-2 soft opacities inside a lung. Returns (uint8 image, lesions as
-    (cx, cy, radius) in fractions of the image size).
-    """
+    """A chest-X-ray-like uint8 image (body, lungs, ribs, spine, heart); with pneumonia 1-2 soft
+    opacities inside a lung, also returned as lesions (cx, cy, radius) in fractions of the size."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     j = lambda s: rng.uniform(-s, s)
     img = np.full((size, size), 0.06, np.float32)
@@ -1916,11 +1906,9 @@ def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np
 
 
 def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int = 128, seed: int = 0) -> dict:
-    """Write root/{train,test}/{NORMAL,PNEUMONIA}/*.png with Kermany-style patient names.
-
-    Some patients get two images, so the patient-grouped split is exercised. Returns the lesions
-    of every PNEUMONIA file ({relative path: [(cx, cy, radius), ...]}), also saved as lesions.json.
-    """
+    """Write root/{train,test}/{NORMAL,PNEUMONIA}/*.png with Kermany-style patient names, some patients
+    with two images (so the patient-grouped split is exercised). Returns the lesions of every PNEUMONIA
+    file ({relative path: [(cx, cy, radius), ...]}), also saved as lesions.json."""
     rng = np.random.default_rng(seed)
     lesions, pid = {}, 0
     for split, counts in (("train", n_train), ("test", n_test)):
@@ -1999,9 +1987,7 @@ def prepare_data(cfg: Config) -> dict:
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
-    test_classes, test_samples = classes, []
-    if (root / "test").is_dir():
-        test_classes, test_samples = check_split_dir(root / "test", "test")
+    test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
     if test_classes != classes:
         raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
                        f"{test_classes}; make them match")
@@ -2038,9 +2024,8 @@ def prepare_data(cfg: Config) -> dict:
             log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
                         f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
                         "to one side (ids from file names, see --patient-regex)")
-    if val is not None:
-        train = train_all
-    else:
+    train = train_all
+    if val is None:
         labels = train_all.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
         if counts.min() < 2:
@@ -2065,8 +2050,7 @@ def prepare_data(cfg: Config) -> dict:
 
 def make_run_dir(cfg: Config) -> Path:
     base = Path(cfg.output_dir)
-    name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = base / name
+    run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if base.exists() and not base.is_dir():
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
     if run_dir.exists():
@@ -2077,8 +2061,7 @@ def make_run_dir(cfg: Config) -> Path:
         run_dir.mkdir()
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
-        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): "
-                       "choose a writable --output-dir")
+        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
     return run_dir
 
 
@@ -2466,18 +2449,17 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = score_images(model, out, split.images, rt)
     y = split.labels.numpy() == ckpt["positive_class"]
-    fit = {"images": counts}
-    for name, sc, ck in (("before", before, ckpt), ("after", after, out)):
+    measured = {"images": counts}
+    for name, sc, thr in (("before", before, ckpt.get("threshold")), ("after", after, out.get("threshold"))):
         p = sc["probs"][:, ckpt["positive_class"]]
-        fit[name] = {"ece": calibration_error(y, p), "threshold": ck.get("threshold"),
-                     "share_flagged": float(1 - sc["in_distribution"].mean()),
-                     **({k: v for k, v in binary_metrics(y, p, ck["threshold"] if ck.get("threshold") is not None
-                                                          else 0.5).items() if k != "threshold"}
-                        if len(ckpt["class_names"]) == 2 else {})}
-    save_json(run_dir / "recalibration.json", fit)
+        at = binary_metrics(y, p, 0.5 if thr is None else thr) if len(ckpt["class_names"]) == 2 else {}
+        measured[name] = {"ece": calibration_error(y, p), "threshold": thr,
+                          "share_flagged": float(1 - sc["in_distribution"].mean()),
+                          **{k: v for k, v in at.items() if k != "threshold"}}
+    save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
     for name in ("before", "after"):
-        m = fit[name]
+        m = measured[name]
         log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (
             f", threshold {m['threshold']:.4f}, accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
             f"specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
@@ -2495,13 +2477,9 @@ def main(argv=None, parsed=None) -> int:
     try:
         cfg, args = parsed or parse_config(argv)
         rt = setup_runtime(cfg)
-        if args.predict:
-            return predict(cfg, args, rt)
-        if args.evaluate:
-            return evaluate_mode(cfg, args, rt)
-        if args.recalibrate:
-            return recalibrate(cfg, args, rt)
-        return train(cfg, args, rt)
+        mode = (predict if args.predict else evaluate_mode if args.evaluate else
+                recalibrate if args.recalibrate else train)
+        return mode(cfg, args, rt)
     except CXRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
