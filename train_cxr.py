@@ -1920,8 +1920,7 @@ def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int =
                 pid += 1
                 for shot in range(min(n - k, 1 + int(rng.random() < 0.25))):
                     img, les = synth_xray(rng, size, cls == "PNEUMONIA")
-                    name = (f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA"
-                            else f"IM-{pid:04d}-{shot + 1:04d}.png")
+                    name = f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA" else f"IM-{pid:04d}-{shot + 1:04d}.png"
                     cv2.imwrite(str(d / name), img)
                     if les:
                         lesions[f"{split}/{cls}/{name}"] = les
@@ -2298,12 +2297,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                  "--positive-class to change)")
     log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
     if rt.is_main and resume is None:
-        save_json(run_dir / "config.json", {"config": cfg.to_dict(), "versions": library_versions(),
-                                            "device": str(rt.device), "precision": str(rt.amp_dtype or "fp32"),
-                                            "world_size": rt.world, "classes": classes, "normalization": norm,
-                                            "skipped_files": data["bad_files"],
-                                            "split_sizes": {"train": len(train_s), "val": len(val_s),
-                                                            "test": len(test_s) if test_s else 0}})
+        save_json(run_dir / "config.json", {
+            "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
+            "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
+            "skipped_files": data["bad_files"],
+            "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
     rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
