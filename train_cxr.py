@@ -1412,10 +1412,9 @@ class GradCAM:
                 if len(tgt) != len(x):
                     raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
                 score = logits.gather(1, tgt.view(-1, 1)).sum()
-                act = self._act
-                grad, = torch.autograd.grad(score, act)  # parameters keep their .grad
+                grad, = torch.autograd.grad(score, self._act)  # parameters keep their .grad
                 weights = grad.float().mean(dim=(2, 3), keepdim=True)
-                cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
+                cam = F.relu((weights * self._act.detach().float()).sum(1, keepdim=True))
         finally:
             self._act = None
             self.model.train(was_training)
@@ -1662,9 +1661,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
-    labels = test.labels.numpy()
-    binary = len(class_names) == 2
-    threshold = ckpt.get("threshold")
+    labels, binary, threshold = test.labels.numpy(), len(class_names) == 2, ckpt.get("threshold")
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
