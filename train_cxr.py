@@ -2357,12 +2357,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = []
     for p in map(Path, args.predict):
-        if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f)))
-        elif p.is_file():
-            files.append(str(p))
-        else:
+        if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f))) if p.is_dir()
+                  else [str(p)])
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
