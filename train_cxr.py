@@ -1648,12 +1648,6 @@ def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
     _savefig(fig, path)
 
 
-def binary_report(y, s, threshold: float, bootstrap: int, seed: int) -> dict:
-    """AUC with its CI and the metrics at the threshold, for P(positive) scores s."""
-    return {"n": int(len(y)), "auc": roc_auc(y, s), "auc_ci95": bootstrap_auc_ci(y, s, bootstrap, seed),
-            **binary_metrics(y, s, threshold)}
-
-
 def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
     checkpoint, with the bootstrap and gallery settings of the run that made it."""
@@ -1670,7 +1664,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if binary:
         y, s = labels == pos, probs[:, pos]
         thr = 0.5 if threshold is None else threshold
-        res |= {**binary_report(y, s, thr, cfg.bootstrap, cfg.seed), "at_0.5": binary_metrics(y, s, 0.5),
+        at_thr = lambda y, s: {"n": int(len(y)), "auc": roc_auc(y, s),  # AUC with its CI, the metrics at thr
+                               "auc_ci95": bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed), **binary_metrics(y, s, thr)}
+        res |= {**at_thr(y, s), "at_0.5": binary_metrics(y, s, 0.5),
                 "ece": calibration_error(y, s), "ece_uncalibrated": calibration_error(y, sc["raw"][:, pos])}  # 15 bins
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         ci = res["auc_ci95"]
@@ -1701,7 +1697,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
                       "share_flagged": float((~inside).mean())}
         if binary and inside.any():
-            res["ood"]["in_distribution_only"] = binary_report(y[inside], s[inside], thr, cfg.bootstrap, cfg.seed)
+            res["ood"]["in_distribution_only"] = at_thr(y[inside], s[inside])
         warn_if_unlike_training(inside, "the test set")
     write_csv(run_dir / "test_predictions.csv",
               *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, labels))
