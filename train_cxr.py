@@ -1333,19 +1333,14 @@ class GradCAM:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
                 logits = self.model(x)
-                if target is None:
-                    tgt = logits.argmax(1)
-                elif isinstance(target, int):
-                    tgt = torch.full((len(x),), target, dtype=torch.long, device=logits.device)
-                else:
-                    tgt = torch.as_tensor(list(target), dtype=torch.long, device=logits.device)
-                    if len(tgt) != len(x):
-                        raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
+                tgt = logits.argmax(1) if target is None else torch.as_tensor(
+                    [target] * len(x) if isinstance(target, int) else list(target), device=logits.device).long()
+                if len(tgt) != len(x):
+                    raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
                 score = logits.gather(1, tgt.view(-1, 1)).sum()
-                act = self._act
-                grad, = torch.autograd.grad(score, act)  # parameters keep their .grad
+                grad, = torch.autograd.grad(score, self._act)  # parameters keep their .grad
                 weights = grad.float().mean(dim=(2, 3), keepdim=True)
-                cam = F.relu((weights * act.detach().float()).sum(1, keepdim=True))
+                cam = F.relu((weights * self._act.detach().float()).sum(1, keepdim=True))
         finally:
             self._act = None
             self.model.train(was_training)
@@ -1355,8 +1350,7 @@ class GradCAM:
 
 
 def _minmax(cam: torch.Tensor) -> torch.Tensor:
-    lo = cam.amin(dim=(2, 3), keepdim=True)
-    cam = cam - lo
+    cam = cam - cam.amin(dim=(2, 3), keepdim=True)
     return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
 
 
@@ -1430,14 +1424,10 @@ def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.n
 
 def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict, labels=None, names=None,
                  save_arrays: bool = False) -> list:
-    """One overlay PNG per image (and with save_arrays its raw map as .npy); returns the tiles.
-
-    sc holds probs and preds per image (and in_distribution, from score_images); ck the checkpoint's
-    class_names, positive_class, img_size and threshold. Each file is {stem}[_true-T]_pred-P_p{prob}
-    [_ood]: the per-epoch set, the test gallery, and --predict (no labels; names, the file names,
-    head the titles). The title names the class whose probability it shows and the rule that turned
-    it into the label; images the out-of-distribution guard flagged are marked in name and title.
-    """
+    """One overlay PNG per image, {stem}[_true-T]_pred-P_p{prob}[_ood].png (and with save_arrays the
+    raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
+    head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
+    checkpoint. Titles name the class whose probability they show and the labelling rule."""
     classes, pos = ck["class_names"], ck["positive_class"]
     rule = label_rule(classes, pos, ck.get("threshold"))
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
@@ -1475,13 +1465,9 @@ def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
 def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """n fixed indices, classes taken in turn so that every class is represented."""
     rng = np.random.default_rng(seed)
-    pools = [list(rng.permutation(np.flatnonzero(labels == c))) for c in np.unique(labels)]
-    out = []
-    while len(out) < n and any(pools):
-        for p in pools:
-            if p and len(out) < n:
-                out.append(p.pop(0))
-    return np.array(sorted(out), dtype=np.int64)
+    pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    turns = sorted((r, k, i) for k, pool in enumerate(pools) for r, i in enumerate(pool))  # round r, class k
+    return np.array(sorted(i for _, _, i in turns[:n]), dtype=np.int64)
 
 
 def lung_focus(maps: np.ndarray) -> dict:
@@ -1490,8 +1476,7 @@ def lung_focus(maps: np.ndarray) -> dict:
     m = np.zeros((h, w), bool)
     m[int(y0 * h):int(math.ceil(y1 * h)), int(x0 * w):int(math.ceil(x1 * w))] = True
     mass = maps.reshape(len(maps), -1).sum(1)
-    inside = maps[:, m].sum(1)
-    share = inside[mass > 0] / mass[mass > 0]
+    share = maps[:, m].sum(1)[mass > 0] / mass[mass > 0]
     return {"lung_box": list(LUNG_BOX), "mean_share_in_box": float(share.mean()) if len(share) else float("nan"),
             "uniform_share": float(m.mean()), "n_images": int(len(share)),
             "n_empty_maps": int((mass <= 0).sum())}  # all-zero maps have no share and are left out
@@ -1551,9 +1536,8 @@ def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runt
     raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
     probs = calibrate(raw, ckpt.get("calibration"))
     guard = ckpt.get("ood")
-    ood = np.full(len(raw), np.nan)
-    if guard:
-        ood = ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1)))
+    ood = (ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1))) if guard
+           else np.full(len(raw), np.nan))
     return {"raw": raw, "probs": probs, "ood_score": ood,
             "preds": predict_labels(probs, ckpt["positive_class"], ckpt.get("threshold")),
             "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
@@ -1590,12 +1574,6 @@ def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
     _savefig(fig, path)
 
 
-def binary_report(y, s, threshold: float, bootstrap: int, seed: int) -> dict:
-    """AUC with its CI and the metrics at the threshold, for P(positive) scores s."""
-    return {"n": int(len(y)), "auc": roc_auc(y, s), "auc_ci95": bootstrap_auc_ci(y, s, bootstrap, seed),
-            **binary_metrics(y, s, threshold)}
-
-
 def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
     checkpoint, with the bootstrap and gallery settings of the run that made it."""
@@ -1603,9 +1581,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
-    labels = test.labels.numpy()
-    binary = len(class_names) == 2
-    threshold = ckpt.get("threshold")
+    labels, binary, threshold = test.labels.numpy(), len(class_names) == 2, ckpt.get("threshold")
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
@@ -1614,10 +1590,10 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if binary:
         y, s = labels == pos, probs[:, pos]
         thr = 0.5 if threshold is None else threshold
-        res.update(binary_report(y, s, thr, cfg.bootstrap, cfg.seed))
-        res["at_0.5"] = binary_metrics(y, s, 0.5)
-        res["ece"] = calibration_error(y, s)  # of P(positive), 15 bins
-        res["ece_uncalibrated"] = calibration_error(y, sc["raw"][:, pos])
+        at_thr = lambda y, s: {"n": int(len(y)), "auc": roc_auc(y, s),  # AUC with its CI, the metrics at thr
+                               "auc_ci95": bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed), **binary_metrics(y, s, thr)}
+        res |= {**at_thr(y, s), "at_0.5": binary_metrics(y, s, 0.5),
+                "ece": calibration_error(y, s), "ece_uncalibrated": calibration_error(y, sc["raw"][:, pos])}  # 15 bins
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         ci = res["auc_ci95"]
         ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if all(map(math.isfinite, ci)) else ""
@@ -1625,16 +1601,11 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                  f"test ROC ({class_names[pos]})", (1 - res["specificity"], res["sensitivity"]), thr)
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
-        res["auc"] = multiclass_auc(labels, probs, pos)
-        res["accuracy"] = accuracy_score(labels, probs.argmax(1))
-        res["threshold"] = None
         top = probs.max(1)
-        res["ece"] = calibration_error(preds == labels, top)  # top-label confidence, 15 bins
-        curves = []
-        for k, name in enumerate(class_names):
-            if 0 < (labels == k).sum() < len(labels):
-                fpr, tpr, _ = roc_curve(labels == k, probs[:, k])
-                curves.append((fpr, tpr, f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})"))
+        res |= {"auc": multiclass_auc(labels, probs, pos), "accuracy": accuracy_score(labels, probs.argmax(1)),
+                "threshold": None, "ece": calibration_error(preds == labels, top)}  # top-label confidence, 15 bins
+        curves = [(*roc_curve(labels == k, probs[:, k])[:2], f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
+                  for k, name in enumerate(class_names) if 0 < (labels == k).sum() < len(labels)]
         plot_roc(curves, run_dir / "roc_curve.png", "test ROC, one vs rest")
         plot_reliability(preds == labels, top, res["ece"], run_dir / "reliability.png",
                          "test calibration: confidence of the predicted class")
@@ -1652,7 +1623,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
                       "share_flagged": float((~inside).mean())}
         if binary and inside.any():
-            res["ood"]["in_distribution_only"] = binary_report(y[inside], s[inside], thr, cfg.bootstrap, cfg.seed)
+            res["ood"]["in_distribution_only"] = at_thr(y[inside], s[inside])
         warn_if_unlike_training(inside, "the test set")
     write_csv(run_dir / "test_predictions.csv",
               *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, labels))
@@ -1661,13 +1632,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     # right and wrong predictions of every class.
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
-    gallery = []
-    cells = [(t, p) for t in range(len(class_names)) for p in (t, None)]  # right, then wrong
-    per_cell = max(1, cfg.num_gradcam_images // max(1, len(cells)))
-    for t, p in cells:
-        ok = (labels == t) & ((preds == t) if p is not None else (preds != t))
-        gallery.extend(np.flatnonzero(ok)[:per_cell].tolist())
-    gallery = np.array(sorted(gallery), dtype=np.int64)
+    per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names)))  # right and wrong of each class
+    gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
+                              for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
@@ -1740,10 +1707,8 @@ def _csv_cell(text: str) -> str:
 
 def _flatten(d: dict, prefix: str = "") -> list:
     """[("a.b", value)] of a nested dict: every key of test_metrics.json or config.json, known or not."""
-    rows = []
-    for k, v in d.items():
-        rows += _flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)]
-    return rows
+    return [row for k, v in d.items()
+            for row in (_flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else [(f"{prefix}{k}", v)])]
 
 
 class _Html(str):
@@ -1767,13 +1732,11 @@ def _img(rel: str, caption: str, width: int = 0, wide: bool = False) -> _Html:
 
 
 def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
-    """folder/report.html: a static page (no script, no network) of whatever the folder holds.
-
-    Test metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the
-    Grad-CAM summaries of the first, middle and last epochs, the test gallery, predictions.csv with
-    each image's overlay, and the configuration (config.json, or `config` for --predict/--evaluate).
-    Images are linked relative to the page, so the folder can be moved or zipped.
-    """
+    """folder/report.html, a static page (no script, no network) of whatever the folder holds: test
+    metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the Grad-CAM
+    summaries of the first, middle and last epochs, the test gallery, predictions.csv with each image's
+    overlay, and the configuration (config.json, or `config` for --predict/--evaluate). Images are
+    linked relative to the page, so the folder can be moved or zipped."""
     folder = Path(folder)
     cam = folder / "grad_cam"
     parts = [f"<h1>{html.escape(title)}</h1>"]
@@ -1804,11 +1767,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "predictions.csv").is_file():
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.reader(f))
-        overlays = {p.name[:5]: p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # predict()'s names
-        body = []
-        for k, r in enumerate(rows[1:]):
-            name = overlays.get(f"{k:05d}")
-            body.append([_csv_cell(c) for c in r] + [_img(f"grad_cam/{name}", name, 128) if name else ""])
+        overlays = {int(p.name[:5]): p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # --predict's
+        body = [[*map(_csv_cell, r), _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
+                for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
     if config is None and (folder / "config.json").is_file():
         config = json.loads((folder / "config.json").read_text())
@@ -1827,11 +1788,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
 # Synthetic chest X-rays for --demo and the tests
 # ----------------------------------------------------------------------------------------------
 def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np.ndarray, list]:
-    """A chest-X-ray-like image (body, lungs, ribs, spine, heart) and its lesions.
-
-    PNEUMONIA images get 1-2 soft opacities inside a lung. Returns (uint8 image, lesions as
-    (cx, cy, radius) in fractions of the image size).
-    """
+    """A chest-X-ray-like uint8 image (body, lungs, ribs, spine, heart); with pneumonia 1-2 soft
+    opacities inside a lung, also returned as lesions (cx, cy, radius) in fractions of the size."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     j = lambda s: rng.uniform(-s, s)
     img = np.full((size, size), 0.06, np.float32)
@@ -1867,11 +1825,9 @@ def synth_xray(rng: np.random.Generator, size: int, pneumonia: bool) -> tuple[np
 
 
 def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int = 128, seed: int = 0) -> dict:
-    """Write root/{train,test}/{NORMAL,PNEUMONIA}/*.png with Kermany-style patient names.
-
-    Some patients get two images, so the patient-grouped split is exercised. Returns the lesions
-    of every PNEUMONIA file ({relative path: [(cx, cy, radius), ...]}), also saved as lesions.json.
-    """
+    """Write root/{train,test}/{NORMAL,PNEUMONIA}/*.png with Kermany-style patient names, some patients
+    with two images (so the patient-grouped split is exercised). Returns the lesions of every PNEUMONIA
+    file ({relative path: [(cx, cy, radius), ...]}), also saved as lesions.json."""
     rng = np.random.default_rng(seed)
     lesions, pid = {}, 0
     for split, counts in (("train", n_train), ("test", n_test)):
@@ -1883,8 +1839,7 @@ def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int =
                 pid += 1
                 for shot in range(min(n - k, 1 + int(rng.random() < 0.25))):
                     img, les = synth_xray(rng, size, cls == "PNEUMONIA")
-                    name = (f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA"
-                            else f"IM-{pid:04d}-{shot + 1:04d}.png")
+                    name = f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA" else f"IM-{pid:04d}-{shot + 1:04d}.png"
                     cv2.imwrite(str(d / name), img)
                     if les:
                         lesions[f"{split}/{cls}/{name}"] = les
@@ -1904,8 +1859,7 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
         classes, samples = list_image_folder(path)
     except FileNotFoundError:
         raise CXRError(f"{path} has no class folders: put the images in {path}/<CLASS>/ (e.g. NORMAL, PNEUMONIA)")
-    counts = np.bincount([s[1] for s in samples], minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts) if n == 0]
+    empty = [c for c, n in zip(classes, np.bincount([s[1] for s in samples], minlength=len(classes))) if n == 0]
     if empty:
         raise CXRError(f"class folder {path / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
                        "add images or remove the folder")
@@ -1951,20 +1905,16 @@ def prepare_data(cfg: Config) -> dict:
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
-    test_classes, test_samples = classes, []
-    if (root / "test").is_dir():
-        test_classes, test_samples = check_split_dir(root / "test", "test")
+    test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
     if test_classes != classes:
         raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
                        f"{test_classes}; make them match")
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
-    val_samples, val_note = [], ""
+    val_classes, val_samples, val_note = [], [], ""
     if (root / "val").is_dir():
-        try:
+        with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
-        except FileNotFoundError:
-            val_classes, val_samples = [], []
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
         if val_classes == classes and min(counts) >= cfg.min_val_per_class:
             val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
@@ -1982,22 +1932,18 @@ def prepare_data(cfg: Config) -> dict:
         which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
         log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
                  "(pass --patient-regex to group the images of one patient)")
-    test = val = None
-    if test_samples:
-        test, bad_test = load_split(test_samples, cfg, "decode test")  # read now, looked at after training
-        bad += bad_test
-    if val_samples:
-        val, bad_val = load_split(val_samples, cfg, "decode val")
-        bad += bad_val
+    # The test split is decoded now and looked at only after training.
+    (test, bad_test), (val, bad_val) = [load_split(s, cfg, f"decode {n}") if s else (None, [])
+                                        for n, s in (("test", test_samples), ("val", val_samples))]
+    bad += bad_test + bad_val
     for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
         shared = sorted(set(train_ids) & {patient_id(p, pattern) for p in other.paths}) if other else []
         if shared:
             log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
                         f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
                         "to one side (ids from file names, see --patient-regex)")
-    if val is not None:
-        train = train_all
-    else:
+    train = train_all
+    if val is None:
         labels = train_all.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
         if counts.min() < 2:
@@ -2005,19 +1951,16 @@ def prepare_data(cfg: Config) -> dict:
             raise CXRError(f"class {c} has {counts.min()} usable training image(s) in {root / 'train' / c}: "
                            "a validation split needs at least 2 per class; add images")
         tr_idx, va_idx = grouped_split(labels, train_ids, cfg.val_fraction, cfg.seed)
-        val_counts = np.bincount(labels[va_idx], minlength=len(classes))
-        tr_counts = np.bincount(labels[tr_idx], minlength=len(classes))
-        if val_counts.min() == 0 or tr_counts.min() == 0:
-            c = classes[int(np.argmin(np.minimum(val_counts, tr_counts)))]
+        least = np.minimum(*(np.bincount(labels[idx], minlength=len(classes)) for idx in (tr_idx, va_idx)))
+        if least.min() == 0:
+            c = classes[int(least.argmin())]
             raise CXRError(f"class {c} is too small to split into train and validation "
                            f"(patients in {root / 'train' / c}); add images or raise --val-fraction")
         train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
-        if sp is None:
-            continue
-        if len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test":
+        if sp is not None and (len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test"):
             raise CXRError(f"the {name} split has no usable images of some class: check {root}")
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
             "bad_files": [p for p, _ in bad], "pos": pos}
@@ -2025,8 +1968,7 @@ def prepare_data(cfg: Config) -> dict:
 
 def make_run_dir(cfg: Config) -> Path:
     base = Path(cfg.output_dir)
-    name = cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = base / name
+    run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if base.exists() and not base.is_dir():
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
     if run_dir.exists():
@@ -2037,27 +1979,21 @@ def make_run_dir(cfg: Config) -> Path:
         run_dir.mkdir()
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
-        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): "
-                       "choose a writable --output-dir")
+        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
     return run_dir
 
 
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int) -> TrainState:
-    num_classes = len(class_names)
     torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
-    model = CustomCNN(**model_kwargs(cfg, num_classes)).to(rt.device)
+    model = CustomCNN(**model_kwargs(cfg, len(class_names))).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     ema = EMA(model, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    train_model = model
-    if rt.world > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    decay, no_decay = [], []
-    for n_, p in model.named_parameters():
-        (no_decay if p.ndim <= 1 else decay).append(p)  # no weight decay on biases and BN
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    train_model = nn.parallel.DistributedDataParallel(
+        model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None) if rt.world > 1 else model
+    params = list(model.parameters())  # no weight decay on biases and BN
+    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+                             {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
     total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the last step
@@ -2065,8 +2001,8 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    weights = class_weights(train_labels, num_classes).to(rt.device)
-    crit = nn.CrossEntropyLoss(weight=weights, label_smoothing=cfg.label_smoothing)
+    crit = nn.CrossEntropyLoss(weight=class_weights(train_labels, len(class_names)).to(rt.device),
+                               label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
                       positive_index(class_names, cfg.positive_class))
 
@@ -2280,12 +2216,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                  "--positive-class to change)")
     log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
     if rt.is_main and resume is None:
-        save_json(run_dir / "config.json", {"config": cfg.to_dict(), "versions": library_versions(),
-                                            "device": str(rt.device), "precision": str(rt.amp_dtype or "fp32"),
-                                            "world_size": rt.world, "classes": classes, "normalization": norm,
-                                            "skipped_files": data["bad_files"],
-                                            "split_sizes": {"train": len(train_s), "val": len(val_s),
-                                                            "test": len(test_s) if test_s else 0}})
+        save_json(run_dir / "config.json", {
+            "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
+            "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
+            "skipped_files": data["bad_files"],
+            "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
     rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
@@ -2344,12 +2279,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = []
     for p in map(Path, args.predict):
-        if p.is_dir():
-            files += sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f)))
-        elif p.is_file():
-            files.append(str(p))
-        else:
+        if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f))) if p.is_dir()
+                  else [str(p)])
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
@@ -2431,18 +2364,17 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = score_images(model, out, split.images, rt)
     y = split.labels.numpy() == ckpt["positive_class"]
-    fit = {"images": counts}
-    for name, sc, ck in (("before", before, ckpt), ("after", after, out)):
+    measured = {"images": counts}
+    for name, sc, thr in (("before", before, ckpt.get("threshold")), ("after", after, out.get("threshold"))):
         p = sc["probs"][:, ckpt["positive_class"]]
-        fit[name] = {"ece": calibration_error(y, p), "threshold": ck.get("threshold"),
-                     "share_flagged": float(1 - sc["in_distribution"].mean()),
-                     **({k: v for k, v in binary_metrics(y, p, ck["threshold"] if ck.get("threshold") is not None
-                                                          else 0.5).items() if k != "threshold"}
-                        if len(ckpt["class_names"]) == 2 else {})}
-    save_json(run_dir / "recalibration.json", fit)
+        at = binary_metrics(y, p, 0.5 if thr is None else thr) if len(ckpt["class_names"]) == 2 else {}
+        measured[name] = {"ece": calibration_error(y, p), "threshold": thr,
+                          "share_flagged": float(1 - sc["in_distribution"].mean()),
+                          **{k: v for k, v in at.items() if k != "threshold"}}
+    save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
     for name in ("before", "after"):
-        m = fit[name]
+        m = measured[name]
         log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (
             f", threshold {m['threshold']:.4f}, accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
             f"specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
@@ -2460,13 +2392,9 @@ def main(argv=None, parsed=None) -> int:
     try:
         cfg, args = parsed or parse_config(argv)
         rt = setup_runtime(cfg)
-        if args.predict:
-            return predict(cfg, args, rt)
-        if args.evaluate:
-            return evaluate_mode(cfg, args, rt)
-        if args.recalibrate:
-            return recalibrate(cfg, args, rt)
-        return train(cfg, args, rt)
+        mode = (predict if args.predict else evaluate_mode if args.evaluate else
+                recalibrate if args.recalibrate else train)
+        return mode(cfg, args, rt)
     except CXRError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
