@@ -1746,7 +1746,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         if m.get("auc_ci95"):
             line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
         if m.get("threshold") is not None:
-            line += f"; decision threshold {_fmt(m['threshold'])}, chosen on validation (Youden's J)"
+            line += (f"; decision threshold {_fmt(m['threshold'])}, chosen on validation "
+                     f"({m.get('threshold_policy') or 'policy not recorded'})")
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
                   _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
