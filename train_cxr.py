@@ -1240,7 +1240,8 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
     guard = {"means": [], "precisions": [], "scales": []}
     for f, h in zip(train_feats, held_out_feats):
         means = np.stack([f[labels == c].mean(0) for c in np.unique(labels)])
-        precision = LedoitWolf(assume_centered=True).fit(f - means[np.searchsorted(np.unique(labels), labels)]).precision_
+        centred = f - means[np.searchsorted(np.unique(labels), labels)]
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         guard["means"].append(torch.from_numpy(means).float())
         guard["precisions"].append(torch.from_numpy(precision).float())
         guard["scales"].append(float(np.median(_mahalanobis(h, means, precision))))
@@ -2344,7 +2345,8 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     folder = Path(args.recalibrate)
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
-    policy = cfg.threshold_policy if "threshold_policy" in args.given else ckpt.get("threshold_policy") or cfg.threshold_policy
+    policy = (cfg.threshold_policy if "threshold_policy" in args.given
+              else ckpt.get("threshold_policy") or cfg.threshold_policy)
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     if ckpt.get("ood"):
@@ -2388,7 +2390,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
 def main(argv=None, parsed=None) -> int:
     """Run the script; `parsed` is parse_config's result when the command line was checked already."""
     global _STARTED
-    _STARTED = _STARTED or time.perf_counter()  # the process start on the first call; later calls (tests) time themselves
+    _STARTED = _STARTED or time.perf_counter()  # process start on the first call; later calls (tests) time themselves
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)

@@ -169,7 +169,8 @@ def main() -> int:
         fz = T.layer_features(model, T.zoomed_views(data["train"].images, cfg.seed), img, norm, "cpu", grid)
         labels = data["train"].labels.numpy()
         if refit or grid != guard.get("grid", 1):
-            print("refitting the guard as training does today" + (" (the checkpoint has none)" if guard is None else ""))
+            print("refitting the guard as training does today"
+                  + (" (the checkpoint has none)" if guard is None else ""))
             guard = {**T.fit_ood_guard(ft, labels, fv, T.OOD_QUANTILE, fz), "grid": grid}
     print(f"checkpoint {fold / a.run / 'best_model.pt'}: cutoff {guard['cutoff']:.3f} "
           f"({guard['quantile']:.0%} of the validation images pass); images per set: "

@@ -123,7 +123,8 @@ def test_run_page_numbers_equal_the_files(folders):
     text = " ".join(" ".join(page.text).split())
     lo, hi = json.loads((folder / "test_metrics.json").read_text())["auc_ci95"]
     assert f"95% CI {lo:.4f} – {hi:.4f}" in text
-    assert f"decision threshold {metrics['threshold']:.4f}, chosen on validation ({metrics['threshold_policy']})" in text
+    policy = metrics["threshold_policy"]
+    assert f"decision threshold {metrics['threshold']:.4f}, chosen on validation ({policy})" in text
     assert metrics["threshold_policy"] == train_cxr.THRESHOLD_POLICY  # the page names the policy used, not another one
 
     history = page.tables["history"]

@@ -452,7 +452,8 @@ def test_mask_box_keeps_or_blanks_exactly_the_lung_box():
 def test_lung_focus_benchmark_prints_three_aucs(trained, synth_root, capsys):
     assert load_benchmark("lung_focus").main([str(trained), str(Path(synth_root) / "test"), "--num-threads", "1"]) == 0
     lines = {ln[:18].strip(): ln for ln in capsys.readouterr().out.splitlines()}
-    aucs = {k: float(lines[k].split("AUC ")[1].split()[0]) for k in ("as they are", "only the lung box", "lung box blanked")}
+    names = ("as they are", "only the lung box", "lung box blanked")
+    aucs = {k: float(lines[k].split("AUC ")[1].split()[0]) for k in names}
     m = json.loads((trained / "test_metrics.json").read_text())
     assert aucs["as they are"] == pytest.approx(m["auc"], abs=1e-4)  # the same images the test report scored
     flagged = {k: float(lines[k].split("guard")[1].strip().rstrip("%")) for k in aucs}
