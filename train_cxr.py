@@ -1168,8 +1168,8 @@ def evaluate(st: TrainState, split: Split) -> dict:
 # The guard's features keep a little layout: each conv block's output averaged over a 2 x 2 grid
 # of regions, not over the whole image. Adults' films frame the chest differently from children's
 # (lungs fill the picture, no arms or abdomen), and the global average hides where things are: on
-# CV folds 0 and 1 the 2 x 2 grid raised the adult share flagged from 36.0% / 38.2% to 51.1% /
-# 47.8% at the same held-out share (benchmarks/ood.py --refit); 3 x 3 and 4 x 4 did worse.
+# the 3 CV folds the 2 x 2 grid raised the adult share flagged from 36.0 / 38.2 / 44.9% to 51.1 /
+# 47.8 / 60.7%, held-out children 1.0-3.1% (benchmarks/ood.py --refit); 3 x 3 and 4 x 4 did worse.
 GUARD_GRID = 2
 
 
