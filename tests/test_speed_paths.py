@@ -103,6 +103,33 @@ def test_augment_batch_flip_is_a_mirror_image():
             assert (on[i] - off[i]).abs().mean() > 0.05
 
 
+def test_blank_outside_lungs_leaves_only_the_lung_box_and_is_off_by_default():
+    imgs = u8_batch(8, small_cfg().work_size, seed=20)
+    norm = {"mode": "image"}
+    x0, x1, y0, y1 = (int(f * 32) for f in train_cxr.LUNG_BOX)
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[y0:y1, x0:x1] = False
+    gen = torch.Generator().manual_seed(5)
+    off = train_cxr.augment_batch(imgs, small_cfg(), norm, gen)
+    assert train_cxr.AUG_BLANK_OUTSIDE_LUNGS == 0.0
+    # Off: no extra random draw, so default runs keep their augmentation (and their numbers).
+    ref = torch.Generator().manual_seed(5)
+    torch.rand(8, 9, generator=ref)
+    assert torch.equal(gen.get_state(), ref.get_state())
+    blank = train_cxr.augment_batch(imgs, small_cfg(aug_blank_outside_lungs=1.0), norm,
+                                    torch.Generator().manual_seed(5))
+    for i in range(8):
+        assert blank[i, 0][outside].std() < 1e-5  # one gray everywhere outside the box
+        assert off[i, 0][outside].std() > 0.1
+    # Same draws otherwise: inside the box the pictures agree up to the per-image standardisation.
+    corr = [np.corrcoef(blank[i, 0][~outside].numpy(), off[i, 0][~outside].numpy())[0, 1] for i in range(8)]
+    assert min(corr) > 0.99
+    half = train_cxr.augment_batch(imgs, small_cfg(aug_blank_outside_lungs=0.5), norm,
+                                   torch.Generator().manual_seed(5))
+    n_blank = sum(bool(half[i, 0][outside].std() < 1e-5) for i in range(8))
+    assert 0 < n_blank < 8
+
+
 def test_eval_batch_is_the_normalised_center_crop():
     cfg = small_cfg()
     imgs = u8_batch(3, cfg.work_size)
