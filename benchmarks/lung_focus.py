@@ -30,10 +30,9 @@ def mask_box(images: np.ndarray, img_size: int, box=T.LUNG_BOX, keep_inside: boo
     each image's mean gray. box: x0, x1, y0, y1 as fractions of the centre crop of img_size."""
     n, size = images.shape[0], images.shape[-1]
     o = (size - img_size) // 2
-    x0, x1, y0, y1 = (o + int(f * img_size) for f in box)
     gray = images.reshape(n, -1).mean(1).round().astype(np.uint8)[:, None, None]
     inside = np.zeros(images.shape[1:], bool)
-    inside[y0:y1, x0:x1] = True
+    inside[o:o + img_size, o:o + img_size] = T.lung_box_mask(img_size, img_size, box)  # the box of the centre crop
     return np.where(inside if not keep_inside else ~inside, gray, images)
 
 

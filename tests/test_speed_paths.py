@@ -106,9 +106,8 @@ def test_augment_batch_flip_is_a_mirror_image():
 def test_blank_outside_lungs_leaves_only_the_lung_box_and_is_off_by_default():
     imgs = u8_batch(8, small_cfg().work_size, seed=20)
     norm = {"mode": "image"}
-    x0, x1, y0, y1 = (int(f * 32) for f in train_cxr.LUNG_BOX)
-    outside = torch.ones(32, 32, dtype=torch.bool)
-    outside[y0:y1, x0:x1] = False
+    outside = torch.from_numpy(~train_cxr.lung_box_mask(32, 32))
+    assert (~outside).nonzero().amin(0).tolist() == [3, 3] and (~outside).nonzero().amax(0).tolist() == [28, 28]
     gen = torch.Generator().manual_seed(5)
     off = train_cxr.augment_batch(imgs, small_cfg(), norm, gen)
     assert train_cxr.AUG_BLANK_OUTSIDE_LUNGS == 0.0
