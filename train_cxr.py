@@ -1989,6 +1989,7 @@ def prepare_data(cfg: Config) -> dict:
 
 
 def make_run_dir(cfg: Config) -> Path:
+    """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
     base = Path(cfg.output_dir)
     run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if base.exists() and not base.is_dir():
@@ -2002,6 +2003,7 @@ def make_run_dir(cfg: Config) -> Path:
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
+    attach_log_file(run_dir / "train.log")
     return run_dir
 
 
@@ -2214,7 +2216,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         box = [str(run_dir) if rt.is_main else None]
         torch.distributed.broadcast_object_list(box)
         run_dir = Path(box[0])
-    if rt.is_main:
+    if rt.is_main and resume is not None:
         attach_log_file(run_dir / "train.log")
     if rt.device.type == "cuda":
         # The decoded uint8 images (~110 MB for this data set at 128 px) go to the GPU once; batches
@@ -2290,11 +2292,11 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     return split
 
 
-def report_config(args, ckpt: dict, data: str = "") -> dict:
-    """What the report page of --predict/--evaluate shows as its configuration."""
-    extra = {"data": data} if data else {}
-    return {"checkpoint": str(args.checkpoint), **extra, "threshold": ckpt.get("threshold"),
-            "config": ckpt["config"], "versions": library_versions()}
+def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> None:
+    """The report page of --predict/--evaluate: its configuration is the checkpoint's."""
+    config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
+              "threshold": ckpt.get("threshold"), "config": ckpt["config"], "versions": library_versions()}
+    log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
 
 def predict(cfg: Config, args, rt: Runtime) -> int:
@@ -2315,7 +2317,6 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         raise CXRError("none of the --predict files could be read")
     images, files = split.images, split.paths
     run_dir = make_run_dir(cfg)
-    attach_log_file(run_dir / "train.log")
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
@@ -2335,8 +2336,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")
     log.info(f"predicted {len(files)} image(s) ({len(bad)} skipped): {run_dir / 'predictions.csv'}")
-    page = write_report(run_dir, f"train_cxr predictions {run_dir.name}", report_config(args, ckpt))
-    log.info(f"report page: {page}")
+    mode_report(run_dir, "predictions", args, ckpt)
     return 0
 
 
@@ -2351,11 +2351,9 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
                        "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
-    attach_log_file(run_dir / "train.log")
     res = test_report(model, ckpt, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
-    page = write_report(run_dir, f"train_cxr evaluation {run_dir.name}", report_config(args, ckpt, str(folder)))
-    log.info(f"report page: {page}")
+    mode_report(run_dir, "evaluation", args, ckpt, str(folder))
     return 0
 
 
@@ -2382,7 +2380,6 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                             "before": {k: ckpt.get(k) for k in ("threshold", "threshold_policy")} |
                                       {"ood_cutoff": ckpt["ood"]["cutoff"] if ckpt.get("ood") else None}}
     run_dir = make_run_dir(cfg)
-    attach_log_file(run_dir / "train.log")
     out = {**ckpt, **new}
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = score_images(model, out, split.images, rt)
