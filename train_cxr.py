@@ -29,6 +29,7 @@ from __future__ import annotations
 # takes ~3 s, and --help or a mistyped flag should answer at once. The heavy imports follow the
 # "Command line" section (a trap for anyone tidying the imports back to the top).
 import argparse
+import collections
 import contextlib
 import csv
 import ctypes
@@ -832,16 +833,11 @@ def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.G
 # ----------------------------------------------------------------------------------------------
 # Model
 # ----------------------------------------------------------------------------------------------
-class ConvBlock(nn.Module):
-    def __init__(self, cin: int, cout: int):
-        super().__init__()
-        self.conv = nn.Conv2d(cin, cout, 3, padding=1, bias=False)  # bias is redundant before BN
-        self.bn = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.pool = nn.MaxPool2d(2)
-
-    def forward(self, x):
-        return self.pool(self.relu(self.bn(self.conv(x))))
+def conv_block(cin: int, cout: int) -> nn.Sequential:
+    # Named layers: Grad-CAM hooks blocks[-1].relu, and checkpoints store blocks.0.conv.weight, ...
+    return nn.Sequential(collections.OrderedDict(
+        conv=nn.Conv2d(cin, cout, 3, padding=1, bias=False),  # bias is redundant before BN
+        bn=nn.BatchNorm2d(cout), relu=nn.ReLU(inplace=True), pool=nn.MaxPool2d(2)))
 
 
 class CustomCNN(nn.Module):
@@ -850,7 +846,7 @@ class CustomCNN(nn.Module):
     def __init__(self, num_classes: int = 2, in_channels: int = 1, img_size: int = IMG_SIZE,
                  channels=CHANNELS, fc_hidden: int = FC_HIDDEN, dropout: float = DROPOUT):
         super().__init__()
-        self.blocks = nn.Sequential(*[ConvBlock(a, b) for a, b in zip([in_channels, *channels], channels)])
+        self.blocks = nn.Sequential(*[conv_block(a, b) for a, b in zip([in_channels, *channels], channels)])
         with torch.no_grad():  # the flattened size follows from the input size, whatever it is
             n_flat = self.blocks(torch.zeros(1, in_channels, img_size, img_size)).numel()
         self.head = nn.Sequential(nn.Flatten(), nn.Dropout(dropout), nn.Linear(n_flat, fc_hidden),
