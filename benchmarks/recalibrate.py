@@ -76,7 +76,8 @@ def main() -> int:
             rows[when] = json.loads((work / f"eval_{tag}_{when}" / "test_metrics.json").read_text())
         keys = ("ece", "accuracy", "sensitivity", "specificity", "threshold")
         cells = [f"{k} {rows['before'][k]:.3f} -> {rows['after'][k]:.3f}" for k in keys]
-        cells.append(f"flagged {rows['before']['ood']['share_flagged']:.1%} -> {rows['after']['ood']['share_flagged']:.1%}")
+        flagged = [rows[when]["ood"]["share_flagged"] for when in ("before", "after")]
+        cells.append(f"flagged {flagged[0]:.1%} -> {flagged[1]:.1%}")
         print(f"{name:<15} (judge {rows['before']['n']} images) " + " | ".join(cells), flush=True)
     return 0
 

@@ -100,8 +100,9 @@ def test_help_is_grouped_modes_first_without_odd_defaults():
     text = train_cxr.build_parser().format_help()
     assert "(default: )" not in text and "(default: (" not in text and "(default: None)" not in text
     assert "16,32,64,128)" in text
-    order = [text.index(h) for h in ("modes", "--demo", "common flags", "--data-dir DATA_DIR", "--epochs EPOCHS", "I/O", "data:",
-                                     "augmentation", "model:", "optimisation:", "evaluation", "system:")]
+    headings = ("modes", "--demo", "common flags", "--data-dir DATA_DIR", "--epochs EPOCHS", "I/O", "data:",
+                "augmentation", "model:", "optimisation:", "evaluation", "system:")
+    order = [text.index(h) for h in headings]
     assert order == sorted(order), order
     assert len(text.split("\n\n")[0].splitlines()) <= 2  # a short usage line, not every flag
     # The expected time per device class closes the help, so nobody expects the GPU figure on a laptop.

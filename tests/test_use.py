@@ -159,7 +159,8 @@ def test_predict_bad_arguments_exit_2(trained, scans, tmp_path, capsys, case):
     assert run([*argv, "--output-dir", out, "--run-name", "p", *ONE_THREAD]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
-    assert {"no_checkpoint": "--checkpoint", "missing_path": "nope.png", "missing_checkpoint": "nope.pt"}[case] in err[0]
+    want = {"no_checkpoint": "--checkpoint", "missing_path": "nope.png", "missing_checkpoint": "nope.pt"}[case]
+    assert want in err[0]
     assert not out.exists()  # no run folder for a command that did nothing
 
 
