@@ -19,7 +19,7 @@ The validation split is carved from train, grouped by patient; the test folder o
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
 
 Measured (README.md has the rest): the default recipe on the 5,216-image Kermany training
-split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 12 min 9 s on 2
+split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 10 min 49 s on 2
 cores without AMX (AMD EPYC, fp32); over 3 patient-grouped folds it reaches AUC 0.9939 with a
 calibration error of 0.016 (2-core AMD EPYC, fp32); --demo takes 56 s on that EPYC.
 """
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
                 epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
-                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~12 min on 2 "
+                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~11 min on 2 "
                        "CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
@@ -374,11 +374,13 @@ def cpu_has_fast_bf16() -> bool:
 def keep_freed_memory() -> bool:
     """Keep freed activations in the process for the next step instead of handing them back to the OS.
 
-    A CPU step allocates and frees tens of 1-30 MB activations; by default glibc mmap()s the large ones
-    afresh and trims the heap after frees, so every step page-faults them in again (a full default run:
-    ~50 million minor faults, 15% of its CPU time in the kernel). Raising the mmap threshold to its
-    maximum (32 MB) and the trim threshold to 1 GB: +15-30% training images/s on the 2-core dev machine,
-    a full run's peak memory still 2.0 GB. Returns whether it took (False on macOS, Windows, musl, ...).
+    A CPU step allocates and frees tens of 4-70 MB activations (block 1 of the default run: 64 x 16 x
+    128 x 128 floats, 67 MB); by default glibc mmap()s the large ones afresh and trims the heap after
+    frees, so every step page-faults them in again (~70,000 faults a step). Raising the mmap threshold
+    does not help: glibc caps it at 32 MB. Serving every allocation from the heap (no mmap) and
+    trimming it only above 1 GB does: 2-core AMD EPYC, fp32, 1.47x training and 1.82x evaluation
+    images/s against glibc's defaults; peak memory of a 1-epoch real run 2.5 GB instead of 2.1
+    (benchmarks/cpu_paths.py --allocator). Returns whether it took (False on macOS, Windows, musl).
     """
     if not sys.platform.startswith("linux"):
         return False
@@ -386,8 +388,8 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(libc.mallopt(m_mmap_threshold, 32 << 20)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; glibc still mmap()s if the heap cannot grow
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 def setup_runtime(cfg: Config) -> Runtime:

@@ -10,6 +10,11 @@ the NHWC (channels_last) layout, interleaved so that load from other processes h
 alike; it prints images/s and the ratio to fp32 NCHW (the layout train_cxr.py used on CPUs without
 AMX before it switched to NHWC). `--amp auto` picks bf16 only on a CPU with AMX.
 
+`--allocator` times training steps and evaluation (batch 256, as validation does) under three glibc
+malloc settings, each in a fresh interpreter, interleaved: glibc's defaults, the 32 MB mmap
+threshold train_cxr.py set before, and keep_freed_memory() as it is now (no mmap); it prints
+images/s, page faults per training step, peak memory, and the ratios to the defaults.
+
 --run DATA trains the default recipe on DATA (a subprocess: `python train_cxr.py --data-dir DATA
 --amp AMP`) and prints its wall time and the per-phase table from its train.log.
 """
@@ -56,6 +61,63 @@ def step_rate(layout: str, dtype, steps: int, seed: int = 0) -> float:
     return steps * T.BATCH_SIZE / (time.perf_counter() - t)
 
 
+ALLOC = """
+import ctypes, resource, sys, time, torch
+sys.path.insert(0, {root!r})
+import train_cxr as T
+libc = ctypes.CDLL("libc.so.6")
+if {setting!r} == "mmap threshold 32 MB":
+    libc.mallopt(-3, 32 << 20); libc.mallopt(-1, 1 << 30)
+elif {setting!r} == "no mmap (now)":
+    assert T.keep_freed_memory()
+if {threads}:
+    torch.set_num_threads({threads})
+torch.manual_seed(0)
+model = T.CustomCNN(img_size=T.IMG_SIZE, channels=T.CHANNELS, fc_hidden=T.FC_HIDDEN)
+model = model.to(memory_format=torch.channels_last)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+x = torch.randn(T.BATCH_SIZE, 1, T.IMG_SIZE, T.IMG_SIZE).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 2, (T.BATCH_SIZE,))
+def step():
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+step(); step()
+f0, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+for _ in range({steps}):
+    step()
+train = {steps} * T.BATCH_SIZE / (time.perf_counter() - t)
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) / {steps}
+model.eval()
+xe = torch.randn(256, 1, T.IMG_SIZE, T.IMG_SIZE).contiguous(memory_format=torch.channels_last)
+with torch.no_grad():
+    model(xe)
+    t = time.perf_counter()
+    for _ in range({steps}):
+        model(xe)
+    ev = {steps} * 256 / (time.perf_counter() - t)
+print(train, ev, faults, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+ALLOC_SETTINGS = ("glibc defaults", "mmap threshold 32 MB", "no mmap (now)")
+
+
+def allocator_table(steps: int, rounds: int, threads: int) -> None:
+    res: dict = {s: [] for s in ALLOC_SETTINGS}
+    for _ in range(rounds):
+        for setting in ALLOC_SETTINGS:
+            code = ALLOC.format(root=str(ROOT), setting=setting, steps=steps, threads=threads)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            res[setting].append([float(v) for v in out.stdout.split()])
+    base = [max(r[i] for r in res[ALLOC_SETTINGS[0]]) for i in (0, 1)]
+    print(f"{'malloc setting':<22} {'train img/s':>11} {'ratio':>6} {'eval img/s':>10} {'ratio':>6} "
+          f"{'faults/step':>11} {'peak MB':>8}   (best of {rounds} rounds)")
+    for setting, r in res.items():
+        tr, ev = max(v[0] for v in r), max(v[1] for v in r)
+        print(f"{setting:<22} {tr:>11.1f} {tr / base[0]:>5.2f}x {ev:>10.1f} {ev / base[1]:>5.2f}x "
+              f"{statistics.median(v[2] for v in r):>11.0f} {max(v[3] for v in r):>8.0f}")
+
+
 def run_default(data: str, amp: str, out: str) -> None:
     name = f"cpu_paths_{amp}_{int(time.time())}"
     cmd = [sys.executable, str(ROOT / "train_cxr.py"), "--data-dir", data, "--amp", amp,
@@ -81,12 +143,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per path and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--allocator", action="store_true", help="only the malloc-setting table (Linux, glibc)")
     p.add_argument("--run", default="", help="also train the default recipe on this data folder")
     p.add_argument("--amp", default="off", choices=("auto", "on", "off"), help="--amp of that run")
     p.add_argument("--out", default="/tmp/cxr_cpu_paths", help="where that run's folder goes")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.allocator:
+        allocator_table(a.steps, a.rounds, a.threads)
+        return 0
     T.keep_freed_memory()  # as train_cxr.py does on Linux
     amx = T.cpu_has_fast_bf16()
     print(f"CPU threads {torch.get_num_threads()}, AMX {amx}, torch {torch.__version__}; "
