@@ -246,11 +246,13 @@ print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def _step_faults(tuned: bool) -> tuple:
-    code = STEPS.format(root=str(ROOT), tuned=tuned)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         check=True).stdout.split()
-    return out[0], int(out[1])
+def _step_faults(*tuned: bool) -> list:
+    """(took, page faults) of six steps per setting, each in its own interpreter, run side by side."""
+    procs = [subprocess.Popen([sys.executable, "-c", STEPS.format(root=str(ROOT), tuned=t)],
+                              stdout=subprocess.PIPE, text=True) for t in tuned]
+    outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    assert all(p.returncode == 0 for p in procs), "a step subprocess failed (its error is printed above)"
+    return [(out[0], int(out[1])) for out in outs]
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt is Linux-only")
@@ -258,8 +260,7 @@ def test_keep_freed_memory_stops_the_page_faults_of_every_step():
     # Fresh interpreters: the allocator setting is process-wide and cannot be undone. Six real
     # training steps page-fault 250,000-370,000 times with glibc's defaults (freed activations go back to
     # the OS and are faulted in again) and 0-8,000 times with the setting (measured).
-    _, default = _step_faults(False)
-    took, tuned = _step_faults(True)
+    (_, default), (took, tuned) = _step_faults(False, True)
     if took != "True":
         pytest.skip("this libc does not take mallopt (not glibc)")
     assert default > 5_000, f"six steps did not page-fault without the setting ({default}): nothing to test"
