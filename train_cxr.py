@@ -19,7 +19,7 @@ The validation split is carved from train, grouped by patient; the test folder o
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
 
 Measured (README.md has the rest): the default recipe on the 5,216-image Kermany training
-split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 10 min 49 s on 2
+split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 11 min 10 s on 2
 cores without AMX (AMD EPYC, fp32); over 3 patient-grouped folds it reaches AUC 0.9939 with a
 calibration error of 0.016 (2-core AMD EPYC, fp32); --demo takes 56 s on that EPYC.
 """
@@ -371,25 +371,32 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def keep_freed_memory() -> bool:
-    """Keep freed activations in the process for the next step instead of handing them back to the OS.
+@contextlib.contextmanager
+def keep_freed_memory(on: bool = True):
+    """While training on the CPU, keep freed activations in the process for the next step instead of
+    handing them back to the OS; yields whether it took (False off Linux/glibc, or with on=False).
 
     A CPU step allocates and frees tens of 4-70 MB activations (block 1 of the default run: 64 x 16 x
     128 x 128 floats, 67 MB); by default glibc mmap()s the large ones afresh and trims the heap after
     frees, so every step page-faults them in again (~70,000 faults a step). Raising the mmap threshold
     does not help: glibc caps it at 32 MB. Serving every allocation from the heap (no mmap) and
     trimming it only above 1 GB does: 2-core AMD EPYC, fp32, 1.47x training and 1.82x evaluation
-    images/s against glibc's defaults; peak memory of a 1-epoch real run 2.5 GB instead of 2.1
-    (benchmarks/cpu_paths.py --allocator). Returns whether it took (False on macOS, Windows, musl).
+    images/s against glibc's defaults (benchmarks/cpu_paths.py --allocator). Only around the epoch
+    loop: left on for the guard's feature passes after it, a run's peak memory grew to 3.2 GB (1 epoch)
+    and 4.7 GB (20 epochs) instead of 2.1, so on exit mmap comes back and the free heap is returned.
     """
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
+    libc = None
+    if on and sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL("libc.so.6")
     m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; glibc still mmap()s if the heap cannot grow
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    took = libc is not None and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+    try:
+        yield took
+    finally:
+        if took:
+            libc.mallopt(m_mmap_max, 65536)  # glibc's default
+            libc.malloc_trim(0)
 
 
 def setup_runtime(cfg: Config) -> Runtime:
@@ -405,7 +412,6 @@ def setup_runtime(cfg: Config) -> Runtime:
         device = torch.device("cpu")
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        keep_freed_memory()
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
@@ -2244,7 +2250,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
             "skipped_files": data["bad_files"],
             "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
-    rc = fit(st, train_s, val_s, meta, run_dir, resume)
+    with keep_freed_memory(rt.device.type == "cpu"):
+        rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
     with phase("calibration, guard and test set"):

@@ -69,7 +69,7 @@ libc = ctypes.CDLL("libc.so.6")
 if {setting!r} == "mmap threshold 32 MB":
     libc.mallopt(-3, 32 << 20); libc.mallopt(-1, 1 << 30)
 elif {setting!r} == "no mmap (now)":
-    assert T.keep_freed_memory()
+    assert T.keep_freed_memory().__enter__()  # left on for the rest of this process
 if {threads}:
     torch.set_num_threads({threads})
 torch.manual_seed(0)
@@ -153,7 +153,7 @@ def main() -> int:
     if a.allocator:
         allocator_table(a.steps, a.rounds, a.threads)
         return 0
-    T.keep_freed_memory()  # as train_cxr.py does on Linux
+    T.keep_freed_memory().__enter__()  # on for the rest of this process, as train_cxr.py's epoch loop has it
     amx = T.cpu_has_fast_bf16()
     print(f"CPU threads {torch.get_num_threads()}, AMX {amx}, torch {torch.__version__}; "
           f"model: CustomCNN {T.IMG_SIZE} px, channels {T.CHANNELS}, FC {T.FC_HIDDEN}, batch {T.BATCH_SIZE}")
