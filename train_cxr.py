@@ -537,9 +537,13 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
     return ckpt
 
 
-def model_from_checkpoint(ckpt: dict) -> nn.Module:
+def model_from_checkpoint(ckpt: dict, rt: Runtime | None = None) -> nn.Module:
+    """The checkpoint's network in eval mode; with rt, on its device and in its layout, as in training
+    (the layout of the weights decides oneDNN's path: an NCHW model scores NHWC input at NCHW speed)."""
     model = CustomCNN(**ckpt["model_kwargs"])
     model.load_state_dict(ckpt["model"])
+    if rt is not None:
+        model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     return model.eval()
 
 
@@ -2153,7 +2157,7 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
         log.info("no epoch finished, so there is no best model to report on")
         return 1
     best = load_checkpoint(run_dir / "best_model.pt")
-    model = model_from_checkpoint(best).to(rt.device)
+    model = model_from_checkpoint(best, rt)
     best.update(fit_operating_point(model, best, val_s, cfg.threshold_policy, rt))
     feats = lambda images: layer_features(model, images, cfg.img_size, best["normalization"], rt.device)
     best["ood"] = {**fit_ood_guard(feats(train_s.images), train_s.labels.numpy(), feats(val_s.images),
@@ -2281,7 +2285,7 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
     if ckpt.get("ood") is None:
         log.warning("note: this checkpoint has no out-of-distribution guard (made before it existed, or not "
                     "finished): ood_score is empty and no image is flagged")
-    return ckpt, model_from_checkpoint(ckpt).to(rt.device)
+    return ckpt, model_from_checkpoint(ckpt, rt)
 
 
 def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split:
