@@ -19,7 +19,7 @@ The validation split is carved from train, grouped by patient; the test folder o
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
 
 Measured (README.md has the rest): the default recipe on the 5,216-image Kermany training
-split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 11 min 10 s on 2
+split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 10 min 12 s on 2
 cores without AMX (AMD EPYC, fp32); over 3 patient-grouped folds it reaches AUC 0.9939 with a
 calibration error of 0.016 (2-core AMD EPYC, fp32); --demo takes 56 s on that EPYC.
 """
@@ -240,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
                 epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
-                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~11 min on 2 "
+                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); ~10 min on 2 "
                        "CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
