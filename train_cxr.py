@@ -1241,11 +1241,11 @@ def zoomed_views(images_u8, seed, area: tuple = (0.15, 0.5), aspect: tuple = (0.
     chest seen closer than any training augmentation shows it (AUG_SCALE_MIN keeps 60% or more).
     The guard learns what such views look like, as synthetic outliers (outlier exposure,
     Hendrycks et al. 2019). seed: an int or a numpy Generator (benchmarks/ood.py draws its
-    partial crops from its own)."""
+    partial crops from its own). images_u8 may sit on a GPU (training keeps them there): cropped on the CPU."""
     rng = np.random.default_rng(seed)
     size = images_u8.shape[-1]
     out = []
-    for im in np.asarray(images_u8):
+    for im in torch.as_tensor(images_u8).cpu().numpy():
         a, r = rng.uniform(*area), rng.uniform(*aspect)
         h = int(min(size, size * np.sqrt(a * r)))
         w = int(min(size, size * a * size / h))

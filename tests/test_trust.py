@@ -188,6 +188,25 @@ def test_zoomed_views_show_at_most_half_of_the_image():
     assert torch.equal(across, T.zoomed_views(batch(ramp), seed=0))
 
 
+class _GpuLike(torch.Tensor):
+    """Refuses numpy conversion as a CUDA tensor does (TypeError); .cpu() gives a plain tensor."""
+    def __array__(self, *args, **kwargs):
+        raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+    def cpu(self, *args, **kwargs):
+        return self.as_subclass(torch.Tensor)
+
+
+def test_zoomed_views_of_images_kept_on_a_gpu():
+    # Training keeps the decoded images on the GPU; the guard's zoomed views of them are cut on
+    # the CPU. np.asarray on such a tensor crashed every CUDA run after its last epoch.
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 32, 32), dtype=np.uint8))
+    on_gpu = images.clone().as_subclass(_GpuLike)
+    with pytest.raises(TypeError):
+        np.asarray(on_gpu)
+    assert torch.equal(T.zoomed_views(on_gpu, seed=3), T.zoomed_views(images, seed=3))
+
+
 def test_guard_is_plain_tensors_in_the_checkpoint(tmp_path):
     rng = np.random.default_rng(2)
     train = gaussian_layers(rng, 500)
