@@ -286,7 +286,34 @@ def parse_config(argv=None) -> tuple:
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     check_config(cfg)
+    check_modes(args)
     return cfg, args
+
+
+# Typed flags a mode reads; every other setting of --predict, --evaluate and --recalibrate is the
+# checkpoint's, so typing it would change nothing: refused rather than ignored.
+RUN_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", "strict", "output_dir", "run_name"}
+MODE_FLAGS = {"predict": RUN_FLAGS | {"save_cam_arrays"},
+              "evaluate": RUN_FLAGS | {"data_dir", "bootstrap", "num_gradcam_images", "save_cam_arrays"},
+              "recalibrate": RUN_FLAGS | {"threshold_policy", "ood_quantile"}}
+
+
+def check_modes(args) -> None:
+    """One mode per command, and no flag that the chosen mode would silently ignore."""
+    modes = [m for m in ("demo", "predict", "evaluate", "recalibrate", "resume") if getattr(args, m)]
+    if len(modes) > 1:
+        raise CXRError(f"--{modes[0]} and --{modes[1]} are separate modes: run them one at a time")
+    mode = modes[0] if modes else "train"
+    if args.checkpoint and mode not in MODE_FLAGS:
+        raise CXRError("--checkpoint is read by --predict, --evaluate and --recalibrate only: training starts "
+                       "from scratch (there is no warm start); drop --checkpoint, or add the mode")
+    if mode == "demo" and "data_dir" in args.given:
+        raise CXRError("--demo trains on synthetic X-rays it writes itself: drop --data-dir, or drop --demo")
+    ignored = sorted(args.given - MODE_FLAGS[mode]) if mode in MODE_FLAGS else []
+    if ignored:
+        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+        raise CXRError(f"{flags} would change nothing with --{mode}: it uses the checkpoint's own settings "
+                       f"(it reads only {', '.join('--' + k.replace('_', '-') for k in sorted(MODE_FLAGS[mode]))})")
 
 
 def check_config(cfg: Config) -> None:
@@ -306,9 +333,24 @@ def check_config(cfg: Config) -> None:
              ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
              ("num_workers", cfg.num_workers >= 0, "0 or more"),
              ("ood_quantile", 0.5 <= cfg.ood_quantile < 1.0, "in [0.5, 1)"),
+             ("fc_hidden", cfg.fc_hidden >= 1, "at least 1"),
+             ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
+             ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),
+             ("seed", cfg.seed >= 0, "0 or more"),
+             ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
+             ("min_val_per_class", cfg.min_val_per_class >= 1, "at least 1"),
+             ("aug_brightness", 0.0 <= cfg.aug_brightness < 1.0, "in [0, 1): a factor U(1-b, 1+b), 0.25 for 25%"),
+             ("aug_contrast", 0.0 <= cfg.aug_contrast < 1.0, "in [0, 1): a factor U(1-c, 1+c), 0.25 for 25%"),
+             ("aug_gamma", cfg.aug_gamma >= 0, "0 or more"),
+             ("aug_rotate_deg", cfg.aug_rotate_deg >= 0, "0 or more"),
+             ("aug_shift", cfg.aug_shift >= 0, "0 or more"),
+             ("tta", not (cfg.tta and not cfg.aug_hflip), "off when --no-aug-hflip is given: the mirror image it "
+              "averages in is one the network never saw in training; add --no-tta (TTA = False)"),
              ("threshold_policy", cfg.threshold_policy in ("balanced", "accuracy", "youden") or bool(re.fullmatch(
                  r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
                  "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
+    rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in dataclasses.fields(cfg)
+              if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:
         if not ok:
             raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
@@ -936,14 +978,15 @@ def multiclass_auc(labels, probs: np.ndarray, pos: int) -> float:
 
 
 def binary_metrics(y_true, score, threshold: float) -> dict:
-    """Metrics of the rule "positive when score >= threshold"."""
+    """Metrics of the rule "positive when score >= threshold", with its counts by name (test_metrics.json's
+    confusion_matrix is in class order, which puts the positive class first when it sorts first)."""
     y = np.asarray(y_true).astype(bool)
     (tn, fp), (fn, tp) = confusion_matrix(y, np.asarray(score) >= threshold, labels=[False, True]).tolist()
     div = lambda a, b: float(a / b) if b else float("nan")
     sens, prec = div(tp, tp + fn), div(tp, tp + fp)
     return {"threshold": float(threshold), "accuracy": div(tp + tn, len(y)), "sensitivity": sens,
             "specificity": div(tn, tn + fp), "precision": prec, "f1": div(2 * prec * sens, prec + sens) if tp else 0.0,
-            "confusion_matrix": [[tn, fp], [fn, tp]]}
+            "counts": {"tp": tp, "fn": fn, "fp": fp, "tn": tn}}
 
 
 def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
@@ -1424,12 +1467,22 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
     return np.vstack([strip, body])
 
 
-def label_rule(class_names: list, pos: int, threshold: float | None) -> str:
+def label_rule(class_names: list, pos: int, threshold: float | None, digits: int = 4) -> str:
     """How predictions are labelled, in the words the figures use."""
     pos = class_names[pos]
     if len(class_names) == 2 and threshold is not None:
-        return f"pred {pos} if P({pos}) >= {threshold:.2f} (threshold chosen on validation)"
+        return f"pred {pos} if P({pos}) >= {threshold:.{digits}f} (threshold chosen on validation)"
     return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(class_names) == 2 else ")")
+
+
+def telling_digits(p: float, threshold: float | None) -> int:
+    """Decimals (2 or more) at which p and the threshold, both rounded, still compare as p >= threshold
+    does: at 2, P=0.6077 (below 0.6087) and 0.6099 (above) would both read 0.61 against 0.61."""
+    shown = lambda x, d: float(f"{x:.{d}f}")  # as printed (numpy's round can differ from the f-string's)
+    d = 2
+    while threshold is not None and d < 10 and (shown(p, d) >= shown(threshold, d)) != (p >= threshold):
+        d += 1
+    return d
 
 
 def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, ck: dict, rt: Runtime,
@@ -1446,11 +1499,11 @@ def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, ck: dict, r
 
 
 def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.ndarray:
-    """Two classes: positive when P(positive) >= threshold; otherwise (or without one) the argmax.
+    """Two classes: positive when P(positive) >= threshold (0.5 without one); more classes: the argmax.
     The maps explain these labels: with a threshold of 0.35, an image at p=0.4 is shown and
     explained as PNEUMONIA."""
-    if probs.shape[1] == 2 and threshold is not None:
-        return np.where(probs[:, pos] >= threshold, pos, 1 - pos)
+    if probs.shape[1] == 2:  # without a threshold P >= 0.5, as the metrics count it (argmax gives a tie to class 0)
+        return np.where(probs[:, pos] >= (0.5 if threshold is None else threshold), pos, 1 - pos)
     return probs.argmax(1)
 
 
@@ -1460,8 +1513,7 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
     raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
     head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
     checkpoint. Titles name the class whose probability they show and the labelling rule."""
-    classes, pos = ck["class_names"], ck["positive_class"]
-    rule = label_rule(classes, pos, ck.get("threshold"))
+    classes, pos, threshold = ck["class_names"], ck["positive_class"], ck.get("threshold")
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
     tiles = []
     for i, (crop, cam) in enumerate(zip(crops, maps)):
@@ -1471,8 +1523,10 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         ood = "in_distribution" in sc and not sc["in_distribution"][i]
         true = classes[int(labels[i])] if labels is not None else None
         stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.2f}" + ("_ood" if ood else "")
+        d = telling_digits(prob, threshold if len(classes) == 2 else None)
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
-                 + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.2f}\n{rule}")
+                 + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
+                 + label_rule(classes, pos, threshold, d))
         tile = overlay_cam(crop, cam, title)
         save_image(folder / f"{stem}.png", tile)
         if save_arrays:
@@ -1615,8 +1669,11 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
-           "none in the checkpoint: labels are the argmax (0.5 for two classes)",
+           "none in the checkpoint: labels are P >= 0.5 (two classes) or the argmax",
            "thresholds_by_policy": ckpt.get("thresholds_by_policy")}
+    if threshold is not None:
+        res["threshold_fitted_on"] = (f"the recalibration folder {ckpt['recalibration']['folder']}"
+                                      if ckpt.get("recalibration") else "validation")
     if binary:
         y, s = labels == pos, probs[:, pos]
         thr = 0.5 if threshold is None else threshold
@@ -1775,9 +1832,11 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         line = f"Test AUC {_fmt(m.get('auc'))}"
         if m.get("auc_ci95"):
             line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
-        if m.get("threshold") is not None:
-            line += (f"; decision threshold {_fmt(m['threshold'])}, chosen on validation "
+        if m.get("threshold_fitted_on"):  # absent: no threshold in the checkpoint, so threshold_policy says so
+            line += (f"; decision threshold {_fmt(m['threshold'])}, chosen on {m['threshold_fitted_on']} "
                      f"({m.get('threshold_policy') or 'policy not recorded'})")
+        elif m.get("threshold_policy"):
+            line += f"; {m['threshold_policy']}"
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
                   _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
@@ -2303,8 +2362,9 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
 
 
 def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> None:
-    """The report page of --predict/--evaluate: its configuration is the checkpoint's."""
+    """The report page of --predict/--evaluate: its configuration is the checkpoint's, and the flags typed."""
     config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
+              "flags": {k: v for k, v in sorted(vars(args).items()) if k in args.given},
               "threshold": ckpt.get("threshold"), "config": ckpt["config"], "versions": library_versions()}
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
@@ -2361,7 +2421,9 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
                        "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
-    res = test_report(model, ckpt, split, rt, run_dir)
+    # The report settings typed here (--bootstrap, --num-gradcam-images, --save-cam-arrays) replace the run's.
+    typed = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays") if k in args.given}
+    res = test_report(model, {**ckpt, "config": {**ckpt["config"], **typed}}, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     mode_report(run_dir, "evaluation", args, ckpt, str(folder))
     return 0
@@ -2380,8 +2442,8 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     if ckpt.get("ood"):
         # The site's own images define what is "like the training data" from now on, and what
         # passed before still passes (a few dozen images give a rough quantile).
-        q = float(ckpt["ood"]["quantile"])
-        new["ood"] = {**ckpt["ood"], "cutoff": max(float(ckpt["ood"]["cutoff"]),
+        q = cfg.ood_quantile if "ood_quantile" in args.given else float(ckpt["ood"]["quantile"])
+        new["ood"] = {**ckpt["ood"], "quantile": q, "cutoff": max(float(ckpt["ood"]["cutoff"]),
                                                    float(np.quantile(before["ood_score"], q)))}
     counts = {c: int((split.labels == k).sum()) for k, c in enumerate(ckpt["class_names"])}
     new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": policy,

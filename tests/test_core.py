@@ -223,7 +223,8 @@ def test_binary_metrics_match_sklearn(seed):
         pred = s >= t
         m = train_cxr.binary_metrics(y, s, t)
         assert m["threshold"] == t
-        assert m["confusion_matrix"] == confusion_matrix(y, pred, labels=[False, True]).tolist()
+        (tn, fp), (fn, tp) = confusion_matrix(y, pred, labels=[False, True]).tolist()
+        assert m["counts"] == {"tp": tp, "fn": fn, "fp": fp, "tn": tn}
         assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
         assert m["sensitivity"] == pytest.approx(recall_score(y, pred))
         assert m["specificity"] == pytest.approx(recall_score(~y, ~pred))
@@ -314,7 +315,7 @@ def test_e2e_test_metrics(e2e):
     assert m["accuracy"] == pytest.approx(np.trace(cm) / 50)
     assert m["sensitivity"] == pytest.approx(cm[1, 1] / cm[1].sum())
     assert m["specificity"] == pytest.approx(cm[0, 0] / cm[0].sum())
-    assert m["at_0.5"]["threshold"] == 0.5 and np.array(m["at_0.5"]["confusion_matrix"]).sum() == 50
+    assert m["at_0.5"]["threshold"] == 0.5 and sum(m["at_0.5"]["counts"].values()) == 50
     assert 0.0 <= m["threshold"] <= 1.0
 
 

@@ -71,6 +71,41 @@ def test_flag_errors_are_one_line_with_a_suggestion(argv, words, capsys):
         assert w in err, err
 
 
+@pytest.mark.parametrize("argv,words", [
+    (["--predict", "a.png", "--evaluate", "--checkpoint", "r"], ["--predict and --evaluate are separate modes"]),
+    (["--demo", "--resume", "runs/r"], ["--demo and --resume are separate modes"]),
+    (["--checkpoint", "runs/r"], ["--checkpoint is read by", "no warm start"]),
+    (["--demo", "--data-dir", "d"], ["--demo trains on synthetic X-rays", "drop --data-dir"]),
+    (["--predict", "a.png", "--checkpoint", "r", "--img-size", "64", "--lr", "0.1"],
+     ["--img-size, --lr would change nothing with --predict", "--save-cam-arrays"]),
+    (["--evaluate", "--checkpoint", "r", "--tta"], ["--tta would change nothing with --evaluate", "--bootstrap"]),
+    (["--recalibrate", "d", "--checkpoint", "r", "--epochs", "3"], ["--epochs would change nothing"])])
+def test_modes_refuse_what_they_would_silently_ignore(argv, words, capsys):
+    # Each of these used to run and drop the flag (or the second mode) without a word.
+    with pytest.raises(train_cxr.CXRError) as e:
+        train_cxr.parse_config(argv)
+    for w in words:
+        assert w in str(e.value), e.value
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--fc-hidden", "0"), ("--weight-decay", "-1"), ("--warmup-epochs", "nan"), ("--seed", "-1"),
+    ("--num-threads", "-5"), ("--min-val-per-class", "0"), ("--aug-brightness", "25"), ("--aug-contrast", "1.5"),
+    ("--aug-gamma", "-0.1"), ("--lr", "inf"), ("--work-scale", "inf"), ("--aug-rotate-deg", "nan")])
+def test_values_that_would_train_nonsense_are_refused(flag, value):
+    # --fc-hidden 0 trained a constant model; --aug-brightness 25 (meant as 25%) clamped images to black
+    # and white; --seed -1 and --warmup-epochs nan ended in tracebacks, the second after making the folder.
+    with pytest.raises(train_cxr.CXRError, match=f"^{flag} "):
+        train_cxr.parse_config([flag, value])
+
+
+def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
+    with pytest.raises(train_cxr.CXRError, match="--no-tta"):
+        train_cxr.parse_config(["--no-aug-hflip"])
+    cfg, _ = train_cxr.parse_config(["--no-aug-hflip", "--no-tta"])
+    assert not cfg.aug_hflip and not cfg.tta
+
+
 def test_underscore_spelling_is_accepted():
     cfg, args = train_cxr.parse_config(["--img_size", "48", "--num_gradcam_images=2", "--no-tta"])
     assert cfg.img_size == 48 and cfg.num_gradcam_images == 2 and cfg.tta is False
@@ -229,6 +264,32 @@ def test_overlay_titles_name_the_class_and_the_rule(monkeypatch, tmp_path):
     assert titles[4].startswith("scan_a.png\n") and "true" not in titles[4]
 
 
+def test_overlay_titles_print_p_and_the_threshold_on_the_side_the_label_is(monkeypatch, tmp_path):
+    # At 2 decimals P=0.60766 (NORMAL) and P=0.6099 (PNEUMONIA) would both read 0.61 against >= 0.61.
+    titles = []
+    real = train_cxr.overlay_cam
+    monkeypatch.setattr(train_cxr, "overlay_cam", lambda g, c, t, **k: titles.append(t) or real(g, c, t, **k))
+    probs = np.array([[0.39234, 0.60766], [0.3901, 0.6099], [0.1, 0.9]])
+    ck = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "img_size": 32, "threshold": 0.6087}
+    preds = train_cxr.predict_labels(probs, 1, ck["threshold"])
+    assert preds.tolist() == [0, 1, 1]
+    train_cxr.save_cam_set(tmp_path, ["a", "b", "c"], torch.zeros((3, 40, 40), dtype=torch.uint8),
+                           np.zeros((3, 32, 32), np.float32), {"probs": probs, "preds": preds}, ck)
+    assert "pred NORMAL | P(PNEUMONIA)=0.608\n" in titles[0] and ">= 0.609 (" in titles[0]
+    assert "pred PNEUMONIA | P(PNEUMONIA)=0.61\n" in titles[1] and ">= 0.61 (" in titles[1]
+    assert "P(PNEUMONIA)=0.90\n" in titles[2]
+    for p in np.linspace(0.6, 0.62, 401):  # whatever the digits, the printed numbers compare as the label does
+        d = train_cxr.telling_digits(p, 0.6087)
+        assert (float(f"{p:.{d}f}") >= float(f"{0.6087:.{d}f}")) == (p >= 0.6087)
+
+
+def test_two_classes_without_a_threshold_label_a_tie_as_the_metrics_count_it():
+    tie = np.array([[0.5, 0.5], [0.6, 0.4]])
+    assert train_cxr.predict_labels(tie, 1, None).tolist() == [1, 0]  # P(positive) >= 0.5, as binary_metrics
+    assert train_cxr.predict_labels(tie, 0, None).tolist() == [0, 0]
+    assert train_cxr.binary_metrics([True, False], tie[:, 1], 0.5)["counts"] == {"tp": 1, "fn": 0, "fp": 0, "tn": 1}
+
+
 def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
     figs, grids = {}, {}
 
@@ -255,9 +316,9 @@ def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
     lo, hi = metrics["auc_ci95"]
     assert f"AUC {metrics['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})" in roc
     assert f"operating threshold {metrics['threshold']:.2f}" in roc
-    assert f"{metrics['threshold']:.2f}" in figs["confusion_matrix.png"]["titles"][0]
+    assert f"{metrics['threshold']:.4f}" in figs["confusion_matrix.png"]["titles"][0]
     assert "argmax" in grids["summary_epoch_001.png"]
-    assert f">= {metrics['threshold']:.2f} (threshold chosen on validation)" in grids["test_summary.png"]
+    assert f">= {metrics['threshold']:.4f} (threshold chosen on validation)" in grids["test_summary.png"]
 
 
 # ----------------------------------------------------------------------------------------------

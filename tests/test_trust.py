@@ -2,6 +2,7 @@
 out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
 import io
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -282,7 +283,7 @@ def test_test_outputs_have_ece_reliability_ood_and_per_image_rows(trained):
     pred_pos = [r["predicted"] == "PNEUMONIA" for r in rows]
     assert pred_pos == [float(r["prob_PNEUMONIA"]) >= m["threshold"] for r in rows]
     tp = sum(p and r["true"] == "PNEUMONIA" for p, r in zip(pred_pos, rows))
-    assert m["confusion_matrix"][1][1] == tp
+    assert m["confusion_matrix"][1][1] == tp == m["counts"]["tp"]
     assert sum(r["in_distribution"] == "False" for r in rows) == m["ood"]["flagged"]
     if "in_distribution_only" in m["ood"]:
         assert m["ood"]["in_distribution_only"]["n"] == m["n"] - m["ood"]["flagged"]
@@ -329,11 +330,18 @@ def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synt
     for r in rows:  # argmax labels
         assert r["predicted"] == ("PNEUMONIA" if float(r["prob_PNEUMONIA"]) >= float(r["prob_NORMAL"]) else "NORMAL")
     # --evaluate on last.pt used to end in a TypeError; now it reports the fallback it used.
+    # The report settings typed with --evaluate are used (they used to be silently replaced by the run's).
     assert run(["--evaluate", "--checkpoint", trained / "last.pt", "--data-dir", synth_root, "--output-dir",
-                tmp_path, "--run-name", "ev", "--num-workers", 0, *ONE_THREAD]) == 0
+                tmp_path, "--run-name", "ev", "--num-workers", 0, "--bootstrap", 0, "--save-cam-arrays",
+                *ONE_THREAD]) == 0
+    assert list((tmp_path / "ev" / "grad_cam").glob("test_*.npy"))  # the training run saved none
+    assert T.load_checkpoint(trained / "last.pt")["config"]["save_cam_arrays"] is False
     m = json.loads((tmp_path / "ev" / "test_metrics.json").read_text())
     assert m["threshold"] == 0.5 and m["threshold_policy"].startswith("none in the checkpoint")
-    assert m["calibrated"] is False and "ood" not in m
+    assert m["calibrated"] is False and "ood" not in m and "threshold_fitted_on" not in m
+    assert m["auc_ci95"] == [None, None]  # --bootstrap 0: no resamples, no interval (the run used 50)
+    headline = re.search(r'class="headline">([^<]*)<', (tmp_path / "ev" / "report.html").read_text()).group(1)
+    assert "none in the checkpoint" in headline and "chosen on" not in headline  # it used to say "on validation"
 
 
 def test_run_folder_without_best_model_is_a_clear_error(tmp_path, capsys):
@@ -382,7 +390,8 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     before = T.load_checkpoint(trained / "best_model.pt")
     capsys.readouterr()
     assert run(["--recalibrate", site / "train", "--checkpoint", trained, "--output-dir", tmp_path / "o",
-                "--run-name", "rc", "--threshold-policy", "sensitivity:0.9", "--num-workers", 0, *ONE_THREAD]) == 0
+                "--run-name", "rc", "--threshold-policy", "sensitivity:0.9", "--ood-quantile", 0.95, "--num-workers", 0,
+                *ONE_THREAD]) == 0
     after = T.load_checkpoint(tmp_path / "o" / "rc" / "recalibrated_model.pt")
     for k, v in before["model"].items():
         assert torch.equal(v, after["model"][k]), k  # the weights are never touched
@@ -391,6 +400,7 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert rec["before"]["threshold"] == before["threshold"]
     assert after["threshold_policy"] == "sensitivity:0.9" and after["threshold"] != before["threshold"]
     assert after["ood"]["cutoff"] >= before["ood"]["cutoff"]
+    assert before["ood"]["quantile"] == T.OOD_QUANTILE and after["ood"]["quantile"] == 0.95  # the typed one
     assert not torch.equal(after["calibration"]["bias"], before["calibration"]["bias"])
     fit = json.loads((tmp_path / "o" / "rc" / "recalibration.json").read_text())
     assert fit["after"]["sensitivity"] >= 0.9  # the policy holds on the folder it was fitted on
