@@ -550,9 +550,12 @@ def model_from_checkpoint(ckpt: dict, rt: Runtime | None = None) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Data: discovery (ImageFolder), decoding once, patient-grouped split, batch augmentation
 # ----------------------------------------------------------------------------------------------
-def is_image_file(path: str) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+def is_image_file(path: str, root: str | Path | None = None) -> bool:
+    """An image by its extension and not hidden: no part of the path below root (the folder the user gave;
+    without root, the file's own name) starts with '.', so .DS_Store and .ipynb_checkpoints/x.png are
+    skipped. Only below root: a DATA_DIR inside a hidden folder (~/.cache/...) is still read."""
+    below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in Path(below).parts)
 
 
 def list_image_folder(root: Path) -> tuple[list, list]:
@@ -561,8 +564,9 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
-    return classes, torchvision.datasets.folder.make_dataset(
-        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file, allow_empty=True)
+    return classes, torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: is_image_file(p, root),
+        allow_empty=True)
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
@@ -2315,7 +2319,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     for p in map(Path, args.predict):
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
-        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f))) if p.is_dir()
+        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f), p)) if p.is_dir()
                   else [str(p)])
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
