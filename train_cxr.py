@@ -1903,6 +1903,14 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     return classes, samples
 
 
+def check_same_classes(root: Path, name: str, classes: list, found: list) -> None:
+    """The class folders of DATA_DIR/name (test, val) must be train's: NORMAL/Pneumonia against
+    NORMAL/PNEUMONIA would be mislabelled or dropped images, never what was meant."""
+    if found != classes:
+        raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / name} has "
+                       f"{found}; make them match")
+
+
 def report_bad_files(bad: list, strict: bool) -> None:
     if not bad:
         return
@@ -1941,15 +1949,15 @@ def prepare_data(cfg: Config) -> dict:
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
     test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
-    if test_classes != classes:
-        raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
-                       f"{test_classes}; make them match")
+    check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
     val_classes, val_samples, val_note = [], [], ""
     if (root / "val").is_dir():
         with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
+        if val_classes:
+            check_same_classes(root, "val", classes, val_classes)
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
         if val_classes == classes and min(counts) >= cfg.min_val_per_class:
             val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
@@ -1957,7 +1965,7 @@ def prepare_data(cfg: Config) -> dict:
             val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
                         f"{cfg.min_val_per_class} per class), its images join train and validation is "
                         "carved from train")
-            train_samples = train_samples + [s for s in val_samples if val_classes == classes]
+            train_samples = train_samples + val_samples
             val_samples = []
     warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                      "test": [p for p, _ in test_samples]})

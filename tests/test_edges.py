@@ -149,6 +149,21 @@ def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
     assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
 
 
+def test_val_folder_with_other_class_names_is_refused(data_copy, capsys):
+    for cls in ("NORMAL", "Pneumonia"):  # train/ has PNEUMONIA: the images used to vanish, said to join train
+        for k, src in enumerate(sorted((data_copy / "test" / cls.upper()).glob("*.png"))[:3]):
+            _copy_as(src, data_copy / "val" / cls, f"{cls}_val_{k}.png")
+    with pytest.raises(T.CXRError) as e:
+        _prepare(capsys, data_dir=str(data_copy))
+    msg = str(e.value)
+    assert str(data_copy / "val") in msg and "['NORMAL', 'PNEUMONIA']" in msg and "['NORMAL', 'Pneumonia']" in msg
+
+    (data_copy / "val" / "Pneumonia").rename(data_copy / "val" / "PNEUMONIA")  # matching, too small: joins train
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    assert "its images join train" in data["val_note"]
+    assert len(data["train"]) + len(data["val"]) == 150 + 6
+
+
 # ----------------------------------------------------------------------------------------------
 # --deterministic and the process-wide backend flags
 # ----------------------------------------------------------------------------------------------
