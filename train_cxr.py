@@ -69,7 +69,7 @@ WORK_SCALE = 1.143                # images are decoded once at IMG_SIZE*WORK_SCA
 VAL_FRACTION = 0.15               # share of train (per class, grouped by patient) used for validation
 MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has at least this many
 NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
-PATIENT_REGEX = ""                # its first group is the patient id in a file name; "" = Kermany names
+PATIENT_REGEX = ""                # 1st group: the patient id in the path below the class folder; "" = Kermany
 POSITIVE_CLASS = ""               # the class whose sensitivity is reported; "" = PNEUMONIA if present
 NUM_WORKERS = 2                   # processes that decode images (once, before training)
 # augmentation (training only; done on whole batches, on the training device)
@@ -162,7 +162,8 @@ FLAGS = {
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
         ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many"),
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
-        ("PATIENT_REGEX", "its first group is the patient id in a file name (default: Kermany names)"),
+        ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
+                          "(patient7/img0.png; default: Kermany file names)"),
         ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present)"),
         ("STRICT", "unreadable images stop the run instead of being skipped")],
     "augmentation (training only)": [
@@ -592,9 +593,12 @@ def model_from_checkpoint(ckpt: dict, rt: Runtime | None = None) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Data: discovery (ImageFolder), decoding once, patient-grouped split, batch augmentation
 # ----------------------------------------------------------------------------------------------
-def is_image_file(path: str) -> bool:
-    name = os.path.basename(path)
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+def is_image_file(path: str, root: str | Path | None = None) -> bool:
+    """An image by its extension and not hidden: no part of the path below root (the folder the user gave;
+    without root, the file's own name) starts with '.', so .DS_Store and .ipynb_checkpoints/x.png are
+    skipped. Only below root: a DATA_DIR inside a hidden folder (~/.cache/...) is still read."""
+    below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
+    return path.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in Path(below).parts)
 
 
 def list_image_folder(root: Path) -> tuple[list, list]:
@@ -603,8 +607,9 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
-    return classes, torchvision.datasets.folder.make_dataset(
-        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=is_image_file, allow_empty=True)
+    return classes, torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: is_image_file(p, root),
+        allow_empty=True)
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
@@ -761,20 +766,32 @@ def patient_pattern(regex: str) -> re.Pattern | None:
     return pat
 
 
-def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True) -> str:
-    """A DICOM file's PatientID ("dicom:<id>"); else the id in the file name (the pattern's first group,
-    by default Kermany-style names); else the file's own stem ("" with stem=False)."""
+def class_relative(path: str, data_dir: Path) -> str:
+    """The path of an image below DATA_DIR/<split>/<CLASS>/, '/'-separated: "patient007/img0.png" for a
+    class folder with one sub-folder per patient, the file name for a flat one."""
+    return "/".join(Path(os.path.relpath(path, data_dir)).parts[2:])
+
+
+def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True, rel: str | None = None) -> str:
+    """A DICOM file's PatientID ("dicom:<id>"); else the pattern's first group, searched in rel (the path
+    below the class folder, see class_relative; the file name if not given); by default a Kermany-style
+    id in the file name; else rel without its extension, so each file is its own patient ("" with
+    stem=False). For a flat class folder that is the file's stem, as it always was."""
     if path.lower().endswith(DICOM_EXTENSIONS):
         with contextlib.suppress(OSError, pydicom.errors.InvalidDicomError):
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
             if pid := str(ds.get("PatientID", "")).strip():
                 return f"dicom:{pid}"
-    name = os.path.basename(path)
-    for pat in (pattern,) if pattern else _PATIENT_PATTERNS:
-        m = pat.search(name)
+    rel = rel or os.path.basename(path)
+    # --patient-regex sees the folders below the class folder ('^([^/]+)/' = one folder per patient);
+    # the Kermany patterns were written for, and keep to, the file name.
+    patterns, text = ((pattern,), rel) if pattern else (_PATIENT_PATTERNS, rel.rsplit("/", 1)[-1])
+    for pat in patterns:
+        m = pat.search(text)
         if m and m.group(1):
             return m.group(1).lower()
-    return os.path.splitext(name)[0].lower() if stem else ""
+    # Not the stem alone: img0.png of patient007/ and of patient008/ would be merged into one "patient".
+    return os.path.splitext(rel)[0].lower() if stem else ""
 
 
 def grouped_split(labels, groups, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -1958,6 +1975,14 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     return classes, samples
 
 
+def check_same_classes(root: Path, name: str, classes: list, found: list) -> None:
+    """The class folders of DATA_DIR/name (test, val) must be train's: NORMAL/Pneumonia against
+    NORMAL/PNEUMONIA would be mislabelled or dropped images, never what was meant."""
+    if found != classes:
+        raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / name} has "
+                       f"{found}; make them match")
+
+
 def report_bad_files(bad: list, strict: bool) -> None:
     if not bad:
         return
@@ -1996,15 +2021,15 @@ def prepare_data(cfg: Config) -> dict:
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
     test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
-    if test_classes != classes:
-        raise CXRError(f"class folders differ: {root / 'train'} has {classes}, {root / 'test'} has "
-                       f"{test_classes}; make them match")
+    check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
     val_classes, val_samples, val_note = [], [], ""
     if (root / "val").is_dir():
         with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
+        if val_classes:
+            check_same_classes(root, "val", classes, val_classes)
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
         if val_classes == classes and min(counts) >= cfg.min_val_per_class:
             val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
@@ -2012,13 +2037,23 @@ def prepare_data(cfg: Config) -> dict:
             val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
                         f"{cfg.min_val_per_class} per class), its images join train and validation is "
                         "carved from train")
-            train_samples = train_samples + [s for s in val_samples if val_classes == classes]
+            train_samples = train_samples + val_samples
             val_samples = []
     warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                      "test": [p for p, _ in test_samples]})
     train_all, bad = load_split(train_samples, cfg, "decode train")
-    train_ids = [patient_id(p, pattern) for p in train_all.paths]
-    if train_ids and not any(patient_id(p, pattern, stem=False) for p in train_all.paths):
+    rels = [class_relative(p, root) for p in train_all.paths]
+    named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train_all.paths, rels)]  # "": none
+    # A file that names no patient is its own: patient_id's fallback (read only for those files, since
+    # reading a DICOM header twice costs time).
+    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train_all.paths, rels)]
+    in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
+    if in_folders and not pattern:
+        # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
+        log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
+                 f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
+                 "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
+    elif train_ids and not any(named):
         which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
         log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
                  "(pass --patient-regex to group the images of one patient)")
@@ -2027,7 +2062,12 @@ def prepare_data(cfg: Config) -> dict:
                                         for n, s in (("test", test_samples), ("val", val_samples))]
     bad += bad_test + bad_val
     for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
-        shared = sorted(set(train_ids) & {patient_id(p, pattern) for p in other.paths}) if other else []
+        if other is None:
+            continue
+        # Only ids that name a patient: a file that is its own patient is no one else's, and two files
+        # called 1.png are not one patient (byte-identical copies were warned about above).
+        shared = sorted(set(named) & {patient_id(p, pattern, stem=False, rel=class_relative(p, root))
+                                      for p in other.paths} - {""})
         if shared:
             log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
                         f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
@@ -2375,7 +2415,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     for p in map(Path, args.predict):
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
-        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f))) if p.is_dir()
+        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f), p)) if p.is_dir()
                   else [str(p)])
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")

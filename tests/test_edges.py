@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +149,75 @@ def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
     va = {T.patient_id(p, pat) for p in data["val"].paths}
     assert tr and va and not tr & va, "a patient is on both sides of the split"
     assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
+
+
+def _patient_folders(split_dir: Path, patients: dict, shots: int = 3, seed: int = 0) -> None:
+    """split_dir/CLASS/<patient>/img0.png ...: one sub-folder per patient, generic file names."""
+    rng = np.random.default_rng(seed)
+    for cls, names in patients.items():
+        for name in names:
+            (split_dir / cls / name).mkdir(parents=True)
+            for k in range(shots):
+                cv2.imwrite(str(split_dir / cls / name / f"img{k}.png"), rng.integers(0, 255, (8, 8), np.uint8))
+
+
+def test_patient_id_sees_the_folders_below_the_class_folder(tmp_path):
+    path = str(tmp_path / "train" / "NORMAL" / "patient007" / "img0.png")
+    rel = T.class_relative(path, tmp_path)
+    assert rel == "patient007/img0.png"
+    assert T.patient_id(path, rel=rel) == "patient007/img0"  # no match: the file, not every img0.png
+    assert T.patient_id(path, rel=rel, stem=False) == ""
+    assert T.patient_id(path, T.patient_pattern(r"^([^/]+)/"), rel=rel) == "patient007"
+    flat = str(tmp_path / "train" / "NORMAL" / "IMG_7.png")  # a flat folder: the stem, as before
+    assert T.patient_id(flat, rel=T.class_relative(flat, tmp_path)) == T.patient_id(flat) == "img_7"
+    kermany = str(tmp_path / "train" / "PNEUMONIA" / "site2" / "person7_bacteria_1.jpeg")
+    assert T.patient_id(kermany, rel=T.class_relative(kermany, tmp_path)) == "person7"  # the name, not the folder
+
+
+def test_patients_in_sub_folders_never_straddle_the_split(tmp_path, capsys):
+    # 2 classes x 20 patient folders x img0..2.png: the stems alone made 3 "patients" out of 40 real ones.
+    root = tmp_path / "d"
+    _patient_folders(root / "train", {c: [f"{c[0]}patient{k:03d}" for k in range(20)] for c in ("NORMAL", "PNEUMONIA")})
+    data, out = _prepare(capsys, data_dir=str(root))
+    assert len(data["val"]) == 2 * 9  # 15% of each class's 60 files, as for 60 unrelated files
+    tr, va = ({T.patient_id(p, rel=T.class_relative(p, root)) for p in data[side].paths} for side in ("train", "val"))
+    assert len(tr) == len(data["train"]) and len(va) == len(data["val"]) and not tr & va  # a file each
+    assert out.count("each counts as its own patient") == 1 and "--patient-regex '^([^/]+)/'" in out, out
+    assert "no file name matches" not in out  # one note, not two
+
+    for regex in (r"^([^/]+)/", r"([NP]patient\d+)"):  # --patient-regex sees the sub-folder
+        data, out = _prepare(capsys, data_dir=str(root), patient_regex=regex)
+        assert "own patient" not in out, out
+        folders = [{Path(p).parent.name for p in data[side].paths} for side in ("train", "val")]
+        assert folders[0] and folders[1] and not folders[0] & folders[1], "a patient is on both sides"
+        assert len(data["val"]) % 3 == 0 and len(folders[0] | folders[1]) == 40
+
+
+def test_patient_overlap_counts_named_patients_only(tmp_path, capsys):
+    root = tmp_path / "d"
+    _patient_folders(root / "train", {c: [f"{c[0]}patient{k:03d}" for k in range(20)] for c in ("NORMAL", "PNEUMONIA")})
+    # Other patients with the same generic file names, and one patient folder that is also in train.
+    _patient_folders(root / "test", {"NORMAL": ["Npatient900", "Npatient000"], "PNEUMONIA": ["Ppatient900"]}, seed=1)
+    data, out = _prepare(capsys, data_dir=str(root))
+    assert "both train and test" not in out, out  # img0.png in two folders is not one patient
+    data, out = _prepare(capsys, data_dir=str(root), patient_regex=r"^([^/]+)/")
+    lines = [ln for ln in out.splitlines() if "both train and test" in ln]
+    assert len(lines) == 1 and "1 patient id(s)" in lines[0] and "npatient000" in lines[0], out
+
+
+def test_val_folder_with_other_class_names_is_refused(data_copy, capsys):
+    for cls in ("NORMAL", "Pneumonia"):  # train/ has PNEUMONIA: the images used to vanish, said to join train
+        for k, src in enumerate(sorted((data_copy / "test" / cls.upper()).glob("*.png"))[:3]):
+            _copy_as(src, data_copy / "val" / cls, f"{cls}_val_{k}.png")
+    with pytest.raises(T.CXRError) as e:
+        _prepare(capsys, data_dir=str(data_copy))
+    msg = str(e.value)
+    assert str(data_copy / "val") in msg and "['NORMAL', 'PNEUMONIA']" in msg and "['NORMAL', 'Pneumonia']" in msg
+
+    (data_copy / "val" / "Pneumonia").rename(data_copy / "val" / "PNEUMONIA")  # matching, too small: joins train
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    assert "its images join train" in data["val_note"]
+    assert len(data["train"]) + len(data["val"]) == 150 + 6
 
 
 # ----------------------------------------------------------------------------------------------

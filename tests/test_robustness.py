@@ -2,6 +2,8 @@
 
 Every damaged or odd input is generated here (no committed binaries).
 """
+import argparse
+import dataclasses
 import errno
 import json
 import math
@@ -163,6 +165,41 @@ def test_hidden_folders_are_not_classes(synth_root, data_copy):
     classes, samples = train_cxr.check_split_dir(data_copy / "train", "train")
     assert classes == ["NORMAL", "PNEUMONIA"]
     assert len(samples) == sum(1 for _ in (synth_root / "train").rglob("*.png"))
+
+
+def test_hidden_sub_folders_are_skipped(synth_root, data_copy, tmp_path):
+    src = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[0]
+    for hidden in ("NORMAL/.ipynb_checkpoints", "PNEUMONIA/site1/.trash"):  # inside class folders, any depth
+        (data_copy / "train" / hidden).mkdir(parents=True)
+        shutil.copy(src, data_copy / "train" / hidden / "IM-0001-0001-checkpoint.png")
+    n = sum(1 for _ in (synth_root / "train").rglob("*.png"))
+    assert len(train_cxr.check_split_dir(data_copy / "train", "train")[1]) == n
+    # Only what lies below the given folder counts: a DATA_DIR inside ~/.cache is read.
+    inside = tmp_path / ".cache" / "data"
+    shutil.copytree(synth_root, inside)
+    assert len(train_cxr.check_split_dir(inside / "train", "train")[1]) == n
+
+
+def test_predict_skips_hidden_sub_folders(synth_root, tmp_path, monkeypatch):
+    folder = tmp_path / ".cache" / "pr"  # hidden above the folder given: still read
+    (folder / ".hidden").mkdir(parents=True)
+    src = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[0]
+    for name in ("a.png", ".hidden/copy.png", ".b.png"):
+        shutil.copy(src, folder / name)
+    # No checkpoint needed: the files --predict collects are what it hands to load_split.
+    ckpt = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1,
+            "config": dataclasses.asdict(train_cxr.Config())}
+    monkeypatch.setattr(train_cxr, "checkpoint_model", lambda args, rt: (ckpt, None))
+    seen = []
+
+    def collected(samples, cfg, desc):
+        seen.extend(p for p, _ in samples)
+        raise train_cxr.CXRError("files collected")
+
+    monkeypatch.setattr(train_cxr, "load_split", collected)
+    with pytest.raises(train_cxr.CXRError, match="files collected"):
+        train_cxr.predict(train_cxr.Config(), argparse.Namespace(predict=[str(folder)]), None)
+    assert seen == [str(folder / "a.png")]
 
 
 # ----------------------------------------------------------------------------------------------
