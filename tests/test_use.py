@@ -76,7 +76,7 @@ def scans(synth_root, tmp_path):
     return folder, single, broken, [str(t) for t in targets] + [str(single)]
 
 
-def test_predict_folders_and_files(trained, scans, tmp_path):
+def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     folder, single, broken, good = scans
     ckpt_path = trained / "best_model.pt"
     out = tmp_path / "pred"
@@ -122,10 +122,19 @@ def test_predict_folders_and_files(trained, scans, tmp_path):
         im = train_cxr.cv2.imread(str(match[0]))
         assert im is not None and im.ndim == 3 and im.shape[2] == 3
 
-    # Nothing but the checkpoint decides preprocessing, TTA and threshold: other flags change nothing.
+    # Nothing but the checkpoint decides preprocessing, TTA and threshold: flags that would change them are
+    # refused with one line naming them (before anything is written), and a second run gives the same rows.
+    capsys.readouterr()
     assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "q",
                 "--img-size", 64, "--work-scale", 1.5, "--channels", "4,4,4,4", "--fc-hidden", 8,
-                "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+                "--normalize", "dataset", "--no-tta", "--num-workers", 0, *ONE_THREAD, *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "would change nothing with --predict" in err[0]
+    for flag in ("--channels", "--fc-hidden", "--img-size", "--normalize", "--tta", "--work-scale"):
+        assert flag in err[0]
+    assert not (out / "q").exists()
+    assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "q",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     assert read_csv(out / "q" / "predictions.csv") == rows
 
 
