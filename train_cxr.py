@@ -257,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--checkpoint", default=None, help="the model for --predict, --evaluate and --recalibrate: "
                        "a run folder (its best_model.pt) or a .pt file")
     modes.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run (its folder) with "
-                       "its own settings and learning-rate schedule (a different --epochs is refused)")
+                       "its own settings and learning-rate schedule (a typed flag that differs is refused)")
     for title, entries in FLAGS.items():
         group = p.add_argument_group(title)
         for const, text in entries:
@@ -2278,6 +2278,36 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     return 0
 
 
+RESUME_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", "strict"}
+
+
+def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
+    """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored."""
+    def same(key, typed, stored):
+        if key in ("data_dir", "output_dir"):  # the same folder spelled another way is the same folder
+            return Path(typed).expanduser().resolve() == Path(stored).expanduser().resolve()
+        return typed == stored
+    stored = {**dataclasses.asdict(cfg), "output_dir": str(run_dir.parent), "run_name": run_dir.name}
+    differ = [k for k in sorted(args.given - RESUME_FLAGS) if not same(k, getattr(args, k), stored[k])]
+    if differ:
+        show = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
+        said = "; ".join(f"--{k.replace('_', '-')} {show(getattr(args, k))} (the run's: {show(stored.get(k))})"
+                         for k in differ)
+        raise CXRError(f"{said}: --resume continues {run_dir} with its own settings and learning-rate schedule "
+                       "(only " + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FLAGS)) +
+                       " may change); drop the flag, or start a new run")
+
+
+def split_fingerprint(data_dir: str, *splits: Split) -> str:
+    """sha256 of each split's sorted file paths (relative to DATA_DIR): a resume must train on the same images."""
+    root = os.path.abspath(data_dir)  # abspath, not resolve: a data set of symbolic links stays under its root
+    h = hashlib.sha256()
+    for s in splits:
+        rel = sorted(Path(os.path.relpath(os.path.abspath(p), root)).as_posix() for p in s.paths)
+        h.update(("\n".join(rel) + "\n\n").encode())
+    return h.hexdigest()
+
+
 def train(cfg: Config, args, rt: Runtime) -> int:
     """A training run, top-down: data, model, the epoch loop (fit), the report (final_report)."""
     resume = None
@@ -2286,18 +2316,17 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if "optimizer" not in resume:
             raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
         cfg = Config.from_dict(resume["config"])
-        if "epochs" in args.given and args.epochs != cfg.epochs:
-            raise CXRError(f"--epochs {args.epochs} differs from the {cfg.epochs} epochs of {args.resume}: the "
-                           "cosine learning-rate schedule is defined by the total, so a resume keeps it; start a "
-                           "new run for another length")
-        # A resume repeats the run's own settings; only these may be changed on the command line.
-        for key in ("device", "amp", "deterministic", "num_threads", "num_workers", "strict"):
-            if key in args.given:
-                setattr(cfg, key, getattr(args, key))
-        rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        if (run_dir / "test_metrics.json").exists():
-            raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs) and has its test report: "
+        check_resume_flags(args, cfg, run_dir)
+        for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
+            setattr(cfg, key, getattr(args, key))
+        if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
+            cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
+        rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+        best_path = run_dir / "best_model.pt"
+        if (run_dir / "test_metrics.json").exists() or (
+                best_path.is_file() and "calibration" in load_checkpoint(best_path)):
+            raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
     demo = args.demo and resume is None
     if demo and rt.world > 1:
@@ -2314,6 +2343,13 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
+    split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
+    if resume is not None and resume.get("split_sha256", split_sha) != split_sha:
+        raise CXRError(f"the train/validation images of {cfg.data_dir} differ from those {run_dir} was trained on "
+                       "(files added, removed or moved): a resume would continue on other images; restore the "
+                       "folder, or start a new run")
+    if resume is not None and "split_sha256" not in resume:
+        log.info(f"note: {run_dir} predates the split check, so a resume cannot confirm it sees the same images")
     steps = len(train_s) // rt.world // cfg.batch_size  # per epoch and process, as in train_one_epoch
     if steps == 0:
         raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
@@ -2334,7 +2370,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
-            "threshold": None, "normalization": norm}
+            "threshold": None, "normalization": norm, "split_sha256": split_sha}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "

@@ -1,5 +1,5 @@
 """Corner cases of issue 12: the positive class, patient overlap, --deterministic, --resume with
-another --epochs, the EMA's batch-norm statistics, and decisions every DDP process takes together."""
+other settings or images, the EMA's batch-norm statistics, and decisions every DDP process takes together."""
 import dataclasses
 import json
 import os
@@ -266,9 +266,11 @@ def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------
-# --resume with another --epochs
+# --resume repeats the run: other settings, other images and finished runs are refused
 # ----------------------------------------------------------------------------------------------
-def test_resume_refuses_another_epochs(synth_root, tmp_path, monkeypatch, capsys):
+def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)  # a copy: one of its images is moved away below
     monkeypatch.setitem(T._STOP, "signal", None)
     real = T.train_one_epoch
 
@@ -278,15 +280,99 @@ def test_resume_refuses_another_epochs(synth_root, tmp_path, monkeypatch, capsys
         return real(st, train, epoch)
     monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
     out = tmp_path / "runs"
-    assert run([*FAST, "--epochs", "3", "--data-dir", synth_root, "--output-dir", out, "--run-name", "r"]) == 130
+    assert run([*FAST, "--epochs", "3", "--data-dir", data, "--output-dir", out, "--run-name", "r"]) == 130
     monkeypatch.setattr(T, "train_one_epoch", real)
-    before = (out / "r" / "last.pt").read_bytes()
+    rd = out / "r"
+    before = (rd / "last.pt").read_bytes()
+    assert len(T.load_checkpoint(rd / "last.pt")["split_sha256"]) == 64
     capsys.readouterr()
-    assert run(["--resume", out / "r", "--epochs", "5"]) == 2
+
+    # Settings that define the run: named with both values, nothing touched.
+    assert run(["--resume", rd, "--epochs", "5"]) == 2
     err = one_error_line(capsys)
-    assert "--epochs 5" in err and "schedule" in err
-    assert (out / "r" / "last.pt").read_bytes() == before
-    assert [r["epoch"] for r in read_csv(out / "r" / "history.csv")] == ["1"]
+    assert "--epochs 5 (the run's: 3)" in err and "learning-rate schedule" in err
+    assert run(["--resume", rd, "--lr", "0.5", "--channels", "4,4,4,4", "--epochs", "3"]) == 2
+    err = one_error_line(capsys)
+    assert "--lr 0.5 (the run's: 0.001)" in err and "--channels 4,4,4,4 (the run's: 8,16,32,32)" in err
+    assert "--epochs" not in err.split(": --resume")[0]  # the same value typed again is no difference
+    assert run(["--resume", rd, "--data-dir", synth_root]) == 2  # another folder, even with the same images
+    assert "--data-dir" in one_error_line(capsys)
+    assert run(["--resume", rd, "--output-dir", tmp_path / "elsewhere"]) == 2
+    assert "--output-dir" in one_error_line(capsys)
+
+    # The same folder with one training image fewer: refused before anything is written.
+    moved = sorted((data / "train" / "NORMAL").glob("*.png"))[0]
+    moved.rename(tmp_path / moved.name)
+    assert run(["--resume", rd]) == 2
+    err = one_error_line(capsys)
+    assert "differ from those" in err and str(rd) in err
+    assert (rd / "last.pt").read_bytes() == before
+    assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1"]
+
+    # Restored, and the same settings spelled another way (data folder as DIR/., a repeated --epochs), it resumes.
+    (tmp_path / moved.name).rename(moved)
+    assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1"]) == 0
+    assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
+
+    # A finished run: refused by its test report, and without one (no test folder) by its calibrated best model.
+    capsys.readouterr()
+    assert run(["--resume", rd]) == 2
+    assert "already finished" in one_error_line(capsys)
+    (rd / "test_metrics.json").unlink()
+    assert run(["--resume", rd]) == 2
+    assert "already finished" in one_error_line(capsys)
+
+
+def test_resume_of_a_run_older_than_the_split_check(synth_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(T._STOP, "signal", None)
+    real = T.train_one_epoch
+
+    def stop_in_epoch_2(st, train, epoch):
+        if epoch == 2:
+            T._STOP["signal"] = signal.SIGINT
+        return real(st, train, epoch)
+    monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
+    out = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "2", "--data-dir", synth_root, "--output-dir", out, "--run-name", "old"]) == 130
+    monkeypatch.setattr(T, "train_one_epoch", real)
+    ck = T.load_checkpoint(out / "old" / "last.pt")
+    del ck["split_sha256"]
+    T.save_checkpoint(out / "old" / "last.pt", ck)
+    capsys.readouterr()
+    assert run(["--resume", out / "old"]) == 0
+    assert "predates the split check" in capsys.readouterr().out
+    assert len(T.load_checkpoint(out / "old" / "best_model.pt")["split_sha256"]) == 64
+
+
+def test_resume_keeps_the_precision_amp_auto_chose(synth_root, tmp_path, monkeypatch, capsys):
+    """--amp auto started on a CPU without fast bf16 (fp32) stays fp32 when resumed on one with it, and back."""
+    for first, later, want in ((False, True, "fp32"), (True, False, "torch.bfloat16")):
+        monkeypatch.setitem(T._STOP, "signal", None)
+        real = T.train_one_epoch
+
+        def stop_in_epoch_2(st, train, epoch):
+            if epoch == 2:
+                T._STOP["signal"] = signal.SIGINT
+            return real(st, train, epoch)
+        monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
+        monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: first)
+        out, name = tmp_path / "runs", f"amp_{want}"
+        assert run([*FAST, "--amp", "auto", "--epochs", "2", "--data-dir", synth_root, "--output-dir", out,
+                    "--run-name", name]) == 130
+        assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
+        monkeypatch.setattr(T, "train_one_epoch", real)
+        monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: later)
+        assert run(["--resume", out / name]) == 0
+        assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
+
+
+def test_split_fingerprint_sees_moves_between_classes_and_splits(tmp_path):
+    s = lambda *paths: T.Split(torch.zeros(len(paths), 1, 1, dtype=torch.uint8), torch.zeros(len(paths)),
+                               [str(tmp_path / p) for p in paths])
+    a = T.split_fingerprint(str(tmp_path), s("A/1.png", "B/2.png"), s("A/3.png"))
+    assert a == T.split_fingerprint(str(tmp_path) + "/.", s("B/2.png", "A/1.png"), s("A/3.png"))  # order, spelling
+    assert a != T.split_fingerprint(str(tmp_path), s("A/1.png", "A/2.png"), s("A/3.png"))  # another class
+    assert a != T.split_fingerprint(str(tmp_path), s("A/1.png"), s("B/2.png", "A/3.png"))  # train -> validation
 
 
 # ----------------------------------------------------------------------------------------------
