@@ -268,9 +268,8 @@ def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # --resume repeats the run: other settings, other images and finished runs are refused
 # ----------------------------------------------------------------------------------------------
-def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
-    data = tmp_path / "data"
-    shutil.copytree(synth_root, data)  # a copy: one of its images is moved away below
+def stopped_in_epoch_2(monkeypatch, args) -> int:
+    """Exit code of a training run that a Ctrl-C stops in epoch 2 (last.pt holds epoch 1)."""
     monkeypatch.setitem(T._STOP, "signal", None)
     real = T.train_one_epoch
 
@@ -279,9 +278,18 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
             T._STOP["signal"] = signal.SIGINT
         return real(st, train, epoch)
     monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
+    try:
+        return run(args)
+    finally:
+        monkeypatch.setattr(T, "train_one_epoch", real)
+
+
+def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(synth_root, data)  # a copy: one of its images is moved away below
     out = tmp_path / "runs"
-    assert run([*FAST, "--epochs", "3", "--data-dir", data, "--output-dir", out, "--run-name", "r"]) == 130
-    monkeypatch.setattr(T, "train_one_epoch", real)
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--epochs", "3", "--data-dir", data, "--output-dir", out,
+                                            "--run-name", "r"]) == 130
     rd = out / "r"
     before = (rd / "last.pt").read_bytes()
     assert len(T.load_checkpoint(rd / "last.pt")["split_sha256"]) == 64
@@ -324,17 +332,9 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
 
 
 def test_resume_of_a_run_older_than_the_split_check(synth_root, tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(T._STOP, "signal", None)
-    real = T.train_one_epoch
-
-    def stop_in_epoch_2(st, train, epoch):
-        if epoch == 2:
-            T._STOP["signal"] = signal.SIGINT
-        return real(st, train, epoch)
-    monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
     out = tmp_path / "runs"
-    assert run([*FAST, "--epochs", "2", "--data-dir", synth_root, "--output-dir", out, "--run-name", "old"]) == 130
-    monkeypatch.setattr(T, "train_one_epoch", real)
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--epochs", "2", "--data-dir", synth_root, "--output-dir", out,
+                                            "--run-name", "old"]) == 130
     ck = T.load_checkpoint(out / "old" / "last.pt")
     del ck["split_sha256"]
     T.save_checkpoint(out / "old" / "last.pt", ck)
@@ -347,20 +347,11 @@ def test_resume_of_a_run_older_than_the_split_check(synth_root, tmp_path, monkey
 def test_resume_keeps_the_precision_amp_auto_chose(synth_root, tmp_path, monkeypatch, capsys):
     """--amp auto started on a CPU without fast bf16 (fp32) stays fp32 when resumed on one with it, and back."""
     for first, later, want in ((False, True, "fp32"), (True, False, "torch.bfloat16")):
-        monkeypatch.setitem(T._STOP, "signal", None)
-        real = T.train_one_epoch
-
-        def stop_in_epoch_2(st, train, epoch):
-            if epoch == 2:
-                T._STOP["signal"] = signal.SIGINT
-            return real(st, train, epoch)
-        monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
         monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: first)
         out, name = tmp_path / "runs", f"amp_{want}"
-        assert run([*FAST, "--amp", "auto", "--epochs", "2", "--data-dir", synth_root, "--output-dir", out,
-                    "--run-name", name]) == 130
+        assert stopped_in_epoch_2(monkeypatch, [*FAST, "--amp", "auto", "--epochs", "2", "--data-dir", synth_root,
+                                                "--output-dir", out, "--run-name", name]) == 130
         assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
-        monkeypatch.setattr(T, "train_one_epoch", real)
         monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: later)
         assert run(["--resume", out / name]) == 0
         assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
