@@ -163,7 +163,7 @@ FLAGS = {
         ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many"),
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
         ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
-                          "(patient7/img0.png; default: Kermany file names)"),
+                          "(patient7/img0.png; wins over a DICOM PatientID; default: Kermany file names)"),
         ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present)"),
         ("STRICT", "unreadable images stop the run instead of being skipped")],
     "augmentation (training only)": [
@@ -374,7 +374,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
-from PIL import Image  # noqa: E402
+from PIL import Image, ImageOps  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.covariance import LedoitWolf  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -593,12 +593,25 @@ def model_from_checkpoint(ckpt: dict, rt: Runtime | None = None) -> nn.Module:
 # ----------------------------------------------------------------------------------------------
 # Data: discovery (ImageFolder), decoding once, patient-grouped split, batch augmentation
 # ----------------------------------------------------------------------------------------------
+def is_dicom(path: str) -> bool:
+    """A .dcm/.dicom file, or a file without an extension that starts like DICOM ("DICM" after a 128-byte
+    preamble): PACS exports often name files IM000001 or by their UID."""
+    if path.lower().endswith(DICOM_EXTENSIONS):
+        return True
+    if os.path.splitext(path)[1] and not re.fullmatch(r"\.\d+", os.path.splitext(path)[1]):  # 1.2.840.1: a UID
+        return False
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        return f.read(132)[128:] == b"DICM"
+    return False
+
+
 def is_image_file(path: str, root: str | Path | None = None) -> bool:
-    """An image by its extension and not hidden: no part of the path below root (the folder the user gave;
-    without root, the file's own name) starts with '.', so .DS_Store and .ipynb_checkpoints/x.png are
-    skipped. Only below root: a DATA_DIR inside a hidden folder (~/.cache/...) is still read."""
+    """An image by its extension (or a DICOM without one) and not hidden: no part of the path below root
+    (the folder the user gave; without root, the file's own name) starts with '.', so .DS_Store and
+    .ipynb_checkpoints/x.png are skipped. Only below root: a DATA_DIR inside a hidden folder is still read."""
     below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
-    return path.lower().endswith(IMAGE_EXTENSIONS) and not any(p.startswith(".") for p in Path(below).parts)
+    return (not any(p.startswith(".") for p in Path(below).parts)
+            and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
 def list_image_folder(root: Path) -> tuple[list, list]:
@@ -615,13 +628,14 @@ def list_image_folder(root: Path) -> tuple[list, list]:
 def decode_xray(path: str, size: int) -> np.ndarray:
     """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
     images min-max scaled to 8 bits. Raises on a broken file."""
-    if path.lower().endswith(DICOM_EXTENSIONS):
+    if is_dicom(path):
         arr = read_dicom(path)
     else:
         with Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
             im.load()  # raises OSError on truncated/corrupt data
+            im = ImageOps.exif_transpose(im)  # upright as every viewer shows it (EXIF Orientation, phone photos)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # transparent = black, like film background
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
@@ -678,13 +692,15 @@ def read_dicom(path: str) -> np.ndarray:
         d = ds.VOILUTSequence[0].LUTDescriptor
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
+        lo, hi = float(np.min(ends)), float(np.max(ends))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
-        ends = pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds)  # what the window maps to black, white
+        # What the window makes of the darkest and the brightest input, in that order: with a negative
+        # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.
+        lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))
         arr = pydicom.pixels.apply_voi_lut(arr, ds)
     else:
-        ends = np.percentile(arr, DICOM_PERCENTILES)
-    lo, hi = float(np.min(ends)), float(np.max(ends))
-    img = np.clip((arr - lo) / (hi - lo), 0, 1) if hi > lo else np.zeros(arr.shape)
+        lo, hi = map(float, np.percentile(arr, DICOM_PERCENTILES))
+    img = np.clip((arr - lo) / (hi - lo), 0, 1) if hi != lo else np.zeros(arr.shape)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         img = 1 - img
     return np.rint(img * 255).astype(np.uint8)
@@ -773,22 +789,22 @@ def class_relative(path: str, data_dir: Path) -> str:
 
 
 def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True, rel: str | None = None) -> str:
-    """A DICOM file's PatientID ("dicom:<id>"); else the pattern's first group, searched in rel (the path
-    below the class folder, see class_relative; the file name if not given); by default a Kermany-style
-    id in the file name; else rel without its extension, so each file is its own patient ("" with
-    stem=False). For a flat class folder that is the file's stem, as it always was."""
-    if path.lower().endswith(DICOM_EXTENSIONS):
+    """The patient of an image, from the first of: --patient-regex's first group (pattern), searched in rel
+    (the path below the class folder, see class_relative; the file name if not given); a DICOM file's
+    PatientID ("dicom:<id>"); a Kermany-style id in the file name; else rel without its extension, so each
+    file is its own patient ("" with stem=False). For a flat class folder that is the file's stem."""
+    rel = rel or os.path.basename(path)
+    # --patient-regex sees the folders below the class folder ('^([^/]+)/' = one folder per patient) and,
+    # typed, wins over PatientID (anonymised exports often give every file the same one).
+    if pattern and (m := pattern.search(rel)) and m.group(1):
+        return m.group(1).lower()
+    if is_dicom(path):
         with contextlib.suppress(OSError, pydicom.errors.InvalidDicomError):
             ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
             if pid := str(ds.get("PatientID", "")).strip():
                 return f"dicom:{pid}"
-    rel = rel or os.path.basename(path)
-    # --patient-regex sees the folders below the class folder ('^([^/]+)/' = one folder per patient);
-    # the Kermany patterns were written for, and keep to, the file name.
-    patterns, text = ((pattern,), rel) if pattern else (_PATIENT_PATTERNS, rel.rsplit("/", 1)[-1])
-    for pat in patterns:
-        m = pat.search(text)
-        if m and m.group(1):
+    for pat in () if pattern else _PATIENT_PATTERNS:  # written for, and kept to, the file name
+        if (m := pat.search(rel.rsplit("/", 1)[-1])) and m.group(1):
             return m.group(1).lower()
     # Not the stem alone: img0.png of patient007/ and of patient008/ would be merged into one "patient".
     return os.path.splitext(rel)[0].lower() if stem else ""
@@ -1999,8 +2015,11 @@ def warn_duplicates(splits: dict) -> int:
     first, dups = {}, []
     for name, paths in splits.items():
         for p in paths:
-            with open(p, "rb") as f:
-                digest = hashlib.file_digest(f, "sha1").hexdigest()
+            try:
+                with open(p, "rb") as f:
+                    digest = hashlib.file_digest(f, "sha1").hexdigest()
+            except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
+                continue
             seen = first.setdefault(digest, (name, p))
             if seen[0] != name:
                 dups.append(f"{seen[1]} = {p}")
@@ -2083,15 +2102,21 @@ def prepare_data(cfg: Config) -> dict:
         tr_idx, va_idx = grouped_split(labels, train_ids, cfg.val_fraction, cfg.seed)
         least = np.minimum(*(np.bincount(labels[idx], minlength=len(classes)) for idx in (tr_idx, va_idx)))
         if least.min() == 0:
-            c = classes[int(least.argmin())]
-            raise CXRError(f"class {c} is too small to split into train and validation "
-                           f"(patients in {root / 'train' / c}); add images or raise --val-fraction")
+            k = int(least.argmin())
+            ids = collections.Counter(g for g, lab in zip(train_ids, labels) if lab == k)
+            top, n = ids.most_common(1)[0]
+            raise CXRError(f"class {classes[k]} is too small to split into train and validation: its "
+                           f"{counts[k]} images in {root / 'train' / classes[k]} belong to {len(ids)} patient(s)"
+                           + (f", {n} of them to {top!r}" if n > 1 and 2 * n >= counts[k] else "") +
+                           "; add images, raise --val-fraction, or pass --patient-regex if those ids are wrong")
         train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
-        if sp is not None and (len(sp) == 0 or len(np.unique(sp.labels.numpy())) < len(classes) and name != "test"):
-            raise CXRError(f"the {name} split has no usable images of some class: check {root}")
+        missing = [] if sp is None else sorted(set(range(len(classes))) - set(sp.labels.tolist()))
+        if missing:  # every file of the class was unreadable (the folders were checked for files above)
+            raise CXRError(f"the {name} split has no usable images of class {classes[missing[0]]}: check "
+                           f"{root / ('train' if name == 'val' and not (root / 'val').is_dir() else name)}")
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
             "bad_files": [p for p, _ in bad], "pos": pos}
 
@@ -2451,8 +2476,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     for p in map(Path, args.predict):
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
-        files += (sorted(str(f) for f in p.rglob("*") if f.is_file() and is_image_file(str(f), p)) if p.is_dir()
-                  else [str(p)])
+        # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
+        # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
+        files += (sorted(f for d, _, names in os.walk(p, followlinks=True) for f in (os.path.join(d, n) for n in names)
+                         if is_image_file(f, p)) if p.is_dir() else [str(p)])
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]

@@ -3,6 +3,7 @@
 Each decodable case must give the picture of its source PNG: exactly for lossless files, within
 JPEG tolerance for JPEG Baseline, after inversion (MONOCHROME1) and windowing.
 """
+import dataclasses
 import json
 import shutil
 
@@ -73,6 +74,29 @@ def test_rescale_slope_and_intercept_come_before_the_window(source, tmp_path):
     path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 2 + 2000, bits_stored=12,
                        RescaleSlope=0.5, RescaleIntercept=-1000, WindowCenter=128, WindowWidth=256)
     np.testing.assert_array_equal(decoded(path), img)
+
+
+def test_negative_rescale_slope_with_a_window_keeps_black_black(source, tmp_path):
+    _, img = source
+    # Stored 255 - img with slope -1, intercept 255: the modality values are img again, so a window over
+    # 0-255 must give the PNG (pydicom's window output runs downwards here; min/max read it inverted).
+    path = write_dicom(tmp_path / "a.dcm", 255 - img.astype(np.uint16), RescaleSlope=-1, RescaleIntercept=255,
+                       WindowCenter=128, WindowWidth=256)
+    np.testing.assert_array_equal(decoded(path), img)
+
+
+def test_dicom_without_extension_is_found_read_and_grouped(source, tmp_path):
+    _, img = source
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_dicom(tmp_path / "a.dcm", img, PatientID="P7").rename(folder / "IM000001")  # a PACS export's name
+    write_dicom(tmp_path / "b.dcm", img, PatientID="P7").rename(folder / "1.2.840.10008.1")  # named by its UID
+    (folder / "README").write_text("not an image")
+    (folder / "notes.txt").write_bytes(b"\0" * 128 + b"DICM")  # an extension that is not DICOM's: not read
+    found = sorted(p.name for p in folder.iterdir() if train_cxr.is_image_file(str(p), folder))
+    assert found == ["1.2.840.10008.1", "IM000001"]
+    np.testing.assert_array_equal(decoded(folder / "IM000001"), percentile_window(img))
+    assert train_cxr.patient_id(str(folder / "IM000001")) == "dicom:P7"
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
@@ -170,6 +194,21 @@ def test_patient_id_from_dicom_keeps_patients_on_one_side(tmp_path):
     assert len(data["val"]) % 3 == 0  # whole patients, three images each
     assert train_cxr.patient_id(data["train"].paths[0]).startswith("dicom:")
     assert train_cxr.patient_id(str(tmp_path / "x.png")) == "x"  # a PNG is not read as DICOM
+
+
+def test_one_patient_id_for_every_dicom_is_named_and_patient_regex_overrides_it(tmp_path):
+    kermany_like(tmp_path / "d", n_patients=6, shots=2)
+    for f in (tmp_path / "d" / "train").rglob("*.dcm"):  # an anonymised export: one PatientID for all
+        ds = pydicom.dcmread(f)
+        ds.PatientID = "ANONYMOUS"
+        ds.save_as(f)
+    cfg = train_cxr.Config(data_dir=str(tmp_path / "d"), img_size=32, num_workers=0, val_fraction=0.3)
+    with pytest.raises(train_cxr.CXRError, match="12 images .* belong to 1 patient.*'dicom:ANONYMOUS'") as e:
+        train_cxr.prepare_data(cfg)
+    assert "--patient-regex" in str(e.value)
+    # A typed --patient-regex wins over PatientID: here every file is its own patient (its 5-digit number).
+    data = train_cxr.prepare_data(dataclasses.replace(cfg, patient_regex=r"^(\d+)\."))
+    assert len(data["val"]) > 0 and not set(data["train"].paths) & set(data["val"].paths)
 
 
 def test_mixed_png_jpeg_dicom_folder_trains_end_to_end(synth_root, tmp_path, source):

@@ -158,6 +158,31 @@ def test_strict_refuses_bad_files(corpus, data_copy, tmp_path, capsys):
     assert not (out / "strict").exists()
 
 
+def test_broken_link_is_an_unreadable_file_not_a_crash(data_copy, tmp_path):
+    link = data_copy / "train" / "NORMAL" / "gone.png"
+    link.symlink_to(tmp_path / "moved_away.png")  # hashing for the duplicate check opened it: a traceback
+    cfg = train_cxr.Config(data_dir=str(data_copy), img_size=32, num_workers=0)
+    assert train_cxr.prepare_data(cfg)["bad_files"] == [str(link)]
+
+
+def test_a_test_class_with_no_readable_file_is_refused(data_copy):
+    for f in (data_copy / "test" / "NORMAL").glob("*.png"):
+        f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0
+    cfg = train_cxr.Config(data_dir=str(data_copy), img_size=32, num_workers=0)
+    with pytest.raises(train_cxr.CXRError, match="the test split has no usable images of class NORMAL: check .*test"):
+        train_cxr.prepare_data(cfg)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    stored = np.zeros((60, 90), np.uint8)
+    stored[:, :30] = 255  # bright left third as stored; Orientation 6 = shown rotated 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpeg", exif=exif, quality=95)
+    got = train_cxr.decode_xray(str(tmp_path / "phone.jpeg"), 30).astype(int)
+    assert got[:8].mean() > 200 and got[-8:].mean() < 50  # bright on top, as every viewer shows it
+
+
 def test_hidden_folders_are_not_classes(synth_root, data_copy):
     # Jupyter and macOS leave hidden folders next to the class folders.
     (data_copy / "train" / ".ipynb_checkpoints").mkdir()
@@ -180,12 +205,17 @@ def test_hidden_sub_folders_are_skipped(synth_root, data_copy, tmp_path):
     assert len(train_cxr.check_split_dir(inside / "train", "train")[1]) == n
 
 
-def test_predict_skips_hidden_sub_folders(synth_root, tmp_path, monkeypatch):
+def test_predict_collects_like_training(synth_root, tmp_path, monkeypatch):
     folder = tmp_path / ".cache" / "pr"  # hidden above the folder given: still read
     (folder / ".hidden").mkdir(parents=True)
     src = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[0]
     for name in ("a.png", ".hidden/copy.png", ".b.png"):
         shutil.copy(src, folder / name)
+    # A linked folder is walked (as training's ImageFolder does); a broken link is kept for decode to report.
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copy(src, tmp_path / "elsewhere" / "c.png")
+    (folder / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (folder / "gone.png").symlink_to(tmp_path / "moved_away.png")
     # No checkpoint needed: the files --predict collects are what it hands to load_split.
     ckpt = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1,
             "config": dataclasses.asdict(train_cxr.Config())}
@@ -199,7 +229,7 @@ def test_predict_skips_hidden_sub_folders(synth_root, tmp_path, monkeypatch):
     monkeypatch.setattr(train_cxr, "load_split", collected)
     with pytest.raises(train_cxr.CXRError, match="files collected"):
         train_cxr.predict(train_cxr.Config(), argparse.Namespace(predict=[str(folder)]), None)
-    assert seen == [str(folder / "a.png")]
+    assert seen == [str(folder / n) for n in ("a.png", "gone.png", "linked/c.png")]
 
 
 # ----------------------------------------------------------------------------------------------
