@@ -1031,7 +1031,7 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     return [float(np.percentile(aucs, q)) for q in (2.5, 97.5)] if aucs else [float("nan")] * 2
 
 
-def fit_calibration(probs: np.ndarray, labels) -> dict:
+def fit_calibration(probs: np.ndarray, labels, prior: str = "jeffreys") -> dict:
     """A temperature T and class biases b, fitted on validation by log loss (LBFGS):
 
         calibrated = softmax(log(p) / T + b)
@@ -1040,20 +1040,42 @@ def fit_calibration(probs: np.ndarray, labels) -> dict:
     shift that the class-weighted loss and label smoothing build into p on purpose; for two classes
     this is Platt scaling of the log-odds (Platt 1999). Monotone in P(positive) for two classes, so
     the AUC and the ranking of images do not change. Returned as plain tensors for the checkpoint.
+
+    The log loss is penalised by Jeffreys' prior, minus half the log-determinant of the Fisher
+    information of (1/T, b) (Firth 1993): plain maximum likelihood (prior="none") has no optimum
+    when the model gets every fitting image right (T -> 0 turns every probability into exactly 0
+    or 1, and ranking, AUC and calibration on new images go with it; a few dozen --recalibrate
+    images often are such a set), while the penalty's pull fades as 1/n. prior="platt" uses Platt's
+    targets, (n + 1) / (n + 2) instead of 1, as scikit-learn's sigmoid calibration does.
+    benchmarks/calibration.py measures the three; no library fits this penalised model.
     """
     z = torch.log(torch.as_tensor(probs, dtype=torch.float64).clamp_min(1e-7))
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    y = np.asarray(labels).astype(np.int64)
+    n, k = z.shape
+    count = np.bincount(y, minlength=k)[y]
+    hit = (count + 1) / (count + 2) if prior == "platt" else np.ones(n)
+    target = np.repeat(((1 - hit) / (k - 1))[:, None], k, 1)
+    target[np.arange(n), y] = hit
+    target = torch.from_numpy(target)
+    # d logits / d (1/T, b_1 .. b_k-1); b_0 stays 0, as softmax ignores a shift common to all classes
+    jac = torch.cat([z[:, :, None], torch.eye(k, dtype=torch.float64)[:, 1:].expand(n, k, k - 1)], 2)
     log_inv_t = torch.zeros(1, dtype=torch.float64, requires_grad=True)  # T = exp(-log_inv_t) > 0
-    b = torch.zeros(z.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k - 1, dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([log_inv_t, b], max_iter=500, tolerance_grad=1e-10, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
-        loss = F.cross_entropy(z * log_inv_t.exp() + b, y)
+        logits = z * log_inv_t.exp() + F.pad(b, (1, 0))
+        loss = F.cross_entropy(logits, target, reduction="sum")
+        if prior == "jeffreys":
+            p = logits.softmax(1)
+            fisher = torch.einsum("nki,nkl,nlj->ij", jac, torch.diag_embed(p) - p[:, :, None] * p[:, None, :], jac)
+            loss = loss - 0.5 * torch.linalg.slogdet(fisher + 1e-12 * torch.eye(k, dtype=torch.float64))[1]
         loss.backward()
         return loss
     opt.step(closure)
-    bias = b.detach() - b.detach().mean()  # softmax ignores a common shift: keep the biases centred
+    bias = F.pad(b.detach(), (1, 0))
+    bias = bias - bias.mean()  # centred: the same map, and readable in the log
     # A model that learned nothing is best "calibrated" as a constant (T -> infinity); a cap keeps
     # its scores distinct, so the ranking (and the AUC) survives.
     return {"temperature": torch.exp(-log_inv_t.detach()).clamp(max=100.0).float()[0], "bias": bias.float()}
@@ -2260,8 +2282,15 @@ def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str,
     (the validation split after training, or a new site's folder for --recalibrate)."""
     raw = predict_probs(model, split.images, ckpt["img_size"], ckpt["normalization"], rt,
                         bool(ckpt["config"].get("tta", False)), desc="calibrate")
-    labels, pos = split.labels.numpy(), ckpt["positive_class"]
+    labels, pos, classes = split.labels.numpy(), ckpt["positive_class"], ckpt["class_names"]
     cal = fit_calibration(raw, labels)
+    few = [f"{c} {n}" for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n < 30]
+    if few:
+        log.warning(f"note: the calibration {'and threshold are' if raw.shape[1] == 2 else 'is'} fitted on few "
+                    f"images ({', '.join(few)}): expect a change on other images of the same kind")
+    if raw.shape[1] == 2 and raw[labels == pos, pos].min() > raw[labels != pos, pos].max():
+        log.warning(f"note: the model separates all {len(labels)} images it is calibrated on, so they cannot show "
+                    "how often it errs: probabilities near 0 and 1 rest on Platt's prior, not on errors seen")
     out = {"calibration": cal, "threshold": None, "threshold_policy": None}
     if raw.shape[1] == 2:
         y, p = labels == pos, calibrate(raw, cal)[:, pos]

@@ -9,8 +9,10 @@ halves: the "site" half gives --per-class x (number of classes) labelled images 
 checkpoint. Three sites are simulated: the images as they are (site images drawn at the fold's
 prevalence); the same through another scanner (gamma 1.6, contrast squeezed into 15-85% of the
 range, a slight blur); and a site where half the patients have pneumonia (site and judge
-images balanced by class, against ~74% in training). Printed per setting: ECE, accuracy,
-sensitivity, specificity, threshold and the share flagged by the guard, before -> after.
+images balanced by class, against ~74% in training). Printed per setting: log loss (of the
+calibrated P(positive), from test_predictions.csv), ECE, accuracy, sensitivity, specificity,
+threshold and the share flagged by the guard, before -> after. --prior refits with another prior
+of train_cxr.fit_calibration (jeffreys, the shipped one; platt; none) for comparison.
 """
 from __future__ import annotations
 
@@ -20,8 +22,12 @@ import sys
 import tempfile
 from pathlib import Path
 
+import csv
+import functools
+
 import cv2
 import numpy as np
+from sklearn.metrics import log_loss
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cxr as T  # noqa: E402
@@ -48,7 +54,9 @@ def main() -> int:
     p.add_argument("--run", default="run", help="the run folder inside FOLD")
     p.add_argument("--per-class", type=int, default=40, help="labelled site images per class for --recalibrate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prior", default="jeffreys", choices=["jeffreys", "platt", "none"])
     a = p.parse_args()
+    T.fit_calibration = functools.partial(T.fit_calibration, prior=a.prior)  # --recalibrate runs in-process
     fold, ckpt = Path(a.fold), Path(a.fold) / a.run / "best_model.pt"
     classes, samples = T.list_image_folder(fold / "data" / "test")
     labels = np.array([s[1] for s in samples])
@@ -62,7 +70,8 @@ def main() -> int:
                 ("50% prevalence", balanced(site, a.per_class), judge_bal, False)]
     work = Path(tempfile.mkdtemp(prefix="recal_"))
     common = ["--num-workers", "0", "--output-dir", str(work)]
-    print(f"{fold}: recalibrate on {n_site} images of half the held-out patients, judge on the other half")
+    print(f"{fold}: recalibrate on {n_site} images of half the held-out patients, judge on the other half "
+          f"(prior {a.prior})")
     for n, (name, site_idx, judge_idx, shift) in enumerate(settings):
         tag = f"s{n}"
         write_half(work / f"site_{tag}", samples, classes, site_idx, shift)
@@ -74,7 +83,12 @@ def main() -> int:
             assert T.main(["--evaluate", "--checkpoint", str(ck), "--data-dir", str(work / f"judge_{tag}"),
                            "--run-name", f"eval_{tag}_{when}", *common]) == 0
             rows[when] = json.loads((work / f"eval_{tag}_{when}" / "test_metrics.json").read_text())
-        keys = ("ece", "accuracy", "sensitivity", "specificity", "threshold")
+            with open(work / f"eval_{tag}_{when}" / "test_predictions.csv", newline="") as f:
+                pred = list(csv.DictReader(f))
+            pos = rows[when]["positive_class"]
+            rows[when]["log_loss"] = log_loss([r["true"] == pos for r in pred],
+                                              [float(r[f"prob_{pos}"]) for r in pred], labels=[False, True])
+        keys = ("log_loss", "ece", "accuracy", "sensitivity", "specificity", "threshold")
         cells = [f"{k} {rows['before'][k]:.3f} -> {rows['after'][k]:.3f}" for k in keys]
         flagged = [rows[when]["ood"]["share_flagged"] for when in ("before", "after")]
         cells.append(f"flagged {flagged[0]:.1%} -> {flagged[1]:.1%}")

@@ -31,17 +31,61 @@ def overconfident(n=20000, temperature=3.0, prior_shift=0.8, seed=0):
     return y.astype(int), np.stack([1 - p1, p1], 1)
 
 
-def test_calibration_equals_logistic_regression_on_the_log_odds():
+def test_calibration_without_a_prior_equals_logistic_regression_on_the_log_odds():
     # For two classes softmax(log p / T + b) is Platt scaling: a logistic regression on logit(p).
     y, probs = overconfident()
-    cal = T.fit_calibration(probs, y)
     logit = np.log(probs[:, 1] / probs[:, 0])[:, None]
     ref = LogisticRegression(C=1e12, tol=1e-10, max_iter=10_000).fit(logit, y)
-    assert 1 / float(cal["temperature"]) == pytest.approx(ref.coef_[0, 0], rel=1e-3)
-    b = cal["bias"].double().numpy()
-    assert b[1] - b[0] == pytest.approx(ref.intercept_[0], abs=1e-3)
-    np.testing.assert_allclose(T.calibrate(probs, cal)[:, 1], ref.predict_proba(logit)[:, 1], atol=1e-4)
+    for prior, rel in (("none", 1e-4), ("jeffreys", 2e-3)):  # 20,000 images: the prior barely pulls
+        cal = T.fit_calibration(probs, y, prior)
+        assert 1 / float(cal["temperature"]) == pytest.approx(ref.coef_[0, 0], rel=rel)
+        b = cal["bias"].double().numpy()
+        assert b[1] - b[0] == pytest.approx(ref.intercept_[0], abs=10 * rel)
+        np.testing.assert_allclose(T.calibrate(probs, cal)[:, 1], ref.predict_proba(logit)[:, 1], atol=10 * rel)
     assert float(cal["temperature"]) == pytest.approx(3.0, rel=0.1)  # the distortion is recovered
+
+
+def firth_score(logit, y, cal):
+    """Firth's (1993) modified score of a logistic regression on x = (logit, 1), written out with
+    the hat matrix: sum_i (y_i - p_i + h_i (1/2 - p_i)) x_i, zero at the Jeffreys-penalised optimum."""
+    a, b = 1 / float(cal["temperature"]), float(cal["bias"][1] - cal["bias"][0])
+    x = np.stack([logit, np.ones_like(logit)], 1)
+    p = 1 / (1 + np.exp(-(a * logit + b)))
+    w = p * (1 - p)
+    xw = x * np.sqrt(w)[:, None]
+    h = np.einsum("ij,jk,ik->i", xw, np.linalg.inv(x.T @ (x * w[:, None])), xw)
+    return (y - p + h * (0.5 - p)) @ x
+
+
+def test_calibration_is_firths_penalised_logistic_regression():
+    rng = np.random.default_rng(5)
+    p = np.r_[rng.uniform(0.3, 0.99, 30), rng.uniform(0.01, 0.7, 12)]  # 42 images, overlapping
+    y = np.r_[np.ones(30, int), np.zeros(12, int)]
+    cal = T.fit_calibration(np.stack([1 - p, p], 1), y)
+    np.testing.assert_allclose(firth_score(np.log(p / (1 - p)), y, cal), 0, atol=1e-5)
+    none = T.fit_calibration(np.stack([1 - p, p], 1), y, "none")
+    assert np.abs(firth_score(np.log(p / (1 - p)), y, none)).max() > 0.1  # the check tells the two apart
+
+
+def test_calibration_of_a_perfectly_separated_split_keeps_the_ranking():
+    # A validation split the model gets entirely right: plain maximum likelihood sent T to ~0.01 and
+    # every new image's probability to exactly 0 or 1 (ties: the AUC fell, the log loss exploded).
+    rng = np.random.default_rng(4)
+    p_val = np.r_[rng.uniform(0.6, 0.999, 30), rng.uniform(0.001, 0.4, 10)]
+    y_val = np.r_[np.ones(30, int), np.zeros(10, int)]
+    p_new = rng.uniform(0.001, 0.999, 2000)
+    y_new = rng.random(2000) < p_new
+    got = {}
+    for prior in ("jeffreys", "platt", "none"):
+        cal = T.fit_calibration(np.stack([1 - p_val, p_val], 1), y_val, prior)
+        got[prior] = out = T.calibrate(np.stack([1 - p_new, p_new], 1), cal)[:, 1]
+        if prior != "none":
+            assert 0.1 < float(cal["temperature"]) < 1.5  # finite
+            assert len(np.unique(out)) == len(np.unique(p_new)) and 0 < out.min() and out.max() < 1
+            assert T.roc_auc(y_new, out) == T.roc_auc(y_new, p_new)
+    np.testing.assert_allclose(firth_score(np.log(p_val / (1 - p_val)), y_val, T.fit_calibration(
+        np.stack([1 - p_val, p_val], 1), y_val)), 0, atol=1e-5)
+    assert T.roc_auc(y_new, got["none"]) < T.roc_auc(y_new, p_new)  # what the prior prevents
 
 
 def test_calibration_is_monotone_and_lowers_ece():
