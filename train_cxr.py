@@ -1098,6 +1098,15 @@ def calibration_error(y_true, prob, bins: int = 15) -> float:
     return float(np.abs(gap).sum() / max(len(p), 1))
 
 
+def report_ece(labels, probs: np.ndarray, pos: int) -> float:
+    """The ECE every report gives: of P(positive) with two classes; with more, of the predicted
+    class's probability (top-label confidence), which any number of classes has."""
+    labels = np.asarray(labels)
+    if probs.shape[1] == 2:
+        return calibration_error(labels == pos, probs[:, pos])
+    return calibration_error(probs.argmax(1) == labels, probs.max(1))
+
+
 def choose_threshold(y_true, prob, policy: str) -> float:
     """The decision threshold on calibrated P(positive) for a --threshold-policy (validation data).
 
@@ -1108,8 +1117,10 @@ def choose_threshold(y_true, prob, policy: str) -> float:
     accuracy       0.5: the fewest expected errors at the training prevalence.
     youden         the empirical maximiser of sensitivity + specificity - 1, placed midway between
                    the chosen score and the next lower one (on a score, any tie would flip).
-    sensitivity:X  the highest threshold that keeps at least X of the positive validation images,
-                   midway between neighbouring positive scores.
+    sensitivity:X  keeps at least X of the positive validation images: midway between the lowest
+                   positive score it must keep and the next lower positive score (or, when it must
+                   keep them all, the next lower score of any image): a threshold exactly at a
+                   validation score would lose that image to any rounding.
     """
     y, p = np.asarray(y_true).astype(bool), np.asarray(prob, dtype=np.float64)
     if policy == "balanced":
@@ -1123,7 +1134,8 @@ def choose_threshold(y_true, prob, policy: str) -> float:
     target = float(policy.split(":", 1)[1])
     pos = np.sort(p[y])
     k = int(math.floor((1 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
-    return float(pos[0] if k == 0 else (pos[k - 1] + pos[k]) / 2)
+    below = p[p < pos[k]].max(initial=-1.0) if k == 0 else pos[k - 1]  # k = 0: the next lower score of any image
+    return float((pos[k] + below) / 2 if below >= 0 else pos[k])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1522,12 +1534,15 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
     return np.vstack([strip, body])
 
 
-def label_rule(class_names: list, pos: int, threshold: float | None, digits: int = 4) -> str:
-    """How predictions are labelled, in the words the figures use."""
-    pos = class_names[pos]
-    if len(class_names) == 2 and threshold is not None:
-        return f"pred {pos} if P({pos}) >= {threshold:.{digits}f} (threshold chosen on validation)"
-    return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(class_names) == 2 else ")")
+def label_rule(ck: dict, digits: int = 4) -> str:
+    """How predictions are labelled, in the words the figures use; ck: a checkpoint (or the run's meta)."""
+    classes, threshold = ck["class_names"], ck.get("threshold")
+    pos = classes[ck["positive_class"]]
+    if len(classes) == 2 and threshold is not None:
+        rec = ck.get("recalibration")
+        where = f"recalibration folder {'/'.join(Path(rec['folder']).parts[-2:])}" if rec else "validation"
+        return f"pred {pos} if P({pos}) >= {threshold:.{digits}f} (threshold chosen on {where})"
+    return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(classes) == 2 else ")")
 
 
 def telling_digits(p: float, threshold: float | None) -> int:
@@ -1578,10 +1593,10 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         ood = "in_distribution" in sc and not sc["in_distribution"][i]
         true = classes[int(labels[i])] if labels is not None else None
         stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.2f}" + ("_ood" if ood else "")
-        d = telling_digits(prob, threshold if len(classes) == 2 else None)
+        d = telling_digits(prob, (0.5 if threshold is None else threshold) if len(classes) == 2 else None)
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
                  + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
-                 + label_rule(classes, pos, threshold, d))
+                 + label_rule(ck, d))
         tile = overlay_cam(crop, cam, title)
         save_image(folder / f"{stem}.png", tile)
         if save_arrays:
@@ -1721,10 +1736,11 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     sc = score_images(model, ckpt, test.images, rt, desc="test")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
     labels, binary, threshold = test.labels.numpy(), len(class_names) == 2, ckpt.get("threshold")
+    ece = {"ece": report_ece(labels, probs, pos), "ece_uncalibrated": report_ece(labels, sc["raw"], pos)}  # 15 bins
     res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
-           "none in the checkpoint: labels are P >= 0.5 (two classes) or the argmax",
+           "none in the checkpoint: labels are P >= 0.5" if binary else "argmax (more than two classes)",
            "thresholds_by_policy": ckpt.get("thresholds_by_policy")}
     if threshold is not None:
         res["threshold_fitted_on"] = (f"the recalibration folder {ckpt['recalibration']['folder']}"
@@ -1734,8 +1750,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         thr = 0.5 if threshold is None else threshold
         at_thr = lambda y, s: {"n": int(len(y)), "auc": roc_auc(y, s),  # AUC with its CI, the metrics at thr
                                "auc_ci95": bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed), **binary_metrics(y, s, thr)}
-        res |= {**at_thr(y, s), "at_0.5": binary_metrics(y, s, 0.5),
-                "ece": calibration_error(y, s), "ece_uncalibrated": calibration_error(y, sc["raw"][:, pos])}  # 15 bins
+        res |= {**at_thr(y, s), "at_0.5": binary_metrics(y, s, 0.5), **ece}
         fpr, tpr, _ = roc_curve(y, s) if 0 < y.sum() < len(y) else ([0, 1], [0, 1], None)
         ci = res["auc_ci95"]
         ci_text = f" (95% CI {ci[0]:.3f}-{ci[1]:.3f})" if all(map(math.isfinite, ci)) else ""
@@ -1744,8 +1759,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
         top = probs.max(1)
-        res |= {"auc": multiclass_auc(labels, probs, pos), "accuracy": accuracy_score(labels, probs.argmax(1)),
-                "threshold": None, "ece": calibration_error(preds == labels, top)}  # top-label confidence, 15 bins
+        at_thr = lambda labels, probs: {"n": int(len(labels)), "auc": multiclass_auc(labels, probs, pos),
+                                        "accuracy": accuracy_score(labels, probs.argmax(1))}
+        res |= {**at_thr(labels, probs), "threshold": None, **ece}  # ECE of the top-label confidence
         curves = [(*roc_curve(labels == k, probs[:, k])[:2], f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
                   for k, name in enumerate(class_names) if 0 < (labels == k).sum() < len(labels)]
         plot_roc(curves, run_dir / "roc_curve.png", "test ROC, one vs rest")
@@ -1759,13 +1775,14 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     ax.set_xticks(range(len(class_names)), class_names)
     ax.set_yticks(range(len(class_names)), class_names)
-    ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix\n" + label_rule(class_names, pos, threshold))
+    ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix\n" + label_rule(ckpt))
     _savefig(fig, run_dir / "confusion_matrix.png")
     if ckpt.get("ood"):
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
                       "share_flagged": float((~inside).mean())}
-        if binary and inside.any():
-            res["ood"]["in_distribution_only"] = at_thr(y[inside], s[inside])
+        if inside.any():
+            res["ood"]["in_distribution_only"] = (at_thr(y[inside], s[inside]) if binary
+                                                  else at_thr(labels[inside], probs[inside]))
         warn_if_unlike_training(inside, "the test set")
     write_csv(run_dir / "test_predictions.csv",
               *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, labels))
@@ -1784,7 +1801,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                              maps_all[gallery], {k: sc[k][gallery] for k in ("probs", "preds", "in_distribution")},
                              ckpt, labels[gallery], save_arrays=cfg.save_cam_arrays)
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
-                  + label_rule(class_names, pos, threshold))
+                  + label_rule(ckpt))
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
         res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
     save_json(run_dir / "test_metrics.json", res)
@@ -1801,7 +1818,8 @@ def summary_table(res: dict) -> str:
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
     else:
-        rows.append(("accuracy", f"{res['accuracy']:.4f}"))
+        rows.append(("accuracy", f"{res['accuracy']:.4f}" + (f"  (in-distribution only: {ood['accuracy']:.4f}, "
+                                                             f"AUC {ood['auc']:.4f})" if ood else "")))
     rows.append(("calibration error (ECE)", f"{res['ece']:.4f}" + (
         f"  (uncalibrated: {res['ece_uncalibrated']:.4f})" if res.get("calibrated") and "ece_uncalibrated" in res
         else "" if res.get("calibrated") else "  (the checkpoint has no calibration)")))
@@ -2021,6 +2039,22 @@ def check_same_classes(root: Path, name: str, classes: list, found: list) -> Non
                        f"{found}; make them match")
 
 
+def check_threshold_policy(args, classes: list) -> None:
+    """A threshold policy picks a cut on P(positive); with more classes labels are the argmax, so a
+    typed policy would be ignored: refused instead."""
+    if len(classes) > 2 and "threshold_policy" in args.given:
+        raise CXRError(f"--threshold-policy needs two classes, and there are {len(classes)} ({', '.join(classes)}): "
+                       "labels are the most probable class; drop the flag")
+
+
+def check_every_class(split: Split, classes: list, what: str, folder: Path) -> None:
+    """Every class must keep a readable image (the folders were checked for files, not for readable ones):
+    without one, AUC and calibration are undefined and a report would quietly cover fewer classes."""
+    missing = sorted(set(range(len(classes))) - set(split.labels.tolist()))
+    if missing:
+        raise CXRError(f"{what} has no usable images of class {classes[missing[0]]}: check {folder}")
+
+
 def report_bad_files(bad: list, strict: bool) -> None:
     if not bad:
         return
@@ -2135,10 +2169,9 @@ def prepare_data(cfg: Config) -> dict:
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
-        missing = [] if sp is None else sorted(set(range(len(classes))) - set(sp.labels.tolist()))
-        if missing:  # every file of the class was unreadable (the folders were checked for files above)
-            raise CXRError(f"the {name} split has no usable images of class {classes[missing[0]]}: check "
-                           f"{root / ('train' if name == 'val' and not (root / 'val').is_dir() else name)}")
+        if sp is not None:
+            check_every_class(sp, classes, f"the {name} split",
+                              root / ("train" if name == "val" and not (root / "val").is_dir() else name))
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
             "bad_files": [p for p, _ in bad], "pos": pos}
 
@@ -2254,7 +2287,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
                                              val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
                         save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
-                                  f"val AUC {row['val_auc']:.3f} | {label_rule(meta['class_names'], st.pos, None)}")
+                                  f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
@@ -2322,7 +2355,7 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
         log.info(f"threshold on validation ({cfg.threshold_policy}): {best['threshold']:.4f} on the calibrated "
                  f"P({best['class_names'][best['positive_class']]}); validation prevalence {best['prevalence']:.3f}")
     log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f} "
-             f"({cfg.ood_quantile:.0%} of the validation images score below it)")
+             f"({100 * cfg.ood_quantile:g}% of the validation images score below it)")
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
@@ -2396,6 +2429,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     with phase("decode and data checks"):
         data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
+    check_threshold_policy(args, classes)
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
     split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
     if resume is not None and resume.get("split_sha256", split_sha) != split_sha:
@@ -2436,6 +2470,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     if len(classes) == 2:
         log.info(f"positive class: {cfg.positive_class} (sensitivity, AUC and threshold refer to it; "
                  "--positive-class to change)")
+    else:
+        log.info(f"{len(classes)} classes: labels are the most probable class (no threshold policy); the AUC is "
+                 "the mean of the one-vs-rest AUCs")
     log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
     if rt.is_main and resume is None:
         save_json(run_dir / "config.json", {
@@ -2488,6 +2525,7 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     ck_cfg = dataclasses.replace(Config.from_dict(ckpt["config"]), num_workers=cfg.num_workers)
     split, bad = load_split(samples, ck_cfg, f"decode {what}")
     report_bad_files(bad, cfg.strict)
+    check_every_class(split, classes, f"the {what} folder", folder)
     return split
 
 
@@ -2530,10 +2568,14 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold")))
     shown = 25
     name_w = min(40, max(len(Path(f).name) for f in files))
+    log.info(f"labels: {label_rule(ckpt)}")
     log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
+    thr = (0.5 if ckpt.get("threshold") is None else ckpt["threshold"]) if len(classes) == 2 else None
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        log.info(f"{Path(files[k]).name[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {probs[k][pos]:>14.3f}  {flag}")
+        p = float(probs[k][pos])
+        log.info(f"{Path(files[k]).name[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
+                 f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")
@@ -2561,42 +2603,63 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     return 0
 
 
+def refit_ood_cutoff(guard: dict, site_scores: np.ndarray, quantile: float, folder: Path) -> tuple[dict, float]:
+    """The guard with its cutoff refitted on a site's images, and the site's own `quantile` of them:
+    the cutoff becomes that quantile but never drops below the old one (what passed before still
+    passes; a few dozen images give a rough quantile). The stored quantile and cutoff_fitted_on
+    (absent: the run's validation split) describe the cutoff that is kept."""
+    site = float(np.quantile(site_scores, quantile))
+    if site <= float(guard["cutoff"]):
+        return guard, site
+    return {**guard, "cutoff": site, "quantile": float(quantile), "cutoff_fitted_on": str(folder)}, site
+
+
 def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     """--recalibrate DIR: refit calibration, threshold and the guard's cutoff on a new site's
     labelled folder; the weights are copied unchanged into a new checkpoint."""
     ckpt, model = checkpoint_model(args, rt)
     folder = Path(args.recalibrate)
+    classes, pos = ckpt["class_names"], ckpt["positive_class"]
+    check_threshold_policy(args, classes)
+    if "ood_quantile" in args.given and not ckpt.get("ood"):
+        raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
+                       "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
               else ckpt.get("threshold_policy") or cfg.threshold_policy)
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     if ckpt.get("ood"):
-        # The site's own images define what is "like the training data" from now on, and what
-        # passed before still passes (a few dozen images give a rough quantile).
         q = cfg.ood_quantile if "ood_quantile" in args.given else float(ckpt["ood"]["quantile"])
-        new["ood"] = {**ckpt["ood"], "quantile": q, "cutoff": max(float(ckpt["ood"]["cutoff"]),
-                                                   float(np.quantile(before["ood_score"], q)))}
-    counts = {c: int((split.labels == k).sum()) for k, c in enumerate(ckpt["class_names"])}
-    new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": policy,
+        new["ood"], site_cut = refit_ood_cutoff(ckpt["ood"], before["ood_score"], q, folder.resolve())
+    counts = {c: int((split.labels == k).sum()) for k, c in enumerate(classes)}
+    replaced = ("calibration", "threshold", "threshold_policy", "prevalence", "thresholds_by_policy", "recalibration")
+    old_guard = {k: ckpt["ood"].get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")} if ckpt.get("ood") else None
+    new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": new["threshold_policy"],
                             "from_checkpoint": str(Path(args.checkpoint).resolve()),
                             "date": _dt.datetime.now().isoformat(timespec="seconds"),
-                            "before": {k: ckpt.get(k) for k in ("threshold", "threshold_policy")} |
-                                      {"ood_cutoff": ckpt["ood"]["cutoff"] if ckpt.get("ood") else None}}
+                            "before": {k: ckpt.get(k) for k in replaced} | {"ood": old_guard}}
+    if ckpt.get("ood"):
+        new["recalibration"]["ood_site_percentile"] = {"quantile": q, "value": site_cut}
     run_dir = make_run_dir(cfg)
     out = {**ckpt, **new}
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = score_images(model, out, split.images, rt)
-    y = split.labels.numpy() == ckpt["positive_class"]
+    labels = split.labels.numpy()
     measured = {"images": counts}
     for name, sc, thr in (("before", before, ckpt.get("threshold")), ("after", after, out.get("threshold"))):
-        p = sc["probs"][:, ckpt["positive_class"]]
-        at = binary_metrics(y, p, 0.5 if thr is None else thr) if len(ckpt["class_names"]) == 2 else {}
-        measured[name] = {"ece": calibration_error(y, p), "threshold": thr,
+        binary = len(classes) == 2
+        at = binary_metrics(labels == pos, sc["probs"][:, pos], 0.5 if thr is None else thr) if binary else {}
+        measured[name] = {"ece": report_ece(labels, sc["probs"], pos), "threshold": thr,
                           "share_flagged": float(1 - sc["in_distribution"].mean()),
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
+    if ckpt.get("ood"):
+        kept = new["ood"] is ckpt["ood"]
+        log.info(f"  guard cutoff {new['ood']['cutoff']:.3f}: " + (
+            f"kept, as the folder's {100 * q:g}th percentile ({site_cut:.3f}) is lower" if kept
+            else f"the folder's {100 * q:g}th percentile"))
     for name in ("before", "after"):
         m = measured[name]
         log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (

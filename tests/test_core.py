@@ -463,12 +463,17 @@ def test_output_dir_not_writable(synth_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # 8. Three classes
 # ----------------------------------------------------------------------------------------------
-def test_three_classes(data_copy, tmp_path):
+def test_three_classes(data_copy, tmp_path, capsys):
     for split in ("train", "test"):
         src, dst = data_copy / split / "NORMAL", data_copy / split / "VIRAL"
         dst.mkdir()
         for p in src.iterdir():  # new names: other patients than NORMAL's
             shutil.copy(p, dst / f"V{p.name}")
+    # A threshold policy has nothing to cut with three classes: typed, it is refused, not ignored.
+    capsys.readouterr()
+    assert run([*TINY, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--threshold-policy", "youden"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threshold-policy needs two classes" in err[0] and not (tmp_path / "runs").exists()
     rc = run([*TINY, "--epochs", "1", "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--run-name", "k3"])
     assert rc == 0
     run_dir = tmp_path / "runs" / "k3"
@@ -486,6 +491,20 @@ def test_three_classes(data_copy, tmp_path):
         assert model(torch.zeros(2, 1, 32, 32)).shape == (2, 3)
     cams = [p.name for p in (run_dir / "grad_cam").glob("epoch_001_*.png")]
     assert {re.search(r"_true-([A-Z]+)_pred", n).group(1) for n in cams} == {"NORMAL", "PNEUMONIA", "VIRAL"}
+    # The report says how labels are made, and what it says of all images it says of the unflagged ones.
+    assert m["threshold_policy"] == "argmax (more than two classes)"
+    inside = m["ood"]["in_distribution_only"]
+    assert inside["n"] == 70 - m["ood"]["flagged"] and 0 <= inside["accuracy"] <= 1 and 0 <= inside["auc"] <= 1
+    with open(run_dir / "test_predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    probs = np.array([[float(r[f"prob_{c}"]) for c in m["class_names"]] for r in rows])
+    truth = np.array([m["class_names"].index(r["true"]) for r in rows])
+    assert m["ece"] == pytest.approx(train_cxr.calibration_error(probs.argmax(1) == truth, probs.max(1)), abs=1e-5)
+    # --recalibrate measures calibration as the report does (top-label), so its "before" is the report's.
+    assert run(["--recalibrate", data_copy / "test", "--checkpoint", run_dir, "--output-dir", tmp_path / "runs",
+                "--run-name", "rc", "--num-workers", 0, "--device", "cpu"]) == 0
+    fit = json.loads((tmp_path / "runs" / "rc" / "recalibration.json").read_text())
+    assert fit["before"]["ece"] == pytest.approx(m["ece"], abs=1e-12) and fit["after"]["ece"] < fit["before"]["ece"]
 
 
 # ----------------------------------------------------------------------------------------------

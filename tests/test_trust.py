@@ -151,6 +151,17 @@ def test_sensitivity_policy_is_the_highest_threshold_meeting_the_target(target):
     assert T.binary_metrics(y, s, np.nextafter(nxt, 1))["sensitivity"] < target  # ...any higher one misses
 
 
+def test_sensitivity_policy_that_must_keep_every_positive_sits_between_scores():
+    # Under 20 positives, sensitivity:0.95 must keep them all: the threshold was the lowest positive
+    # score itself, so any rounding of that score lost the image.
+    y = np.r_[np.ones(19, bool), np.zeros(6, bool)]
+    s = np.r_[np.linspace(0.5, 0.9, 19), [0.1, 0.2, 0.3, 0.4, 0.45, 0.7]]
+    t = T.choose_threshold(y, s, "sensitivity:0.95")
+    assert t == pytest.approx((0.5 + 0.45) / 2) and t not in set(s.tolist())
+    assert T.binary_metrics(y, s, t)["sensitivity"] == 1.0
+    assert T.choose_threshold(y[:19], s[:19], "sensitivity:0.95") == 0.5  # nothing lower: at the score
+
+
 def test_balanced_and_accuracy_policies():
     y, s = scores(5)
     assert T.choose_threshold(y, s, "balanced") == pytest.approx(y.mean())
@@ -386,6 +397,13 @@ def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synt
     assert m["auc_ci95"] == [None, None]  # --bootstrap 0: no resamples, no interval (the run used 50)
     headline = re.search(r'class="headline">([^<]*)<', (tmp_path / "ev" / "report.html").read_text()).group(1)
     assert "none in the checkpoint" in headline and "chosen on" not in headline  # it used to say "on validation"
+    # --ood-quantile with a checkpoint that has no guard was ignored: refused, before anything is written.
+    capsys.readouterr()
+    assert run(["--recalibrate", synth_root / "test", "--checkpoint", trained / "last.pt", "--ood-quantile", 0.95,
+                "--output-dir", tmp_path, "--run-name", "rq", *ONE_THREAD]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ood-quantile" in err[0] and "no out-of-distribution guard" in err[0]
+    assert not (tmp_path / "rq").exists()
 
 
 def test_run_folder_without_best_model_is_a_clear_error(tmp_path, capsys):
@@ -441,10 +459,21 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
         assert torch.equal(v, after["model"][k]), k  # the weights are never touched
     rec = after["recalibration"]
     assert rec["images"] == {"NORMAL": 30, "PNEUMONIA": 30} and rec["policy"] == "sensitivity:0.9"
-    assert rec["before"]["threshold"] == before["threshold"]
+    for k in ("threshold", "threshold_policy", "prevalence", "thresholds_by_policy"):  # all it replaced
+        assert rec["before"][k] == before[k], k
+    for k in ("temperature", "bias"):
+        assert torch.equal(rec["before"]["calibration"][k], before["calibration"][k])
+    assert rec["before"]["ood"] == {"cutoff": before["ood"]["cutoff"], "quantile": T.OOD_QUANTILE,
+                                    "cutoff_fitted_on": None}
     assert after["threshold_policy"] == "sensitivity:0.9" and after["threshold"] != before["threshold"]
-    assert after["ood"]["cutoff"] >= before["ood"]["cutoff"]
-    assert before["ood"]["quantile"] == T.OOD_QUANTILE and after["ood"]["quantile"] == 0.95  # the typed one
+    pct = rec["ood_site_percentile"]
+    assert pct["quantile"] == 0.95  # the typed one; the cutoff is that percentile or the old cutoff
+    if pct["value"] > before["ood"]["cutoff"]:
+        assert after["ood"]["cutoff"] == pct["value"] and after["ood"]["quantile"] == 0.95
+        assert after["ood"]["cutoff_fitted_on"] == str((tmp_path / "site" / "train").resolve())
+    else:
+        assert [after["ood"].get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")] == \
+            [before["ood"]["cutoff"], before["ood"]["quantile"], None]
     assert not torch.equal(after["calibration"]["bias"], before["calibration"]["bias"])
     fit = json.loads((tmp_path / "o" / "rc" / "recalibration.json").read_text())
     assert fit["after"]["sensitivity"] >= 0.9  # the policy holds on the folder it was fitted on
@@ -452,6 +481,40 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "p", "--num-workers", 0, *ONE_THREAD]) == 0
     assert "weights unchanged" in capsys.readouterr().out
+    # Recalibrated again: the record of the first recalibration is kept under "before".
+    assert run(["--recalibrate", site / "train", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
+                "--output-dir", tmp_path / "o", "--run-name", "rc2", "--num-workers", 0, *ONE_THREAD]) == 0
+    twice = T.load_checkpoint(tmp_path / "o" / "rc2" / "recalibrated_model.pt")["recalibration"]
+    assert twice["before"]["recalibration"]["date"] == rec["date"] and twice["before"]["recalibration"]["before"]
+    assert twice["before"]["threshold"] == after["threshold"] and twice["policy"] == "sensitivity:0.9"
+
+
+def test_recalibrated_cutoff_is_never_lowered_and_its_record_describes_it(tmp_path):
+    guard = {"cutoff": 2.0, "quantile": 0.99, "means": []}
+    low = np.linspace(0, 1.5, 101)  # the site's 95th percentile (1.425) is below the cutoff: kept as it was
+    kept, site = T.refit_ood_cutoff(guard, low, 0.95, tmp_path)
+    assert kept == guard and site == pytest.approx(1.425)  # the old cutoff still goes with the old quantile
+    new, site = T.refit_ood_cutoff(guard, low * 2, 0.95, tmp_path)
+    assert new == {**guard, "cutoff": site, "quantile": 0.95, "cutoff_fitted_on": str(tmp_path)}
+    assert site == pytest.approx(2.85) and guard["cutoff"] == 2.0  # the checkpoint's guard is not changed
+
+
+def test_figures_say_where_the_threshold_was_chosen():
+    ck = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "threshold": 0.61}
+    assert T.label_rule(ck).endswith("P(PNEUMONIA) >= 0.6100 (threshold chosen on validation)")
+    ck["recalibration"] = {"folder": "/data/site_a"}
+    assert T.label_rule(ck, 2).endswith(">= 0.61 (threshold chosen on recalibration folder data/site_a)")
+    assert "argmax" in T.label_rule({**ck, "threshold": None})
+    assert T.label_rule({**ck, "class_names": ["A", "B", "C"]}) == "pred = the most probable class (argmax)"
+
+
+def test_recalibration_folder_with_a_class_that_has_no_readable_file_is_refused(trained, tmp_path):
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 4, "PNEUMONIA": 4}, {}, size=40, seed=7)
+    for f in (site / "train" / "NORMAL").glob("*.png"):
+        f.write_bytes(b"")  # all skipped: the fit would see one class and move every probability to it
+    with pytest.raises(T.CXRError, match="the recalibration folder has no usable images of class NORMAL"):
+        T.split_from_folder(site / "train", T.load_checkpoint(trained), T.Config(num_workers=0), "recalibration")
 
 
 def test_recalibrate_missing_folder_is_one_line_error(trained, tmp_path, capsys):

@@ -102,6 +102,15 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     assert "skipping 1 unreadable image file" in log_text and str(broken) in log_text
     assert "notes.txt" not in log_text
 
+    # The console table says how labels are made, and each P to the digits that tell it from the threshold.
+    assert f"labels: pred PNEUMONIA if P(PNEUMONIA) >= {thr:.4f} (threshold chosen on validation)" in log_text
+    table = {ln.split()[0]: ln.split() for ln in log_text.splitlines() if ln.split()[:1] and
+             ln.split()[0] in {Path(r["path"]).name for r in rows}}
+    for r in rows:
+        name, p = Path(r["path"]).name, float(r["prob_PNEUMONIA"])
+        assert table[name][1] == r["predicted"]
+        assert table[name][2] == f"{p:.{max(3, train_cxr.telling_digits(p, thr))}f}"
+
     model = train_cxr.model_from_checkpoint(ckpt)
     for r in rows:
         p = np.array([float(r["prob_NORMAL"]), float(r["prob_PNEUMONIA"])])
