@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_cxr as T  # noqa: E402
 
 
-def raw_probs(fold: Path) -> tuple:
+def raw_probs(fold: Path, run: str = "run") -> tuple:
     """(validation probs, labels), (held-out probs, labels) and the positive class of FOLD's run."""
-    ckpt = T.load_checkpoint(fold / "run" / "best_model.pt")
+    ckpt = T.load_checkpoint(fold / run / "best_model.pt")
     cfg = T.Config.from_dict(ckpt["config"])
     cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
     data = T.prepare_data(cfg)  # the run's own split: same seed, same patients in validation
@@ -48,18 +48,19 @@ def main() -> int:
     ap.add_argument("folds", nargs="+", help="fold folders left by benchmarks/quality.py")
     ap.add_argument("--sizes", type=int, nargs="+", default=[40, 100, 300], help="validation subset sizes")
     ap.add_argument("--draws", type=int, default=100, help="random subsets per size")
+    ap.add_argument("--run", default="run", help="the run folder inside FOLD (quality.py --train-seeds: run_seedS)")
     a = ap.parse_args()
     names = ["log loss", "Brier", "ECE", "AUC", "T"]
     print(f"{'fold':<8} {'fit on':<16} {'prior':<8} " + " ".join(f"{n:>9}" for n in names) + "  separable")
     for fold in map(Path, a.folds):
-        ((pv, yv), (pt, yt)), pos = raw_probs(fold)
+        ((pv, yv), (pt, yt)), pos = raw_probs(fold, a.run)
         p0 = T.calibrate(pt, None)[:, pos]
         print(f"{fold.name:<8} {'(uncalibrated)':<16} {'':<8} " + " ".join(
             f"{v:9.4f}" for v in (log_loss(yt == pos, np.clip(p0, 1e-15, 1 - 1e-15)),
                                   brier_score_loss(yt == pos, p0), T.calibration_error(yt == pos, p0),
                                   T.roc_auc(yt == pos, p0))))
         rng = np.random.default_rng(0)
-        for size in [*a.sizes, len(yv)]:
+        for size in [*(s for s in a.sizes if s < len(yv)), len(yv)]:
             draws = [np.arange(len(yv))] if size >= len(yv) else [rng.choice(len(yv), size, replace=False)
                                                                  for _ in range(a.draws)]
             draws = [d for d in draws if len(np.unique(yv[d])) == 2]  # a subset needs both classes

@@ -554,6 +554,16 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
         v = [m["thresholds_by_policy"][policy] for m in runs]
         assert value == pytest.approx(max(v) - min(v), abs=1e-4), policy
     assert set(spread) == {"balanced", "accuracy", "youden", "sensitivity:0.95", "youden_uncalibrated"}
+    # benchmarks/calibration.py on that fold: its fit on all of validation is the one the run stored.
+    monkeypatch.setattr("sys.argv", ["calibration.py", str(tmp_path / "cv" / "fold0"), "--run", "run_seed1",
+                                     "--sizes", "6", "--draws", "3"])
+    assert load_benchmark("calibration").main() == 0
+    rows = [ln.split() for ln in capsys.readouterr().out.splitlines() if ln.startswith("fold0 ")]
+    subsets = [r[4] for r in rows if r[3] == "subsets"]
+    full = {r[3]: r for r in rows if r[1] == "val" and r[3] != "subsets"}
+    assert subsets == ["jeffreys", "platt", "none"] and list(full) == subsets
+    stored = T.load_checkpoint(tmp_path / "cv" / "fold0" / "run_seed1" / "best_model.pt")["calibration"]
+    assert float(full["jeffreys"][-2]) == pytest.approx(float(stored["temperature"]), abs=1e-4)  # the run's own fit
 
 
 def test_train_log_ends_with_the_time_per_phase(trained):
