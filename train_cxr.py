@@ -1385,7 +1385,10 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         guard["means"].append(torch.from_numpy(means).float())
         guard["precisions"].append(torch.from_numpy(precision).float())
-        guard["scales"].append(float(np.median(_mahalanobis(h, means, precision))))
+        scale = float(np.median(_mahalanobis(h, means, precision)))
+        # A dead layer (features all zero, e.g. a ReLU that never fires) has distance 0 everywhere:
+        # dividing by its zero median gave a nan cutoff that flagged every image.
+        guard["scales"].append(scale if np.isfinite(scale) and scale > 0 else 1.0)
     guard["scales"] = torch.tensor(guard["scales"])
     if zoomed_feats is not None:
         x = np.concatenate([np.concatenate(train_feats, 1), np.concatenate(zoomed_feats, 1)])
@@ -1401,8 +1404,12 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
         q = 1 - (1 - quantile) / 2
         guard["zoomed"]["weight"] = w = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
         z = z * w
-    guard["cutoff"] = float(np.quantile(np.maximum(d, z), quantile))
+    held_out = np.maximum(d, z)
+    guard["cutoff"] = float(np.quantile(held_out, quantile))
     guard["quantile"] = float(quantile)
+    # What the cutoff means in images: the quantile of a few dozen is near their maximum, and the
+    # scales and the weight were fitted on the same images, so new ones are flagged more often.
+    guard["held_out"] = {"n": int(len(held_out)), "above": int((held_out > guard["cutoff"]).sum())}
     return guard
 
 
@@ -1476,7 +1483,8 @@ class GradCAM:
                 x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
                 logits = self.model(x)
                 tgt = logits.argmax(1) if target is None else torch.as_tensor(
-                    [target] * len(x) if isinstance(target, int) else list(target), device=logits.device).long()
+                    np.asarray(target), device=logits.device).long().reshape(-1)  # a list, array, tensor or one int
+                tgt = tgt.expand(len(x)) if len(tgt) == 1 else tgt
                 if len(tgt) != len(x):
                     raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
                 score = logits.gather(1, tgt.view(-1, 1)).sum()
@@ -1710,7 +1718,8 @@ def prediction_rows(paths: list, sc: dict, class_names: list, threshold, labels=
               *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
     rows = [[path, *([class_names[int(labels[i])]] if labels is not None else []), class_names[sc["preds"][i]],
              *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
-             f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i])] for i, path in enumerate(paths)]
+             f"{sc['ood_score'][i]:.4f}", "" if np.isnan(sc["ood_score"][i]) else bool(sc["in_distribution"][i])]
+            for i, path in enumerate(paths)]  # no guard: nan score, and in_distribution unknown (empty)
     return header, rows
 
 
@@ -1791,7 +1800,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     # right and wrong predictions of every class.
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
-    per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names)))  # right and wrong of each class
+    # Right and wrong of each class, at least one each; --num-gradcam-images 0: no gallery.
+    per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names))) if cfg.num_gradcam_images else 0
     gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
                               for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
     if len(gallery):
@@ -1812,7 +1822,10 @@ def summary_table(res: dict) -> str:
     rows = [("n", res["n"]), ("AUC", f"{res['auc']:.4f}")]
     ood = res.get("ood", {}).get("in_distribution_only")
     if "auc_ci95" in res:
-        rows += [("AUC 95% CI", f"{res['auc_ci95'][0]:.4f} - {res['auc_ci95'][1]:.4f}"),
+        ci = res["auc_ci95"]  # none without bootstrap resamples (--bootstrap 0)
+        ci = (f"{ci[0]:.4f} - {ci[1]:.4f}" if all(v is not None and math.isfinite(v) for v in ci)
+              else "none (--bootstrap 0, or no resample kept both classes)")
+        rows += [("AUC 95% CI", ci),
                  ("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})")]
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
@@ -1903,7 +1916,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "test_metrics.json").is_file():
         m = json.loads((folder / "test_metrics.json").read_text())
         line = f"Test AUC {_fmt(m.get('auc'))}"
-        if m.get("auc_ci95"):
+        if m.get("auc_ci95") and None not in m["auc_ci95"]:  # json writes a nan interval as nulls
             line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
         if m.get("threshold_fitted_on"):  # absent: no threshold in the checkpoint, so threshold_policy says so
             line += (f"; decision threshold {_fmt(m['threshold'])}, chosen on {m['threshold_fitted_on']} "
@@ -1931,7 +1944,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.reader(f))
         overlays = {int(p.name[:5]): p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # --predict's
-        body = [[*map(_csv_cell, r), _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
+        # As the CSV has them (6 decimals): rounded to 4, P and threshold could read alike under other labels.
+        body = [[*r, _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
                 for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
     if config is None and (folder / "config.json").is_file():
@@ -2184,7 +2198,7 @@ def make_run_dir(cfg: Config) -> Path:
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
     if run_dir.exists():
         raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
-                       "pass another --run-name, or --resume it")
+                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
     try:
         base.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir()
@@ -2281,7 +2295,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                     if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                         images = val_s.images[cam_idx]
                         stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
-                        probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=False)
+                        probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
                         sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
                         maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
                         tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
@@ -2354,8 +2368,12 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     if best["threshold"] is not None:
         log.info(f"threshold on validation ({cfg.threshold_policy}): {best['threshold']:.4f} on the calibrated "
                  f"P({best['class_names'][best['positive_class']]}); validation prevalence {best['prevalence']:.3f}")
-    log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f} "
-             f"({100 * cfg.ood_quantile:g}% of the validation images score below it)")
+    held = best["ood"]["held_out"]
+    log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f}, the {100 * cfg.ood_quantile:g}th "
+             f"percentile of the {held['n']} validation images ({held['above']} score above it)")
+    if held["n"] < 200:
+        log.warning(f"note: a guard cutoff set on {held['n']} validation images flags more than "
+                    f"{1 - cfg.ood_quantile:.0%} of new images like them (README, Out-of-distribution guard)")
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
@@ -2510,7 +2528,7 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
                     "use the run's best_model.pt for the validated operating point")
     if ckpt.get("ood") is None:
         log.warning("note: this checkpoint has no out-of-distribution guard (made before it existed, or not "
-                    "finished): ood_score is empty and no image is flagged")
+                    "finished): ood_score is nan, in_distribution empty, and no image is flagged")
     return ckpt, model_from_checkpoint(ckpt, rt)
 
 
@@ -2629,6 +2647,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
               else ckpt.get("threshold_policy") or cfg.threshold_policy)
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
+    warn_if_unlike_training(before["in_distribution"], str(folder))
     if ckpt.get("ood"):
         q = cfg.ood_quantile if "ood_quantile" in args.given else float(ckpt["ood"]["quantile"])
         new["ood"], site_cut = refit_ood_cutoff(ckpt["ood"], before["ood_score"], q, folder.resolve())

@@ -226,6 +226,16 @@ def test_any_conv_layer_can_be_given(layer):
         assert np.abs(cam(x, target=[0, 1, 1]) - maps).max() > 1e-2
 
 
+def test_one_target_class_may_be_any_integer_type():
+    # An np.int64 (from probs.argmax()) or a 0-d tensor was iterated as a list: TypeError.
+    model, x = small_model(seed=4), batch(2, seed=4)
+    with GradCAM(model) as cam:
+        want = cam(x, target=1)
+        for t in (np.int64(1), torch.tensor(1), [1, 1], np.array([1, 1])):
+            np.testing.assert_array_equal(cam(x, target=t), want)
+        assert np.abs(cam(x, target=0) - want).max() > 1e-3
+
+
 @pytest.mark.parametrize("training", [True, False])
 def test_mode_is_restored_and_batchnorm_stats_untouched(training):
     model = small_model()
@@ -589,8 +599,14 @@ def test_end_to_end_gradcam_files(synth_root, tmp_path):
     assert [data["classes"][int(val.labels[i])] for i in idx] == [t for _, t in key(2)]
     model = train_cxr.model_from_checkpoint(train_cxr.load_checkpoint(run_dir / "last.pt"))
     x = train_cxr.eval_batch(val.images[idx], cfg.img_size, config["normalization"], "cpu")
+    with torch.no_grad():  # the label they explain is the one validation scores: mirror-averaged with TTA
+        p = model.eval()(x).softmax(1)
+        p = (p + model(torch.flip(x, dims=[3])).softmax(1)) / 2 if cfg.tta else p
     with GradCAM(model) as cam:
-        expected = cam(x)
+        expected = cam(x, target=p.argmax(1).tolist())
+    pngs = sorted(per_epoch[2]["png"], key=lambda r: r[0])
+    named = [re.search(r"_pred-([A-Z]+)_", f.name).group(1) for _, _, f in pngs]
+    assert named == [data["classes"][k] for k in p.argmax(1).tolist()]
     saved = np.stack([np.load(f) for _, _, f in sorted(per_epoch[2]["npy"], key=lambda r: r[0])])
     assert np.abs(saved - expected).max() < 1e-4
 

@@ -78,9 +78,11 @@ def test_test_report_uses_tta_when_configured(synth_root, tmp_path, monkeypatch,
     monkeypatch.setattr(T, "predict_probs", spy)
     args = ["--data-dir", synth_root, "--output-dir", tmp_path, "--run-name", "r", "--epochs", "1", flag, *TINY]
     assert run(args) == 0
-    # Validation metrics, the calibration and threshold, and the test report follow the flag; the
-    # Grad-CAM captions (no desc) show the plain forward pass that the heat map explains.
+    # Validation metrics, the calibration and threshold, the test report and the per-epoch Grad-CAM
+    # captions (no desc) all follow the flag: an overlay's label is the one validation counted (its
+    # map explains that class on the unmirrored image, as the test gallery's and --predict's do).
     scored = [tta for desc, tta in seen if desc in ("val", "calibrate", "test")]
     assert len(scored) >= 3 and all(t is want for t in scored)
     assert ("test", want) in seen
-    assert [tta for desc, tta in seen if not desc] and not any(tta for desc, tta in seen if not desc)
+    captions = [tta for desc, tta in seen if not desc]
+    assert captions and all(t is want for t in captions)

@@ -302,6 +302,25 @@ def trained(synth_root, tmp_path_factory):
     return out / "r"
 
 
+def test_guard_log_says_how_many_validation_images_score_above_the_cutoff(trained):
+    guard = T.load_checkpoint(trained / "best_model.pt")["ood"]
+    n, above = guard["held_out"]["n"], guard["held_out"]["above"]
+    log = (trained / "train.log").read_text()
+    assert f"the 99th percentile of the {n} validation images ({above} score above it)" in log
+    assert 0 < n < 200 and 1 <= above < n and f"a guard cutoff set on {n} validation images flags more" in log
+
+
+def test_a_dead_layer_does_not_make_the_guard_flag_everything():
+    # A layer whose features are all zero (a ReLU that never fires) had median distance 0: the
+    # scaled distances were nan, the cutoff nan, and every image was flagged.
+    rng = np.random.default_rng(6)
+    feats = lambda n: [rng.normal(size=(n, 4)), np.zeros((n, 3))]
+    guard = T.fit_ood_guard(feats(500), rng.integers(0, 2, 500), feats(300), 0.99)
+    assert np.isfinite(guard["cutoff"])
+    assert (T.ood_scores(guard, feats(2000)) > guard["cutoff"]).mean() < 0.05
+    assert (T.ood_scores(guard, [f + 10 for f in feats(50)]) > guard["cutoff"]).all()
+
+
 def test_checkpoint_stores_calibration_threshold_and_guard(trained):
     ck = T.load_checkpoint(trained / "best_model.pt")
     assert isinstance(ck["calibration"]["temperature"], torch.Tensor) and ck["calibration"]["bias"].shape == (2,)
@@ -382,6 +401,7 @@ def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synt
         assert sum(what in ln for ln in out.splitlines()) == 1, what
     rows = read_csv(tmp_path / "old" / "predictions.csv")
     assert {r["threshold"] for r in rows} == {"none (argmax)"} and {r["ood_score"] for r in rows} == {"nan"}
+    assert {r["in_distribution"] for r in rows} == {""}  # unknown, not True: nothing checked them
     for r in rows:  # argmax labels
         assert r["predicted"] == ("PNEUMONIA" if float(r["prob_PNEUMONIA"]) >= float(r["prob_NORMAL"]) else "NORMAL")
     # --evaluate on last.pt used to end in a TypeError; now it reports the fallback it used.
@@ -397,6 +417,14 @@ def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synt
     assert m["auc_ci95"] == [None, None]  # --bootstrap 0: no resamples, no interval (the run used 50)
     headline = re.search(r'class="headline">([^<]*)<', (tmp_path / "ev" / "report.html").read_text()).group(1)
     assert "none in the checkpoint" in headline and "chosen on" not in headline  # it used to say "on validation"
+    # --bootstrap 0 printed "nan - nan" as a CI; --num-gradcam-images 0 still made a gallery.
+    capsys.readouterr()
+    assert run(["--evaluate", "--checkpoint", trained, "--data-dir", synth_root, "--output-dir", tmp_path,
+                "--run-name", "ev0", "--num-workers", 0, "--bootstrap", 0, "--num-gradcam-images", 0, *ONE_THREAD]) == 0
+    assert re.search(r"AUC 95% CI +none \(--bootstrap 0", capsys.readouterr().out)
+    assert not list((tmp_path / "ev0" / "grad_cam").glob("test_*"))
+    headline = re.search(r'class="headline">([^<]*)<', (tmp_path / "ev0" / "report.html").read_text()).group(1)
+    assert headline.startswith("Test AUC ") and "CI" not in headline
     # --ood-quantile with a checkpoint that has no guard was ignored: refused, before anything is written.
     capsys.readouterr()
     assert run(["--recalibrate", synth_root / "test", "--checkpoint", trained / "last.pt", "--ood-quantile", 0.95,
@@ -477,10 +505,13 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert not torch.equal(after["calibration"]["bias"], before["calibration"]["bias"])
     fit = json.loads((tmp_path / "o" / "rc" / "recalibration.json").read_text())
     assert fit["after"]["sensitivity"] >= 0.9  # the policy holds on the folder it was fitted on
+    out = capsys.readouterr().out
+    assert "weights unchanged" in out
+    loud = "do not look like the training data" in out  # the loud line, as everywhere
+    assert loud == (fit["before"]["share_flagged"] > 0.10)
     # The new checkpoint is a working checkpoint.
     assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "p", "--num-workers", 0, *ONE_THREAD]) == 0
-    assert "weights unchanged" in capsys.readouterr().out
     # Recalibrated again: the record of the first recalibration is kept under "before".
     assert run(["--recalibrate", site / "train", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "rc2", "--num-workers", 0, *ONE_THREAD]) == 0
