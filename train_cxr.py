@@ -2615,7 +2615,8 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
     run_dir = make_run_dir(cfg)
     # The report settings typed here (--bootstrap, --num-gradcam-images, --save-cam-arrays) replace the run's.
     typed = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays") if k in args.given}
-    res = test_report(model, {**ckpt, "config": {**ckpt["config"], **typed}}, split, rt, run_dir)
+    ckpt = {**ckpt, "config": {**ckpt["config"], **typed}}  # and the report page shows the settings used
+    res = test_report(model, ckpt, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     mode_report(run_dir, "evaluation", args, ckpt, str(folder))
     return 0

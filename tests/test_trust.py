@@ -425,6 +425,8 @@ def test_checkpoint_without_threshold_calibration_or_guard_says_so(trained, synt
     assert not list((tmp_path / "ev0" / "grad_cam").glob("test_*"))
     headline = re.search(r'class="headline">([^<]*)<', (tmp_path / "ev0" / "report.html").read_text()).group(1)
     assert headline.startswith("Test AUC ") and "CI" not in headline
+    page = (tmp_path / "ev0" / "report.html").read_text()  # its configuration shows the settings used, not the run's
+    assert "<td>config.bootstrap</td><td>0</td>" in page and "<td>config.num_gradcam_images</td><td>0</td>" in page
     # --ood-quantile with a checkpoint that has no guard was ignored: refused, before anything is written.
     capsys.readouterr()
     assert run(["--recalibrate", synth_root / "test", "--checkpoint", trained / "last.pt", "--ood-quantile", 0.95,
