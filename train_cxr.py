@@ -1769,6 +1769,8 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     else:
         top = probs.max(1)
         at_thr = lambda labels, probs: {"n": int(len(labels)), "auc": multiclass_auc(labels, probs, pos),
+                                        "auc_classes": int(sum(0 < (labels == k).sum() < len(labels)  # averaged
+                                                               for k in range(len(class_names)))),
                                         "accuracy": accuracy_score(labels, probs.argmax(1))}
         res |= {**at_thr(labels, probs), "threshold": None, **ece}  # ECE of the top-label confidence
         curves = [(*roc_curve(labels == k, probs[:, k])[:2], f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
@@ -1832,7 +1834,8 @@ def summary_table(res: dict) -> str:
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
     else:
         rows.append(("accuracy", f"{res['accuracy']:.4f}" + (f"  (in-distribution only: {ood['accuracy']:.4f}, "
-                                                             f"AUC {ood['auc']:.4f})" if ood else "")))
+                                                             f"AUC {ood['auc']:.4f} over {ood['auc_classes']} "
+                                                             "classes)" if ood else "")))
     rows.append(("calibration error (ECE)", f"{res['ece']:.4f}" + (
         f"  (uncalibrated: {res['ece_uncalibrated']:.4f})" if res.get("calibrated") and "ece_uncalibrated" in res
         else "" if res.get("calibrated") else "  (the checkpoint has no calibration)")))
@@ -2445,9 +2448,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES.clear()
     PHASES["start-up"] = time.perf_counter() - _STARTED
     with phase("decode and data checks"):
+        if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
+            check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         data = prepare_data(cfg)  # every input check happens before the run folder exists
     classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
-    check_threshold_policy(args, classes)
     cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
     split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
     if resume is not None and resume.get("split_sha256", split_sha) != split_sha:

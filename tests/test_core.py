@@ -463,7 +463,7 @@ def test_output_dir_not_writable(synth_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 # 8. Three classes
 # ----------------------------------------------------------------------------------------------
-def test_three_classes(data_copy, tmp_path, capsys):
+def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
     for split in ("train", "test"):
         src, dst = data_copy / split / "NORMAL", data_copy / split / "VIRAL"
         dst.mkdir()
@@ -471,7 +471,11 @@ def test_three_classes(data_copy, tmp_path, capsys):
             shutil.copy(p, dst / f"V{p.name}")
     # A threshold policy has nothing to cut with three classes: typed, it is refused, not ignored.
     capsys.readouterr()
-    assert run([*TINY, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--threshold-policy", "youden"]) == 2
+    with monkeypatch.context() as m:
+        decoded = []
+        m.setattr(train_cxr, "decode_all", lambda *a, **k: decoded.append(a))
+        rc = run([*TINY, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--threshold-policy", "youden"])
+    assert rc == 2 and not decoded  # refused before a single image is decoded
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threshold-policy needs two classes" in err[0] and not (tmp_path / "runs").exists()
     rc = run([*TINY, "--epochs", "1", "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--run-name", "k3"])
@@ -495,6 +499,7 @@ def test_three_classes(data_copy, tmp_path, capsys):
     assert m["threshold_policy"] == "argmax (more than two classes)"
     inside = m["ood"]["in_distribution_only"]
     assert inside["n"] == 70 - m["ood"]["flagged"] and 0 <= inside["accuracy"] <= 1 and 0 <= inside["auc"] <= 1
+    assert m["auc_classes"] == 3 and 1 <= inside["auc_classes"] <= 3  # a class the guard flags whole drops out
     with open(run_dir / "test_predictions.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     probs = np.array([[float(r[f"prob_{c}"]) for c in m["class_names"]] for r in rows])
