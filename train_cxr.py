@@ -1482,8 +1482,11 @@ class GradCAM:
             with torch.enable_grad():
                 x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
                 logits = self.model(x)
-                tgt = logits.argmax(1) if target is None else torch.as_tensor(
-                    np.asarray(target), device=logits.device).long().reshape(-1)  # a list, array, tensor or one int
+                if target is None:
+                    tgt = logits.argmax(1)
+                else:  # a list, array or tensor (on any device) of classes, or one class for every image
+                    t = target.detach() if torch.is_tensor(target) else torch.as_tensor(np.asarray(target))
+                    tgt = t.to(logits.device).long().reshape(-1)
                 tgt = tgt.expand(len(x)) if len(tgt) == 1 else tgt
                 if len(tgt) != len(x):
                     raise ValueError(f"target has {len(tgt)} entries for {len(x)} images")
@@ -1712,14 +1715,16 @@ def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
                     "(ood_score above the cutoff): predictions on them are unreliable")
 
 
-def prediction_rows(paths: list, sc: dict, class_names: list, threshold, labels=None) -> tuple[list, list]:
-    """Header and rows of predictions.csv / test_predictions.csv."""
+def prediction_rows(paths: list, sc: dict, class_names: list, threshold, guarded: bool,
+                    labels=None) -> tuple[list, list]:
+    """Header and rows of predictions.csv / test_predictions.csv; without a guard in_distribution is
+    empty (unknown), not True."""
     header = ["path", *(["true"] if labels is not None else []), "predicted",
               *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
     rows = [[path, *([class_names[int(labels[i])]] if labels is not None else []), class_names[sc["preds"][i]],
              *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
-             f"{sc['ood_score'][i]:.4f}", "" if np.isnan(sc["ood_score"][i]) else bool(sc["in_distribution"][i])]
-            for i, path in enumerate(paths)]  # no guard: nan score, and in_distribution unknown (empty)
+             f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i]) if guarded else ""]
+            for i, path in enumerate(paths)]
     return header, rows
 
 
@@ -1796,7 +1801,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                                                   else at_thr(labels[inside], probs[inside]))
         warn_if_unlike_training(inside, "the test set")
     write_csv(run_dir / "test_predictions.csv",
-              *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, labels))
+              *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, bool(ckpt.get("ood")), labels))
 
     # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
     # right and wrong predictions of every class.
@@ -2340,7 +2345,7 @@ def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str,
                     f"images ({', '.join(few)}): expect a change on other images of the same kind")
     if raw.shape[1] == 2 and raw[labels == pos, pos].min() > raw[labels != pos, pos].max():
         log.warning(f"note: the model separates all {len(labels)} images it is calibrated on, so they cannot show "
-                    "how often it errs: probabilities near 0 and 1 rest on Platt's prior, not on errors seen")
+                    "how often it errs: probabilities near 0 and 1 rest on the fit's prior, not on errors seen")
     out = {"calibration": cal, "threshold": None, "threshold_policy": None}
     if raw.shape[1] == 2:
         y, p = labels == pos, calibrate(raw, cal)[:, pos]
@@ -2587,7 +2592,8 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt, names=[Path(f).name for f in files[part]],
                      save_arrays=cfg.save_cam_arrays)
-    write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold")))
+    write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
+                                                            bool(ckpt.get("ood"))))
     shown = 25
     name_w = min(40, max(len(Path(f).name) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
@@ -2634,7 +2640,9 @@ def refit_ood_cutoff(guard: dict, site_scores: np.ndarray, quantile: float, fold
     site = float(np.quantile(site_scores, quantile))
     if site <= float(guard["cutoff"]):
         return guard, site
-    return {**guard, "cutoff": site, "quantile": float(quantile), "cutoff_fitted_on": str(folder)}, site
+    above = int((np.asarray(site_scores) > site).sum())  # held_out now describes the folder, as the cutoff does
+    return {**guard, "cutoff": site, "quantile": float(quantile), "cutoff_fitted_on": str(folder),
+            "held_out": {"n": int(len(site_scores)), "above": above}}, site
 
 
 def recalibrate(cfg: Config, args, rt: Runtime) -> int:

@@ -231,7 +231,7 @@ def test_one_target_class_may_be_any_integer_type():
     model, x = small_model(seed=4), batch(2, seed=4)
     with GradCAM(model) as cam:
         want = cam(x, target=1)
-        for t in (np.int64(1), torch.tensor(1), [1, 1], np.array([1, 1])):
+        for t in (np.int64(1), torch.tensor(1), [1, 1], np.array([1, 1]), torch.ones(2).requires_grad_()):
             np.testing.assert_array_equal(cam(x, target=t), want)
         assert np.abs(cam(x, target=0) - want).max() > 1e-3
 

@@ -528,8 +528,19 @@ def test_recalibrated_cutoff_is_never_lowered_and_its_record_describes_it(tmp_pa
     kept, site = T.refit_ood_cutoff(guard, low, 0.95, tmp_path)
     assert kept == guard and site == pytest.approx(1.425)  # the old cutoff still goes with the old quantile
     new, site = T.refit_ood_cutoff(guard, low * 2, 0.95, tmp_path)
-    assert new == {**guard, "cutoff": site, "quantile": 0.95, "cutoff_fitted_on": str(tmp_path)}
+    assert new == {**guard, "cutoff": site, "quantile": 0.95, "cutoff_fitted_on": str(tmp_path),
+                   "held_out": {"n": 101, "above": 5}}  # what it says of the images, of the folder's now
     assert site == pytest.approx(2.85) and guard["cutoff"] == 2.0  # the checkpoint's guard is not changed
+
+
+def test_in_distribution_is_empty_only_without_a_guard():
+    sc = {"preds": np.array([1, 0]), "probs": np.array([[0.2, 0.8], [0.9, 0.1]]),
+          "ood_score": np.array([np.nan, 0.5]), "in_distribution": np.array([False, True])}
+    header, rows = T.prediction_rows(["a.png", "b.png"], sc, ["NORMAL", "PNEUMONIA"], 0.5, guarded=True)
+    col = header.index("in_distribution")
+    assert [r[col] for r in rows] == [False, True]  # a guard's nan score (a broken old guard) is still flagged
+    assert [r[col] for r in T.prediction_rows(["a.png", "b.png"], sc, ["NORMAL", "PNEUMONIA"], 0.5,
+                                              guarded=False)[1]] == ["", ""]
 
 
 def test_figures_say_where_the_threshold_was_chosen():
