@@ -1556,6 +1556,14 @@ def label_rule(ck: dict, digits: int = 4) -> str:
     return "pred = the most probable class (argmax" + (f", i.e. P({pos}) >= 0.5)" if len(classes) == 2 else ")")
 
 
+def decision_threshold(ck: dict) -> float | None:
+    """The cut on P(positive) that labels an image: the checkpoint's threshold, 0.5 without one (as
+    predict_labels and the metrics count it); None with more than two classes (the argmax)."""
+    if len(ck["class_names"]) != 2:
+        return None
+    return 0.5 if ck.get("threshold") is None else ck["threshold"]
+
+
 def telling_digits(p: float, threshold: float | None) -> int:
     """Decimals (2 or more) at which p and the threshold, both rounded, still compare as p >= threshold
     does: at 2, P=0.6077 (below 0.6087) and 0.6099 (above) would both read 0.61 against 0.61."""
@@ -1594,7 +1602,7 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
     raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
     head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
     checkpoint. Titles name the class whose probability they show and the labelling rule."""
-    classes, pos, threshold = ck["class_names"], ck["positive_class"], ck.get("threshold")
+    classes, pos = ck["class_names"], ck["positive_class"]
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
     tiles = []
     for i, (crop, cam) in enumerate(zip(crops, maps)):
@@ -1604,7 +1612,7 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         ood = "in_distribution" in sc and not sc["in_distribution"][i]
         true = classes[int(labels[i])] if labels is not None else None
         stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.2f}" + ("_ood" if ood else "")
-        d = telling_digits(prob, (0.5 if threshold is None else threshold) if len(classes) == 2 else None)
+        d = telling_digits(prob, decision_threshold(ck))
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
                  + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
                  + label_rule(ck, d))
@@ -1761,7 +1769,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                                       if ckpt.get("recalibration") else "validation")
     if binary:
         y, s = labels == pos, probs[:, pos]
-        thr = 0.5 if threshold is None else threshold
+        thr = decision_threshold(ckpt)
         at_thr = lambda y, s: {"n": int(len(y)), "auc": roc_auc(y, s),  # AUC with its CI, the metrics at thr
                                "auc_ci95": bootstrap_auc_ci(y, s, cfg.bootstrap, cfg.seed), **binary_metrics(y, s, thr)}
         res |= {**at_thr(y, s), "at_0.5": binary_metrics(y, s, 0.5), **ece}
@@ -2598,7 +2606,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     name_w = min(40, max(len(Path(f).name) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
     log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
-    thr = (0.5 if ckpt.get("threshold") is None else ckpt["threshold"]) if len(classes) == 2 else None
+    thr = decision_threshold(ckpt)
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
         p = float(probs[k][pos])
@@ -2679,10 +2687,10 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     after = score_images(model, out, split.images, rt)
     labels = split.labels.numpy()
     measured = {"images": counts}
-    for name, sc, thr in (("before", before, ckpt.get("threshold")), ("after", after, out.get("threshold"))):
-        binary = len(classes) == 2
-        at = binary_metrics(labels == pos, sc["probs"][:, pos], 0.5 if thr is None else thr) if binary else {}
-        measured[name] = {"ece": report_ece(labels, sc["probs"], pos), "threshold": thr,
+    for name, sc, ck in (("before", before, ckpt), ("after", after, out)):
+        cut = decision_threshold(ck)
+        at = binary_metrics(labels == pos, sc["probs"][:, pos], cut) if cut is not None else {}
+        measured[name] = {"ece": report_ece(labels, sc["probs"], pos), "threshold": ck.get("threshold"),
                           "share_flagged": float(1 - sc["in_distribution"].mean()),
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)

@@ -36,11 +36,14 @@ def raw_probs(fold: Path, run: str = "run") -> tuple:
     return [(probs(data[k]), data[k].labels.numpy()) for k in ("val", "test")], ckpt["positive_class"]
 
 
-def judge(cal: dict, probs: np.ndarray, labels: np.ndarray, pos: int) -> list:
-    p = T.calibrate(probs, cal)[:, pos]
-    y = labels == pos
+def scores(p: np.ndarray, y: np.ndarray) -> list:
+    """Log loss, Brier score, ECE and AUC of the probabilities p of the positive labels y."""
     return [log_loss(y, np.clip(p, 1e-15, 1 - 1e-15)), brier_score_loss(y, p), T.calibration_error(y, p),
-            T.roc_auc(y, p), float(cal["temperature"])]
+            T.roc_auc(y, p)]
+
+
+def judge(cal: dict, probs: np.ndarray, labels: np.ndarray, pos: int) -> list:
+    return [*scores(T.calibrate(probs, cal)[:, pos], labels == pos), float(cal["temperature"])]
 
 
 def main() -> int:
@@ -54,11 +57,8 @@ def main() -> int:
     print(f"{'fold':<8} {'fit on':<16} {'prior':<8} " + " ".join(f"{n:>9}" for n in names) + "  separable")
     for fold in map(Path, a.folds):
         ((pv, yv), (pt, yt)), pos = raw_probs(fold, a.run)
-        p0 = T.calibrate(pt, None)[:, pos]
-        print(f"{fold.name:<8} {'(uncalibrated)':<16} {'':<8} " + " ".join(
-            f"{v:9.4f}" for v in (log_loss(yt == pos, np.clip(p0, 1e-15, 1 - 1e-15)),
-                                  brier_score_loss(yt == pos, p0), T.calibration_error(yt == pos, p0),
-                                  T.roc_auc(yt == pos, p0))))
+        print(f"{fold.name:<8} {'(uncalibrated)':<16} {'':<8} "
+              + " ".join(f"{v:9.4f}" for v in scores(pt[:, pos], yt == pos)))
         rng = np.random.default_rng(0)
         for size in [*(s for s in a.sizes if s < len(yv)), len(yv)]:
             draws = [np.arange(len(yv))] if size >= len(yv) else [rng.choice(len(yv), size, replace=False)
