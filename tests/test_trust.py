@@ -310,6 +310,30 @@ def test_guard_log_says_how_many_validation_images_score_above_the_cutoff(traine
     assert 0 < n < 200 and 1 <= above < n and f"a guard cutoff set on {n} validation images flags more" in log
 
 
+def test_cutoffs_the_guard_was_compared_with():
+    # benchmarks/ood_cutoff.py and ood.py --compare measure two cutoffs that were not shipped
+    # (README): check they are what the README says before trusting their figures.
+    bench = load_benchmark("ood_cutoff")
+    s = np.arange(1, 200, dtype=float)[::-1]  # 199 scores, unsorted
+    assert bench.conformal(s, 0.99) == 198  # the ceil(200 * 0.99) = 198th smallest
+    assert bench.conformal(s[:99], 0.99) == 199  # ceil(100 * 0.99) = 99, though 100 * 0.99 > 99 in floats
+    assert bench.conformal(s[:50], 0.99) == 199  # too few for the bound: the highest
+    # Exchangeable scores: a new one exceeds the cut of 199 others with probability 1 - 198/200.
+    draws = np.random.default_rng(0).random((20000, 200))
+    cut = np.sort(draws[:, :199], 1)[:, 197]
+    assert bench.conformal(draws[0, :199], 0.99) == cut[0]
+    assert (draws[:, 199] > cut).mean() == pytest.approx(0.01, abs=0.002)
+    # Cross-fitted: the even positions scored by the guard fitted on the odd ones, then the other way.
+    rng = np.random.default_rng(4)
+    train, held, labels = gaussian_layers(rng, 400), gaussian_layers(rng, 41), rng.integers(0, 2, 400)
+    crossed = bench.cross_fitted(train, labels, held, 0.99, None)
+    on_odd = T.fit_ood_guard(train, labels, [f[1::2] for f in held], 0.99)
+    np.testing.assert_allclose(crossed[0::2], T.ood_scores(on_odd, [f[0::2] for f in held]))
+    on_even = T.fit_ood_guard(train, labels, [f[0::2] for f in held], 0.99)
+    np.testing.assert_allclose(crossed[1::2], T.ood_scores(on_even, [f[1::2] for f in held]))
+    assert not np.allclose(crossed, T.ood_scores(T.fit_ood_guard(train, labels, held, 0.99), held))
+
+
 def test_a_dead_layer_does_not_make_the_guard_flag_everything():
     # A layer whose features are all zero (a ReLU that never fires) had median distance 0: the
     # scaled distances were nan, the cutoff nan, and every image was flagged.
