@@ -1238,9 +1238,11 @@ class TrainState:
 
 def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     cfg, rt = st.cfg, st.rt
-    # Every random draw of an epoch derives from (seed, epoch): a resumed run repeats it exactly.
-    torch.manual_seed(cfg.seed * 1000 + epoch)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    # Every random draw of an epoch derives from (seed, epoch, rank): a resumed run repeats it exactly,
+    # and under torchrun each process augments (and drops out) its own images differently; with the
+    # same seed on every rank, image i of each rank's batch got the same crop, flip and mask.
+    torch.manual_seed(cfg.seed * 1000 + epoch + rt.rank * 10**9)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + rt.rank * 10**9)
     sampler = torch.utils.data.DistributedSampler(range(len(train)), num_replicas=rt.world, rank=rt.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -2252,7 +2254,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
 def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path, resume: dict | None) -> int:
     """The epoch loop: train, validate, checkpoint, plot, explain; early stopping on val AUC."""
     cfg, rt = st.cfg, st.rt
-    history, best_auc, since_best, start = [], -1.0, 0, 1
+    history, best_auc, best_loss, since_best, start = [], -1.0, math.inf, 0, 1
     if resume is not None:
         unwrap(st.model).load_state_dict(resume["train_model"])
         st.optimizer.load_state_dict(resume["optimizer"])
@@ -2261,6 +2263,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             st.ema.module.load_state_dict(resume["ema"]["module"])
             st.ema.updates = int(resume["ema"]["updates"])
         history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
+        best_loss = min([r["val_loss"] for r in history if r["val_auc"] == best_auc] or [math.inf])
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
@@ -2268,6 +2271,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
     train_seconds, trained = 0.0, 0
     log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
              f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
+    epochs_done = False
     with stop_on_signals():
         try:
             for epoch in range(start, cfg.epochs + 1):
@@ -2287,8 +2291,11 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                 with phase("validation"):
                     row.update(evaluate(st, val_s))
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
-                improved = row["val_auc"] > best_auc
-                best_auc = max(best_auc, row["val_auc"])
+                # A tie in AUC (a split scored perfectly from epoch 4 on) goes to the lower validation loss:
+                # keeping the first such epoch kept the least trained one, and stopped the run early.
+                improved = row["val_auc"] > best_auc or (row["val_auc"] == best_auc and row["val_loss"] < best_loss)
+                if improved:
+                    best_auc, best_loss = row["val_auc"], row["val_loss"]
                 since_best = 0 if improved else since_best + 1
                 history.append(row)
                 if not rt.is_main:
@@ -2319,12 +2326,18 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
                                   f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
+            epochs_done = True
+            if _STOP["signal"]:  # caught after the last training step (validation, plots), which no step checks
+                raise Interrupted()
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
                 log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
                          f"resume. Start again with the same command (delete {run_dir} first to reuse "
                          "its --run-name)")
+            elif epochs_done:
+                log.info(f"interrupted after the last epoch ({done}), before calibration, the guard and the test "
+                         f"report: finish them with: python train_cxr.py --resume {run_dir}")
             else:
                 log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
                          f"Resume with: python train_cxr.py --resume {run_dir}")

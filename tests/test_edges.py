@@ -417,6 +417,11 @@ def train_one_epoch(st, train, epoch):
 
 def augment_batch(*a, **k):
     where["batch"] += 1
+    if (where["epoch"], where["batch"]) == (1, 1):  # the next draws of the augmentation and global generators
+        gen, state = T.torch.Generator(), T.torch.get_rng_state()
+        gen.set_state(a[3].get_state())
+        dump("draws1", {{"augment": T.torch.rand(3, generator=gen).tolist(), "global": T.torch.rand(3).tolist()}})
+        T.torch.set_rng_state(state)
     if mode == "signal" and rank == 1 and (where["epoch"], where["batch"]) == (2, 3):
         T._STOP["signal"] = signal.SIGTERM  # as if the signal had reached this process only
     return real_aug(*a, **k)
@@ -499,6 +504,10 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
     # ... and the validation scored one model: the EMA's weights and statistics agree bit for bit.
     states = [json.loads((dumps / f"rank{r}_eval1.json").read_text()) for r in (0, 1)]
     assert any("running_mean" in k for k in states[0]) and states[0] == states[1]
+    # Each rank draws its own augmentations and dropout masks (the same seed on both gave image i of
+    # each rank's batch the same crop, flip and mask).
+    draws = [json.loads((dumps / f"rank{r}_draws1.json").read_text()) for r in (0, 1)]
+    assert draws[0]["augment"] != draws[1]["augment"] and draws[0]["global"] != draws[1]["global"]
 
 
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):

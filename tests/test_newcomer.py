@@ -40,6 +40,47 @@ def test_ctrl_c_in_epoch_1_does_not_advise_resume(synth_root, tmp_path, monkeypa
     assert "nothing to resume" in out and "Start again" in out
 
 
+def test_ctrl_c_during_the_last_validation_stops_before_the_report(synth_root, tmp_path, monkeypatch, capsys):
+    # The stop flag was only read inside training steps: Ctrl-C during the last epoch's
+    # validation went on to calibration, the guard and the test report, and exited 0.
+    monkeypatch.setitem(train_cxr._STOP, "signal", None)
+    real, calls = train_cxr.evaluate, []
+
+    def ctrl_c(st, split):
+        calls.append(1)
+        if len(calls) == 2:  # the last epoch of --epochs 2
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(st, split)
+
+    monkeypatch.setattr(train_cxr, "evaluate", ctrl_c)
+    out_dir = tmp_path / "runs"
+    assert run(_train(synth_root, out_dir, "late")) == 130
+    out = capsys.readouterr().out
+    assert "interrupted after the last epoch (2)" in out and f"--resume {out_dir / 'late'}" in out
+    assert not (out_dir / "late" / "test_metrics.json").exists()
+    assert "calibration" not in train_cxr.load_checkpoint(out_dir / "late" / "best_model.pt")
+    monkeypatch.setattr(train_cxr, "evaluate", real)  # the resume only finishes: calibration and report
+    assert run(["--resume", out_dir / "late", "--num-threads", "1"]) == 0
+    assert (out_dir / "late" / "test_metrics.json").exists()
+
+
+def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, monkeypatch):
+    # A split scored perfectly from epoch 2 on: the first such epoch was kept (the least trained),
+    # and no later epoch counted as better, so early stopping ended the run after --patience epochs.
+    real, rows = train_cxr.evaluate, iter([(0.9, 0.5), (1.0, 0.4), (1.0, 0.2), (1.0, 0.3), (1.0, 0.25)])
+
+    def scripted(st, split):
+        auc, loss = next(rows)
+        return {**real(st, split), "val_auc": auc, "val_loss": loss}
+
+    monkeypatch.setattr(train_cxr, "evaluate", scripted)
+    out_dir = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "5", "--patience", "2", "--data-dir", synth_root, "--output-dir", out_dir,
+                "--run-name", "tie"]) == 0
+    assert [int(r["epoch"]) for r in read_csv(out_dir / "tie" / "history.csv")] == [1, 2, 3, 4, 5]  # no early stop
+    assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags: fast, one-line errors, no abbreviations, underscore spelling, grouped help
 # ----------------------------------------------------------------------------------------------
