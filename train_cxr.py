@@ -47,6 +47,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import signal
 import sys
 import time
@@ -255,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="refit calibration, threshold and the guard's cutoff of --checkpoint on a labelled "
                             "folder from a new site (DIR/<CLASS>/*); weights unchanged")
     modes.add_argument("--checkpoint", default=None, help="the model for --predict, --evaluate and --recalibrate: "
-                       "a run folder (its best_model.pt) or a .pt file")
+                       "a run folder (its best_model.pt; a --recalibrate folder: its recalibrated_model.pt) "
+                       "or a .pt file")
     modes.add_argument("--resume", metavar="RUN", default=None, help="continue an interrupted run (its folder) with "
                        "its own settings and learning-rate schedule (a typed flag that differs is refused)")
     for title, entries in FLAGS.items():
@@ -292,8 +294,8 @@ def parse_config(argv=None) -> tuple:
 
 
 # Typed flags a mode reads; every other setting of --predict, --evaluate and --recalibrate is the
-# checkpoint's, so typing it would change nothing: refused rather than ignored.
-RUN_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", "strict", "output_dir", "run_name"}
+# checkpoint's, so typing it would change nothing: refused rather than ignored (--amp too: scoring is fp32).
+RUN_FLAGS = {"device", "deterministic", "num_threads", "num_workers", "strict", "output_dir", "run_name"}
 MODE_FLAGS = {"predict": RUN_FLAGS | {"save_cam_arrays"},
               "evaluate": RUN_FLAGS | {"data_dir", "bootstrap", "num_gradcam_images", "save_cam_arrays"},
               "recalibrate": RUN_FLAGS | {"threshold_policy", "ood_quantile"}}
@@ -554,8 +556,11 @@ def save_image(path: Path, bgr: np.ndarray) -> None:
 
 def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
     """Load a checkpoint without executing anything in it (weights_only=True). A run folder means
-    its best model (its last.pt for --resume)."""
+    its best model (its last.pt for --resume), a --recalibrate folder its recalibrated model."""
     path = Path(path)
+    if path.is_dir() and in_folder == "best_model.pt" and not (path / in_folder).is_file() and \
+            (path / "recalibrated_model.pt").is_file():
+        in_folder = "recalibrated_model.pt"
     if path.is_dir():
         if not (path / in_folder).is_file():
             hint = (" (the run finished no epoch); pass its last.pt explicitly to use the latest weights, "
@@ -2097,15 +2102,15 @@ def report_bad_files(bad: list, strict: bool) -> None:
     log.warning(f"warning: skipping {len(bad)} unreadable image file(s): {listing}")
 
 
-def warn_duplicates(splits: dict) -> int:
+def warn_duplicates(splits: dict) -> dict:
     """Warn about byte-identical files in two splits ({name: [paths]}): a test image that is also a
-    training image makes the test figures optimistic. Returns how many were found."""
-    first, dups = {}, []
+    training image makes the test figures optimistic. Returns each readable file's sha1 by path."""
+    first, dups, digests = {}, [], {}
     for name, paths in splits.items():
         for p in paths:
             try:
                 with open(p, "rb") as f:
-                    digest = hashlib.file_digest(f, "sha1").hexdigest()
+                    digest = digests[str(p)] = hashlib.file_digest(f, "sha1").hexdigest()
             except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
                 continue
             seen = first.setdefault(digest, (name, p))
@@ -2115,11 +2120,35 @@ def warn_duplicates(splits: dict) -> int:
         log.warning(f"warning: {len(dups)} file(s) are byte-identical copies across train/val/test, "
                     f"e.g. {'; '.join(dups[:3])}: remove the copies, or the test and validation "
                     "figures will be optimistic")
-    return len(dups)
+    return digests
 
 
-def prepare_data(cfg: Config) -> dict:
-    """Check the data folders, decode every image once, carve the validation split."""
+def same_group_for_copies(groups: list, digests: list) -> list:
+    """Patient groups merged where byte-identical files (same digest) fall in different groups: copies
+    under other names were carved into both train and validation (8 of 29 validation images, in a
+    review's test), and a validation image seen in training makes validation optimistic."""
+    groups_of, parent = collections.defaultdict(list), {}
+    for g, d in zip(groups, digests):
+        if d is not None:
+            groups_of[d].append(g)
+
+    def top(g):
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+    for gs in groups_of.values():
+        for g in gs[1:]:
+            if top(g) != top(gs[0]):
+                parent[top(g)] = top(gs[0])
+    if n := sum(len(gs) for gs in groups_of.values() if len(set(gs)) > 1):
+        log.info(f"patients: {n} images have a byte-identical copy under another patient id; their patients "
+                 "are kept on one side of the validation split")
+    return [top(g) for g in groups]
+
+
+def prepare_data(cfg: Config, typed: set = frozenset()) -> dict:
+    """Check the data folders, decode every image once, carve the validation split. typed: the
+    settings typed on the command line (a typed one this data would ignore is refused)."""
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
@@ -2139,6 +2168,9 @@ def prepare_data(cfg: Config) -> dict:
             check_same_classes(root, "val", classes, val_classes)
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
         if val_classes == classes and min(counts) >= cfg.min_val_per_class:
+            if "val_fraction" in typed:
+                raise CXRError(f"--val-fraction: validation is {root / 'val'} ({len(val_samples)} images), nothing is "
+                               "carved from train; drop the flag, or move val/ away to carve the split")
             val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
         else:
             val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
@@ -2146,14 +2178,15 @@ def prepare_data(cfg: Config) -> dict:
                         "carved from train")
             train_samples = train_samples + val_samples
             val_samples = []
-    warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
-                     "test": [p for p, _ in test_samples]})
+    digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
+                               "test": [p for p, _ in test_samples]})
     train_all, bad = load_split(train_samples, cfg, "decode train")
     rels = [class_relative(p, root) for p in train_all.paths]
     named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train_all.paths, rels)]  # "": none
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
     # reading a DICOM header twice costs time).
     train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train_all.paths, rels)]
+    train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train_all.paths])
     in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
@@ -2206,6 +2239,20 @@ def prepare_data(cfg: Config) -> dict:
                               root / ("train" if name == "val" and not (root / "val").is_dir() else name))
     return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
             "bad_files": [p for p, _ in bad], "pos": pos}
+
+
+@contextlib.contextmanager
+def removed_on_input_error(folder: Path | None):
+    """A CXRError inside removes `folder` (made by this run, e.g. for the demo's data) with its log file."""
+    try:
+        yield
+    except CXRError:
+        if folder is not None:
+            for h in [h for h in log.handlers if isinstance(h, logging.FileHandler)]:
+                h.close()
+                log.removeHandler(h)
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
 
 
 def make_run_dir(cfg: Config) -> Path:
@@ -2471,25 +2518,28 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"demo: writing synthetic X-rays to {data_root}")
         write_synthetic_dataset(data_root, *DEMO_COUNTS, size=cfg.work_size, seed=cfg.seed)
         cfg.data_dir = str(data_root)
+    if resume is None:  # config.json and the checkpoints keep it absolute: --resume works from any folder
+        cfg.data_dir = os.path.abspath(cfg.data_dir)
     PHASES.clear()
     PHASES["start-up"] = time.perf_counter() - _STARTED
-    with phase("decode and data checks"):
+    # The demo made its folder to write its data in: an input error found now removes it again.
+    with phase("decode and data checks"), removed_on_input_error(run_dir if demo else None):
         if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
             check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
-        data = prepare_data(cfg)  # every input check happens before the run folder exists
-    classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
-    cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
-    split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
-    if resume is not None and resume.get("split_sha256", split_sha) != split_sha:
-        raise CXRError(f"the train/validation images of {cfg.data_dir} differ from those {run_dir} was trained on "
-                       "(files added, removed or moved): a resume would continue on other images; restore the "
-                       "folder, or start a new run")
-    if resume is not None and "split_sha256" not in resume:
-        log.info(f"note: {run_dir} predates the split check, so a resume cannot confirm it sees the same images")
-    steps = len(train_s) // rt.world // cfg.batch_size  # per epoch and process, as in train_one_epoch
-    if steps == 0:
-        raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
-                       f"in each of {rt.world} process(es): lower --batch-size or add images")
+        data = prepare_data(cfg, args.given)  # every input check happens before the run folder exists
+        classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
+        cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
+        split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
+        if resume is not None and resume.get("split_sha256", split_sha) != split_sha:
+            raise CXRError(f"the train/validation images of {cfg.data_dir} differ from those {run_dir} was trained on "
+                           "(files added, removed or moved): a resume would continue on other images; restore the "
+                           "folder, or start a new run")
+        if resume is not None and "split_sha256" not in resume:
+            log.info(f"note: {run_dir} predates the split check, so a resume cannot confirm it sees the same images")
+        steps = len(train_s) // rt.world // cfg.batch_size  # per epoch and process, as in train_one_epoch
+        if steps == 0:
+            raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
+                           f"in each of {rt.world} process(es): lower --batch-size or add images")
     if not demo and resume is None:
         run_dir = make_run_dir(cfg) if rt.is_main else None
     if rt.world > 1:

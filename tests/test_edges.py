@@ -331,6 +331,30 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     assert "already finished" in one_error_line(capsys)
 
 
+def test_resume_from_another_folder_after_a_relative_data_dir(synth_root, tmp_path, monkeypatch, capsys):
+    # config.json kept --data-dir as typed ("data"): from any other folder the resume could not find
+    # it, and typing the folder was refused as a different one.
+    shutil.copytree(synth_root, tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--epochs", "2", "--data-dir", "data", "--output-dir", "runs",
+                                            "--run-name", "r"]) == 130
+    assert json.loads((tmp_path / "runs" / "r" / "config.json").read_text())["config"]["data_dir"] == \
+        str(tmp_path / "data")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert run(["--resume", tmp_path / "runs" / "r", "--data-dir", "../data", "--num-threads", "1"]) == 0
+
+
+def test_demo_input_error_leaves_no_folder(tmp_path, capsys):
+    # The demo writes its data into its run folder before the checks: an error left ~1,350 files and
+    # took the run name.
+    assert run(["--demo", "--positive-class", "FOO", "--output-dir", tmp_path, "--run-name", "d",
+                "--num-threads", "1"]) == 2
+    assert "--positive-class 'FOO'" in one_error_line(capsys)
+    assert not (tmp_path / "d").exists()
+
+
 def test_resume_of_a_run_older_than_the_split_check(synth_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
     assert stopped_in_epoch_2(monkeypatch, [*FAST, "--epochs", "2", "--data-dir", synth_root, "--output-dir", out,

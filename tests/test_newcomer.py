@@ -1,4 +1,5 @@
 """A newcomer's first hour (issue 16): flags, messages, pictures and the demo explain themselves."""
+import hashlib
 import json
 import os
 import signal
@@ -81,6 +82,22 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
     assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3
 
 
+def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
+    # DATA_DIR/val (large enough) is the validation split: a typed --val-fraction was dropped unsaid,
+    # while config.json recorded it.
+    for c in ("NORMAL", "PNEUMONIA"):
+        (data_copy / "val" / c).mkdir(parents=True)
+        for p in sorted((data_copy / "train" / c).glob("*.png"))[:8]:
+            p.rename(data_copy / "val" / c / p.name)
+    argv = [*FAST, "--epochs", "1", "--data-dir", data_copy, "--min-val-per-class", "5", "--output-dir",
+            data_copy.parent / "runs", "--run-name", "v"]
+    assert run([*argv, "--val-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --val-fraction: validation is") and "drop the flag" in err
+    assert not (data_copy.parent / "runs" / "v").exists()
+    assert run(argv) == 0  # without the flag, val/ is used as before
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags: fast, one-line errors, no abbreviations, underscore spelling, grouped help
 # ----------------------------------------------------------------------------------------------
@@ -120,7 +137,8 @@ def test_flag_errors_are_one_line_with_a_suggestion(argv, words, capsys):
     (["--predict", "a.png", "--checkpoint", "r", "--img-size", "64", "--lr", "0.1"],
      ["--img-size, --lr would change nothing with --predict", "--save-cam-arrays"]),
     (["--evaluate", "--checkpoint", "r", "--tta"], ["--tta would change nothing with --evaluate", "--bootstrap"]),
-    (["--recalibrate", "d", "--checkpoint", "r", "--epochs", "3"], ["--epochs would change nothing"])])
+    (["--recalibrate", "d", "--checkpoint", "r", "--epochs", "3"], ["--epochs would change nothing"]),
+    (["--predict", "a.png", "--checkpoint", "r", "--amp", "on"], ["--amp would change nothing"])])  # scoring is fp32
 def test_modes_refuse_what_they_would_silently_ignore(argv, words, capsys):
     # Each of these used to run and drop the flag (or the second mode) without a word.
     with pytest.raises(train_cxr.CXRError) as e:
@@ -201,9 +219,27 @@ def test_duplicates_across_splits_are_counted(data_copy, tmp_path, capsys):
 
 
 def test_no_duplicate_warning_for_distinct_files(synth_root, tmp_path, capsys):
-    n = train_cxr.warn_duplicates({"train": sorted(map(str, (synth_root / "train").rglob("*.png"))),
-                                   "test": sorted(map(str, (synth_root / "test").rglob("*.png")))})
-    assert n == 0 and "byte-identical" not in capsys.readouterr().out
+    files = {k: sorted(map(str, (synth_root / k).rglob("*.png"))) for k in ("train", "test")}
+    digests = train_cxr.warn_duplicates(files)
+    assert len(set(digests.values())) == len(digests) == sum(map(len, files.values()))  # all read, none alike
+    assert "byte-identical" not in capsys.readouterr().out
+
+
+def test_copies_within_train_stay_on_one_side_of_the_validation_split(data_copy, monkeypatch):
+    # Copies under other names (other "patients") were carved into both train and validation.
+    originals = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:12]
+    for i, p in enumerate(originals):
+        (p.parent / f"copy_{i}.png").write_bytes(p.read_bytes())
+    cfg = train_cxr.Config(data_dir=str(data_copy), img_size=32, val_fraction=0.5, num_workers=0)
+    said = []
+    monkeypatch.setattr(train_cxr.log, "info", lambda msg, *a, **k: said.append(msg))
+    data = train_cxr.prepare_data(cfg)
+    digest = lambda split: {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in split.paths}
+    assert not digest(data["train"]) & digest(data["val"])
+    assert any("24 images have a byte-identical copy under another patient id" in m for m in said)
+    # Merging is transitive: a - b share a file, b - c share another, so a, b and c are one group.
+    assert train_cxr.same_group_for_copies(["a", "b", "b", "c", "d"], ["x", "x", "y", "y", None]) == \
+        ["a", "a", "a", "a", "d"]
 
 
 def test_train_only_data_trains_and_skips_the_test_report(data_copy, tmp_path, capsys):

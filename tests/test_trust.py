@@ -538,6 +538,10 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     # The new checkpoint is a working checkpoint.
     assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "p", "--num-workers", 0, *ONE_THREAD]) == 0
+    # Its folder stands for it, as a run folder for its best_model.pt (it said "no best_model.pt").
+    assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc",
+                "--output-dir", tmp_path / "o", "--run-name", "p2", "--num-workers", 0, *ONE_THREAD]) == 0
+    assert read_csv(tmp_path / "o" / "p2" / "predictions.csv") == read_csv(tmp_path / "o" / "p" / "predictions.csv")
     # Recalibrated again: the record of the first recalibration is kept under "before".
     assert run(["--recalibrate", site / "train", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "rc2", "--num-workers", 0, *ONE_THREAD]) == 0
