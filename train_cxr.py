@@ -2061,8 +2061,9 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
         raise CXRError(f"{path} has no class folders: put the images in {path}/<CLASS>/ (e.g. NORMAL, PNEUMONIA)")
     empty = [c for c, n in zip(classes, np.bincount([s[1] for s in samples], minlength=len(classes))) if n == 0]
     if empty:
-        raise CXRError(f"class folder {path / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): "
-                       "add images or remove the folder")
+        # Only train/ decides the classes: elsewhere (test/, --evaluate, --recalibrate) every class needs images.
+        raise CXRError(f"class folder {path / empty[0]} has no images ({', '.join(IMAGE_EXTENSIONS)}): " + (
+            "add images or remove the folder" if name == "train" else "add images of that class"))
     if len(classes) < 2:
         raise CXRError(f"{path} has only the class folder {classes[0]!r}: a classifier needs two or more")
     return classes, samples
@@ -2266,7 +2267,7 @@ def make_run_dir(cfg: Config) -> Path:
                        "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
     try:
         base.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir()
+        run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
@@ -2286,6 +2287,10 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
     total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
+    if warm >= total:  # the rate would only rise, and the run end at its peak
+        warm = max(1, total // 2)
+        log.info(f"note: --warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the warm-up "
+                 "takes the first half of the run instead, so the learning rate still decays to 0")
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the last step
         if step < warm:

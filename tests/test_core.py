@@ -449,6 +449,25 @@ def test_input_errors(damage, data_copy, tmp_path, capsys):
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_an_empty_class_folder_gets_the_fix_that_works_for_its_split(data_copy):
+    # Removing an empty class folder is a fix only in train/, which decides the classes; in test/ (or
+    # an --evaluate / --recalibrate folder) the classes must stay those of the model, so it was no fix.
+    _empty_class(data_copy, None)
+    with pytest.raises(train_cxr.CXRError, match="add images of that class$"):
+        train_cxr.check_split_dir(data_copy / "test", "test")
+    for p in (data_copy / "train" / "NORMAL").glob("*.png"):
+        p.unlink()
+    with pytest.raises(train_cxr.CXRError, match="add images or remove the folder$"):
+        train_cxr.check_split_dir(data_copy / "train", "train")
+
+
+def test_a_run_name_with_a_sub_folder(synth_root, tmp_path):
+    # --run-name exp/1 failed with "choose a writable --output-dir" when exp/ did not exist.
+    assert run([*TINY, "--epochs", "1", "--data-dir", synth_root, "--output-dir", tmp_path, "--run-name", "exp/1",
+                "--num-threads", "1"]) == 0
+    assert (tmp_path / "exp" / "1" / "best_model.pt").is_file()
+
+
 def test_output_dir_not_writable(synth_root, tmp_path, capsys):
     blocker = tmp_path / "a_file"
     blocker.write_text("I am a file, not a folder")

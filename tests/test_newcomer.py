@@ -98,6 +98,23 @@ def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
     assert run(argv) == 0  # without the flag, val/ is used as before
 
 
+@pytest.mark.parametrize("epochs,warmup,warm_steps", [(20, 1.0, 10), (1, 1.0, 5), (3, 5.0, 15)])
+def test_the_learning_rate_decays_to_0_whatever_the_warm_up(epochs, warmup, warm_steps):
+    # A warm-up as long as the run (--epochs 1 with the default 1 epoch, or --warmup-epochs 5
+    # --epochs 3) only raised the rate: the run ended at its peak. It now takes the first half.
+    cfg = train_cxr.Config(epochs=epochs, warmup_epochs=warmup, img_size=32, channels=(4, 4, 4, 4), fc_hidden=8)
+    rt = train_cxr.Runtime(device=torch.device("cpu"), amp_dtype=None)
+    st = train_cxr.build_state(cfg, rt, ["NORMAL", "PNEUMONIA"], np.array([0, 1, 1]), {"mode": "image"}, steps=10)
+    rates = []
+    for _ in range(epochs * 10):
+        st.optimizer.step()
+        st.scheduler.step()
+        rates.append(st.optimizer.param_groups[0]["lr"] / cfg.lr)
+    # rates[i] is the rate after i + 1 steps; warm-up reaches the peak at step warm_steps - 1.
+    assert int(np.argmax(rates)) == warm_steps - 2 and max(rates) == pytest.approx(1.0)
+    assert rates[-1] == pytest.approx(0.0, abs=1e-12)
+
+
 # ----------------------------------------------------------------------------------------------
 # Flags: fast, one-line errors, no abbreviations, underscore spelling, grouped help
 # ----------------------------------------------------------------------------------------------
