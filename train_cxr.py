@@ -76,7 +76,7 @@ NUM_WORKERS = 2                   # processes that decode images (once, before t
 # augmentation (training only; done on whole batches, on the training device)
 AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
 AUG_ROTATE_DEG = 10.0             # +- degrees
-AUG_SHIFT = 0.06                  # extra translation, fraction of the image
+AUG_SHIFT = 0.06                  # extra translation beyond the crop's room, in half-widths (0.06: 3%)
 AUG_HFLIP = True                  # horizontal flip with p=0.5
 AUG_BRIGHTNESS = 0.25             # pixel * U(1-b, 1+b)
 AUG_CONTRAST = 0.25               # (pixel - mean) * U(1-c, 1+c) + mean
@@ -170,7 +170,8 @@ FLAGS = {
     "augmentation (training only)": [
         ("AUG_SCALE_MIN", "random resized crop keeps this share of the area, or more"),
         ("AUG_ROTATE_DEG", "random rotation, +- degrees"),
-        ("AUG_SHIFT", "extra translation, fraction of the image"),
+        ("AUG_SHIFT", "extra translation beyond the crop's own room, in half-widths of the image "
+                      "(affine_grid's -1..1 units: 0.06 moves it up to 3% of its width)"),
         ("AUG_HFLIP", "horizontal flip with p=0.5"),
         ("AUG_BRIGHTNESS", "pixel * U(1-b, 1+b)"),
         ("AUG_CONTRAST", "(pixel - mean) * U(1-c, 1+c) + mean"),
@@ -455,8 +456,8 @@ def setup_runtime(cfg: Config) -> Runtime:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-        if cfg.num_threads > 0:
-            torch.set_num_threads(cfg.num_threads)
+    if cfg.num_threads > 0:  # also with a GPU: the CPU work around it (guard features, plots) uses these threads
+        torch.set_num_threads(cfg.num_threads)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
