@@ -2316,7 +2316,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             st.ema.module.load_state_dict(resume["ema"]["module"])
             st.ema.updates = int(resume["ema"]["updates"])
         history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
-        best_loss = min([r["val_loss"] for r in history if r["val_auc"] == best_auc] or [math.inf])
+        best_loss = min([r["val_loss"] for r in history if abs(r["val_auc"] - best_auc) <= 1e-9] or [math.inf])
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
@@ -2345,8 +2345,10 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                     row.update(evaluate(st, val_s))
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 # A tie in AUC (a split scored perfectly from epoch 4 on) goes to the lower validation loss:
-                # keeping the first such epoch kept the least trained one, and stopped the run early.
-                improved = row["val_auc"] > best_auc or (row["val_auc"] == best_auc and row["val_loss"] < best_loss)
+                # keeping the first such epoch kept the least trained one, and stopped the run early. Equal
+                # AUCs can differ in the last bit (16th digit), so ties are judged to 1e-9.
+                tie = abs(row["val_auc"] - best_auc) <= 1e-9
+                improved = row["val_auc"] > best_auc + 1e-9 or (tie and row["val_loss"] < best_loss)
                 if improved:
                     best_auc, best_loss = row["val_auc"], row["val_loss"]
                 since_best = 0 if improved else since_best + 1
@@ -2546,12 +2548,20 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if steps == 0:
             raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
                            f"in each of {rt.world} process(es): lower --batch-size or add images")
-    if not demo and resume is None:
-        run_dir = make_run_dir(cfg) if rt.is_main else None
-    if rt.world > 1:
-        box = [str(run_dir) if rt.is_main else None]
+    made = None  # rank 0's run folder, or the error that refused it (which every process must then raise)
+    if not demo and resume is None and rt.is_main:
+        try:
+            run_dir = make_run_dir(cfg)
+        except CXRError as e:
+            if rt.world == 1:
+                raise
+            made, run_dir = e, None
+    if rt.world > 1:  # the other processes waited here for a folder that never came, or (NCCL) hung
+        box = [(str(made) if made else None, str(run_dir)) if rt.is_main else None]
         torch.distributed.broadcast_object_list(box)
-        run_dir = Path(box[0])
+        if box[0][0]:
+            raise CXRError(box[0][0])
+        run_dir = Path(box[0][1])
     if rt.is_main and resume is not None:
         attach_log_file(run_dir / "train.log")
     if rt.device.type == "cuda":

@@ -534,6 +534,17 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
     assert draws[0]["augment"] != draws[1]["augment"] and draws[0]["global"] != draws[1]["global"]
 
 
+def test_ddp_run_folder_refused_on_rank_0_stops_both(synth_root, tmp_path):
+    # Only rank 0 makes the run folder: when it was refused (the folder exists), rank 0 exited and
+    # rank 1 waited for the folder's name (gloo: a traceback when the peer closed; NCCL: a hang).
+    out = tmp_path / "runs"
+    (out / "ddp").mkdir(parents=True)
+    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, out, 1))
+    assert rcs == [2, 2], (rcs, log[-3000:])
+    assert "already exists and is never overwritten" in log and "Traceback" not in log
+    assert not any((out / "ddp").iterdir())
+
+
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     out = tmp_path / "runs"
     rcs, dumps, log = _two_processes(tmp_path, "nan", _ddp_args(synth_root, out, 1))
