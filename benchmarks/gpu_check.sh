@@ -69,7 +69,7 @@ train_cxr default ${epochs:+--epochs "$epochs"}
 
 echo "3. deterministic pair ($pair epochs each, one seed)"
 for name in det_a det_b; do
-    train_cxr "$name" --deterministic --epochs "$pair" --cache-dir "$work/cache" --num-gradcam-images 0
+    train_cxr "$name" --deterministic --epochs "$pair" --num-gradcam-images 0
 done
 python - "$work/runs/det_a/history.csv" "$work/runs/det_b/history.csv" <<'EOF' || status=1
 import csv, sys

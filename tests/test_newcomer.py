@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,6 +132,23 @@ def test_command_line_is_checked_before_torch_is_imported(argv):
     last = r.stdout.strip().splitlines()[-1]
     assert last.endswith("TORCH False CV2 False"), (last, r.stderr)
     assert last.startswith("EXIT 0" if argv == ["--help"] else "EXIT 2"), last
+
+
+def test_every_flag_the_docs_and_scripts_pass_to_train_cxr_exists():
+    # benchmarks/gpu_check.sh still passed --cache-dir months after the flag went: the one GPU check
+    # a session gets would have failed its deterministic pair. Flags after train_cxr(.py) on a line.
+    known = set(train_cxr.build_parser()._option_string_actions)
+    texts = {"README.md": (ROOT / "README.md").read_text(), "docstring": train_cxr.__doc__,
+             "gpu_check.sh": (ROOT / "benchmarks" / "gpu_check.sh").read_text()}
+    seen, unknown = 0, []
+    for name, text in texts.items():
+        for line in text.splitlines():
+            after = re.findall(r"train_cxr(?:\.py)?[\"']?\s(.*)", line) + re.findall(r"^\s*small=\((.*)\)", line)
+            for flag in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", " ".join(after)):
+                seen += 1
+                if flag not in known and flag != "--img_size":  # the README shows the underscore spelling works
+                    unknown.append(f"{name}: {flag} in {line.strip()!r}")
+    assert seen > 50 and not unknown, unknown
 
 
 @pytest.mark.parametrize("argv,words", [
