@@ -1099,7 +1099,7 @@ def calibration_error(y_true, prob, bins: int = 15) -> float:
     """Expected calibration error over equal-width bins: sum_b n_b/N |frequency_b - mean prob_b|.
     (scikit-learn has the reliability curve, calibration_curve, but not this number.)"""
     y, p = np.asarray(y_true, dtype=np.float64), np.asarray(prob, dtype=np.float64)
-    b = np.minimum((p * bins).astype(int), bins - 1)
+    b = np.searchsorted(np.linspace(0.0, 1.0, bins + 1)[1:-1], p)  # calibration_curve's bins: the same figure
     gap = np.bincount(b, weights=y, minlength=bins) - np.bincount(b, weights=p, minlength=bins)
     return float(np.abs(gap).sum() / max(len(p), 1))
 
@@ -1124,9 +1124,9 @@ def choose_threshold(y_true, prob, policy: str) -> float:
     youden         the empirical maximiser of sensitivity + specificity - 1, placed midway between
                    the chosen score and the next lower one (on a score, any tie would flip).
     sensitivity:X  keeps at least X of the positive validation images: midway between the lowest
-                   positive score it must keep and the next lower positive score (or, when it must
-                   keep them all, the next lower score of any image): a threshold exactly at a
-                   validation score would lose that image to any rounding.
+                   positive score it must keep and the next lower score of any image (a threshold
+                   exactly at a validation score would lose that image to any rounding; one below a
+                   negative between two positives would call that negative positive for nothing).
     """
     y, p = np.asarray(y_true).astype(bool), np.asarray(prob, dtype=np.float64)
     if policy == "balanced":
@@ -1136,11 +1136,13 @@ def choose_threshold(y_true, prob, policy: str) -> float:
     if policy == "youden":
         fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
         j = int(np.argmax(tpr - fpr))
+        if j == 0:  # no cut beats calling nothing positive (a useless model): above every score, not at 1.0
+            return float(np.nextafter(thr[1], np.inf))
         return float(min(1.0, (thr[j] + thr[j + 1]) / 2 if j + 1 < len(thr) else thr[j]))
     target = float(policy.split(":", 1)[1])
     pos = np.sort(p[y])
     k = int(math.floor((1 - target) * len(pos) + 1e-9))  # positives allowed below the threshold
-    below = p[p < pos[k]].max(initial=-1.0) if k == 0 else pos[k - 1]  # k = 0: the next lower score of any image
+    below = p[p < pos[k]].max(initial=-1.0)
     return float((pos[k] + below) / 2 if below >= 0 else pos[k])
 
 
@@ -1619,8 +1621,8 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         prob = float(sc["probs"][i][pos] if len(classes) == 2 else sc["probs"][i].max())
         ood = "in_distribution" in sc and not sc["in_distribution"][i]
         true = classes[int(labels[i])] if labels is not None else None
-        stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.2f}" + ("_ood" if ood else "")
-        d = telling_digits(prob, decision_threshold(ck))
+        d = telling_digits(prob, decision_threshold(ck))  # the name's P, like the title's, reads as the label
+        stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.{d}f}" + ("_ood" if ood else "")
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
                  + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
                  + label_rule(ck, d))
@@ -1676,7 +1678,7 @@ def plot_history(history: list, path: Path) -> None:
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ep = [h["epoch"] for h in history]
-    best = history[int(np.argmax([h["val_auc"] for h in history]))]["epoch"]  # first maximum, like fit()
+    best = best_row(history)["epoch"]
     for ax, key, name in zip(axes, ("loss", "acc", "auc", "lr"), ("loss", "accuracy", "ROC AUC", "learning rate")):
         if key == "lr":
             ax.plot(ep, [h["lr"] for h in history], "o-", color="gray", label="at epoch end")
@@ -2304,10 +2306,22 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
                       positive_index(class_names, cfg.positive_class))
 
 
+def best_row(history: list) -> dict:
+    """The epoch the run keeps: the highest validation AUC, a tie going to the lower validation loss.
+    Keeping the first of tied epochs (a split scored perfectly from epoch 4 on) kept the least
+    trained one and stopped the run early. Equal AUCs can differ in the 16th digit: ties are to 1e-9."""
+    best = history[0]
+    for r in history[1:]:
+        if r["val_auc"] > best["val_auc"] + 1e-9 or (
+                abs(r["val_auc"] - best["val_auc"]) <= 1e-9 and r["val_loss"] < best["val_loss"]):
+            best = r
+    return best
+
+
 def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path, resume: dict | None) -> int:
     """The epoch loop: train, validate, checkpoint, plot, explain; early stopping on val AUC."""
     cfg, rt = st.cfg, st.rt
-    history, best_auc, best_loss, since_best, start = [], -1.0, math.inf, 0, 1
+    history, best_auc, since_best, start = [], -1.0, 0, 1
     if resume is not None:
         unwrap(st.model).load_state_dict(resume["train_model"])
         st.optimizer.load_state_dict(resume["optimizer"])
@@ -2316,7 +2330,6 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             st.ema.module.load_state_dict(resume["ema"]["module"])
             st.ema.updates = int(resume["ema"]["updates"])
         history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
-        best_loss = min([r["val_loss"] for r in history if abs(r["val_auc"] - best_auc) <= 1e-9] or [math.inf])
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
@@ -2344,15 +2357,10 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                 with phase("validation"):
                     row.update(evaluate(st, val_s))
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
-                # A tie in AUC (a split scored perfectly from epoch 4 on) goes to the lower validation loss:
-                # keeping the first such epoch kept the least trained one, and stopped the run early. Equal
-                # AUCs can differ in the last bit (16th digit), so ties are judged to 1e-9.
-                tie = abs(row["val_auc"] - best_auc) <= 1e-9
-                improved = row["val_auc"] > best_auc + 1e-9 or (tie and row["val_loss"] < best_loss)
-                if improved:
-                    best_auc, best_loss = row["val_auc"], row["val_loss"]
-                since_best = 0 if improved else since_best + 1
                 history.append(row)
+                improved = best_row(history) is row
+                best_auc = row["val_auc"] if improved else best_auc
+                since_best = 0 if improved else since_best + 1
                 if not rt.is_main:
                     continue
                 log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "

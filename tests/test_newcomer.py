@@ -83,6 +83,14 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
                 "--run-name", "tie"]) == 0
     assert [int(r["epoch"]) for r in read_csv(out_dir / "tie" / "history.csv")] == [1, 2, 3, 4, 5]  # no early stop
     assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3
+    # The history figure marks that epoch too (it marked the first maximum, epoch 2).
+    legends = []
+    monkeypatch.setattr(train_cxr, "_savefig", lambda fig, path: legends.extend(
+        t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()))
+    rows = [{k: int(v) if k == "epoch" else float(v) for k, v in r.items()}
+            for r in read_csv(out_dir / "tie" / "history.csv")]
+    train_cxr.plot_history(rows, out_dir / "unused.png")
+    assert "best epoch (3)" in legends
 
 
 def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
@@ -397,6 +405,18 @@ def test_overlay_titles_print_p_and_the_threshold_on_the_side_the_label_is(monke
         assert (float(f"{p:.{d}f}") >= float(f"{0.6087:.{d}f}")) == (p >= 0.6087)
 
 
+def test_overlay_names_give_p_to_the_digits_that_tell_it_from_the_threshold(tmp_path):
+    # The name rounded P to 2 decimals: at threshold 0.6087, P 0.6077 (NORMAL) and 0.6099
+    # (PNEUMONIA) were both named p0.61; the title already gave 0.608 and 0.61.
+    ck = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "img_size": 16, "threshold": 0.6087}
+    probs = np.array([[0.3923, 0.6077], [0.3901, 0.6099], [0.9, 0.1]])
+    sc = {"probs": probs, "preds": train_cxr.predict_labels(probs, 1, 0.6087)}
+    images = torch.zeros(3, 16, 16, dtype=torch.uint8)
+    train_cxr.save_cam_set(tmp_path, ["a", "b", "c"], images, np.zeros((3, 16, 16)), sc, ck)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a_pred-NORMAL_p0.608.png", "b_pred-PNEUMONIA_p0.61.png", "c_pred-NORMAL_p0.10.png"]
+
+
 def test_two_classes_without_a_threshold_label_a_tie_as_the_metrics_count_it():
     tie = np.array([[0.5, 0.5], [0.6, 0.4]])
     assert train_cxr.predict_labels(tie, 1, None).tolist() == [1, 0]  # P(positive) >= 0.5, as binary_metrics
@@ -423,8 +443,8 @@ def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
     hist = figs["training_history.png"]
     assert "learning rate" in hist["titles"]
     history = read_csv(tmp_path / "runs" / "figs" / "history.csv")
-    best = max(history, key=lambda r: float(r["val_auc"]))["epoch"]
-    assert f"best epoch ({best})" in hist["legends"]
+    best = train_cxr.load_checkpoint(tmp_path / "runs" / "figs" / "best_model.pt")["epoch"]  # the saved model
+    assert len(history) == 3 and f"best epoch ({best})" in hist["legends"]
     assert all(float(t).is_integer() for ticks in hist["xticks"] for t in ticks)
     roc = " ".join(figs["roc_curve.png"]["legends"])
     lo, hi = metrics["auc_ci95"]

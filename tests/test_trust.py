@@ -162,6 +162,35 @@ def test_sensitivity_policy_that_must_keep_every_positive_sits_between_scores():
     assert T.choose_threshold(y[:19], s[:19], "sensitivity:0.95") == 0.5  # nothing lower: at the score
 
 
+def test_sensitivity_policy_does_not_fall_below_a_negative_it_need_not_call_positive():
+    # 20 positives at 0.5 / 0.6 / 0.7 and negatives in between: sensitivity:0.95 may lose one
+    # positive. The threshold went midway between positive scores (0.6), calling the negatives at
+    # 0.6-0.7 positive; 0.75 keeps the same positives.
+    y = np.r_[np.ones(20, bool), np.zeros(3, bool)]
+    s = np.r_[[0.5], [0.8] * 19, [0.6, 0.65, 0.7]]
+    t = T.choose_threshold(y, s, "sensitivity:0.95")
+    assert t == pytest.approx(0.75)
+    m = T.binary_metrics(y, s, t)
+    assert m["sensitivity"] == 0.95 and m["specificity"] == 1.0
+
+
+def test_youden_policy_of_a_useless_model_calls_nothing_positive():
+    # No cut beats "nothing positive" (every J <= 0): the threshold was min(1, inf) = 1.0, so a
+    # probability of exactly 1.0 still counted as positive.
+    y, s = np.array([1, 1, 0, 0], bool), np.array([0.2, 0.3, 0.9, 1.0])
+    t = T.choose_threshold(y, s, "youden")
+    assert t > 1.0 and T.binary_metrics(y, s, t)["counts"] == {"tp": 0, "fn": 2, "fp": 0, "tn": 2}
+
+
+def test_ece_bins_are_the_reliability_figures_bins():
+    # A probability on a bin edge (k / 15) fell in the bin above for the ECE and the bin below for
+    # calibration_curve (the reliability figure): ECE 0.237 against 0.103 here.
+    y, p = np.array([1, 0, 1, 0, 1, 1]), np.array([0.2, 0.2, 0.19, 0.19, 0.8, 0.8])
+    frac, mean = calibration_curve(y, p, n_bins=15, strategy="uniform")
+    counts = np.bincount(np.searchsorted(np.linspace(0, 1, 16)[1:-1], p), minlength=15)
+    assert T.calibration_error(y, p) == pytest.approx(float((counts[counts > 0] / 6 * np.abs(frac - mean)).sum()))
+
+
 def test_balanced_and_accuracy_policies():
     y, s = scores(5)
     assert T.choose_threshold(y, s, "balanced") == pytest.approx(y.mean())
