@@ -557,7 +557,8 @@ def test_maps_explain_the_thresholded_prediction_not_the_argmax():
 # ----------------------------------------------------------------------------------------------
 # 6. End to end: the files a run writes
 # ----------------------------------------------------------------------------------------------
-NAME = re.compile(r"^epoch_(\d{3})_(\d{2})_true-(\w+)_pred-(\w+)_p(\d\.\d{2,})\.(png|npy)$")  # 2+ decimals: telling_digits
+# P to 2 or more decimals (telling_digits)
+NAME = re.compile(r"^epoch_(\d{3})_(\d{2})_true-(\w+)_pred-(\w+)_p(\d\.\d{2,})\.(png|npy)$")
 
 
 def test_end_to_end_gradcam_files(synth_root, tmp_path):
