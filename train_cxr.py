@@ -1673,12 +1673,11 @@ def _savefig(fig, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: list, path: Path) -> None:
+def plot_history(history: list, path: Path, best: int) -> None:
     """Loss, accuracy, AUC and learning rate per epoch; the best epoch (the saved model) is marked."""
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.6))
     ep = [h["epoch"] for h in history]
-    best = best_row(history)["epoch"]
     for ax, key, name in zip(axes, ("loss", "acc", "auc", "lr"), ("loss", "accuracy", "ROC AUC", "learning rate")):
         if key == "lr":
             ax.plot(ep, [h["lr"] for h in history], "o-", color="gray", label="at epoch end")
@@ -2150,9 +2149,10 @@ def same_group_for_copies(groups: list, digests: list) -> list:
     return [top(g) for g in groups]
 
 
-def prepare_data(cfg: Config, typed: set = frozenset()) -> dict:
+def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = True) -> dict:
     """Check the data folders, decode every image once, carve the validation split. typed: the
-    settings typed on the command line (a typed one this data would ignore is refused)."""
+    settings typed on the command line (a typed one this data would ignore is refused); group_copies
+    False carves as runs made before same_group_for_copies did (their --resume must see that split)."""
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
@@ -2190,7 +2190,8 @@ def prepare_data(cfg: Config, typed: set = frozenset()) -> dict:
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
     # reading a DICOM header twice costs time).
     train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train_all.paths, rels)]
-    train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train_all.paths])
+    if group_copies:
+        train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train_all.paths])
     in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
@@ -2278,7 +2279,8 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
-def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int) -> TrainState:
+def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int,
+                cap_warmup: bool = True) -> TrainState:
     torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
     model = CustomCNN(**model_kwargs(cfg, len(class_names))).to(rt.device)
     if rt.channels_last:
@@ -2290,7 +2292,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
     total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
-    if warm >= total:  # the rate would only rise, and the run end at its peak
+    if cap_warmup and int(cfg.warmup_epochs * steps) >= total:  # the rate would only rise, and end at its peak
         warm = max(1, total // 2)
         log.info(f"note: --warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the warm-up "
                  "takes the first half of the run instead, so the learning rate still decays to 0")
@@ -2306,22 +2308,18 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
                       positive_index(class_names, cfg.positive_class))
 
 
-def best_row(history: list) -> dict:
-    """The epoch the run keeps: the highest validation AUC, a tie going to the lower validation loss.
-    Keeping the first of tied epochs (a split scored perfectly from epoch 4 on) kept the least
-    trained one and stopped the run early. Equal AUCs can differ in the 16th digit: ties are to 1e-9."""
-    best = history[0]
-    for r in history[1:]:
-        if r["val_auc"] > best["val_auc"] + 1e-9 or (
-                abs(r["val_auc"] - best["val_auc"]) <= 1e-9 and r["val_loss"] < best["val_loss"]):
-            best = r
-    return best
+def better(row: dict, best: dict | None) -> bool:
+    """Is this epoch better than the kept one: a higher validation AUC, or a tie (to 1e-9: equal AUCs
+    can differ in the 16th digit) with a lower validation loss? Keeping the first of tied epochs (a
+    split scored perfectly from epoch 4 on) kept the least trained one and stopped the run early."""
+    return best is None or row["val_auc"] > best["val_auc"] + 1e-9 or (
+        abs(row["val_auc"] - best["val_auc"]) <= 1e-9 and row["val_loss"] < best["val_loss"])
 
 
 def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path, resume: dict | None) -> int:
     """The epoch loop: train, validate, checkpoint, plot, explain; early stopping on val AUC."""
     cfg, rt = st.cfg, st.rt
-    history, best_auc, since_best, start = [], -1.0, 0, 1
+    history, best, since_best, start = [], None, 0, 1
     if resume is not None:
         unwrap(st.model).load_state_dict(resume["train_model"])
         st.optimizer.load_state_dict(resume["optimizer"])
@@ -2329,9 +2327,12 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
         if st.ema is not None:
             st.ema.module.load_state_dict(resume["ema"]["module"])
             st.ema.updates = int(resume["ema"]["updates"])
-        history, best_auc, since_best = list(resume["history"]), resume["best_auc"], resume["since_best"]
+        history, since_best = list(resume["history"]), resume["since_best"]
+        # The epoch best_model.pt holds (a last.pt from before best_epoch kept the first highest AUC).
+        kept = resume.get("best_epoch", history[int(np.argmax([r["val_auc"] for r in history]))]["epoch"])
+        best = next(r for r in history if r["epoch"] == kept)
         start = resume["epoch"] + 1
-        log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best_auc:.4f})")
+        log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best['val_auc']:.4f})")
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
     per_epoch = len(train_s) // rt.world // cfg.batch_size * cfg.batch_size * rt.world  # images trained on
     train_seconds, trained = 0.0, 0
@@ -2358,8 +2359,8 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                     row.update(evaluate(st, val_s))
                 row.update(lr=st.optimizer.param_groups[0]["lr"], seconds=round(time.time() - t0, 2))
                 history.append(row)
-                improved = best_row(history) is row
-                best_auc = row["val_auc"] if improved else best_auc
+                improved = better(row, best)
+                best = row if improved else best
                 since_best = 0 if improved else since_best + 1
                 if not rt.is_main:
                     continue
@@ -2368,7 +2369,8 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                          f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
                 with phase("checkpoints"):  # plain data only (tensors, numbers, strings, lists, dicts): weights_only
                     ckpt = {"format": CKPT_FORMAT, "model": st.eval_model.state_dict(), **meta,
-                            "config": cfg.to_dict(), "epoch": epoch, "best_auc": best_auc, "history": history}
+                            "config": cfg.to_dict(), "epoch": epoch, "best_auc": best["val_auc"],
+                            "best_epoch": best["epoch"], "history": history}
                     if improved:
                         save_checkpoint(run_dir / "best_model.pt", ckpt)
                     ema = {"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None
@@ -2377,7 +2379,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         "scheduler": st.scheduler.state_dict(), "since_best": since_best, "ema": ema})
                 with phase("per-epoch plots, Grad-CAM and report page"):
                     write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
-                    plot_history(history, run_dir / "training_history.png")
+                    plot_history(history, run_dir / "training_history.png", best["epoch"])
                     if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                         images = val_s.images[cam_idx]
                         stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
@@ -2390,7 +2392,10 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                                   f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
             epochs_done = True
-            if _STOP["signal"]:  # caught after the last training step (validation, plots), which no step checks
+            # A signal caught after the last training step (validation, plots), which no step checks; every
+            # process stops together, as in train_one_epoch, or rank 0 would go on to the report alone.
+            if signum := int(rank_max(_STOP["signal"] or 0, rt)):
+                _STOP["signal"] = signum
                 raise Interrupted()
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
@@ -2481,6 +2486,8 @@ RESUME_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", 
 def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
     """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored."""
     def same(key, typed, stored):
+        if key == "data_dir" and not Path(stored).expanduser().is_dir():  # moved: the split check confirms it
+            return True
         if key in ("data_dir", "output_dir"):  # the same folder spelled another way is the same folder
             return Path(typed).expanduser().resolve() == Path(stored).expanduser().resolve()
         return typed == stored
@@ -2517,6 +2524,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         check_resume_flags(args, cfg, run_dir)
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
             setattr(cfg, key, getattr(args, key))
+        if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
+            cfg.data_dir = os.path.abspath(args.data_dir)
         if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
             cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
@@ -2542,7 +2551,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     with phase("decode and data checks"), removed_on_input_error(run_dir if demo else None):
         if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
             check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
-        data = prepare_data(cfg, args.given)  # every input check happens before the run folder exists
+        # A run made before a rule keeps it on --resume: the same split, the same schedule.
+        rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped")}
+        data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
         classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
         cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
         split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
@@ -2577,8 +2588,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
-    st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps)
-    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes,  # what checkpoints say
+    st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps, rules["warmup_capped"])
+    meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, **rules,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
             "threshold": None, "normalization": norm, "split_sha256": split_sha}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))

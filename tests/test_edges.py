@@ -20,6 +20,7 @@ import train_cxr as T
 from conftest import ROOT, TINY, backend_flags, read_csv, restore_backend_flags, run
 
 FAST = [*TINY, "--num-threads", "1"]
+REAL_BUILD_STATE = T.build_state
 
 
 def one_error_line(capsys) -> str:
@@ -346,6 +347,43 @@ def test_resume_from_another_folder_after_a_relative_data_dir(synth_root, tmp_pa
     assert run(["--resume", tmp_path / "runs" / "r", "--data-dir", "../data", "--num-threads", "1"]) == 0
 
 
+def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, capsys):
+    # The stored folder is gone (the project moved): the typed new place is taken, and the split
+    # check confirms it holds the same images. It was refused as "another folder".
+    shutil.copytree(synth_root, tmp_path / "a" / "data")
+    out = tmp_path / "runs"
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--epochs", "2", "--data-dir", tmp_path / "a" / "data",
+                                            "--output-dir", out, "--run-name", "r"]) == 130
+    (tmp_path / "a").rename(tmp_path / "b")
+    capsys.readouterr()
+    assert run(["--resume", out / "r", "--num-threads", "1"]) == 2
+    assert "not found" in one_error_line(capsys)
+    assert run(["--resume", out / "r", "--data-dir", tmp_path / "b" / "data", "--num-threads", "1"]) == 0
+    assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
+
+
+def test_resume_of_a_run_made_before_the_copy_grouping_and_the_warm_up_cap(data_copy, tmp_path, monkeypatch):
+    # A run keeps the rules it started with: its split (copies were not grouped) and its schedule
+    # (a warm-up as long as the run was not capped), or the resume would continue on another split
+    # or jump the learning rate.
+    for i, p in enumerate(sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:12]):
+        (p.parent / f"copy_{i}.png").write_bytes(p.read_bytes())
+    out, argv = tmp_path / "runs", ["--epochs", "3", "--warmup-epochs", "5", "--data-dir", data_copy]
+    real_group = T.same_group_for_copies
+    monkeypatch.setattr(T, "same_group_for_copies", lambda groups, digests: groups)  # as before the rule
+    monkeypatch.setattr(T, "build_state", lambda *a: REAL_BUILD_STATE(*a[:6], False))  # no cap, as before it
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, *argv, "--output-dir", out, "--run-name", "old"]) == 130
+    monkeypatch.setattr(T, "same_group_for_copies", real_group)
+    monkeypatch.setattr(T, "build_state", REAL_BUILD_STATE)
+    last = T.load_checkpoint(out / "old" / "last.pt")
+    for key in ("copies_grouped", "warmup_capped", "best_epoch"):  # what a last.pt from before them lacks
+        last.pop(key)
+    T.save_checkpoint(out / "old" / "last.pt", last)
+    assert run(["--resume", out / "old", "--num-threads", "1"]) == 0  # the same split: not refused
+    rates = [float(r["lr"]) for r in read_csv(out / "old" / "history.csv")]
+    assert rates[0] < rates[1] < rates[2]  # still warming up, as the run began (capped: 0 at the end)
+
+
 def test_demo_input_error_leaves_no_folder(tmp_path, capsys):
     # The demo writes its data into its run folder before the checks: an error left ~1,350 files and
     # took the run name.
@@ -452,6 +490,8 @@ def augment_batch(*a, **k):
 
 
 def evaluate(st, split, *a, **k):
+    if mode == "late" and rank == 1 and where["epoch"] == st.cfg.epochs:  # during the last validation
+        T._STOP["signal"] = signal.SIGTERM
     sd = T.unwrap(st.eval_model).state_dict()
     dump(f"eval{{where['epoch']}}", {{n: hashlib.sha1(v.cpu().contiguous().numpy().tobytes()).hexdigest()
                                      for n, v in sd.items()}})
@@ -543,6 +583,15 @@ def test_ddp_run_folder_refused_on_rank_0_stops_both(synth_root, tmp_path):
     assert rcs == [2, 2], (rcs, log[-3000:])
     assert "already exists and is never overwritten" in log and "Traceback" not in log
     assert not any((out / "ddp").iterdir())
+
+
+def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tmp_path):
+    # After the last training step only rank 1 saw the signal: it stopped, and rank 0 went on to
+    # calibration and the test report alone (torchrun then killed it).
+    out = tmp_path / "runs"
+    rcs, _, log = _two_processes(tmp_path, "late", _ddp_args(synth_root, out, 2))
+    assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
+    assert "interrupted after the last epoch (2)" in log and not (out / "ddp" / "test_metrics.json").exists()
 
 
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):

@@ -77,20 +77,33 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
         auc, loss = next(rows)
         return {**real(st, split), "val_auc": auc, "val_loss": loss}
 
+    marked, real_plot = [], train_cxr.plot_history
     monkeypatch.setattr(train_cxr, "evaluate", scripted)
+    monkeypatch.setattr(train_cxr, "plot_history",
+                        lambda h, path, best: marked.append(best) or real_plot(h, path, best))
     out_dir = tmp_path / "runs"
-    assert run([*FAST, "--epochs", "5", "--patience", "2", "--data-dir", synth_root, "--output-dir", out_dir,
-                "--run-name", "tie"]) == 0
+    assert stopped_in_epoch(4, monkeypatch, [*FAST, "--epochs", "5", "--patience", "2", "--data-dir", synth_root,
+                                             "--output-dir", out_dir, "--run-name", "tie"]) == 130
+    assert run(["--resume", out_dir / "tie", "--num-threads", "1"]) == 0  # the kept epoch survives a resume
     assert [int(r["epoch"]) for r in read_csv(out_dir / "tie" / "history.csv")] == [1, 2, 3, 4, 5]  # no early stop
     assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3
-    # The history figure marks that epoch too (it marked the first maximum, epoch 2).
-    legends = []
-    monkeypatch.setattr(train_cxr, "_savefig", lambda fig, path: legends.extend(
-        t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()))
-    rows = [{k: int(v) if k == "epoch" else float(v) for k, v in r.items()}
-            for r in read_csv(out_dir / "tie" / "history.csv")]
-    train_cxr.plot_history(rows, out_dir / "unused.png")
-    assert "best epoch (3)" in legends
+    assert marked == [1, 2, 3, 3, 3]  # training_history.png marks the saved epoch (it marked the first maximum, 2)
+
+
+def stopped_in_epoch(n, monkeypatch, argv) -> int:
+    """Exit code of a training run that a Ctrl-C stops in epoch n (last.pt holds epoch n - 1)."""
+    monkeypatch.setitem(train_cxr._STOP, "signal", None)
+    real = train_cxr.train_one_epoch
+
+    def stop(st, train, epoch):
+        if epoch == n:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(st, train, epoch)
+    monkeypatch.setattr(train_cxr, "train_one_epoch", stop)
+    try:
+        return run(argv)
+    finally:
+        monkeypatch.setattr(train_cxr, "train_one_epoch", real)
 
 
 def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
