@@ -1136,8 +1136,8 @@ def choose_threshold(y_true, prob, policy: str) -> float:
     if policy == "youden":
         fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)
         j = int(np.argmax(tpr - fpr))
-        if j == 0:  # no cut beats calling nothing positive (a useless model): above every score, not at 1.0
-            return float(np.nextafter(thr[1], np.inf))
+        if j == 0:  # no cut beats calling nothing positive (a useless model): above every score below 1
+            return float((thr[1] + 1) / 2)
         return float(min(1.0, (thr[j] + thr[j + 1]) / 2 if j + 1 < len(thr) else thr[j]))
     target = float(policy.split(":", 1)[1])
     pos = np.sort(p[y])
@@ -2242,7 +2242,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         if sp is not None:
             check_every_class(sp, classes, f"the {name} split",
                               root / ("train" if name == "val" and not (root / "val").is_dir() else name))
-    return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note,
+    return {"classes": classes, "train": train, "val": val, "test": test, "val_note": val_note, "digests": digests,
             "bad_files": [p for p, _ in bad], "pos": pos}
 
 
@@ -2328,8 +2328,8 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             st.ema.module.load_state_dict(resume["ema"]["module"])
             st.ema.updates = int(resume["ema"]["updates"])
         history, since_best = list(resume["history"]), resume["since_best"]
-        # The epoch best_model.pt holds (a last.pt from before best_epoch kept the first highest AUC).
-        kept = resume.get("best_epoch", history[int(np.argmax([r["val_auc"] for r in history]))]["epoch"])
+        # The epoch best_model.pt holds (a last.pt from before best_epoch: ask best_model.pt itself).
+        kept = resume.get("best_epoch") or load_checkpoint(run_dir / "best_model.pt")["epoch"]
         best = next(r for r in history if r["epoch"] == kept)
         start = resume["epoch"] + 1
         log.info(f"resuming {run_dir} after epoch {resume['epoch']} (best val AUC {best['val_auc']:.4f})")
@@ -2514,7 +2514,7 @@ def split_fingerprint(data_dir: str, *splits: Split) -> str:
 
 def train(cfg: Config, args, rt: Runtime) -> int:
     """A training run, top-down: data, model, the epoch loop (fit), the report (final_report)."""
-    resume = None
+    resume, moved = None, None
     if args.resume:
         resume = load_checkpoint(args.resume, "last.pt")
         if "optimizer" not in resume:
@@ -2525,7 +2525,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
+            moved = None if Path(cfg.data_dir).is_dir() else cfg.data_dir
             cfg.data_dir = os.path.abspath(args.data_dir)
+        elif not Path(cfg.data_dir).is_dir():
+            raise CXRError(f"the data folder of {run_dir}, {cfg.data_dir}, is gone: if it moved, pass its new place, "
+                           f"--resume {run_dir} --data-dir NEW_PLACE")
         if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
             cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
@@ -2563,6 +2567,12 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                            "folder, or start a new run")
         if resume is not None and "split_sha256" not in resume:
             log.info(f"note: {run_dir} predates the split check, so a resume cannot confirm it sees the same images")
+        # The images' contents, not their names: what confirms that a moved data folder is the same data.
+        content_sha = hashlib.sha256("\n\n".join("\n".join(sorted(data["digests"].get(str(p), "") for p in s.paths))
+                                                 for s in (train_s, val_s)).encode()).hexdigest()
+        if moved and resume.get("content_sha256") != content_sha:
+            raise CXRError(f"{cfg.data_dir} does not hold the images {run_dir} was trained on in {moved} (or the run "
+                           "predates the content check): restore that folder, or start a new run")
         steps = len(train_s) // rt.world // cfg.batch_size  # per epoch and process, as in train_one_epoch
         if steps == 0:
             raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
@@ -2591,7 +2601,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps, rules["warmup_capped"])
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, **rules,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
-            "threshold": None, "normalization": norm, "split_sha256": split_sha}
+            "threshold": None, "normalization": norm, "split_sha256": split_sha, "content_sha256": content_sha}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "

@@ -84,6 +84,10 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
     out_dir = tmp_path / "runs"
     assert stopped_in_epoch(4, monkeypatch, [*FAST, "--epochs", "5", "--patience", "2", "--data-dir", synth_root,
                                              "--output-dir", out_dir, "--run-name", "tie"]) == 130
+    last = train_cxr.load_checkpoint(out_dir / "tie" / "last.pt")
+    assert last["best_epoch"] == 3
+    del last["best_epoch"]  # as a last.pt from before it: the resume asks best_model.pt which epoch it holds
+    train_cxr.save_checkpoint(out_dir / "tie" / "last.pt", last)
     assert run(["--resume", out_dir / "tie", "--num-threads", "1"]) == 0  # the kept epoch survives a resume
     assert [int(r["epoch"]) for r in read_csv(out_dir / "tie" / "history.csv")] == [1, 2, 3, 4, 5]  # no early stop
     assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3

@@ -175,11 +175,11 @@ def test_sensitivity_policy_does_not_fall_below_a_negative_it_need_not_call_posi
 
 
 def test_youden_policy_of_a_useless_model_calls_nothing_positive():
-    # No cut beats "nothing positive" (every J <= 0): the threshold was min(1, inf) = 1.0, so a
-    # probability of exactly 1.0 still counted as positive.
-    y, s = np.array([1, 1, 0, 0], bool), np.array([0.2, 0.3, 0.9, 1.0])
+    # No cut beats "nothing positive" (every J <= 0): the threshold was min(1, inf) = 1.0, calling
+    # nothing positive only by the accident that no score was 1. Now: midway from the top score to 1.
+    y, s = np.array([1, 1, 0, 0], bool), np.array([0.2, 0.3, 0.9, 0.96])
     t = T.choose_threshold(y, s, "youden")
-    assert t > 1.0 and T.binary_metrics(y, s, t)["counts"] == {"tp": 0, "fn": 2, "fp": 0, "tn": 2}
+    assert t == pytest.approx(0.98) and T.binary_metrics(y, s, t)["counts"] == {"tp": 0, "fn": 2, "fp": 0, "tn": 2}
 
 
 def test_ece_bins_are_the_reliability_figures_bins():
