@@ -3,6 +3,7 @@ import csv
 import importlib.util
 import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -93,3 +94,19 @@ def load_benchmark(name: str):
 def run(argv, capsys=None) -> int:
     """Run train_cxr.main in-process and return its exit code."""
     return train_cxr.main([str(a) for a in argv])
+
+
+def stopped_in_epoch(n: int, monkeypatch, argv) -> int:
+    """Exit code of a training run that a Ctrl-C stops in epoch n (last.pt holds epoch n - 1)."""
+    monkeypatch.setitem(train_cxr._STOP, "signal", None)
+    real = train_cxr.train_one_epoch
+
+    def stop(st, train, epoch):
+        if epoch == n:
+            train_cxr._STOP["signal"] = signal.SIGINT
+        return real(st, train, epoch)
+    monkeypatch.setattr(train_cxr, "train_one_epoch", stop)
+    try:
+        return run(argv)
+    finally:
+        monkeypatch.setattr(train_cxr, "train_one_epoch", real)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_cxr as T
-from conftest import ROOT, TINY, backend_flags, read_csv, restore_backend_flags, run
+from conftest import ROOT, TINY, backend_flags, read_csv, restore_backend_flags, run, stopped_in_epoch
 
 FAST = [*TINY, "--num-threads", "1"]
 REAL_BUILD_STATE = T.build_state
@@ -271,18 +271,7 @@ def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------
 def stopped_in_epoch_2(monkeypatch, args) -> int:
     """Exit code of a training run that a Ctrl-C stops in epoch 2 (last.pt holds epoch 1)."""
-    monkeypatch.setitem(T._STOP, "signal", None)
-    real = T.train_one_epoch
-
-    def stop_in_epoch_2(st, train, epoch):
-        if epoch == 2:
-            T._STOP["signal"] = signal.SIGINT
-        return real(st, train, epoch)
-    monkeypatch.setattr(T, "train_one_epoch", stop_in_epoch_2)
-    try:
-        return run(args)
-    finally:
-        monkeypatch.setattr(T, "train_one_epoch", real)
+    return stopped_in_epoch(2, monkeypatch, args)
 
 
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):

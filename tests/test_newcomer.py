@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import train_cxr
-from conftest import ROOT, TINY, read_csv, run
+from conftest import ROOT, TINY, read_csv, run, stopped_in_epoch
 
 FAST = [*TINY, "--num-threads", "1"]
 
@@ -92,22 +92,6 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
     assert [int(r["epoch"]) for r in read_csv(out_dir / "tie" / "history.csv")] == [1, 2, 3, 4, 5]  # no early stop
     assert train_cxr.load_checkpoint(out_dir / "tie" / "best_model.pt")["epoch"] == 3
     assert marked == [1, 2, 3, 3, 3]  # training_history.png marks the saved epoch (it marked the first maximum, 2)
-
-
-def stopped_in_epoch(n, monkeypatch, argv) -> int:
-    """Exit code of a training run that a Ctrl-C stops in epoch n (last.pt holds epoch n - 1)."""
-    monkeypatch.setitem(train_cxr._STOP, "signal", None)
-    real = train_cxr.train_one_epoch
-
-    def stop(st, train, epoch):
-        if epoch == n:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real(st, train, epoch)
-    monkeypatch.setattr(train_cxr, "train_one_epoch", stop)
-    try:
-        return run(argv)
-    finally:
-        monkeypatch.setattr(train_cxr, "train_one_epoch", real)
 
 
 def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
