@@ -2291,11 +2291,12 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     params = list(model.parameters())  # no weight decay on biases and BN
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}], lr=cfg.lr)
-    total, warm = max(1, cfg.epochs * steps), max(1, int(cfg.warmup_epochs * steps))
-    if cap_warmup and int(cfg.warmup_epochs * steps) >= total:  # the rate would only rise, and end at its peak
-        warm = max(1, total // 2)
+    total, warm = max(1, cfg.epochs * steps), int(cfg.warmup_epochs * steps)
+    if cap_warmup and warm >= total:  # the rate would only rise, and end at its peak
+        warm = total // 2
         log.info(f"note: --warmup-epochs {cfg.warmup_epochs:g} is not shorter than --epochs {cfg.epochs}: the warm-up "
                  "takes the first half of the run instead, so the learning rate still decays to 0")
+    warm = max(1, warm)
 
     def factor(step: int) -> float:  # linear warm-up, then cosine decay to 0 at the last step
         if step < warm:
@@ -2502,13 +2503,16 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
                        " may change); drop the flag, or start a new run")
 
 
-def split_fingerprint(data_dir: str, *splits: Split) -> str:
-    """sha256 of each split's sorted file paths (relative to DATA_DIR): a resume must train on the same images."""
+def split_fingerprint(data_dir: str, *splits: Split, digests: dict | None = None) -> str:
+    """sha256 of each split's sorted file paths (relative to DATA_DIR): a resume must train on the same images.
+    With digests ({path: sha1}, prepare_data's), of the files' contents instead, whatever their names and
+    folder: what confirms that a moved data folder holds the same images."""
     root = os.path.abspath(data_dir)  # abspath, not resolve: a data set of symbolic links stays under its root
     h = hashlib.sha256()
     for s in splits:
-        rel = sorted(Path(os.path.relpath(os.path.abspath(p), root)).as_posix() for p in s.paths)
-        h.update(("\n".join(rel) + "\n\n").encode())
+        keys = (digests.get(str(p), "") if digests is not None else
+                Path(os.path.relpath(os.path.abspath(p), root)).as_posix() for p in s.paths)
+        h.update(("\n".join(sorted(keys)) + "\n\n").encode())
     return h.hexdigest()
 
 
@@ -2567,9 +2571,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                            "folder, or start a new run")
         if resume is not None and "split_sha256" not in resume:
             log.info(f"note: {run_dir} predates the split check, so a resume cannot confirm it sees the same images")
-        # The images' contents, not their names: what confirms that a moved data folder is the same data.
-        content_sha = hashlib.sha256("\n\n".join("\n".join(sorted(data["digests"].get(str(p), "") for p in s.paths))
-                                                 for s in (train_s, val_s)).encode()).hexdigest()
+        content_sha = split_fingerprint(cfg.data_dir, train_s, val_s, digests=data["digests"])
         if moved and resume.get("content_sha256") != content_sha:
             raise CXRError(f"{cfg.data_dir} does not hold the images {run_dir} was trained on in {moved} (or the run "
                            "predates the content check): restore that folder, or start a new run")

@@ -421,6 +421,12 @@ def test_split_fingerprint_sees_moves_between_classes_and_splits(tmp_path):
     assert a == T.split_fingerprint(str(tmp_path) + "/.", s("B/2.png", "A/1.png"), s("A/3.png"))  # order, spelling
     assert a != T.split_fingerprint(str(tmp_path), s("A/1.png", "A/2.png"), s("A/3.png"))  # another class
     assert a != T.split_fingerprint(str(tmp_path), s("A/1.png"), s("B/2.png", "A/3.png"))  # train -> validation
+    # With the files' digests: their contents, whatever the folder or the names.
+    digests = {str(tmp_path / n): d for n, d in (("A/1.png", "x"), ("B/2.png", "y"), ("A/3.png", "z"),
+                                                   ("C/9.png", "x"))}
+    by_content = T.split_fingerprint(str(tmp_path), s("A/1.png", "B/2.png"), s("A/3.png"), digests=digests)
+    assert by_content == T.split_fingerprint("/elsewhere", s("C/9.png", "B/2.png"), s("A/3.png"), digests=digests)
+    assert by_content != T.split_fingerprint(str(tmp_path), s("A/1.png"), s("B/2.png", "A/3.png"), digests=digests)
 
 
 # ----------------------------------------------------------------------------------------------
