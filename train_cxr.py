@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
 import csv
 import ctypes
 import dataclasses
@@ -313,11 +314,10 @@ def check_modes(args) -> None:
                        "from scratch (there is no warm start); drop --checkpoint, or add the mode")
     if mode == "demo" and "data_dir" in args.given:
         raise CXRError("--demo trains on synthetic X-rays it writes itself: drop --data-dir, or drop --demo")
-    ignored = sorted(args.given - MODE_FLAGS[mode]) if mode in MODE_FLAGS else []
-    if ignored:
-        flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
-        raise CXRError(f"{flags} would change nothing with --{mode}: it uses the checkpoint's own settings "
-                       f"(it reads only {', '.join('--' + k.replace('_', '-') for k in sorted(MODE_FLAGS[mode]))})")
+    dashed = lambda names: ", ".join("--" + k.replace("_", "-") for k in sorted(names))
+    if mode in MODE_FLAGS and args.given - MODE_FLAGS[mode]:
+        raise CXRError(f"{dashed(args.given - MODE_FLAGS[mode])} would change nothing with --{mode}: it uses the "
+                       f"checkpoint's own settings (it reads only {dashed(MODE_FLAGS[mode])})")
 
 
 def check_config(cfg: Config) -> None:
@@ -559,10 +559,10 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
     """Load a checkpoint without executing anything in it (weights_only=True). A run folder means
     its best model (its last.pt for --resume), a --recalibrate folder its recalibrated model."""
     path = Path(path)
-    if path.is_dir() and in_folder == "best_model.pt" and not (path / in_folder).is_file() and \
-            (path / "recalibrated_model.pt").is_file():
-        in_folder = "recalibrated_model.pt"
     if path.is_dir():
+        recalibrated = path / "recalibrated_model.pt"
+        if in_folder == "best_model.pt" and not (path / in_folder).is_file() and recalibrated.is_file():
+            in_folder = recalibrated.name
         if not (path / in_folder).is_file():
             hint = (" (the run finished no epoch); pass its last.pt explicitly to use the latest weights, "
                     "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
@@ -730,7 +730,7 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     with 2 workers, 3% of a full run."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     bad, multi_frame = [], []
-    workers = min(num_workers, max(0, len(paths) // 64))
+    workers = min(num_workers, len(paths) // 64)
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))
@@ -962,7 +962,6 @@ class EMA:
     """Exponential moving average of the weights and of the batch-norm statistics."""
 
     def __init__(self, model: nn.Module, decay: float):
-        import copy
         self.decay, self.updates = decay, 0
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
 
