@@ -1474,23 +1474,20 @@ class GradCAM:
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
         self.model = model
         self.target_layer = target_layer if target_layer is not None else unwrap(model).blocks[-1].relu
-        self._handles: list = []
+        self._hook = None
         self._act = None
 
     def __enter__(self) -> "GradCAM":
-        self._handles.append(self.target_layer.register_forward_hook(
-            lambda module, inputs, output: setattr(self, "_act", output)))
+        self._hook = self.target_layer.register_forward_hook(lambda m, i, out: setattr(self, "_act", out))
         return self
 
     def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._act = None
+        self._hook.remove()
+        self._hook = self._act = None
         return False  # never swallow an exception
 
     def __call__(self, x: torch.Tensor, target=None) -> np.ndarray:
-        if not self._handles:
+        if self._hook is None:
             raise RuntimeError("GradCAM has no hooks: use it as `with GradCAM(model) as cam: cam(x)`")
         try:
             with eval_mode(self.model), torch.enable_grad():
@@ -1821,11 +1818,10 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     write_csv(run_dir / "test_predictions.csv",
               *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, bool(ckpt.get("ood")), labels))
 
-    # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
-    # right and wrong predictions of every class.
+    # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of right and
+    # wrong predictions, at least one of each per class (--num-gradcam-images 0: no gallery).
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
-    # Right and wrong of each class, at least one each; --num-gradcam-images 0: no gallery.
     per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names))) if cfg.num_gradcam_images else 0
     gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
                               for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
