@@ -1181,15 +1181,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DistributedDataParallel
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module):
+    """Batch norm on its running statistics and dropout off inside the block; the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, rt: Runtime,
                   tta: bool, desc: str = "") -> np.ndarray:
-    """Softmax probabilities (N x K) in eval mode, 256 images at a time; the model's mode is restored
-    afterwards. desc names the progress bar (none without it)."""
-    was_training = model.training
-    model.eval()
+    """Softmax probabilities (N x K) in eval mode, 256 images at a time; a progress bar named desc if given."""
     out = []
-    try:
+    with eval_mode(model):
         for i in tqdm(range(0, len(images_u8), 256), desc=desc, leave=False, disable=None if desc else True):
             x = eval_batch(images_u8[i:i + 256], img_size, norm, rt.device)
             x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
@@ -1199,8 +1207,6 @@ def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm
             if tta:
                 p = (p + model(torch.flip(x, dims=[3])).float().softmax(1)) / 2
             out.append(p.cpu())
-    finally:
-        model.train(was_training)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -1248,8 +1254,9 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     # Every random draw of an epoch derives from (seed, epoch, rank): a resumed run repeats it exactly,
     # and under torchrun each process augments (and drops out) its own images differently; with the
     # same seed on every rank, image i of each rank's batch got the same crop, flip and mask.
-    torch.manual_seed(cfg.seed * 1000 + epoch + rt.rank * 10**9)
-    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + rt.rank * 10**9)
+    seed = cfg.seed * 1000 + epoch + rt.rank * 10**9
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     sampler = torch.utils.data.DistributedSampler(range(len(train)), num_replicas=rt.world, rank=rt.rank,
                                                   shuffle=True, seed=cfg.seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -1337,15 +1344,13 @@ def layer_features(model: nn.Module, images_u8: torch.Tensor, img_size: int, nor
     def keep(k):
         return lambda m, i, out: feats[k].append((pool(out) if out.ndim == 4 else out).float().cpu())
     handles = [m.register_forward_hook(keep(k)) for k, m in enumerate(layers)]
-    was_training = net.training
-    net.eval()
     try:
-        for i in range(0, len(images_u8), batch_size):
-            net(eval_batch(images_u8[i:i + batch_size], img_size, norm, device))
+        with eval_mode(net):
+            for i in range(0, len(images_u8), batch_size):
+                net(eval_batch(images_u8[i:i + batch_size], img_size, norm, device))
     finally:
         for h in handles:
             h.remove()
-        net.train(was_training)
     return [torch.cat(f).double().numpy() if f else np.zeros((0, 1)) for f in feats]
 
 
@@ -1387,10 +1392,11 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
     `quantile` of the held-out (patient-grouped validation) scores: about 1 - quantile of images
     like the training ones are flagged. Plain tensors only, for the checkpoint."""
     labels = np.asarray(train_labels)
+    classes, index = np.unique(labels, return_inverse=True)
     guard = {"means": [], "precisions": [], "scales": []}
     for f, h in zip(train_feats, held_out_feats):
-        means = np.stack([f[labels == c].mean(0) for c in np.unique(labels)])
-        centred = f - means[np.searchsorted(np.unique(labels), labels)]
+        means = np.stack([f[labels == c].mean(0) for c in classes])
+        centred = f - means[index]
         precision = LedoitWolf(assume_centered=True).fit(centred).precision_
         guard["means"].append(torch.from_numpy(means).float())
         guard["precisions"].append(torch.from_numpy(precision).float())
@@ -1467,28 +1473,23 @@ class GradCAM:
     def __init__(self, model: nn.Module, target_layer: nn.Module | None = None):
         self.model = model
         self.target_layer = target_layer if target_layer is not None else unwrap(model).blocks[-1].relu
-        self._handles: list = []
+        self._hook = None
         self._act = None
 
     def __enter__(self) -> "GradCAM":
-        self._handles.append(self.target_layer.register_forward_hook(
-            lambda module, inputs, output: setattr(self, "_act", output)))
+        self._hook = self.target_layer.register_forward_hook(lambda m, i, out: setattr(self, "_act", out))
         return self
 
     def __exit__(self, *exc) -> bool:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._act = None
+        self._hook.remove()
+        self._hook = self._act = None
         return False  # never swallow an exception
 
     def __call__(self, x: torch.Tensor, target=None) -> np.ndarray:
-        if not self._handles:
+        if self._hook is None:
             raise RuntimeError("GradCAM has no hooks: use it as `with GradCAM(model) as cam: cam(x)`")
-        was_training = self.model.training
-        self.model.eval()  # batch norm must use running statistics, dropout must be off
         try:
-            with torch.enable_grad():
+            with eval_mode(self.model), torch.enable_grad():
                 x = x.detach().requires_grad_(True)  # a graph exists even for a frozen model
                 logits = self.model(x)
                 if target is None:
@@ -1505,9 +1506,7 @@ class GradCAM:
                 cam = F.relu((weights * self._act.detach().float()).sum(1, keepdim=True))
         finally:
             self._act = None
-            self.model.train(was_training)
-        cam = _minmax(cam)
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        cam = F.interpolate(_minmax(cam), size=x.shape[-2:], mode="bilinear", align_corners=False)
         return _minmax(cam)[:, 0].cpu().numpy().astype(np.float32)
 
 
@@ -1597,10 +1596,10 @@ def gradcam_maps(model: nn.Module, images_u8: torch.Tensor, targets, ck: dict, r
 
 
 def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.ndarray:
-    """Two classes: positive when P(positive) >= threshold (0.5 without one); more classes: the argmax.
-    The maps explain these labels: with a threshold of 0.35, an image at p=0.4 is shown and
-    explained as PNEUMONIA."""
-    if probs.shape[1] == 2:  # without a threshold P >= 0.5, as the metrics count it (argmax gives a tie to class 0)
+    """Two classes: positive when P(positive) >= threshold (0.5 without one, as the metrics count it: argmax
+    would give a tie to class 0); more classes: the argmax. The maps explain these labels: with a
+    threshold of 0.35, an image at p=0.4 is shown and explained as PNEUMONIA."""
+    if probs.shape[1] == 2:
         return np.where(probs[:, pos] >= (0.5 if threshold is None else threshold), pos, 1 - pos)
     return probs.argmax(1)
 
@@ -1788,7 +1787,6 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                  f"test ROC ({class_names[pos]})", (1 - res["specificity"], res["sensitivity"]), thr)
         plot_reliability(y, s, res["ece"], run_dir / "reliability.png", f"test calibration: P({class_names[pos]})")
     else:
-        top = probs.max(1)
         at_thr = lambda labels, probs: {"n": int(len(labels)), "auc": multiclass_auc(labels, probs, pos),
                                         "auc_classes": int(sum(0 < (labels == k).sum() < len(labels)  # averaged
                                                                for k in range(len(class_names)))),
@@ -1797,7 +1795,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         curves = [(*roc_curve(labels == k, probs[:, k])[:2], f"{name} (AUC {roc_auc(labels == k, probs[:, k]):.3f})")
                   for k, name in enumerate(class_names) if 0 < (labels == k).sum() < len(labels)]
         plot_roc(curves, run_dir / "roc_curve.png", "test ROC, one vs rest")
-        plot_reliability(preds == labels, top, res["ece"], run_dir / "reliability.png",
+        plot_reliability(preds == labels, probs.max(1), res["ece"], run_dir / "reliability.png",
                          "test calibration: confidence of the predicted class")
     cm = confusion_matrix(labels, preds, labels=range(len(class_names)))
     res["confusion_matrix"] = cm.tolist()
@@ -1819,11 +1817,10 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     write_csv(run_dir / "test_predictions.csv",
               *prediction_rows([str(p) for p in test.paths], sc, class_names, threshold, bool(ckpt.get("ood")), labels))
 
-    # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of
-    # right and wrong predictions of every class.
+    # Grad-CAM: the share of heat inside the lung box over the whole test set, and a gallery of right and
+    # wrong predictions, at least one of each per class (--num-gradcam-images 0: no gallery).
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
-    # Right and wrong of each class, at least one each; --num-gradcam-images 0: no gallery.
     per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names))) if cfg.num_gradcam_images else 0
     gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
                               for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
@@ -1831,7 +1828,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
         tiles = save_cam_set(folder, [f"test_{i:02d}" for i in range(len(gallery))], test.images[gallery],
-                             maps_all[gallery], {k: sc[k][gallery] for k in ("probs", "preds", "in_distribution")},
+                             maps_all[gallery], {k: v[gallery] for k, v in sc.items()},
                              ckpt, labels[gallery], save_arrays=cfg.save_cam_arrays)
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
                   + label_rule(ckpt))
@@ -1845,21 +1842,19 @@ def summary_table(res: dict) -> str:
     rows = [("n", res["n"]), ("AUC", f"{res['auc']:.4f}")]
     ood = res.get("ood", {}).get("in_distribution_only")
     if "auc_ci95" in res:
-        ci = res["auc_ci95"]  # none without bootstrap resamples (--bootstrap 0)
-        ci = (f"{ci[0]:.4f} - {ci[1]:.4f}" if all(v is not None and math.isfinite(v) for v in ci)
+        lo, hi = res["auc_ci95"]  # nan without bootstrap resamples
+        ci = (f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
               else "none (--bootstrap 0, or no resample kept both classes)")
-        rows += [("AUC 95% CI", ci),
-                 ("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})")]
+        rows += [("AUC 95% CI", ci), ("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})")]
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
     else:
-        rows.append(("accuracy", f"{res['accuracy']:.4f}" + (f"  (in-distribution only: {ood['accuracy']:.4f}, "
-                                                             f"AUC {ood['auc']:.4f} over {ood['auc_classes']} "
-                                                             "classes)" if ood else "")))
-    rows.append(("calibration error (ECE)", f"{res['ece']:.4f}" + (
-        f"  (uncalibrated: {res['ece_uncalibrated']:.4f})" if res.get("calibrated") and "ece_uncalibrated" in res
-        else "" if res.get("calibrated") else "  (the checkpoint has no calibration)")))
+        inside = (f"  (in-distribution only: {ood['accuracy']:.4f}, AUC {ood['auc']:.4f} over {ood['auc_classes']} "
+                  "classes)" if ood else "")
+        rows.append(("accuracy", f"{res['accuracy']:.4f}{inside}"))
+    ece = f"uncalibrated: {res['ece_uncalibrated']:.4f}" if res["calibrated"] else "the checkpoint has no calibration"
+    rows.append(("calibration error (ECE)", f"{res['ece']:.4f}  ({ece})"))
     if "ood" in res:
         rows.append(("unlike training (OOD)", f"{res['ood']['flagged']} of {res['n']} "
                                               f"({res['ood']['share_flagged']:.1%}) flagged"))
