@@ -2184,14 +2184,14 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             val_samples = []
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
-    train_all, bad = load_split(train_samples, cfg, "decode train")
-    rels = [class_relative(p, root) for p in train_all.paths]
-    named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train_all.paths, rels)]  # "": none
+    train, bad = load_split(train_samples, cfg, "decode train")
+    rels = [class_relative(p, root) for p in train.paths]
+    named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train.paths, rels)]  # "": none
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
     # reading a DICOM header twice costs time).
-    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train_all.paths, rels)]
+    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train.paths, rels)]
     if group_copies:
-        train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train_all.paths])
+        train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train.paths])
     in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
@@ -2217,9 +2217,8 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
                         f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
                         "to one side (ids from file names, see --patient-regex)")
-    train = train_all
     if val is None:
-        labels = train_all.labels.numpy()
+        labels = train.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
         if counts.min() < 2:
             c = classes[int(counts.argmin())]
@@ -2235,7 +2234,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                            f"{counts[k]} images in {root / 'train' / classes[k]} belong to {len(ids)} patient(s)"
                            + (f", {n} of them to {top!r}" if n > 1 and 2 * n >= counts[k] else "") +
                            "; add images, raise --val-fraction, or pass --patient-regex if those ids are wrong")
-        train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
+        train, val = train.subset(tr_idx), train.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
@@ -2484,10 +2483,13 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
 RESUME_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", "strict"}
 
 
-def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
-    """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored."""
+def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
+    """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored.
+    Returns the run's data folder if it is gone and --data-dir names its new place (train checks the images)."""
+    moved = None if Path(cfg.data_dir).is_dir() else cfg.data_dir
+
     def same(key, typed, stored):
-        if key == "data_dir" and not Path(stored).expanduser().is_dir():  # moved: the split check confirms it
+        if key == "data_dir" and moved:  # its new place: train compares the images
             return True
         if key in ("data_dir", "output_dir"):  # the same folder spelled another way is the same folder
             return Path(typed).expanduser().resolve() == Path(stored).expanduser().resolve()
@@ -2501,6 +2503,10 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
         raise CXRError(f"{said}: --resume continues {run_dir} with its own settings and learning-rate schedule "
                        "(only " + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FLAGS)) +
                        " may change); drop the flag, or start a new run")
+    if moved and "data_dir" not in args.given:
+        raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
+                       f"--resume {run_dir} --data-dir NEW_PLACE")
+    return moved
 
 
 def split_fingerprint(data_dir: str, *splits: Split, digests: dict | None = None) -> str:
@@ -2525,15 +2531,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
         cfg = Config.from_dict(resume["config"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        check_resume_flags(args, cfg, run_dir)
+        moved = check_resume_flags(args, cfg, run_dir)
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
-            moved = None if Path(cfg.data_dir).is_dir() else cfg.data_dir
             cfg.data_dir = os.path.abspath(args.data_dir)
-        elif not Path(cfg.data_dir).is_dir():
-            raise CXRError(f"the data folder of {run_dir}, {cfg.data_dir}, is gone: if it moved, pass its new place, "
-                           f"--resume {run_dir} --data-dir NEW_PLACE")
         if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
             cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
@@ -2579,20 +2581,18 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if steps == 0:
             raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
                            f"in each of {rt.world} process(es): lower --batch-size or add images")
-    made = None  # rank 0's run folder, or the error that refused it (which every process must then raise)
+    refused = None  # why rank 0 could not make the run folder: every process must then stop
     if not demo and resume is None and rt.is_main:
         try:
             run_dir = make_run_dir(cfg)
         except CXRError as e:
-            if rt.world == 1:
-                raise
-            made, run_dir = e, None
+            refused, run_dir = str(e), None
     if rt.world > 1:  # the other processes waited here for a folder that never came, or (NCCL) hung
-        box = [(str(made) if made else None, str(run_dir)) if rt.is_main else None]
+        box = [(refused, str(run_dir)) if rt.is_main else None]
         torch.distributed.broadcast_object_list(box)
-        if box[0][0]:
-            raise CXRError(box[0][0])
-        run_dir = Path(box[0][1])
+        refused, run_dir = box[0][0], Path(box[0][1])
+    if refused:
+        raise CXRError(refused)
     if rt.is_main and resume is not None:
         attach_log_file(run_dir / "train.log")
     if rt.device.type == "cuda":
