@@ -2767,10 +2767,10 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     """--recalibrate DIR: refit calibration, threshold and the guard's cutoff on a new site's
     labelled folder; the weights are copied unchanged into a new checkpoint."""
     ckpt, model = checkpoint_model(args, rt)
-    folder = Path(args.recalibrate)
+    folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
     check_threshold_policy(args, classes)
-    if "ood_quantile" in args.given and not ckpt.get("ood"):
+    if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
@@ -2779,17 +2779,16 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     warn_if_unlike_training(before["in_distribution"], str(folder))
-    if ckpt.get("ood"):
-        q = cfg.ood_quantile if "ood_quantile" in args.given else float(ckpt["ood"]["quantile"])
-        new["ood"], site_cut = refit_ood_cutoff(ckpt["ood"], before["ood_score"], q, folder.resolve())
     counts = {c: int((split.labels == k).sum()) for k, c in enumerate(classes)}
     replaced = ("calibration", "threshold", "threshold_policy", "prevalence", "thresholds_by_policy", "recalibration")
-    old_guard = {k: ckpt["ood"].get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")} if ckpt.get("ood") else None
+    old_guard = {k: guard.get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")} if guard else None
     new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": new["threshold_policy"],
                             "from_checkpoint": str(Path(args.checkpoint).resolve()),
                             "date": _dt.datetime.now().isoformat(timespec="seconds"),
                             "before": {k: ckpt.get(k) for k in replaced} | {"ood": old_guard}}
-    if ckpt.get("ood"):
+    if guard:
+        q = cfg.ood_quantile if "ood_quantile" in args.given else float(guard["quantile"])
+        new["ood"], site_cut = refit_ood_cutoff(guard, before["ood_score"], q, folder.resolve())
         new["recalibration"]["ood_site_percentile"] = {"quantile": q, "value": site_cut}
     run_dir = make_run_dir(cfg)
     out = {**ckpt, **new}
@@ -2805,10 +2804,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
-    if ckpt.get("ood"):
-        kept = new["ood"] is ckpt["ood"]
+    if guard:
         log.info(f"  guard cutoff {new['ood']['cutoff']:.3f}: " + (
-            f"kept, as the folder's {100 * q:g}th percentile ({site_cut:.3f}) is lower" if kept
+            f"kept, as the folder's {100 * q:g}th percentile ({site_cut:.3f}) is lower" if new["ood"] is guard
             else f"the folder's {100 * q:g}th percentile"))
     for name in ("before", "after"):
         m = measured[name]
