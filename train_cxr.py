@@ -2170,8 +2170,8 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             val_classes, val_samples = list_image_folder(root / "val")
         if val_classes:
             check_same_classes(root, "val", classes, val_classes)
-        counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
-        if val_classes == classes and min(counts) >= cfg.min_val_per_class:
+        counts = np.bincount([s[1] for s in val_samples], minlength=len(classes))
+        if val_classes == classes and counts.min() >= cfg.min_val_per_class:
             if "val_fraction" in typed:
                 raise CXRError(f"--val-fraction: validation is {root / 'val'} ({len(val_samples)} images), nothing is "
                                "carved from train; drop the flag, or move val/ away to carve the split")
