@@ -2544,10 +2544,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 best_path.is_file() and "calibration" in load_checkpoint(best_path)):
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
-    demo = args.demo and resume is None
-    if demo and rt.world > 1:
+    if args.demo and rt.world > 1:
         raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
-    if demo:
+    if args.demo:
         run_dir = make_run_dir(cfg)
         data_root = run_dir / "demo_data"
         log.info(f"demo: writing synthetic X-rays to {data_root}")
@@ -2558,7 +2557,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES.clear()
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
-    with phase("decode and data checks"), removed_on_input_error(run_dir if demo else None):
+    with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
         if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
             check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
@@ -2582,7 +2581,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
                            f"in each of {rt.world} process(es): lower --batch-size or add images")
     refused = None  # why rank 0 could not make the run folder: every process must then stop
-    if not demo and resume is None and rt.is_main:
+    if not args.demo and resume is None and rt.is_main:
         try:
             run_dir = make_run_dir(cfg)
         except CXRError as e:
