@@ -2164,8 +2164,8 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             val_classes, val_samples = list_image_folder(root / "val")
         if val_classes:
             check_same_classes(root, "val", classes, val_classes)
-        counts = np.bincount([s[1] for s in val_samples], minlength=len(classes)) if val_samples else [0]
-        if val_classes == classes and min(counts) >= cfg.min_val_per_class:
+        counts = np.bincount([s[1] for s in val_samples], minlength=len(classes))
+        if val_classes == classes and counts.min() >= cfg.min_val_per_class:
             if "val_fraction" in typed:
                 raise CXRError(f"--val-fraction: validation is {root / 'val'} ({len(val_samples)} images), nothing is "
                                "carved from train; drop the flag, or move val/ away to carve the split")
@@ -2178,14 +2178,14 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             val_samples = []
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
-    train_all, bad = load_split(train_samples, cfg, "decode train")
-    rels = [class_relative(p, root) for p in train_all.paths]
-    named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train_all.paths, rels)]  # "": none
+    train, bad = load_split(train_samples, cfg, "decode train")
+    rels = [class_relative(p, root) for p in train.paths]
+    named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train.paths, rels)]  # "": none
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
     # reading a DICOM header twice costs time).
-    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train_all.paths, rels)]
+    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train.paths, rels)]
     if group_copies:
-        train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train_all.paths])
+        train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train.paths])
     in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
@@ -2211,9 +2211,8 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             log.warning(f"warning: {len(shared)} patient id(s) have images in both train and {name} "
                         f"(e.g. {', '.join(shared[:3])}): {name} figures will be optimistic; move them "
                         "to one side (ids from file names, see --patient-regex)")
-    train = train_all
     if val is None:
-        labels = train_all.labels.numpy()
+        labels = train.labels.numpy()
         counts = np.bincount(labels, minlength=len(classes))
         if counts.min() < 2:
             c = classes[int(counts.argmin())]
@@ -2229,7 +2228,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                            f"{counts[k]} images in {root / 'train' / classes[k]} belong to {len(ids)} patient(s)"
                            + (f", {n} of them to {top!r}" if n > 1 and 2 * n >= counts[k] else "") +
                            "; add images, raise --val-fraction, or pass --patient-regex if those ids are wrong")
-        train, val = train_all.subset(tr_idx), train_all.subset(va_idx)
+        train, val = train.subset(tr_idx), train.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
     for name, sp in (("train", train), ("val", val), ("test", test)):
@@ -2478,10 +2477,13 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
 RESUME_FLAGS = {"device", "amp", "deterministic", "num_threads", "num_workers", "strict"}
 
 
-def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
-    """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored."""
+def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
+    """A resume repeats the run's own settings: a typed flag that differs from them is refused, not ignored.
+    Returns the run's data folder if it is gone and --data-dir names its new place (train checks the images)."""
+    moved = None if Path(cfg.data_dir).is_dir() else cfg.data_dir
+
     def same(key, typed, stored):
-        if key == "data_dir" and not Path(stored).expanduser().is_dir():  # moved: the split check confirms it
+        if key == "data_dir" and moved:  # its new place: train compares the images
             return True
         if key in ("data_dir", "output_dir"):  # the same folder spelled another way is the same folder
             return Path(typed).expanduser().resolve() == Path(stored).expanduser().resolve()
@@ -2495,6 +2497,10 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> None:
         raise CXRError(f"{said}: --resume continues {run_dir} with its own settings and learning-rate schedule "
                        "(only " + ", ".join("--" + k.replace("_", "-") for k in sorted(RESUME_FLAGS)) +
                        " may change); drop the flag, or start a new run")
+    if moved and "data_dir" not in args.given:
+        raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
+                       f"--resume {run_dir} --data-dir NEW_PLACE")
+    return moved
 
 
 def split_fingerprint(data_dir: str, *splits: Split, digests: dict | None = None) -> str:
@@ -2519,15 +2525,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
         cfg = Config.from_dict(resume["config"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
-        check_resume_flags(args, cfg, run_dir)
+        moved = check_resume_flags(args, cfg, run_dir)
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
-            moved = None if Path(cfg.data_dir).is_dir() else cfg.data_dir
             cfg.data_dir = os.path.abspath(args.data_dir)
-        elif not Path(cfg.data_dir).is_dir():
-            raise CXRError(f"the data folder of {run_dir}, {cfg.data_dir}, is gone: if it moved, pass its new place, "
-                           f"--resume {run_dir} --data-dir NEW_PLACE")
         if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
             cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
@@ -2536,10 +2538,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 best_path.is_file() and "calibration" in load_checkpoint(best_path)):
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
-    demo = args.demo and resume is None
-    if demo and rt.world > 1:
+    if args.demo and rt.world > 1:
         raise CXRError("--demo runs in one process: drop torchrun, or make the demo data first")
-    if demo:
+    if args.demo:
         run_dir = make_run_dir(cfg)
         data_root = run_dir / "demo_data"
         log.info(f"demo: writing synthetic X-rays to {data_root}")
@@ -2550,7 +2551,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES.clear()
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
-    with phase("decode and data checks"), removed_on_input_error(run_dir if demo else None):
+    with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
         if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
             check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
@@ -2573,20 +2574,18 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if steps == 0:
             raise CXRError(f"{len(train_s)} training images make no full batch of --batch-size {cfg.batch_size} "
                            f"in each of {rt.world} process(es): lower --batch-size or add images")
-    made = None  # rank 0's run folder, or the error that refused it (which every process must then raise)
-    if not demo and resume is None and rt.is_main:
+    refused = None  # why rank 0 could not make the run folder: every process must then stop
+    if not args.demo and resume is None and rt.is_main:
         try:
             run_dir = make_run_dir(cfg)
         except CXRError as e:
-            if rt.world == 1:
-                raise
-            made, run_dir = e, None
+            refused, run_dir = str(e), None
     if rt.world > 1:  # the other processes waited here for a folder that never came, or (NCCL) hung
-        box = [(str(made) if made else None, str(run_dir)) if rt.is_main else None]
+        box = [(refused, str(run_dir)) if rt.is_main else None]
         torch.distributed.broadcast_object_list(box)
-        if box[0][0]:
-            raise CXRError(box[0][0])
-        run_dir = Path(box[0][1])
+        refused, run_dir = box[0][0], Path(box[0][1])
+    if refused:
+        raise CXRError(refused)
     if rt.is_main and resume is not None:
         attach_log_file(run_dir / "train.log")
     if rt.device.type == "cuda":
@@ -2761,10 +2760,10 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     """--recalibrate DIR: refit calibration, threshold and the guard's cutoff on a new site's
     labelled folder; the weights are copied unchanged into a new checkpoint."""
     ckpt, model = checkpoint_model(args, rt)
-    folder = Path(args.recalibrate)
+    folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
     check_threshold_policy(args, classes)
-    if "ood_quantile" in args.given and not ckpt.get("ood"):
+    if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
@@ -2773,17 +2772,16 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     warn_if_unlike_training(before["in_distribution"], str(folder))
-    if ckpt.get("ood"):
-        q = cfg.ood_quantile if "ood_quantile" in args.given else float(ckpt["ood"]["quantile"])
-        new["ood"], site_cut = refit_ood_cutoff(ckpt["ood"], before["ood_score"], q, folder.resolve())
     counts = {c: int((split.labels == k).sum()) for k, c in enumerate(classes)}
     replaced = ("calibration", "threshold", "threshold_policy", "prevalence", "thresholds_by_policy", "recalibration")
-    old_guard = {k: ckpt["ood"].get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")} if ckpt.get("ood") else None
+    old_guard = {k: guard.get(k) for k in ("cutoff", "quantile", "cutoff_fitted_on")} if guard else None
     new["recalibration"] = {"folder": str(folder.resolve()), "images": counts, "policy": new["threshold_policy"],
                             "from_checkpoint": str(Path(args.checkpoint).resolve()),
                             "date": _dt.datetime.now().isoformat(timespec="seconds"),
                             "before": {k: ckpt.get(k) for k in replaced} | {"ood": old_guard}}
-    if ckpt.get("ood"):
+    if guard:
+        q = cfg.ood_quantile if "ood_quantile" in args.given else float(guard["quantile"])
+        new["ood"], site_cut = refit_ood_cutoff(guard, before["ood_score"], q, folder.resolve())
         new["recalibration"]["ood_site_percentile"] = {"quantile": q, "value": site_cut}
     run_dir = make_run_dir(cfg)
     out = {**ckpt, **new}
@@ -2799,10 +2797,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
-    if ckpt.get("ood"):
-        kept = new["ood"] is ckpt["ood"]
+    if guard:
         log.info(f"  guard cutoff {new['ood']['cutoff']:.3f}: " + (
-            f"kept, as the folder's {100 * q:g}th percentile ({site_cut:.3f}) is lower" if kept
+            f"kept, as the folder's {100 * q:g}th percentile ({site_cut:.3f}) is lower" if new["ood"] is guard
             else f"the folder's {100 * q:g}th percentile"))
     for name in ("before", "after"):
         m = measured[name]
