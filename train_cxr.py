@@ -1962,7 +1962,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "predictions.csv").is_file():
         with open(folder / "predictions.csv", newline="") as f:
             rows = list(csv.reader(f))
-        overlays = {int(p.name[:5]): p.name for p in cam.glob("[0-9][0-9][0-9][0-9][0-9]_*.png")}  # --predict's
+        # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
+        overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
         # As the CSV has them (6 decimals): rounded to 4, P and threshold could read alike under other labels.
         body = [[*r, _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
                 for k, r in enumerate(rows[1:])]

@@ -202,3 +202,18 @@ def test_report_is_written_atomically(folders, tmp_path, monkeypatch):
     train_cxr.write_report(tmp_path, "empty folder")  # a folder with nothing in it still gets a valid page
     assert written == [tmp_path / "report.html"]
     assert Page(tmp_path / "report.html").links == []
+
+
+def test_predict_page_finds_overlays_past_image_99999(tmp_path):
+    # --predict names overlays {k:05d}_<file>; image 100,000's prefix has six digits and the page's
+    # lookup once matched exactly five, so that image and every later one lost its overlay silently.
+    (tmp_path / "grad_cam").mkdir()
+    with open(tmp_path / "predictions.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["file", "predicted"], *([f"x{k}.png", "NORMAL"] for k in range(100_001))])
+    for name in ("00007_x7.png", "100000_x100000.png"):
+        (tmp_path / "grad_cam" / name).write_bytes(b"")
+    page = Page(train_cxr.write_report(tmp_path, "predict"))
+    assert len(page.tables["predictions"]) == 100_002
+    # each overlay is linked twice (the thumbnail and its link), and nothing else is
+    overlays = sorted(link for link in page.links if link.startswith("grad_cam/"))
+    assert overlays == ["grad_cam/00007_x7.png"] * 2 + ["grad_cam/100000_x100000.png"] * 2
