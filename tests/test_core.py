@@ -240,6 +240,10 @@ def test_bootstrap_ci():
     assert hi - lo < 0.25
     assert train_cxr.bootstrap_auc_ci(y, s, 300, seed=5) == [lo, hi]
     assert train_cxr.bootstrap_auc_ci(y, s, 300, seed=6) != [lo, hi]
+    # The 2.5th and 97.5th percentiles of the resampled AUCs (report.html and test_metrics.json say 95%).
+    rng = np.random.default_rng(5)
+    aucs = [train_cxr.roc_auc(y[i], s[i]) for i in (rng.integers(0, len(y), len(y)) for _ in range(300))]
+    assert [lo, hi] == pytest.approx(np.percentile(aucs, [2.5, 97.5]), abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------

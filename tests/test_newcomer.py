@@ -94,6 +94,38 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
     assert marked == [1, 2, 3, 3, 3]  # training_history.png marks the saved epoch (it marked the first maximum, 2)
 
 
+def test_early_stop_after_patience_epochs_also_across_a_resume_and_each_epoch_augments_anew(
+        synth_root, tmp_path, monkeypatch):
+    # Validation AUC 0.9 at epoch 1, 0.8 after: with --patience 2 the run stops after epoch 3, the second
+    # epoch without a better AUC. A resume in epoch 3 must count epoch 2 as one of them, not start afresh.
+    real_evaluate, real_augment, calls = train_cxr.evaluate, train_cxr.augment_batch, []
+
+    def scripted(st, split):
+        calls.append(1)
+        return {**real_evaluate(st, split), "val_auc": 0.9 if len(calls) == 1 else 0.8}
+    draws = []  # the next random numbers of each augmentation call's generator, without using them
+
+    def spied(images, cfg, norm, gen):
+        draws.append(torch.rand(4, generator=torch.Generator().set_state(gen.get_state())))
+        return real_augment(images, cfg, norm, gen)
+    monkeypatch.setattr(train_cxr, "evaluate", scripted)
+    monkeypatch.setattr(train_cxr, "augment_batch", spied)
+    out = tmp_path / "runs"
+    argv = [*FAST, "--epochs", "6", "--patience", "2", "--data-dir", synth_root, "--output-dir", out]
+    assert run([*argv, "--run-name", "straight"]) == 0
+    assert [int(r["epoch"]) for r in read_csv(out / "straight" / "history.csv")] == [1, 2, 3]
+    assert "early stop: no better validation AUC for 2 epochs" in (out / "straight" / "train.log").read_text()
+    # Every epoch draws its own crops, flips and exposures: the (seed, epoch, rank) seed, not (seed, rank).
+    per_epoch = len(draws) // 3
+    firsts = [draws[e * per_epoch] for e in range(3)]
+    assert not any(torch.equal(a, b) for i, a in enumerate(firsts) for b in firsts[i + 1:])
+
+    calls.clear()
+    assert stopped_in_epoch(3, monkeypatch, [*argv, "--run-name", "resumed"]) == 130
+    assert run(["--resume", out / "resumed", "--num-threads", "1"]) == 0
+    assert [int(r["epoch"]) for r in read_csv(out / "resumed" / "history.csv")] == [1, 2, 3]
+
+
 def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
     # DATA_DIR/val (large enough) is the validation split: a typed --val-fraction was dropped unsaid,
     # while config.json recorded it.

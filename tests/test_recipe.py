@@ -32,6 +32,16 @@ def test_ema_tracks_and_lags_the_trained_weights():
         ema.update(model)
     for b, e, p in zip(before, ema.module.parameters(), model.parameters()):
         assert torch.all(e > b) and torch.all(e < p)  # moved towards the model, not onto it
+    # How far: update n keeps d = min(decay, (1 + n) / (10 + n)) of the gap, so the 3 updates leave
+    # 2/11 * 3/12 * 4/13 of it; warmed up, one update closes 1 - decay. (Between the two, as checked
+    # above, is all a decay used the wrong way round would also be.)
+    for b, e in zip(before, ema.module.parameters()):
+        torch.testing.assert_close(e - b, torch.full_like(b, 1 - 2 / 11 * 3 / 12 * 4 / 13))
+    ema.updates = 10**9
+    start = [e.clone() for e in ema.module.parameters()]
+    ema.update(model)
+    for s, e, p in zip(start, ema.module.parameters(), model.parameters()):
+        torch.testing.assert_close(e - s, 0.1 * (p - s))
 
 
 def test_saved_best_model_holds_the_ema_weights(synth_root, tmp_path):

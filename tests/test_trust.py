@@ -120,6 +120,13 @@ def test_ece_matches_a_reference_built_on_sklearn_calibration_curve():
     ref = float((counts[counts > 0] / len(p) * np.abs(frac - mean)).sum())
     assert T.calibration_error(y, p) == pytest.approx(ref, abs=1e-12)
     assert T.calibration_error(y, np.clip(p + 0.1, 0, 1)) < T.calibration_error(y, p)
+    # Overconfident at both ends: the bins' gaps have opposite signs and must add up, not cancel.
+    assert T.calibration_error([1, 0], [0.1, 0.9]) == pytest.approx(0.9)
+    q = np.clip(0.5 + 1.8 * (p - 0.5), 0, 1)
+    frac, mean = calibration_curve(y, q, n_bins=15, strategy="uniform")
+    counts = np.histogram(q, bins=np.linspace(0, 1, 16))[0]
+    assert T.calibration_error(y, q) == pytest.approx(float((counts[counts > 0] / len(q) * np.abs(frac - mean)).sum()),
+                                                      abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -337,6 +344,9 @@ def test_guard_log_says_how_many_validation_images_score_above_the_cutoff(traine
     log = (trained / "train.log").read_text()
     assert f"the 99th percentile of the {n} validation images ({above} score above it)" in log
     assert 0 < n < 200 and 1 <= above < n and f"a guard cutoff set on {n} validation images flags more" in log
+    # held out = the validation split: scales and cutoff set on the training images themselves would
+    # sit lower and flag new images more often than 1 - OOD_QUANTILE
+    assert n == json.loads((trained / "config.json").read_text())["split_sizes"]["val"]
 
 
 def test_cutoffs_the_guard_was_compared_with():

@@ -277,3 +277,31 @@ def test_gradcam_layers_benchmark_reports_every_layer(trained, synth_root, capsy
         shares = [float(v) for v in re.findall(r"-pred (\d\.\d\d)", ln)]
         assert shares and all(0 <= v <= 1 for v in shares)
         assert 0 <= float(re.search(r"lung box (\d\.\d+)", ln).group(1)) <= 1
+
+
+def test_predict_numbers_every_overlay_past_the_first_chunk(trained, synth_root, tmp_path):
+    # Overlays are drawn in chunks of 64 images (bounded memory); a chunk numbered from 0 again would
+    # give image 64 the name of image 0 and leave report.html's rows pointing at other images' maps.
+    out = tmp_path / "pred"
+    assert run(["--predict", synth_root / "test", synth_root / "train" / "NORMAL", "--checkpoint", trained,
+                "--output-dir", out, "--run-name", "p", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    rows = read_csv(out / "p" / "predictions.csv")
+    assert len(rows) == 110
+    names = sorted(p.name for p in (out / "p" / "grad_cam").glob("*.png"))
+    assert len(names) == len(rows)
+    for k, (r, name) in enumerate(zip(rows, names)):
+        assert name.startswith(f"{k:05d}_{Path(r['path']).stem}_pred-{r['predicted']}_"), (k, name)
+    page = (out / "p" / "report.html").read_text()
+    assert [int(k) for k in re.findall(r'<img src="grad_cam/(\d+)_', page)] == list(range(110))
+
+
+def test_normalize_dataset_stores_the_training_splits_statistics(synth_root, tmp_path):
+    # --normalize dataset: the mean and std of the training split (as --help says), not of validation
+    # or of train and validation together; the checkpoint carries them to --predict and --evaluate.
+    assert run([*TINY, *ONE_THREAD, "--epochs", 1, "--normalize", "dataset", "--data-dir", synth_root,
+                "--output-dir", tmp_path, "--run-name", "n", "--num-gradcam-images", 0, "--bootstrap", 0]) == 0
+    ckpt = train_cxr.load_checkpoint(tmp_path / "n" / "best_model.pt")
+    data = train_cxr.prepare_data(train_cxr.Config.from_dict(ckpt["config"]))
+    train_stats = train_cxr.dataset_norm(data["train"].images, "dataset")
+    assert train_stats != train_cxr.dataset_norm(data["val"].images, "dataset")  # the check can tell them apart
+    assert ckpt["normalization"] == train_stats
