@@ -1,6 +1,7 @@
 """report.html: one static page per run, --evaluate and --predict folder, parsed with html.parser."""
 import csv
 import json
+import re
 import shutil
 import urllib.parse
 from html.parser import HTMLParser
@@ -217,3 +218,15 @@ def test_predict_page_finds_overlays_past_image_99999(tmp_path):
     # each overlay is linked twice (the thumbnail and its link), and nothing else is
     overlays = sorted(link for link in page.links if link.startswith("grad_cam/"))
     assert overlays == ["grad_cam/00007_x7.png"] * 2 + ["grad_cam/100000_x100000.png"] * 2
+
+
+def test_console_summary_shows_the_metrics_at_0_5_beside_those_at_the_threshold():
+    # The summary printed after training: each metric at the run's threshold, then "(at 0.5: ...)".
+    at = lambda v: {k: v for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")}
+    res = {"n": 10, "auc": 0.9, "auc_ci95": [0.8, 0.95], "threshold": 0.3, "threshold_policy": "youden",
+           **at(0.1111), "at_0.5": at(0.2222), "ece": 0.05, "ece_uncalibrated": 0.1, "calibrated": True,
+           "gradcam": {"mean_share_in_box": 0.7, "uniform_share": 0.6}}
+    text = train_cxr.summary_table(res)
+    for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
+        assert re.search(rf"^ +{k} +0\.1111  \(at 0\.5: 0\.2222\)$", text, re.M), (k, text)
+    assert re.search(r"^ +threshold +0\.3000 \(youden\)$", text, re.M)

@@ -597,3 +597,17 @@ def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):
     assert rc == 2
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "disk full" in lines[0].lower() and str(out / "full") in lines[0], err
+
+
+def test_16_bit_images_are_min_max_scaled_and_transparency_is_black(tmp_path):
+    # A 16-bit PNG that uses 1000-2000 of its range fills 0-255 (scaled by its own min and max, not
+    # by its max); a transparent pixel is film background, black, whatever colour it stores.
+    Image.fromarray(np.linspace(1000, 2000, 64 * 64).reshape(64, 64).astype(np.uint16)).save(tmp_path / "g16.png")
+    out = train_cxr.decode_xray(str(tmp_path / "g16.png"), 64)
+    assert out.min() == 0 and out.max() == 255
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., :3] = 180
+    rgba[:, 32:, 3] = 255  # the left half transparent
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = train_cxr.decode_xray(str(tmp_path / "a.png"), 64)
+    assert out[:, :31].max() == 0 and abs(float(out[:, 33:].mean()) - 180) <= 1

@@ -1,5 +1,6 @@
 """Saying when a prediction cannot be trusted: calibration, threshold policies, the
 out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
+import dataclasses
 import io
 import json
 import re
@@ -243,6 +244,43 @@ def test_guard_flags_shifted_data_and_passes_held_out_data():
     one[1] = one[1] + 4.0
     assert flagged(one) > 0.99
     assert np.median(T.ood_scores(guard, held)) == pytest.approx(1.0, abs=0.1)  # 1 = a typical image
+
+
+def test_the_two_guard_parts_flag_alike_on_held_out_images():
+    # The zoomed-view part is weighted so that each part alone flags the same share of held-out images
+    # at the same level: their (1 - (1 - q) / 2) quantiles are equal (README, Out-of-distribution guard).
+    rng = np.random.default_rng(3)
+    layers = lambda n, shift=0.0: [rng.normal(size=(n, 4)), rng.normal(size=(n, 30)) + shift]
+    train, held = layers(3000), layers(1000)
+    guard = T.fit_ood_guard(train, rng.integers(0, 2, 3000), held, 0.99, zoomed_feats=layers(3000, 1.0))
+    d, z = T._guard_parts(guard, held)  # z carries the weight
+    half = 1 - (1 - 0.99) / 2
+    assert np.quantile(z, half) == pytest.approx(np.quantile(d, half), rel=1e-9)
+    level = np.quantile(d, half)
+    assert abs(int((d > level).sum()) - int((z > level).sum())) <= 1
+
+
+def test_in_distribution_only_metrics_leave_out_the_flagged_images(tmp_path):
+    # test_metrics.json's ood.in_distribution_only: the metrics of the images the guard passed. A guard
+    # fitted at quantile 0.5 on the images themselves flags about half of them.
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(T.Config(), img_size=32, channels=(4, 8, 8, 16), fc_hidden=12, bootstrap=20,
+                              num_gradcam_images=0)
+    model = T.CustomCNN(**T.model_kwargs(cfg, 2)).eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 36, 36), dtype=np.uint8))
+    labels = torch.arange(40) % 2
+    norm = {"mode": "image"}
+    feats = T.layer_features(model, images, 32, norm, "cpu", 1)
+    ckpt = {"config": cfg.to_dict(), "class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "img_size": 32,
+            "normalization": norm, "threshold": 0.5, "threshold_policy": "accuracy", "calibration": None,
+            "ood": {**T.fit_ood_guard(feats, labels.numpy(), feats, 0.5), "grid": 1}}
+    res = T.test_report(model, ckpt, T.Split(images, labels, [f"{i}.png" for i in range(40)]),
+                        T.Runtime(torch.device("cpu"), None, channels_last=False), tmp_path)
+    kept = [r for r in read_csv(tmp_path / "test_predictions.csv") if r["in_distribution"] == "True"]
+    assert 0 < res["ood"]["flagged"] < 40 and res["ood"]["in_distribution_only"]["n"] == len(kept)
+    expected = T.binary_metrics([r["true"] == "PNEUMONIA" for r in kept], [float(r["prob_PNEUMONIA"]) for r in kept],
+                                0.5)
+    assert res["ood"]["in_distribution_only"]["counts"] == expected["counts"]
 
 
 def test_zoomed_view_part_flags_what_the_mahalanobis_part_misses():
