@@ -1233,6 +1233,13 @@ def rank_max(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
+def stop_if_signalled(rt: Runtime) -> None:
+    """Raise Interrupted in every process if any of them caught Ctrl-C or SIGTERM (stop_on_signals)."""
+    if signum := int(rank_max(_STOP["signal"] or 0, rt)):
+        _STOP["signal"] = signum  # also in the processes the signal did not reach
+        raise Interrupted()
+
+
 @dataclasses.dataclass
 class TrainState:
     """What build_state makes for fit: the objects a step changes (all saved in last.pt) and the
@@ -1296,9 +1303,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
                 raise FloatingPointError(f"loss became {float(losses[i])} at epoch {epoch}, batch {i + 1}")
             bar.set_postfix(loss=f"{float(recent.mean()):.4f}")
         if check or rt.world == 1:
-            if signum := int(rank_max(_STOP["signal"] or 0, rt)):
-                _STOP["signal"] = signum  # also in the processes the signal did not reach
-                raise Interrupted()
+            stop_if_signalled(rt)
     # Over all processes' shards: the same figures on every rank, and the whole epoch in history.csv.
     probs_np = gather_rows(torch.cat(probs).cpu().numpy(), rt)
     labels_np = gather_rows(torch.cat(labels).cpu().numpy(), rt)
@@ -2389,9 +2394,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             epochs_done = True
             # A signal caught after the last training step (validation, plots), which no step checks; every
             # process stops together, as in train_one_epoch, or rank 0 would go on to the report alone.
-            if signum := int(rank_max(_STOP["signal"] or 0, rt)):
-                _STOP["signal"] = signum
-                raise Interrupted()
+            stop_if_signalled(rt)
         except Interrupted:
             done = history[-1]["epoch"] if history else start - 1
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
