@@ -113,21 +113,19 @@ def test_three_class_calibration_sums_to_one():
 
 
 def test_ece_matches_a_reference_built_on_sklearn_calibration_curve():
+    def reference(y, p):
+        frac, mean = calibration_curve(y, p, n_bins=15, strategy="uniform")
+        counts = np.histogram(p, bins=np.linspace(0, 1, 16))[0]
+        return float((counts[counts > 0] / len(p) * np.abs(frac - mean)).sum())
     rng = np.random.default_rng(3)
     p = rng.random(5000) ** 1.5
     y = rng.random(5000) < np.clip(p + 0.1, 0, 1)
-    frac, mean = calibration_curve(y, p, n_bins=15, strategy="uniform")
-    counts = np.histogram(p, bins=np.linspace(0, 1, 16))[0]
-    ref = float((counts[counts > 0] / len(p) * np.abs(frac - mean)).sum())
-    assert T.calibration_error(y, p) == pytest.approx(ref, abs=1e-12)
+    assert T.calibration_error(y, p) == pytest.approx(reference(y, p), abs=1e-12)
     assert T.calibration_error(y, np.clip(p + 0.1, 0, 1)) < T.calibration_error(y, p)
     # Overconfident at both ends: the bins' gaps have opposite signs and must add up, not cancel.
     assert T.calibration_error([1, 0], [0.1, 0.9]) == pytest.approx(0.9)
     q = np.clip(0.5 + 1.8 * (p - 0.5), 0, 1)
-    frac, mean = calibration_curve(y, q, n_bins=15, strategy="uniform")
-    counts = np.histogram(q, bins=np.linspace(0, 1, 16))[0]
-    assert T.calibration_error(y, q) == pytest.approx(float((counts[counts > 0] / len(q) * np.abs(frac - mean)).sum()),
-                                                      abs=1e-12)
+    assert T.calibration_error(y, q) == pytest.approx(reference(y, q), abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,20 +244,6 @@ def test_guard_flags_shifted_data_and_passes_held_out_data():
     assert np.median(T.ood_scores(guard, held)) == pytest.approx(1.0, abs=0.1)  # 1 = a typical image
 
 
-def test_the_two_guard_parts_flag_alike_on_held_out_images():
-    # The zoomed-view part is weighted so that each part alone flags the same share of held-out images
-    # at the same level: their (1 - (1 - q) / 2) quantiles are equal (README, Out-of-distribution guard).
-    rng = np.random.default_rng(3)
-    layers = lambda n, shift=0.0: [rng.normal(size=(n, 4)), rng.normal(size=(n, 30)) + shift]
-    train, held = layers(3000), layers(1000)
-    guard = T.fit_ood_guard(train, rng.integers(0, 2, 3000), held, 0.99, zoomed_feats=layers(3000, 1.0))
-    d, z = T._guard_parts(guard, held)  # z carries the weight
-    half = 1 - (1 - 0.99) / 2
-    assert np.quantile(z, half) == pytest.approx(np.quantile(d, half), rel=1e-9)
-    level = np.quantile(d, half)
-    assert abs(int((d > level).sum()) - int((z > level).sum())) <= 1
-
-
 def test_in_distribution_only_metrics_leave_out_the_flagged_images(tmp_path):
     # test_metrics.json's ood.in_distribution_only: the metrics of the images the guard passed. A guard
     # fitted at quantile 0.5 on the images themselves flags about half of them.
@@ -292,6 +276,12 @@ def test_zoomed_view_part_flags_what_the_mahalanobis_part_misses():
     labels = rng.integers(0, 2, 3000)
     with_part = T.fit_ood_guard(train, labels, held, 0.99, zoomed_feats=layers(3000, 1.0))
     without = T.fit_ood_guard(train, labels, held, 0.99)
+    # The part is weighted so that each part alone flags the same share of held-out images at the same
+    # level: their (1 - (1 - q) / 2) quantiles are equal (README, Out-of-distribution guard).
+    d, z = T._guard_parts(with_part, held)  # z carries the weight
+    half = 1 - (1 - 0.99) / 2
+    assert np.quantile(z, half) == pytest.approx(np.quantile(d, half), rel=1e-9)
+    assert abs(int((d > np.quantile(d, half)).sum()) - int((z > np.quantile(d, half)).sum())) <= 1
     close_ups = layers(1000, 1.0)
     flagged = lambda g, f: float((T.ood_scores(g, f) > g["cutoff"]).mean())
     assert flagged(without, close_ups) < 0.5
