@@ -151,7 +151,7 @@ FLAGS = {
     "common flags": [
         ("DATA_DIR", "folder holding train/<CLASS>/*, optionally test/<CLASS>/* and val/<CLASS>/*"),
         ("OUTPUT_DIR", "each run gets its own sub-folder here"),
-        ("RUN_NAME", "run folder name (default: a timestamp)"),
+        ("RUN_NAME", "run folder name inside --output-dir, exp1 or exp/1 (default: a timestamp)"),
         ("EPOCHS", "passes over the training split; the cosine schedule ends here"),
         ("IMG_SIZE", "network input, pixels a side"),
         ("BATCH_SIZE", "images per step (per process)"),
@@ -341,6 +341,8 @@ def check_config(cfg: Config) -> None:
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
              ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),
              ("seed", cfg.seed >= 0, "0 or more"),
+             ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts,
+              "a folder name inside --output-dir (exp1, or exp/1), not an absolute path or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
              ("min_val_per_class", cfg.min_val_per_class >= 1, "at least 1"),
              ("aug_brightness", 0.0 <= cfg.aug_brightness < 1.0, "in [0, 1): a factor U(1-b, 1+b), 0.25 for 25%"),
