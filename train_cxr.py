@@ -443,7 +443,8 @@ def keep_freed_memory(on: bool = True):
         yield took
     finally:
         if took:
-            libc.mallopt(m_mmap_max, 65536)  # glibc's default
+            libc.mallopt(m_mmap_max, 65536)  # glibc's defaults again: mmap on, the heap trimmed above 128 KB
+            libc.mallopt(m_trim_threshold, 128 * 1024)
             libc.malloc_trim(0)
 
 
