@@ -16,13 +16,18 @@ threshold train_cxr.py set before, and keep_freed_memory() as it is now (no mmap
 images/s, page faults per training step, peak memory, and the ratios to the defaults.
 
 --run DATA trains the default recipe on DATA (a subprocess: `python train_cxr.py --data-dir DATA
---amp AMP`) and prints its wall time and the per-phase table from its train.log.
+--amp AMP`) and prints its wall time and the per-phase table from its train.log. With --vs FLAGS it
+then trains once more with those flags added, for example the previous default, and prints that
+run's table and the ratio of the two wall times:
+
+    python benchmarks/cpu_paths.py --run ../shared/data/chest_xray_224 --amp off --vs="--img-size 128"
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -118,10 +123,10 @@ def allocator_table(steps: int, rounds: int, threads: int) -> None:
               f"{statistics.median(v[2] for v in r):>11.0f} {max(v[3] for v in r):>8.0f}")
 
 
-def run_default(data: str, amp: str, out: str) -> None:
+def run_default(data: str, amp: str, out: str, extra: tuple = ()) -> float:
     name = f"cpu_paths_{amp}_{int(time.time())}"
     cmd = [sys.executable, str(ROOT / "train_cxr.py"), "--data-dir", data, "--amp", amp,
-           "--output-dir", out, "--run-name", name]
+           "--output-dir", out, "--run-name", name, *extra]
     print("running:", " ".join(cmd), flush=True)
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -129,13 +134,15 @@ def run_default(data: str, amp: str, out: str) -> None:
     log = (Path(out) / name / "train.log").read_text()
     line = [ln for ln in log.splitlines() if "time per phase" in ln][-1]
     precision = re.search(r"precision: (\S+)", log)
-    print(f"default run, --amp {amp} ({precision.group(1) if precision else '?'}): {wall:.1f} s wall "
+    print(f"default run{''.join(' ' + e for e in extra)}, --amp {amp} ({precision.group(1) if precision else '?'}): "
+          f"{wall:.1f} s wall "
           f"({wall / 60:.1f} min) including the interpreter start")
     print(f"{'phase':<44} {'seconds':>8} {'share':>6}")
     for part in line.split("wall): ")[1].split("; "):
         m = re.fullmatch(r"(.+) ([\d.]+) s \((\d+%)\)", part.strip())
         if m:
             print(f"{m.group(1):<44} {float(m.group(2)):>8.1f} {m.group(3):>6}")
+    return wall
 
 
 def main() -> int:
@@ -147,6 +154,8 @@ def main() -> int:
     p.add_argument("--run", default="", help="also train the default recipe on this data folder")
     p.add_argument("--amp", default="off", choices=("auto", "on", "off"), help="--amp of that run")
     p.add_argument("--out", default="/tmp/cxr_cpu_paths", help="where that run's folder goes")
+    p.add_argument("--vs", default="", metavar="FLAGS",
+                   help='after --run, a second run with these train_cxr.py flags added (--vs="--img-size 128")')
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -169,8 +178,13 @@ def main() -> int:
           "median in brackets)")
     for (prec, layout), r in rates.items():
         print(f"{prec:<10} {layout:<7} {max(r):>9.1f} {max(r) / base:>12.2f}x   ({statistics.median(r):.1f})")
+    if a.vs and not a.run:
+        p.error("--vs needs --run DATA")
     if a.run:
-        run_default(a.run, a.amp, a.out)
+        wall = run_default(a.run, a.amp, a.out)
+        if a.vs:
+            other = run_default(a.run, a.amp, a.out, tuple(shlex.split(a.vs)))
+            print(f"wall time: {wall:.1f} s against {other:.1f} s with {a.vs}: {other / wall:.2f}x faster")
     return 0
 
 
