@@ -66,7 +66,9 @@ DATA_DIR = "data/chest_xray"      # holds train/<CLASS>/, optionally test/<CLASS
 OUTPUT_DIR = "runs"               # each run gets its own sub-folder here
 RUN_NAME = ""                     # run folder name; "" = a timestamp
 # data
-IMG_SIZE = 128                    # network input, pixels a side
+# 112 rather than 128 since issue 15: the default run on 2 CPU cores without AMX (fp32) takes
+# under 6 minutes instead of ~7.5, and the 3-fold CV scored no lower (README, How long it takes).
+IMG_SIZE = 112                    # network input, pixels a side
 WORK_SCALE = 1.143                # images are decoded once at IMG_SIZE*WORK_SCALE (256 for 224)
 VAL_FRACTION = 0.15               # share of train (per class, grouped by patient) used for validation
 MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has at least this many
@@ -244,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
                 epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
-                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); 8-10 min on 2 "
-                       "CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
+                       "'How long it takes'): ~45 s on one GPU; under 5 min on 2 CPU cores with AMX (bf16); 5.5-8 min "
+                       "on 2 CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
     modes.add_argument("-h", "--help", action="help", help="show this help and exit")
@@ -424,8 +426,8 @@ def keep_freed_memory(on: bool = True):
     """While training on the CPU, keep freed activations in the process for the next step instead of
     handing them back to the OS; yields whether it took (False off Linux/glibc, or with on=False).
 
-    A CPU step allocates and frees tens of 4-70 MB activations (block 1 of the default run: 64 x 16 x
-    128 x 128 floats, 67 MB); by default glibc mmap()s the large ones afresh and trims the heap after
+    A CPU step allocates and frees tens of 4-70 MB activations (block 1 of a 128 px batch: 64 x 16 x
+    128 x 128 floats, 67 MB; 51 MB at 112); by default glibc mmap()s the large ones afresh and trims the heap after
     frees, so every step page-faults them in again (~70,000 faults a step). Raising the mmap threshold
     does not help: glibc caps it at 32 MB. Serving every allocation from the heap (no mmap) and
     trimming it only above 1 GB does: 2-core AMD EPYC, fp32, 1.47x training and 1.82x evaluation
@@ -2596,7 +2598,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     if rt.is_main and resume is not None:
         attach_log_file(run_dir / "train.log")
     if rt.device.type == "cuda":
-        # The decoded uint8 images (~110 MB for this data set at 128 px) go to the GPU once; batches
+        # The decoded uint8 images (~85 MB for this data set at 112 px) go to the GPU once; batches
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
