@@ -267,7 +267,8 @@ print(took, during, kept, released_mb(), heap_released_mb())
 
 def _step_faults(*tuned: bool) -> list:
     """(took, page faults of six steps, MB of a freed 200 MB tensor returned to the OS with the setting
-    and after it, and of 1 GB of freed heap blocks after it) per setting, each in its own interpreter, run side by side."""
+    and after it, and of 1 GB of freed heap blocks after it) per setting, each in its own interpreter,
+    run side by side."""
     procs = [subprocess.Popen([sys.executable, "-c", STEPS.format(root=str(ROOT), tuned=t)],
                               stdout=subprocess.PIPE, text=True) for t in tuned]
     outs = [p.communicate(timeout=120)[0].split() for p in procs]
