@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# The GPU check (issues 5 and 12) as one script for a session lent one GPU; under 4 minutes on
+# The GPU check (issues 5, 12 and 15) as one script for a session lent one GPU; under 4 minutes on
 # one H100/H200. It prints each figure as it comes:
 #   1. the test suite with CUDA visible (tests/test_cuda.py runs there; the other tests pin the CPU)
-#   2. the default run on the training split: wall time, training images/s, peak GPU memory
+#   2. the default run on the training split: wall time, training images/s, peak GPU memory, the
+#      time per phase, and issue 15's GPU target (<= 15 s wall, >= 20,000 training images/s)
 #   3. two --deterministic runs with one seed: their histories must be identical
+#   4. the original recipe (benchmarks/quality.py's BASELINE flags) for 2 epochs: its seconds per
+#      epoch beside the default run's, epoch 2 on (the first epoch carries start-up costs)
 #
 #   bash benchmarks/gpu_check.sh TRAIN_DIR [WORK_DIR]
 #   DEVICE=cpu bash benchmarks/gpu_check.sh TRAIN_DIR    # smoke check of the script on a CPU
@@ -46,9 +49,18 @@ train_cxr() {  # NAME [flags...]: one run, its figures, its wall time
     python "$here/train_cxr.py" --data-dir "$work/data" --device "$device" --output-dir "$work/runs" \
         --run-name "$name" "${small[@]}" "$@" > "$work/$name.log" 2>&1
     local rc=$?
-    grep -E "^device:|^train:|training speed|^test report|^error" "$work/$name.log" | sed "s/^/  [$name] /"
-    echo "  [$name] exit_status: $rc | wall_seconds: $(elapsed "$t0") | log: $work/$name.log"
+    wall=$(elapsed "$t0")
+    grep -E "^device:|^train:|training speed|time per phase|^test report|^error" "$work/$name.log" \
+        | sed "s/^/  [$name] /"
+    echo "  [$name] exit_status: $rc | wall_seconds: $wall | log: $work/$name.log"
     [ "$rc" = 0 ] || status=1
+}
+epoch_seconds() {  # RUN: mean seconds per epoch from epoch 2 on, from its history.csv
+    python - "$work/runs/$1/history.csv" <<'EOF'
+import csv, sys
+s = [float(r["seconds"]) for r in csv.DictReader(open(sys.argv[1]))][1:]
+print(round(sum(s) / len(s), 2) if s else "n/a")
+EOF
 }
 
 [ "$device" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
@@ -66,6 +78,14 @@ fi
 
 echo "2. default run${epochs:+ ($epochs epochs)}"
 train_cxr default ${epochs:+--epochs "$epochs"}
+speed=$(grep -oE "training speed: [0-9.]+" "$work/default.log" | grep -oE "[0-9.]+$")
+python - "$wall" "${speed:-0}" <<'EOF'
+import sys
+wall, speed = map(float, sys.argv[1:])
+ok = wall <= 15 and speed >= 20000
+print(f"  issue 15 GPU target (<= 15 s wall, >= 20,000 training images/s): {'met' if ok else 'NOT met'} "
+      f"({wall:.1f} s, {speed:.0f} images/s)")
+EOF
 
 echo "3. deterministic pair ($pair epochs each, one seed)"
 for name in det_a det_b; do
@@ -80,6 +100,17 @@ if not same:
     for a, b in zip(*rows):
         print(f"  {a}\n  {b}")
 sys.exit(0 if same else 1)
+EOF
+echo "4. the original recipe, 2 epochs, against the default run"
+mapfile -t baseline < <(cd "$here" && python -c "import sys; sys.path.insert(0, 'benchmarks'); import quality
+print(*quality.BASELINE, sep='\n')")
+train_cxr original "${baseline[@]}" --epochs 2 --num-gradcam-images 0 --bootstrap 0
+ours=$(epoch_seconds default); orig=$(epoch_seconds original)
+python - "$ours" "$orig" <<'EOF'
+import sys
+ours, orig = sys.argv[1:]
+ratio = f"{float(orig) / float(ours):.1f}x" if "n/a" not in (ours, orig) else "n/a"
+print(f"  seconds per epoch from epoch 2 on: default run {ours}, original recipe {orig} ({ratio})")
 EOF
 echo "gpu_check exit_status: $status"
 exit "$status"
