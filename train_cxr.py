@@ -1037,17 +1037,19 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
 
     Each resample's AUC is counted by hand, as the share of (positive, negative) pairs that the
     scores order correctly, ties counting half: roc_auc_score's value, to the last bits (tested),
-    without its per-call overhead, which made the bootstrap most of a test report (5 of 7 s)."""
+    without its per-call overhead, ~4 s of the 15 s that --evaluate took on 624 images."""
     y, s = np.asarray(y_true).astype(bool), np.asarray(score)
     rng = np.random.default_rng(seed)
     _, rank = np.unique(s, return_inverse=True)  # which distinct score each image has, lowest first
     k, aucs = int(rank.max()) + 1 if len(rank) else 0, []
     for _ in range(n):
         i = rng.integers(0, len(y), len(y))
-        pos, neg = (np.bincount(rank[i][y[i] == c], minlength=k) for c in (True, False))
-        if pos.sum() and neg.sum():  # a resample that lost a class has no AUC
+        r, yi = rank[i], y[i]
+        pos, neg = np.bincount(r[yi], minlength=k), np.bincount(r[~yi], minlength=k)
+        n_pos, n_neg = int(pos.sum()), int(neg.sum())
+        if n_pos and n_neg:  # a resample that lost a class has no AUC
             below = np.cumsum(neg) - neg  # negatives scored lower than each distinct score
-            aucs.append(float(pos @ (below + neg / 2)) / (int(pos.sum()) * int(neg.sum())))
+            aucs.append(float(pos @ (below + neg / 2)) / (n_pos * n_neg))
     return [float(np.percentile(aucs, q)) for q in (2.5, 97.5)] if aucs else [float("nan")] * 2
 
 
