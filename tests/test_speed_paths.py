@@ -245,23 +245,20 @@ steps(3)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 steps(6)
 during = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-def released_mb():  # how much of a freed 200 MB tensor goes back to the OS
+def released_mb(make):  # how many MB of what make() allocates go back to the OS when it is freed
     rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-    big = torch.ones(50_000_000)
+    held = make()
     full = rss()
-    del big
+    del held
     return round(full - rss())
-def heap_released_mb():  # the same for 1 GB of 100 KB blocks, which glibc serves from the heap
-    rss = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
-    # More than the ~0.5 GB that the steps and the 200 MB tensor above left free inside the heap: those
-    # holes stay with the process, only what grows past them can be trimmed from the top
-    blocks = [bytes(100_000) for _ in range(10_000)]
-    full = rss()
-    del blocks
-    return round(full - rss())
-kept = released_mb()
+tensor = lambda: torch.ones(50_000_000)  # 200 MB in one allocation
+# 1 GB of 100 KB blocks, which glibc serves from the heap: more than the ~0.5 GB that the steps and the
+# tensor left free inside the heap; those holes stay with the process, only what grows past them can be
+# trimmed from the top
+blocks = lambda: [bytes(100_000) for _ in range(10_000)]
+kept = released_mb(tensor)
 ctx.__exit__(None, None, None)  # the epoch loop is over: glibc's mmap and heap trimming are back
-print(took, during, kept, released_mb(), heap_released_mb())
+print(took, during, kept, released_mb(tensor), released_mb(blocks))
 """
 
 
