@@ -134,9 +134,8 @@ def run_default(data: str, amp: str, out: str, extra: tuple = ()) -> float:
     log = (Path(out) / name / "train.log").read_text()
     line = [ln for ln in log.splitlines() if "time per phase" in ln][-1]
     precision = re.search(r"precision: (\S+)", log)
-    print(f"default run{''.join(' ' + e for e in extra)}, --amp {amp} ({precision.group(1) if precision else '?'}): "
-          f"{wall:.1f} s wall "
-          f"({wall / 60:.1f} min) including the interpreter start")
+    print(f"{' '.join(['default run', *extra])}, --amp {amp} ({precision.group(1) if precision else '?'}): "
+          f"{wall:.1f} s wall ({wall / 60:.1f} min) including the interpreter start")
     print(f"{'phase':<44} {'seconds':>8} {'share':>6}")
     for part in line.split("wall): ")[1].split("; "):
         m = re.fullmatch(r"(.+) ([\d.]+) s \((\d+%)\)", part.strip())
@@ -157,6 +156,8 @@ def main() -> int:
     p.add_argument("--vs", default="", metavar="FLAGS",
                    help='after --run, a second run with these train_cxr.py flags added (--vs="--img-size 128")')
     a = p.parse_args()
+    if a.vs and not a.run:  # before the two-minute step table, not after it
+        p.error("--vs needs --run DATA")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.allocator:
@@ -178,8 +179,6 @@ def main() -> int:
           "median in brackets)")
     for (prec, layout), r in rates.items():
         print(f"{prec:<10} {layout:<7} {max(r):>9.1f} {max(r) / base:>12.2f}x   ({statistics.median(r):.1f})")
-    if a.vs and not a.run:
-        p.error("--vs needs --run DATA")
     if a.run:
         wall = run_default(a.run, a.amp, a.out)
         if a.vs:

@@ -43,7 +43,7 @@ for cls in "$train"/*/; do
 done
 
 elapsed() { python -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$1" "$(date +%s.%N)"; }
-train_cxr() {  # NAME [flags...]: one run, its figures, its wall time
+train_cxr() {  # NAME [flags...]: one run, its figures, its wall time (also left in $wall)
     local name=$1 t0; shift
     t0=$(date +%s.%N)
     python "$here/train_cxr.py" --data-dir "$work/data" --device "$device" --output-dir "$work/runs" \
@@ -54,13 +54,6 @@ train_cxr() {  # NAME [flags...]: one run, its figures, its wall time
         | sed "s/^/  [$name] /"
     echo "  [$name] exit_status: $rc | wall_seconds: $wall | log: $work/$name.log"
     [ "$rc" = 0 ] || status=1
-}
-epoch_seconds() {  # RUN: mean seconds per epoch from epoch 2 on, from its history.csv
-    python - "$work/runs/$1/history.csv" <<'EOF'
-import csv, sys
-s = [float(r["seconds"]) for r in csv.DictReader(open(sys.argv[1]))][1:]
-print(round(sum(s) / len(s), 2) if s else "n/a")
-EOF
 }
 
 [ "$device" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
@@ -105,12 +98,14 @@ echo "4. the original recipe, 2 epochs, against the default run"
 mapfile -t baseline < <(cd "$here" && python -c "import sys; sys.path.insert(0, 'benchmarks'); import quality
 print(*quality.BASELINE, sep='\n')")
 train_cxr original "${baseline[@]}" --epochs 2 --num-gradcam-images 0 --bootstrap 0
-ours=$(epoch_seconds default); orig=$(epoch_seconds original)
-python - "$ours" "$orig" <<'EOF'
-import sys
-ours, orig = sys.argv[1:]
-ratio = f"{float(orig) / float(ours):.1f}x" if "n/a" not in (ours, orig) else "n/a"
-print(f"  seconds per epoch from epoch 2 on: default run {ours}, original recipe {orig} ({ratio})")
+python - "$work/runs/default/history.csv" "$work/runs/original/history.csv" <<'EOF'
+import csv, sys
+def per_epoch(path):  # mean seconds per epoch from epoch 2 on, from a run's history.csv
+    s = [float(r["seconds"]) for r in csv.DictReader(open(path))][1:]
+    return sum(s) / len(s) if s else None
+ours, orig = map(per_epoch, sys.argv[1:])
+ratio = f"{orig / ours:.1f}x" if ours and orig else "n/a"
+print(f"  seconds per epoch from epoch 2 on: default run {ours or 'n/a':.4}, original recipe {orig or 'n/a':.4} ({ratio})")
 EOF
 echo "gpu_check exit_status: $status"
 exit "$status"
