@@ -1271,6 +1271,24 @@ class TrainState:
     norm: dict
     rt: Runtime
     pos: int                   # index of the positive class (AUC)
+    order_seed: int            # the shuffle's base seed (order_seed; cfg.seed in a run made before it)
+
+
+def order_seed(seed: int) -> int:
+    """The base seed of the training order: the sampler shuffles epoch e with base + e. With the
+    plain seed as base (runs before this rule), seed s+1 repeated seed s's orders one epoch later,
+    so runs meant as independent repeats shared them; a base drawn from the seed's own 63-bit
+    stream keeps every seed's orders apart."""
+    return int(np.random.SeedSequence(seed).generate_state(1, np.uint64)[0] >> 1)
+
+
+def epoch_order(n: int, base_seed: int, epoch: int, rt: Runtime) -> torch.Tensor:
+    """This process's share of the epoch's shuffled order of n training images: one permutation
+    for all processes, each taking every world-th index (the sampler drops the n % world left over)."""
+    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=rt.world, rank=rt.rank, shuffle=True,
+                                                  seed=base_seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return torch.tensor(list(sampler))
 
 
 def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
@@ -1281,12 +1299,8 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     seed = cfg.seed * 1000 + epoch + rt.rank * 10**9
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    sampler = torch.utils.data.DistributedSampler(range(len(train)), num_replicas=rt.world, rank=rt.rank,
-                                                  shuffle=True, seed=cfg.seed, drop_last=True)
-    sampler.set_epoch(epoch)
-    order = torch.tensor(list(sampler))
-    # Each rank gets len(train) // world images (the sampler drops the rest) and drops the last
-    # partial batch (batch norm needs > 1 image).
+    order = epoch_order(len(train), st.order_seed, epoch, rt)
+    # Each rank gets len(train) // world images and drops the last partial batch (batch norm needs > 1 image).
     n_batches = len(train) // rt.world // cfg.batch_size
     st.model.train()
     losses, probs, labels = [], [], []
@@ -2296,7 +2310,7 @@ def make_run_dir(cfg: Config) -> Path:
 
 
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int,
-                cap_warmup: bool = True) -> TrainState:
+                cap_warmup: bool = True, own_orders: bool = True) -> TrainState:
     torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
     model = CustomCNN(**model_kwargs(cfg, len(class_names))).to(rt.device)
     if rt.channels_last:
@@ -2322,7 +2336,7 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
     crit = nn.CrossEntropyLoss(weight=class_weights(train_labels, len(class_names)).to(rt.device),
                                label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
-                      positive_index(class_names, cfg.positive_class))
+                      positive_index(class_names, cfg.positive_class), order_seed(cfg.seed) if own_orders else cfg.seed)
 
 
 def better(row: dict, best: dict | None) -> bool:
@@ -2576,7 +2590,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
             check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
-        rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped")}
+        rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
         data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
         classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
         cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
@@ -2614,7 +2628,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # are then gathered and augmented there, with no host-to-device copy per step.
         train_s.images, val_s.images = train_s.images.to(rt.device), val_s.images.to(rt.device)
     norm = resume["normalization"] if resume else dataset_norm(train_s.images, cfg.normalize)
-    st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps, rules["warmup_capped"])
+    st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps, rules["warmup_capped"], rules["own_orders"])
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, **rules,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
             "threshold": None, "normalization": norm, "split_sha256": split_sha, "content_sha256": content_sha}

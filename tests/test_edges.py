@@ -357,26 +357,51 @@ def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, c
     assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
 
 
-def test_resume_of_a_run_made_before_the_copy_grouping_and_the_warm_up_cap(data_copy, tmp_path, monkeypatch):
-    # A run keeps the rules it started with: its split (copies were not grouped) and its schedule
-    # (a warm-up as long as the run was not capped), or the resume would continue on another split
-    # or jump the learning rate.
+def test_resume_of_a_run_made_before_the_copy_grouping_the_warm_up_cap_and_own_orders(data_copy, tmp_path,
+                                                                                    monkeypatch):
+    # A run keeps the rules it started with: its split (copies were not grouped), its schedule (a
+    # warm-up as long as the run was not capped) and its shuffle (seeded with the plain seed), or the
+    # resume would continue on another split, jump the learning rate or train on other orders.
     for i, p in enumerate(sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:12]):
         (p.parent / f"copy_{i}.png").write_bytes(p.read_bytes())
     out, argv = tmp_path / "runs", ["--epochs", "3", "--warmup-epochs", "5", "--data-dir", data_copy]
     real_group = T.same_group_for_copies
-    monkeypatch.setattr(T, "same_group_for_copies", lambda groups, digests: groups)  # as before the rule
-    monkeypatch.setattr(T, "build_state", lambda *a: REAL_BUILD_STATE(*a[:6], False))  # no cap, as before it
+    monkeypatch.setattr(T, "same_group_for_copies", lambda groups, digests: groups)  # as before the rules
+    monkeypatch.setattr(T, "build_state", lambda *a: REAL_BUILD_STATE(*a[:6], False, False))
+    assert run([*FAST, *argv, "--output-dir", out, "--run-name", "whole"]) == 0
     assert stopped_in_epoch_2(monkeypatch, [*FAST, *argv, "--output-dir", out, "--run-name", "old"]) == 130
     monkeypatch.setattr(T, "same_group_for_copies", real_group)
     monkeypatch.setattr(T, "build_state", REAL_BUILD_STATE)
     last = T.load_checkpoint(out / "old" / "last.pt")
-    for key in ("copies_grouped", "warmup_capped", "best_epoch", "content_sha256"):  # what an older last.pt lacks
+    for key in ("copies_grouped", "warmup_capped", "own_orders", "best_epoch", "content_sha256"):  # an older last.pt
         last.pop(key)
     T.save_checkpoint(out / "old" / "last.pt", last)
     assert run(["--resume", out / "old", "--num-threads", "1"]) == 0  # the same split: not refused
-    rates = [float(r["lr"]) for r in read_csv(out / "old" / "history.csv")]
+    history = read_csv(out / "old" / "history.csv")
+    rates = [float(r["lr"]) for r in history]
     assert rates[0] < rates[1] < rates[2]  # still warming up, as the run began (capped: 0 at the end)
+    # Epochs 2 and 3 trained on the old orders: the same as the run never stopped (seconds aside).
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(history) == drop(read_csv(out / "whole" / "history.csv"))
+
+
+def test_each_seed_shuffles_in_its_own_orders():
+    # The sampler shuffles epoch e with base + e. With the seed itself as base, seed 2 at epoch 1
+    # repeated seed 1 at epoch 2, so the repeats of a seed study shared their orders.
+    rt = T.Runtime(torch.device("cpu"), None)
+    old = lambda seed, epoch: T.epoch_order(500, seed, epoch, rt)
+    new = lambda seed, epoch: T.epoch_order(500, T.order_seed(seed), epoch, rt)
+    assert torch.equal(old(2, 1), old(1, 2))  # the flaw, kept for runs made before the rule
+    bases = [T.order_seed(s) for s in range(1000)]
+    assert min(np.diff(sorted(bases))) > 10**6 and all(0 <= b < 2**63 for b in bases)  # no two bases epochs apart
+    assert not torch.equal(new(2, 1), new(1, 2))
+    state = lambda *rule: REAL_BUILD_STATE(T.Config(seed=2), rt, ["NORMAL", "PNEUMONIA"], np.array([0, 1]),
+                                           {"mode": "image"}, 9, *rule)
+    assert state().order_seed == T.order_seed(2) and state(True, False).order_seed == 2  # new runs; older ones
+    assert sorted(new(1, 2).tolist()) == list(range(500)) and torch.equal(new(1, 2), new(1, 2))
+    # Two processes split one permutation, each taking every other index; the odd image is dropped.
+    shares = [T.epoch_order(501, 7, 3, T.Runtime(torch.device("cpu"), None, rank=r, world=2)) for r in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == 250 and not set(shares[0].tolist()) & set(shares[1].tolist())
 
 
 def test_demo_input_error_leaves_no_folder(tmp_path, capsys):
