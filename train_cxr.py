@@ -421,6 +421,9 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's highest mmap threshold: an allocation this large is always mmap()ed afresh
+
+
 @contextlib.contextmanager
 def keep_freed_memory(on: bool = True):
     """While training on the CPU, keep freed activations in the process for the next step instead of
@@ -433,20 +436,26 @@ def keep_freed_memory(on: bool = True):
     trimming it only above 1 GB does: 2-core AMD EPYC, fp32, 1.47x training and 1.82x evaluation
     images/s against glibc's defaults (benchmarks/cpu_paths.py --allocator). Only around the epoch
     loop: left on for the guard's feature passes after it, a run's peak memory grew to 3.2 GB (1 epoch)
-    and 4.7 GB (20 epochs) instead of 2.1, so on exit mmap comes back and the free heap is returned.
+    and 4.7 GB (20 epochs) instead of 2.1, so on exit mmap comes back and the free heap is returned,
+    above 32 and 64 MB rather than glibc's start-up 128 KB, which glibc stops raising by itself
+    once mallopt() has set one (mallopt(3)): at 128 KB the scoring after training page-faulted its batches in
+    afresh (calibration, guard and a 624-image test report at 32 images a batch: 1.4-7.7 million
+    page faults, 16-27 s; now 0.01-0.5 million, 15-16 s; benchmarks/cpu_paths.py --eval-batches).
     """
     libc = None
     if on and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             libc = ctypes.CDLL("libc.so.6")
-    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; glibc still mmap()s if the heap cannot grow
+    # <malloc.h>; glibc still mmap()s when the heap cannot grow
+    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
     took = libc is not None and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     try:
         yield took
     finally:
         if took:
-            libc.mallopt(m_mmap_max, 65536)  # glibc's defaults again: mmap on, the heap trimmed above 128 KB
-            libc.mallopt(m_trim_threshold, 128 * 1024)
+            libc.mallopt(m_mmap_max, 65536)  # mmap on again, from 32 MB; the heap trimmed above 64 MB
+            libc.mallopt(m_mmap_threshold, GLIBC_MMAP_MAX)
+            libc.mallopt(m_trim_threshold, 2 * GLIBC_MMAP_MAX)
             libc.malloc_trim(0)
 
 
@@ -1209,14 +1218,31 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def eval_batch_size(model: nn.Module, img_size: int, device) -> int:
+    """Images per forward pass when scoring (validation, calibration, the guard's features, the test
+    set): 256 on a GPU. On a CPU, the most (a power of two) whose block-1 output stays under glibc's
+    32 MB mmap ceiling: 32 at 112 px, 16 at 128, 8 at 224. Larger ones are mmap()ed and page-faulted in
+    afresh on every pass after training, when keep_freed_memory is off: calibration, the guard and a
+    624-image test report took 29-34 s at 256 images (10-11 million page faults), 15 s at 32 (0.01-0.26
+    million; benchmarks/cpu_paths.py --eval-batches)."""
+    if torch.device(device).type == "cuda":
+        return 256
+    per_image = unwrap(model).blocks[0].conv.out_channels * img_size ** 2 * 4  # fp32 bytes
+    n = 1
+    while n < 256 and 2 * n * per_image < GLIBC_MMAP_MAX:
+        n *= 2
+    return n
+
+
 @torch.no_grad()
 def predict_probs(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, rt: Runtime,
-                  tta: bool, desc: str = "") -> np.ndarray:
-    """Softmax probabilities (N x K) in eval mode, 256 images at a time; a progress bar named desc if given."""
-    out = []
+                  tta: bool, desc: str = "", batch_size: int | None = None) -> np.ndarray:
+    """Softmax probabilities (N x K) in eval mode, eval_batch_size images at a time; a progress bar
+    named desc if given."""
+    out, bs = [], batch_size or eval_batch_size(model, img_size, rt.device)
     with eval_mode(model):
-        for i in tqdm(range(0, len(images_u8), 256), desc=desc, leave=False, disable=None if desc else True):
-            x = eval_batch(images_u8[i:i + 256], img_size, norm, rt.device)
+        for i in tqdm(range(0, len(images_u8), bs), desc=desc, leave=False, disable=None if desc else True):
+            x = eval_batch(images_u8[i:i + bs], img_size, norm, rt.device)
             x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
             # Always fp32, also after bf16 training: bf16 scores fall into ties, and a threshold
             # chosen among ties moves with every run.
@@ -1368,7 +1394,7 @@ GUARD_GRID = 2
 
 @torch.no_grad()
 def layer_features(model: nn.Module, images_u8: torch.Tensor, img_size: int, norm: dict, device,
-                   grid: int = GUARD_GRID, batch_size: int = 256) -> list:
+                   grid: int = GUARD_GRID, batch_size: int | None = None) -> list:
     """N x C*grid*grid features per layer: each conv block's output averaged over a grid x grid
     of regions (grid 1: over the whole image, as guards made before GUARD_GRID expect), then the
     hidden fully connected layer. Always fp32, in eval mode (the mode is restored)."""
@@ -1380,6 +1406,7 @@ def layer_features(model: nn.Module, images_u8: torch.Tensor, img_size: int, nor
     def keep(k):
         return lambda m, i, out: feats[k].append((pool(out) if out.ndim == 4 else out).float().cpu())
     handles = [m.register_forward_hook(keep(k)) for k, m in enumerate(layers)]
+    batch_size = batch_size or eval_batch_size(net, img_size, device)
     try:
         with eval_mode(net):
             for i in range(0, len(images_u8), batch_size):
@@ -1391,9 +1418,11 @@ def layer_features(model: nn.Module, images_u8: torch.Tensor, img_size: int, nor
 
 
 def _mahalanobis(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
-    """Squared distance of each row of x to the nearest class mean under a shared precision."""
-    d = x[:, None, :] - means[None]                       # N x K x C
-    return np.einsum("nkc,cd,nkd->nk", d, precision, d).min(1)
+    """Squared distance of each row of x to the nearest class mean under a shared precision. One
+    matrix product (BLAS): the three-operand einsum it replaces looped in plain C, 1.2 s against
+    0.03 s for the guard's five layers of 1,044 images."""
+    d = (x[:, None, :] - means[None]).reshape(-1, x.shape[1])     # N*K x C
+    return ((d @ precision) * d).sum(1).reshape(len(x), len(means)).min(1)
 
 
 def zoomed_views(images_u8, seed, area: tuple = (0.15, 0.5), aspect: tuple = (0.6, 1.6)) -> torch.Tensor:

@@ -355,6 +355,29 @@ def test_layer_features_shapes_and_mode_restored():
     assert model.training
 
 
+def test_scores_do_not_depend_on_the_scoring_batch_size():
+    # eval_batch_size is a speed setting (64 images on a CPU, 256 on a GPU): in eval mode each image's
+    # probabilities and guard features are its own, whatever batch it is scored in, and none is dropped.
+    torch.manual_seed(0)
+    model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12).train()
+    images = torch.randint(0, 255, (70, 36, 36), dtype=torch.uint8)
+    rt, norm = T.Runtime(torch.device("cpu"), None), {"mode": "image"}
+    probs = [T.predict_probs(model, images, 32, norm, rt, True, batch_size=b) for b in (None, 1, 256)]
+    feats = [T.layer_features(model, images, 32, norm, "cpu", batch_size=b) for b in (None, 1, 256)]
+    assert probs[0].shape == (70, 2)
+    for other in probs[1:]:
+        np.testing.assert_allclose(probs[0], other, rtol=1e-5, atol=1e-6)
+    for other in feats[1:]:
+        for a, b in zip(feats[0], other):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert model.training
+    # On a CPU, block 1's output of a batch stays under glibc's 32 MB mmap ceiling (16 channels: 0.77 MB
+    # an image at 112 px, 1 MB at 128 px, 3.1 MB at 224 px); a GPU takes 256.
+    default = T.CustomCNN(img_size=224)
+    assert [T.eval_batch_size(default, s, "cpu") for s in (112, 128, 224, 2048)] == [32, 16, 8, 1]
+    assert T.eval_batch_size(default, 112, "cuda") == 256 and T.eval_batch_size(model, 32, "cpu") == 256
+
+
 # ----------------------------------------------------------------------------------------------
 # End to end: what a trained run stores and writes
 # ----------------------------------------------------------------------------------------------
