@@ -15,6 +15,15 @@ malloc settings, each in a fresh interpreter, interleaved: glibc's defaults, the
 threshold train_cxr.py set before, and keep_freed_memory() as it is now (no mmap); it prints
 images/s, page faults per training step, peak memory, and the ratios to the defaults.
 
+`--eval-batches RUN` times what follows training, calibration, the guard's feature passes and the
+test report (final_report), of a finished run on its data, once per scoring batch size
+(`--batches`, default 256,64,32,16; 256 was the size of every pass before eval_batch_size),
+interleaved over `--rounds`, each on a fresh copy of the run folder, with the allocator as a run
+leaves it after training; it prints the median seconds, the ratio to the first size, the page
+faults, and the size eval_batch_size picks for that run:
+
+    python benchmarks/cpu_paths.py --eval-batches /tmp/cxr_cpu_paths/RUN --rounds 3
+
 --run DATA trains the default recipe on DATA (a subprocess: `python train_cxr.py --data-dir DATA
 --amp AMP`) and prints its wall time and the per-phase table from its train.log. With --vs FLAGS it
 then trains once more with those flags added, for example the previous default, and prints that
@@ -26,11 +35,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import re
+import resource
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -106,21 +119,39 @@ print(train, ev, faults, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 10
 """
 ALLOC_SETTINGS = ("glibc defaults", "mmap threshold 32 MB", "no mmap (now)")
 
-
-def allocator_table(steps: int, rounds: int, threads: int) -> None:
-    res: dict = {s: [] for s in ALLOC_SETTINGS}
-    for _ in range(rounds):
-        for setting in ALLOC_SETTINGS:
-            code = ALLOC.format(root=str(ROOT), setting=setting, steps=steps, threads=threads)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            res[setting].append([float(v) for v in out.stdout.split()])
-    base = [max(r[i] for r in res[ALLOC_SETTINGS[0]]) for i in (0, 1)]
-    print(f"{'malloc setting':<22} {'train img/s':>11} {'ratio':>6} {'eval img/s':>10} {'ratio':>6} "
-          f"{'faults/step':>11} {'peak MB':>8}   (best of {rounds} rounds)")
-    for setting, r in res.items():
-        tr, ev = max(v[0] for v in r), max(v[1] for v in r)
-        print(f"{setting:<22} {tr:>11.1f} {tr / base[0]:>5.2f}x {ev:>10.1f} {ev / base[1]:>5.2f}x "
-              f"{statistics.median(v[2] for v in r):>11.0f} {max(v[3] for v in r):>8.0f}")
+def eval_batch_table(run: str, batches: list, rounds: int) -> None:
+    """final_report (calibration, the guard's feature passes, the test report) of a finished run,
+    on a copy of the run folder per try, with eval_batch_size pinned to each batch size in turn."""
+    ck = T.load_checkpoint(Path(run) / "best_model.pt")
+    cfg = T.Config.from_dict(ck["config"])
+    cfg.device, cfg.amp = "cpu", "off"
+    rt = T.setup_runtime(cfg)
+    data = T.prepare_data(cfg)
+    with T.keep_freed_memory():  # on and off again, as a run leaves the allocator after its epoch loop
+        data["train"].images.float().sum()  # a 260 MB float copy, freed again
+    rule = T.eval_batch_size(T.model_from_checkpoint(ck, rt), cfg.img_size, "cpu")
+    logging.getLogger().setLevel(logging.ERROR)  # the report's own lines, once per try
+    real, seconds, faults = T.eval_batch_size, {b: [] for b in batches}, {b: [] for b in batches}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for b in batches:
+                T.eval_batch_size = lambda model, img_size, device, b=b: b
+                copy = Path(tmp) / f"{b}_{r}"
+                shutil.copytree(run, copy)
+                f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+                T.final_report(cfg, rt, data["train"], data["val"], data["test"], copy)
+                seconds[b].append(time.perf_counter() - t)
+                faults[b].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+                shutil.rmtree(copy)
+    T.eval_batch_size = real
+    test = f"{len(data['test'])} test images" if data["test"] is not None else "no test folder"
+    print(f"calibration, guard and test report of {run} ({cfg.img_size} px, {test}); the rule picks {rule}")
+    base = statistics.median(seconds[batches[0]])
+    for b in batches:
+        med = statistics.median(seconds[b])
+        print(f"batch {b:>4}: median {med:6.1f} s ({base / med:4.2f}x batch {batches[0]}); each round: "
+              f"{', '.join(f'{v:.1f} s' for v in seconds[b])}; page faults (millions): "
+              f"{', '.join(f'{v / 1e6:.2f}' for v in faults[b])}")
 
 
 def run_default(data: str, amp: str, out: str, extra: tuple = ()) -> float:
@@ -150,6 +181,9 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best round is reported")
     p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
     p.add_argument("--allocator", action="store_true", help="only the malloc-setting table (Linux, glibc)")
+    p.add_argument("--eval-batches", default="", metavar="RUN",
+                   help="only time the calibration, guard and test report of this finished run per batch size")
+    p.add_argument("--batches", default="256,64,32,16", help="batch sizes for --eval-batches")
     p.add_argument("--run", default="", help="also train the default recipe on this data folder")
     p.add_argument("--amp", default="off", choices=("auto", "on", "off"), help="--amp of that run")
     p.add_argument("--out", default="/tmp/cxr_cpu_paths", help="where that run's folder goes")
@@ -162,6 +196,9 @@ def main() -> int:
         torch.set_num_threads(a.threads)
     if a.allocator:
         allocator_table(a.steps, a.rounds, a.threads)
+        return 0
+    if a.eval_batches:
+        eval_batch_table(a.eval_batches, [int(v) for v in a.batches.split(",")], a.rounds)
         return 0
     T.keep_freed_memory().__enter__()  # on for the rest of this process, as train_cxr.py's epoch loop has it
     amx = T.cpu_has_fast_bf16()
