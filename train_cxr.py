@@ -421,9 +421,6 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-GLIBC_MMAP_MAX = 32 * 2**20  # glibc's highest mmap threshold: an allocation this large is always mmap()ed afresh
-
-
 @contextlib.contextmanager
 def keep_freed_memory(on: bool = True):
     """While training on the CPU, keep freed activations in the process for the next step instead of
@@ -436,26 +433,22 @@ def keep_freed_memory(on: bool = True):
     trimming it only above 1 GB does: 2-core AMD EPYC, fp32, 1.47x training and 1.82x evaluation
     images/s against glibc's defaults (benchmarks/cpu_paths.py --allocator). Only around the epoch
     loop: left on for the guard's feature passes after it, a run's peak memory grew to 3.2 GB (1 epoch)
-    and 4.7 GB (20 epochs) instead of 2.1, so on exit mmap comes back and the free heap is returned,
-    above 32 and 64 MB rather than glibc's start-up 128 KB, which glibc stops raising by itself
-    once mallopt() has set one (mallopt(3)): at 128 KB the scoring after training page-faulted its batches in
-    afresh (calibration, guard and a 624-image test report at 32 images a batch: 1.4-7.7 million
-    page faults, 16-27 s; now 0.01-0.5 million, 15-16 s; benchmarks/cpu_paths.py --eval-batches).
+    and 4.7 GB (20 epochs) instead of 2.1, so on exit mmap comes back and the free heap is returned.
+    (Returning it only above 32 / 64 MB instead of 128 KB cut page faults in a benchmark, but a real
+    1-epoch run peaked at 2.1 GB instead of 1.8, and a 20-epoch one at 3.7, for no time saved.)
     """
     libc = None
     if on and sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
             libc = ctypes.CDLL("libc.so.6")
-    # <malloc.h>; glibc still mmap()s when the heap cannot grow
-    m_trim_threshold, m_mmap_threshold, m_mmap_max = -1, -3, -4
+    m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>; glibc still mmap()s if the heap cannot grow
     took = libc is not None and bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
     try:
         yield took
     finally:
         if took:
-            libc.mallopt(m_mmap_max, 65536)  # mmap on again, from 32 MB; the heap trimmed above 64 MB
-            libc.mallopt(m_mmap_threshold, GLIBC_MMAP_MAX)
-            libc.mallopt(m_trim_threshold, 2 * GLIBC_MMAP_MAX)
+            libc.mallopt(m_mmap_max, 65536)  # glibc's defaults again: mmap on, the heap trimmed above 128 KB
+            libc.mallopt(m_trim_threshold, 128 * 1024)
             libc.malloc_trim(0)
 
 
@@ -1218,13 +1211,16 @@ def eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+GLIBC_MMAP_MAX = 32 * 2**20  # glibc's highest mmap threshold: an allocation this large is always mmap()ed afresh
+
+
 def eval_batch_size(model: nn.Module, img_size: int, device) -> int:
     """Images per forward pass when scoring (validation, calibration, the guard's features, the test
     set): 256 on a GPU. On a CPU, the most (a power of two) whose block-1 output stays under glibc's
     32 MB mmap ceiling: 32 at 112 px, 16 at 128, 8 at 224. Larger ones are mmap()ed and page-faulted in
     afresh on every pass after training, when keep_freed_memory is off: calibration, the guard and a
-    624-image test report took 29-34 s at 256 images (10-11 million page faults), 15 s at 32 (0.01-0.26
-    million; benchmarks/cpu_paths.py --eval-batches)."""
+    624-image test report took 22.7-33.4 s in full runs at 256 images (13 million page faults in a
+    benchmark), 16.0 s at 32 (README, How long it takes; benchmarks/cpu_paths.py --eval-batches)."""
     if torch.device(device).type == "cuda":
         return 256
     per_image = unwrap(model).blocks[0].conv.out_channels * img_size ** 2 * 4  # fp32 bytes
