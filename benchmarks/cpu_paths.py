@@ -119,6 +119,23 @@ print(train, ev, faults, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 10
 """
 ALLOC_SETTINGS = ("glibc defaults", "mmap threshold 32 MB", "no mmap (now)")
 
+
+def allocator_table(steps: int, rounds: int, threads: int) -> None:
+    res: dict = {s: [] for s in ALLOC_SETTINGS}
+    for _ in range(rounds):
+        for setting in ALLOC_SETTINGS:
+            code = ALLOC.format(root=str(ROOT), setting=setting, steps=steps, threads=threads)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            res[setting].append([float(v) for v in out.stdout.split()])
+    base = [max(r[i] for r in res[ALLOC_SETTINGS[0]]) for i in (0, 1)]
+    print(f"{'malloc setting':<22} {'train img/s':>11} {'ratio':>6} {'eval img/s':>10} {'ratio':>6} "
+          f"{'faults/step':>11} {'peak MB':>8}   (best of {rounds} rounds)")
+    for setting, r in res.items():
+        tr, ev = max(v[0] for v in r), max(v[1] for v in r)
+        print(f"{setting:<22} {tr:>11.1f} {tr / base[0]:>5.2f}x {ev:>10.1f} {ev / base[1]:>5.2f}x "
+              f"{statistics.median(v[2] for v in r):>11.0f} {max(v[3] for v in r):>8.0f}")
+
+
 def eval_batch_table(run: str, batches: list, rounds: int) -> None:
     """final_report (calibration, the guard's feature passes, the test report) of a finished run,
     on a copy of the run folder per try, with eval_batch_size pinned to each batch size in turn."""
@@ -128,7 +145,7 @@ def eval_batch_table(run: str, batches: list, rounds: int) -> None:
     rt = T.setup_runtime(cfg)
     data = T.prepare_data(cfg)
     with T.keep_freed_memory():  # on and off again, as a run leaves the allocator after its epoch loop
-        data["train"].images.float().sum()  # a 260 MB float copy, freed again
+        data["train"].images.float().sum()  # a float copy of the training images (~270 MB), freed again
     rule = T.eval_batch_size(T.model_from_checkpoint(ck, rt), cfg.img_size, "cpu")
     logging.getLogger().setLevel(logging.ERROR)  # the report's own lines, once per try
     real, seconds, faults = T.eval_batch_size, {b: [] for b in batches}, {b: [] for b in batches}
