@@ -2364,6 +2364,13 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
                       positive_index(class_names, cfg.positive_class), order_seed(cfg.seed) if own_orders else cfg.seed)
 
 
+def history_plot_due(since_last: float, cost: float) -> bool:
+    """Redraw training_history.png after an epoch only if drawing it takes under a tenth of the time since
+    the last drawing: every epoch on a CPU (an epoch takes seconds, the plot ~0.3 s of matplotlib), every
+    few on a GPU, where 20 drawings would cost more than the training. The last epoch is always drawn."""
+    return since_last >= 10 * cost
+
+
 def better(row: dict, best: dict | None) -> bool:
     """Is this epoch better than the kept one: a higher validation AUC, or a tie (to 1e-9: equal AUCs
     can differ in the 16th digit) with a lower validation loss? Keeping the first of tied epochs (a
@@ -2392,6 +2399,15 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
     cam_idx = pick_gradcam_images(val_s.labels.numpy(), cfg.num_gradcam_images, cfg.seed)
     per_epoch = len(train_s) // rt.world // cfg.batch_size * cfg.batch_size * rt.world  # images trained on
     train_seconds, trained = 0.0, 0
+    drawn = {"epoch": 0, "end": -math.inf, "cost": 0.0}  # the last training_history.png
+
+    def draw_history(force: bool = False) -> None:
+        if not rt.is_main or not history or drawn["epoch"] == history[-1]["epoch"]:
+            return
+        if force or history_plot_due(time.perf_counter() - drawn["end"], drawn["cost"]):
+            t = time.perf_counter()
+            plot_history(history, run_dir / "training_history.png", best["epoch"])
+            drawn.update(epoch=history[-1]["epoch"], end=time.perf_counter(), cost=time.perf_counter() - t)
     log.info(f"{'epoch':>5} {'train_loss':>10} {'train_acc':>9} {'train_auc':>9} {'val_loss':>8} "
              f"{'val_acc':>7} {'val_auc':>7} {'lr':>9} {'sec':>6}")
     epochs_done = False
@@ -2435,7 +2451,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         "scheduler": st.scheduler.state_dict(), "since_best": since_best, "ema": ema})
                 with phase("per-epoch plots, Grad-CAM and report page"):
                     write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
-                    plot_history(history, run_dir / "training_history.png", best["epoch"])
+                    draw_history()
                     if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                         images = val_s.images[cam_idx]
                         stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
@@ -2447,11 +2463,14 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
                                   f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
                     write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
+            with phase("per-epoch plots, Grad-CAM and report page"):
+                draw_history(force=True)  # the last epoch, or the one an early stop ended on
             epochs_done = True
             # A signal caught after the last training step (validation, plots), which no step checks; every
             # process stops together, as in train_one_epoch, or rank 0 would go on to the report alone.
             stop_if_signalled(rt)
         except Interrupted:
+            draw_history(force=True)
             done = history[-1]["epoch"] if history else start - 1
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
                 log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
@@ -2465,6 +2484,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                          f"Resume with: python train_cxr.py --resume {run_dir}")
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
+            draw_history(force=True)
             log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
             return 3
     if rt.is_main and trained:

@@ -82,6 +82,7 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
 
     marked, real_plot = [], train_cxr.plot_history
     monkeypatch.setattr(train_cxr, "evaluate", scripted)
+    monkeypatch.setattr(train_cxr, "history_plot_due", lambda since_last, cost: True)  # every epoch, as on a CPU
     monkeypatch.setattr(train_cxr, "plot_history",
                         lambda h, path, best: marked.append(best) or real_plot(h, path, best))
     out_dir = tmp_path / "runs"
@@ -97,11 +98,20 @@ def test_a_tie_in_validation_auc_goes_to_the_lower_loss(synth_root, tmp_path, mo
     assert marked == [1, 2, 3, 3, 3]  # training_history.png marks the saved epoch (it marked the first maximum, 2)
 
 
-def test_early_stop_after_patience_epochs_also_across_a_resume_and_each_epoch_augments_anew(
+def test_early_stop_after_patience_epochs_also_across_a_resume_each_epoch_augments_anew_and_the_plot_ends_there(
         synth_root, tmp_path, monkeypatch):
     # Validation AUC 0.9 at epoch 1, 0.8 after: with --patience 2 the run stops after epoch 3, the second
     # epoch without a better AUC. A resume in epoch 3 must count epoch 2 as one of them, not start afresh.
-    real_evaluate, real_augment, calls = train_cxr.evaluate, train_cxr.augment_batch, []
+    # training_history.png is redrawn only when it costs under a tenth of the time since the last drawing
+    # (0.3 s of plot: every 3 s or more); here never by that rule, so only the epoch an early stop or a Ctrl-C
+    # ends on is drawn, with every epoch before it.
+    assert train_cxr.history_plot_due(float("inf"), 0.0)  # the first epoch
+    assert train_cxr.history_plot_due(3.0, 0.3) and not train_cxr.history_plot_due(2.9, 0.3)
+    real_evaluate, real_augment, calls, plots = train_cxr.evaluate, train_cxr.augment_batch, [], []
+    monkeypatch.setattr(train_cxr, "history_plot_due", lambda since_last, cost: False)
+    real_plot = train_cxr.plot_history
+    monkeypatch.setattr(train_cxr, "plot_history", lambda h, path, best: plots.append(
+        ([r["epoch"] for r in h], best)) or real_plot(h, path, best))
 
     def scripted(st, split):
         calls.append(1)
@@ -118,6 +128,7 @@ def test_early_stop_after_patience_epochs_also_across_a_resume_and_each_epoch_au
     assert run([*argv, "--run-name", "straight"]) == 0
     assert [int(r["epoch"]) for r in read_csv(out / "straight" / "history.csv")] == [1, 2, 3]
     assert "early stop: no better validation AUC for 2 epochs" in (out / "straight" / "train.log").read_text()
+    assert plots == [([1, 2, 3], 1)] and (out / "straight" / "training_history.png").is_file()
     # Every epoch draws its own crops, flips and exposures: the (seed, epoch, rank) seed, not (seed, rank).
     per_epoch = len(draws) // 3
     firsts = [draws[e * per_epoch] for e in range(3)]
@@ -127,6 +138,7 @@ def test_early_stop_after_patience_epochs_also_across_a_resume_and_each_epoch_au
     assert stopped_in_epoch(3, monkeypatch, [*argv, "--run-name", "resumed"]) == 130
     assert run(["--resume", out / "resumed", "--num-threads", "1"]) == 0
     assert [int(r["epoch"]) for r in read_csv(out / "resumed" / "history.csv")] == [1, 2, 3]
+    assert plots[1:] == [([1, 2], 1), ([1, 2, 3], 1)]  # the Ctrl-C in epoch 3, then the resumed run's end
 
 
 def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
