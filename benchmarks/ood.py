@@ -31,7 +31,6 @@ one family, so the partial figure shows the part works, not that it covers every
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 

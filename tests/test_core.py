@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_score, recall_score,
-                             roc_auc_score, roc_curve)
+                             roc_auc_score)
 from sklearn.utils.class_weight import compute_class_weight
 
 import train_cxr

@@ -461,10 +461,9 @@ def test_no_hook_or_memory_leak_over_1000_calls():
         try:
             for i in range(1, 1001):
                 with GradCAM(model) as cam:
-                    m = cam(x)
+                    cam(x)  # the map is dropped at once: only what the hooks might keep can pile up
                 assert not layer._forward_hooks
                 if i in (100, 1000):
-                    del m
                     gc.collect()
                     marks[i] = (tracemalloc.get_traced_memory()[0], tensors())
         finally:
