@@ -903,7 +903,7 @@ def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.G
     batches on any device. Random numbers come from the CPU generator `gen`, so a seed gives the same
     augmentation on CPU and GPU and after a resume."""
     n, dev = images_u8.shape[0], images_u8.device
-    u = torch.rand(n, 9, generator=gen).to(dev)
+    u = torch.rand(n, 9, generator=gen).to(dev, non_blocking=True)  # a blocking copy would wait for the GPU
     area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
     log_r = (u[:, 1] * 2 - 1) * math.log(4 / 3)
     w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
@@ -919,8 +919,9 @@ def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.G
     grid = F.affine_grid(theta, [n, 1, cfg.img_size, cfg.img_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.aug_blank_outside_lungs > 0:  # no random draw when off: default runs keep their numbers
-        outside = torch.from_numpy(~lung_box_mask(cfg.img_size, cfg.img_size)).to(dev)
-        pick = (torch.rand(n, generator=gen).to(dev) < cfg.aug_blank_outside_lungs).view(n, 1, 1, 1) & outside
+        outside = torch.from_numpy(~lung_box_mask(cfg.img_size, cfg.img_size)).to(dev, non_blocking=True)
+        draw = torch.rand(n, generator=gen).to(dev, non_blocking=True)
+        pick = (draw < cfg.aug_blank_outside_lungs).view(n, 1, 1, 1) & outside
         x = torch.where(pick, x.mean(dim=(1, 2, 3), keepdim=True), x)
     b = 1 + (u[:, 6] * 2 - 1) * cfg.aug_brightness
     c = 1 + (u[:, 7] * 2 - 1) * cfg.aug_contrast
@@ -1313,6 +1314,24 @@ def epoch_order(n: int, base_seed: int, epoch: int, rt: Runtime) -> torch.Tensor
     return torch.tensor(list(sampler))
 
 
+def train_step(st: TrainState, images_u8: torch.Tensor, y: torch.Tensor, gen: torch.Generator) -> tuple:
+    """One optimisation step on a batch on the training device: augment, forward, backward, update, EMA.
+    Returns the loss and the class probabilities, still on the device: nothing here waits for a GPU
+    (tests/test_cuda.py checks), so the host queues the next step while the GPU runs this one."""
+    x = augment_batch(images_u8, st.cfg, st.norm, gen)
+    x = x.contiguous(memory_format=torch.channels_last) if st.rt.channels_last else x
+    with st.rt.autocast():
+        logits = st.model(x)
+        loss = st.criterion(logits.float(), y)
+    st.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    st.optimizer.step()
+    st.scheduler.step()
+    if st.ema is not None:
+        st.ema.update(unwrap(st.model))
+    return loss.detach(), logits.detach().float().softmax(1)
+
+
 def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     cfg, rt = st.cfg, st.rt
     # Every random draw of an epoch derives from (seed, epoch, rank): a resumed run repeats it exactly,
@@ -1321,7 +1340,10 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     seed = cfg.seed * 1000 + epoch + rt.rank * 10**9
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    order = epoch_order(len(train), st.order_seed, epoch, rt)
+    # Order, images and labels on the training device (images are there already; on a CPU nothing moves):
+    # indexing a GPU tensor with a host index copies the index and waits for the GPU, every step.
+    order = epoch_order(len(train), st.order_seed, epoch, rt).to(rt.device)
+    images, all_labels = train.images.to(rt.device), train.labels.to(rt.device)
     # Each rank gets len(train) // world images and drops the last partial batch (batch norm needs > 1 image).
     n_batches = len(train) // rt.world // cfg.batch_size
     st.model.train()
@@ -1329,20 +1351,10 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     bar = tqdm(range(n_batches), desc=f"epoch {epoch} train", leave=False, disable=None if rt.is_main else True)
     for b in bar:
         idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-        y = train.labels[idx].to(rt.device, non_blocking=True)
-        x = augment_batch(train.images[idx].to(rt.device, non_blocking=True), cfg, st.norm, gen)
-        x = x.contiguous(memory_format=torch.channels_last) if rt.channels_last else x
-        with rt.autocast():
-            logits = st.model(x)
-            loss = st.criterion(logits.float(), y)
-        st.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        st.optimizer.step()
-        st.scheduler.step()
-        if st.ema is not None:
-            st.ema.update(unwrap(st.model))
-        losses.append(loss.detach())
-        probs.append(logits.detach().float().softmax(1))
+        y = all_labels[idx]
+        loss, p = train_step(st, images[idx], y, gen)
+        losses.append(loss)
+        probs.append(p)
         labels.append(y)
         check = b % 20 == 19 or b == n_batches - 1  # the only host sync of the loop
         if check:

@@ -5,7 +5,10 @@ without --deterministic not even to another CUDA run: so probabilities are compa
 tolerances, Grad-CAM maps by correlation for an explicit target class, and only --deterministic
 runs bit for bit. benchmarks/gpu_check.sh runs this file with the rest of the suite.
 """
+import inspect
 import json
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +81,34 @@ def test_cuda_deterministic_runs_are_identical(synth_root, tmp_path):
     w1, w2 = (T.load_checkpoint(tmp_path / n / "last.pt")["train_model"] for n in ("a", "b"))
     for k in w1:
         assert torch.equal(w1[k], w2[k]), k
+
+
+def test_no_training_step_waits_for_the_gpu():
+    # The host queues step n+1 while the GPU runs step n, unless something in the step waits for the
+    # GPU: every step did, twice (a blocking copy of the augmentation's random numbers, and the GPU's
+    # images indexed with an index on the host). Allowed: the epoch's set-up before the batch loop, the
+    # loss check every 20 batches and what follows it, the epoch's end. CUDA's sync debug mode warns
+    # at each wait, with the line that caused it (inside torch or the step's own functions: not allowed).
+    if DEVICE != "cuda":
+        pytest.skip("the sync debug mode is CUDA's")
+    src, first = inspect.getsourcelines(T.train_one_epoch)
+    loop = first + next(i for i, line in enumerate(src) if line.strip().startswith("for b in bar:"))
+    check = first + next(i for i, line in enumerate(src) if line.strip().startswith("check = "))
+    allowed = set(range(first, loop)) | set(range(check, first + len(src)))
+    cfg = T.Config(device=DEVICE, img_size=32, channels=(8, 16, 32, 32), fc_hidden=32, batch_size=8)
+    rt = T.Runtime(torch.device(DEVICE), torch.bfloat16)
+    labels = torch.arange(48) % 2
+    train = T.Split(torch.randint(0, 256, (48, 36, 36), dtype=torch.uint8).to(rt.device), labels, [""] * 48)
+    st = T.build_state(cfg, rt, ["NORMAL", "PNEUMONIA"], labels.numpy(), {"mode": "image"}, steps=6)
+    T.train_one_epoch(st, train, 1)  # the first steps may wait (the optimizer's state, kernel choice)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            T.train_one_epoch(st, train, 2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    waits = [(Path(w.filename).name, w.lineno) for w in caught if "synchroniz" in str(w.message)]
+    assert waits  # the loss check and the epoch's end do wait: the mode reports waits here
+    in_steps = [w for w in waits if not (w[0] == "train_cxr.py" and w[1] in allowed)]
+    assert not in_steps, (in_steps, sorted(allowed))
