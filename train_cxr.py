@@ -75,7 +75,7 @@ MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has
 NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
 PATIENT_REGEX = ""                # 1st group: the patient id in the path below the class folder; "" = Kermany
 POSITIVE_CLASS = ""               # the class whose sensitivity is reported; "" = PNEUMONIA if present
-NUM_WORKERS = 2                   # processes that decode images (once, before training)
+NUM_WORKERS = -1                  # processes that decode images (once); -1 = one per core, 0 = none
 # augmentation (training only; done on whole batches, on the training device)
 AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
 AUG_ROTATE_DEG = 10.0             # +- degrees
@@ -160,7 +160,8 @@ FLAGS = {
         ("DEVICE", "where to train"),
         ("NUM_THREADS", "torch CPU threads; 0 = one per core")],
     "I/O": [
-        ("NUM_WORKERS", "processes that decode images (once, before training)")],
+        ("NUM_WORKERS", "processes that decode images (once, before training); -1 = one per usable core, "
+                        "0 = decode in this process")],
     "data": [
         ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
@@ -337,7 +338,7 @@ def check_config(cfg: Config) -> None:
              ("patience", cfg.patience >= 1, "at least 1"),
              ("num_gradcam_images", cfg.num_gradcam_images >= 0, "0 or more"),
              ("bootstrap", cfg.bootstrap >= 0, "0 or more"),
-             ("num_workers", cfg.num_workers >= 0, "0 or more"),
+             ("num_workers", cfg.num_workers >= -1, "-1 (one per core), 0 (none) or more"),
              ("ood_quantile", 0.5 <= cfg.ood_quantile < 1.0, "in [0.5, 1)"),
              ("fc_hidden", cfg.fc_hidden >= 1, "at least 1"),
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
@@ -731,13 +732,25 @@ def _decode_one(item: tuple, size: int) -> tuple:
     return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def decode_workers(setting: int, n_files: int) -> int:
+    """Decoding processes for n_files: the setting, or with -1 one per usable core (none on a single core:
+    a worker would only add its start-up); never fewer than 64 files a worker."""
+    want = setting if setting >= 0 else (usable_cores() if usable_cores() > 1 else 0)
+    return min(want, n_files // 64)
+
+
 def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode") -> tuple[np.ndarray, list]:
     """Decode every file once: (N x size x size uint8 array, [(path, reason)] of bad files, whose rows stay
     zero). No on-disk cache: a cold decode of the 5,216-image training split (224 px JPEGs) takes 8.3 s
-    with 2 workers, 3% of a full run."""
+    with 2 workers, 3% of a full run. num_workers: decode_workers' setting (-1: one per usable core)."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
     bad, multi_frame = [], []
-    workers = min(num_workers, len(paths) // 64)
+    workers = decode_workers(num_workers, len(paths))
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))

@@ -58,6 +58,25 @@ def test_draft_decode_matches_full_decode(tmp_path):
     np.testing.assert_array_equal(arr[0], fast)
 
 
+def test_decode_uses_one_process_per_usable_core_by_default_with_the_same_result(synth_root, monkeypatch):
+    # The default was 2 processes whatever the machine: a 16-core GPU machine decoded on 2 of them.
+    assert train_cxr.NUM_WORKERS == -1 and train_cxr.Config().num_workers == -1
+    monkeypatch.setattr(train_cxr, "usable_cores", lambda: 16)
+    assert [train_cxr.decode_workers(-1, n) for n in (5216, 500, 63)] == [16, 7, 0]  # >= 64 files each
+    assert (train_cxr.decode_workers(2, 5216), train_cxr.decode_workers(0, 5216)) == (2, 0)
+    monkeypatch.setattr(train_cxr, "usable_cores", lambda: 1)
+    assert train_cxr.decode_workers(-1, 5216) == 0  # one core: in this process
+    monkeypatch.setattr(train_cxr, "usable_cores", lambda: 2)
+    paths = [p for p, _ in train_cxr.list_image_folder(synth_root / "train")[1]]  # 150 files: 2 workers
+    assert train_cxr.decode_workers(-1, len(paths)) == 2
+    arr, bad = train_cxr.decode_all(paths, 40, num_workers=-1)
+    alone, bad_alone = train_cxr.decode_all(paths, 40, num_workers=0)
+    assert bad == bad_alone == [] and arr.any()
+    np.testing.assert_array_equal(arr, alone)
+    with pytest.raises(train_cxr.CXRError, match="--num-workers -2 is invalid: it must be -1"):
+        train_cxr.parse_config(["--num-workers", "-2"])
+
+
 # ----------------------------------------------------------------------------------------------
 # Batched augmentation and the evaluation view
 # ----------------------------------------------------------------------------------------------
