@@ -913,10 +913,11 @@ def lung_box_mask(h: int, w: int, box=LUNG_BOX) -> np.ndarray:
 
 def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.Generator) -> torch.Tensor:
     """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter, on whole
-    batches on any device. Random numbers come from the CPU generator `gen`, so a seed gives the same
-    augmentation on CPU and GPU and after a resume."""
+    batches on any device. The random numbers come from the CPU generator `gen`, and each image's warp
+    matrix and exposure factors are computed from them on the CPU, so a seed gives the same augmentation
+    on CPU and GPU and after a resume (and a GPU gets them in one copy, not as ~30 tiny kernels a step)."""
     n, dev = images_u8.shape[0], images_u8.device
-    u = torch.rand(n, 9, generator=gen).to(dev, non_blocking=True)  # a blocking copy would wait for the GPU
+    u = torch.rand(n, 9, generator=gen)
     area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
     log_r = (u[:, 1] * 2 - 1) * math.log(4 / 3)
     w = torch.sqrt(area * torch.exp(log_r)).clamp(max=1.0)
@@ -928,20 +929,22 @@ def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.G
     cos, sin = torch.cos(angle), torch.sin(angle)
     theta = torch.stack([torch.stack([cos * w * flip, -sin * h, tx], 1),
                          torch.stack([sin * w * flip, cos * h, ty], 1)], 1)
+    exposure = torch.stack([1 + (u[:, 6] * 2 - 1) * cfg.aug_brightness,  # brightness, contrast, gamma
+                            1 + (u[:, 7] * 2 - 1) * cfg.aug_contrast,
+                            torch.exp((u[:, 8] * 2 - 1) * cfg.aug_gamma)], 1).view(n, 3, 1, 1, 1)
+    # Non-blocking: a blocking copy makes the host wait for the GPU to finish its queue, every step.
+    theta, exposure = theta.to(dev, non_blocking=True), exposure.to(dev, non_blocking=True)
     x = images_u8.unsqueeze(1).float().div_(255)
     grid = F.affine_grid(theta, [n, 1, cfg.img_size, cfg.img_size], align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     if cfg.aug_blank_outside_lungs > 0:  # no random draw when off: default runs keep their numbers
         outside = torch.from_numpy(~lung_box_mask(cfg.img_size, cfg.img_size)).to(dev, non_blocking=True)
-        draw = torch.rand(n, generator=gen).to(dev, non_blocking=True)
-        pick = (draw < cfg.aug_blank_outside_lungs).view(n, 1, 1, 1) & outside
-        x = torch.where(pick, x.mean(dim=(1, 2, 3), keepdim=True), x)
-    b = 1 + (u[:, 6] * 2 - 1) * cfg.aug_brightness
-    c = 1 + (u[:, 7] * 2 - 1) * cfg.aug_contrast
-    g = torch.exp((u[:, 8] * 2 - 1) * cfg.aug_gamma)
-    x = x.clamp(1e-6, 1).pow(g.view(n, 1, 1, 1))
+        pick = (torch.rand(n, generator=gen) < cfg.aug_blank_outside_lungs).view(n, 1, 1, 1)
+        x = torch.where(pick.to(dev, non_blocking=True) & outside, x.mean(dim=(1, 2, 3), keepdim=True), x)
+    b, c, g = exposure.unbind(1)
+    x = x.clamp(1e-6, 1).pow(g)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    x = ((x - mean) * c.view(n, 1, 1, 1) + mean) * b.view(n, 1, 1, 1)
+    x = ((x - mean) * c + mean) * b
     return normalize(x.clamp_(0, 1), norm)
 
 
