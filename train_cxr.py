@@ -915,7 +915,7 @@ def augment_batch(images_u8: torch.Tensor, cfg: Config, norm: dict, gen: torch.G
     """Random resized crop + rotation + shift + flip (one affine warp), then exposure jitter, on whole
     batches on any device. The random numbers come from the CPU generator `gen`, and each image's warp
     matrix and exposure factors are computed from them on the CPU, so a seed gives the same augmentation
-    on CPU and GPU and after a resume (and a GPU gets them in one copy, not as ~30 tiny kernels a step)."""
+    on CPU and GPU and after a resume (and a GPU gets them in two copies, not as some 65 operations a step)."""
     n, dev = images_u8.shape[0], images_u8.device
     u = torch.rand(n, 9, generator=gen)
     area = cfg.aug_scale_min + (1 - cfg.aug_scale_min) * u[:, 0]
