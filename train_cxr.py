@@ -993,14 +993,18 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         self.updates += 1
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))  # short memory at the start
-        for e, p in zip(self.module.parameters(), model.parameters()):
-            e.lerp_(p.detach(), 1 - d)
         # Batch-norm running statistics are averaged with the same decay, so that they describe
         # the averaged weights' activations rather than the live model's (the batch count is copied).
         # Recomputing them for the EMA weights costs forward passes and scored no better on a CV
         # fold (issue 12); copying them scored the same AUC with a higher early validation loss.
-        for e, b in zip(self.module.buffers(), model.buffers()):
-            e.lerp_(b, 1 - d) if e.is_floating_point() else e.copy_(b)
+        buffers = list(zip(self.module.buffers(), model.buffers()))
+        floats = [(e, b) for e, b in buffers if e.is_floating_point()]
+        counts = [(e, b) for e, b in buffers if not e.is_floating_point()]
+        # torch's multi-tensor ops (as torch.optim and swa_utils use them): on a GPU a few fused
+        # kernels instead of one per tensor (28 for CustomCNN); the same numbers as a lerp_ per tensor.
+        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+        torch._foreach_lerp_([e for e, _ in floats], [b for _, b in floats], 1 - d)
+        torch._foreach_copy_([e for e, _ in counts], [b for _, b in counts])
 
 
 # ----------------------------------------------------------------------------------------------
