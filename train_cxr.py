@@ -1002,7 +1002,7 @@ class EMA:
         counts = [(e, b) for e, b in buffers if not e.is_floating_point()]
         # torch's multi-tensor ops (as torch.optim and swa_utils use them): on a GPU a few fused
         # kernels instead of one per tensor (28 for CustomCNN); the same numbers as a lerp_ per tensor.
-        torch._foreach_lerp_(list(self.module.parameters()), [p.detach() for p in model.parameters()], 1 - d)
+        torch._foreach_lerp_(list(self.module.parameters()), list(model.parameters()), 1 - d)  # under no_grad
         torch._foreach_lerp_([e for e, _ in floats], [b for _, b in floats], 1 - d)
         torch._foreach_copy_([e for e, _ in counts], [b for _, b in counts])
 

@@ -333,3 +333,14 @@ def test_fp32_channels_last_gives_the_same_probabilities_and_gradients():
         torch.nn.functional.cross_entropy(m.train()(inp), torch.arange(12) % 2).backward()
     for a, b in zip(model.parameters(), cl.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3)
+
+
+def test_a_training_step_launches_few_kernels_on_the_device():
+    # A GPU step of this small network costs mostly kernel launches (issue 15). The augmentation's
+    # parameters are computed on the host (73 device kernels a step before) and the EMA is three
+    # multi-tensor calls (28 before); benchmarks/step_ops.py counts on meta tensors, no GPU needed.
+    counts, whole = load_benchmark("step_ops").step_counts(train_cxr)
+    kernels = {part: n for (part, kind), n in counts.items() if kind == "kernels"}
+    assert kernels["augment"] <= 20 and kernels["EMA"] == 3, kernels
+    assert kernels["forward and loss"] > 20 and kernels["backward"] > 20  # the count sees the network
+    assert whole == sum(counts.values())  # the replay is train_step, operation for operation
