@@ -15,8 +15,9 @@ baseline revision's, in one process, and prints them per part of the step:
   host      operations on CPU tensors (the augmentation's random numbers and what is made of them)
 
 AdamW runs with foreach=True, the default on CUDA (on `meta` it would fall back to one loop per
-tensor). Not seen: how many kernels a fused operation launches (cuDNN may use several), how long
-each launch takes, and waits for the GPU (tests/test_cuda.py checks those under CUDA's sync debug
+tensor). The step runs in fp32: a GPU's bf16 autocast adds a cast of each weight and input (autocast
+has no `meta` device). Not seen: how many kernels a fused operation launches (cuDNN may use several),
+how long each launch takes, and waits for the GPU (tests/test_cuda.py checks those under CUDA's sync debug
 mode). The parts are the step's own calls, replayed in its order; for a revision that has
 train_cxr.train_step, the replay's total must equal one train_step's, which the script checks.
 """
