@@ -7,6 +7,8 @@
 #   3. two --deterministic runs with one seed: their histories must be identical
 #   4. the original recipe (benchmarks/quality.py's BASELINE flags) for 2 epochs: its seconds per
 #      epoch beside the default run's, epoch 2 on (the first epoch carries start-up costs)
+#   5. benchmarks/gpu_steps.py: images/s of training steps alone at batch 64 and 256, and how much
+#      of a step the GPU is busy (under 1: it waits for the host to queue kernels)
 #
 #   bash benchmarks/gpu_check.sh TRAIN_DIR [WORK_DIR]
 #   DEVICE=cpu bash benchmarks/gpu_check.sh TRAIN_DIR    # smoke check of the script on a CPU
@@ -107,5 +109,8 @@ ours, orig = map(per_epoch, sys.argv[1:])
 ratio = f"{orig / ours:.1f}x" if ours and orig else "n/a"
 print(f"  seconds per epoch from epoch 2 on: default run {ours or 'n/a':.4}, original recipe {orig or 'n/a':.4} ({ratio})")
 EOF
+echo "5. where a training step's time goes: GPU busy share and kernels per step (benchmarks/gpu_steps.py)"
+if [ "$device" = cuda ]; then step_flags=(); else step_flags=(--steps 2 --batches 64); fi
+python "$here/benchmarks/gpu_steps.py" --device "$device" "${step_flags[@]}" 2>&1 | sed "s/^/  /" || status=1
 echo "gpu_check exit_status: $status"
 exit "$status"
