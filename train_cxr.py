@@ -738,9 +738,16 @@ def usable_cores() -> int:
 
 
 def decode_workers(setting: int, n_files: int) -> int:
-    """Decoding processes for n_files: the setting, or with -1 one per usable core (none on a single core:
-    a worker would only add its start-up); never fewer than 64 files a worker."""
-    want = setting if setting >= 0 else (usable_cores() if usable_cores() > 1 else 0)
+    """Decoding processes for n_files: the setting, or with -1 one per usable core where workers are forked
+    (Linux; none on a single core, where a worker only adds its start-up) and 2 where they are spawned
+    (macOS, Windows: each imports torch and this file again, ~4 s and hundreds of MB); never fewer than
+    64 files a worker."""
+    if setting >= 0:
+        want = setting
+    elif torch.multiprocessing.get_start_method() != "fork":
+        want = 2
+    else:
+        want = usable_cores() if usable_cores() > 1 else 0
     return min(want, n_files // 64)
 
 

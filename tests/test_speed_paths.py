@@ -61,11 +61,15 @@ def test_draft_decode_matches_full_decode(tmp_path):
 def test_decode_uses_one_process_per_usable_core_by_default_with_the_same_result(synth_root, monkeypatch):
     # The default was 2 processes whatever the machine: a 16-core GPU machine decoded on 2 of them.
     assert train_cxr.NUM_WORKERS == -1 and train_cxr.Config().num_workers == -1
+    monkeypatch.setattr(torch.multiprocessing, "get_start_method", lambda allow_none=False: "fork")  # Linux
     monkeypatch.setattr(train_cxr, "usable_cores", lambda: 16)
     assert [train_cxr.decode_workers(-1, n) for n in (5216, 500, 63)] == [16, 7, 0]  # >= 64 files each
     assert (train_cxr.decode_workers(2, 5216), train_cxr.decode_workers(0, 5216)) == (2, 0)
     monkeypatch.setattr(train_cxr, "usable_cores", lambda: 1)
     assert train_cxr.decode_workers(-1, 5216) == 0  # one core: in this process
+    with monkeypatch.context() as m:  # macOS and Windows spawn workers, each importing torch again
+        m.setattr(torch.multiprocessing, "get_start_method", lambda allow_none=False: "spawn")
+        assert train_cxr.decode_workers(-1, 5216) == 2 and train_cxr.decode_workers(4, 5216) == 4
     monkeypatch.setattr(train_cxr, "usable_cores", lambda: 2)
     paths = [p for p, _ in train_cxr.list_image_folder(synth_root / "train")[1]]  # 150 files: 2 workers
     assert train_cxr.decode_workers(-1, len(paths)) == 2
