@@ -744,7 +744,8 @@ def decode_workers(setting: int, n_files: int) -> int:
     64 files a worker."""
     if setting >= 0:
         want = setting
-    elif torch.multiprocessing.get_start_method() != "fork":
+    elif (torch.multiprocessing.get_start_method(allow_none=True)  # without fixing it: a caller may set it
+          or torch.multiprocessing.get_all_start_methods()[0]) != "fork":  # the platform's default comes first
         want = 2
     else:
         want = usable_cores() if usable_cores() > 1 else 0
