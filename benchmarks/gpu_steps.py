@@ -72,7 +72,8 @@ def measure(batch: int, steps: int, device: str) -> dict:
                 run(steps, 10 + steps)
                 sync()
             busy, kernels = device_kernels(prof)
-            out |= {"GPU busy ms/step": busy / steps, "busy share": busy / steps / wall, "kernels/step": kernels / steps}
+            out |= {"GPU busy ms/step": busy / steps, "busy share": busy / steps / wall,
+                    "kernels/step": kernels / steps}
         except Exception as e:  # the wall figures still stand
             print(f"  profiler failed: {type(e).__name__}: {e}")
     return out
