@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                 description="Train and explain a chest X-ray classifier. Every flag below is a constant "
                             "at the top of train_cxr.py (--img-size is IMG_SIZE); edit either.",
                 epilog="Expected time of the default run on the 5,216-image Kermany training split (measured, README "
-                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); 5.5-8 min "
+                       "'How long it takes'): ~45 s on one GPU; ~5 min on 2 CPU cores with AMX (bf16); 5-8 min "
                        "on 2 CPU cores without AMX (fp32: most laptops and cloud CPUs). --demo: 20 s to 1 min.",
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
