@@ -748,7 +748,8 @@ def decode_workers(setting: int, n_files: int) -> int:
           or torch.multiprocessing.get_all_start_methods()[0]) != "fork":  # the platform's default comes first
         want = 2
     else:
-        want = usable_cores() if usable_cores() > 1 else 0
+        cores = usable_cores()
+        want = cores if cores > 1 else 0
     return min(want, n_files // 64)
 
 
