@@ -63,6 +63,13 @@ def numbers(run_dir: Path) -> dict:
             **read_rows(run_dir / "test_predictions.csv", run_dir)}
 
 
+def script_at(rev: str, path: Path) -> Path:
+    """Write train_cxr.py as it is at git revision rev to path (benchmarks/step_ops.py uses it too)."""
+    path.write_text(subprocess.run(["git", "show", f"{rev}:train_cxr.py"], cwd=ROOT, check=True,
+                                   capture_output=True, text=True).stdout)
+    return path
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rev", default="main", help="git revision of the old train_cxr.py (default: main)")
@@ -73,8 +80,7 @@ def main() -> int:
         old, new = Path(tmp) / "old" / "train_cxr.py", Path(tmp) / "new" / "train_cxr.py"
         old.parent.mkdir()
         new.parent.mkdir()
-        old.write_text(subprocess.run(["git", "show", f"{a.rev}:train_cxr.py"], cwd=ROOT, check=True,
-                                      capture_output=True, text=True).stdout)
+        script_at(a.rev, old)
         new.write_text((ROOT / "train_cxr.py").read_text())
         before = numbers(run_demo(old, Path(tmp) / "runs_old", a.epochs, a.data_dir))
         after = numbers(run_demo(new, Path(tmp) / "runs_new", a.epochs, a.data_dir))

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -37,6 +36,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from same_history import script_at  # noqa: E402
 PARTS = ("augment", "forward and loss", "backward", "optimizer", "EMA")
 
 
@@ -116,9 +117,7 @@ def main() -> int:
     ap.add_argument("--rev", default="main", help="the baseline revision (default: main)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        old = Path(tmp) / "train_cxr.py"
-        old.write_text(subprocess.run(["git", "show", f"{args.rev}:train_cxr.py"], cwd=ROOT, check=True,
-                                      capture_output=True, text=True).stdout)
+        old = script_at(args.rev, Path(tmp) / "train_cxr.py")
         results = {}
         for label, path in ((args.rev, old), ("working tree", ROOT / "train_cxr.py")):
             counts, whole = step_counts(load(path, f"train_cxr_{len(results)}"))
