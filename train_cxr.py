@@ -707,7 +707,8 @@ def read_dicom(path: str) -> np.ndarray:
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
         lo, hi = float(np.min(ends)), float(np.max(ends))
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
+    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+        # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.
         lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))

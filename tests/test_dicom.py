@@ -85,6 +85,17 @@ def test_negative_rescale_slope_with_a_window_keeps_black_black(source, tmp_path
     np.testing.assert_array_equal(decoded(path), img)
 
 
+def test_empty_window_tags_get_the_percentile_window(source, tmp_path):
+    _, img = source
+    # Zero-length WindowCenter/WindowWidth elements (type 3: some exports write them empty) are no window.
+    path = write_dicom(tmp_path / "a.dcm", img)
+    ds = pydicom.dcmread(path)
+    ds.add_new("WindowCenter", "DS", None)
+    ds.add_new("WindowWidth", "DS", None)
+    ds.save_as(path)
+    np.testing.assert_array_equal(decoded(path), percentile_window(img))  # not a flat gray picture
+
+
 def test_dicom_without_extension_is_found_read_and_grouped(source, tmp_path):
     _, img = source
     folder = tmp_path / "export"
