@@ -704,6 +704,8 @@ def read_dicom(path: str) -> np.ndarray:
         arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
     if ds.get("VOILUTSequence"):
         d = ds.VOILUTSequence[0].LUTDescriptor
+        if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
+            d[2] = 16  # the same entries, held in 16 bits
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
         lo, hi = float(np.min(ends)), float(np.max(ends))

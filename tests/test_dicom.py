@@ -132,6 +132,16 @@ def test_voi_lut_sequence(source, tmp_path):
     np.testing.assert_array_equal(decoded(path), np.rint(np.sqrt(img / 255) * 255))
 
 
+def test_8_bit_voi_lut_of_a_12_bit_image(source, tmp_path):
+    _, img = source
+    # 4096 entries for the 12-bit input, 8 bits each (LUT Descriptor 4096, 0, 8): entries past 255 count too.
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 8])
+    item.add_new("LUTData", "US", [int(v) for v in np.arange(4096) >> 4])
+    path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 16, bits_stored=12, VOILUTSequence=[item])
+    np.testing.assert_array_equal(decoded(path), img)
+
+
 def test_jpeg_baseline_encapsulated(source, tmp_path):
     _, img = source
     ok, jpeg = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 95])
