@@ -699,6 +699,8 @@ def read_dicom(path: str) -> np.ndarray:
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
+    if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
+        ds.ModalityLUTSequence[0].LUTDescriptor[2] = 16  # 10-15 bits an entry: pydicom asks numpy for a uint12
     arr = pydicom.pixels.apply_modality_lut(pydicom.pixels.pixel_array(ds, index=0), ds)
     if arr.ndim == 3:
         arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray

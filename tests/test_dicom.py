@@ -76,6 +76,17 @@ def test_rescale_slope_and_intercept_come_before_the_window(source, tmp_path):
     np.testing.assert_array_equal(decoded(path), img)
 
 
+def test_modality_lut_sequence_of_12_bit_entries(source, tmp_path):
+    _, img = source
+    # A Modality LUT may hold 8 to 16 bits an entry (PS3.3 C.11.1.1); this one maps 12-bit values back to img.
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", "US", [4096, 0, 12])
+    item.add_new("LUTData", "US", [int(v) for v in np.arange(4096) >> 4])
+    item.ModalityLUTType = "US"
+    path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 16, bits_stored=12, ModalityLUTSequence=[item])
+    np.testing.assert_array_equal(decoded(path), percentile_window(img))  # read, not skipped as unreadable
+
+
 def test_negative_rescale_slope_with_a_window_keeps_black_black(source, tmp_path):
     _, img = source
     # Stored 255 - img with slope -1, intercept 255: the modality values are img again, so a window over
