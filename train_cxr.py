@@ -237,6 +237,12 @@ class _Parser(argparse.ArgumentParser):
         m = re.match(r"unrecognized arguments: (\S+)", message)
         close = difflib.get_close_matches(m.group(1).split("=")[0], self._option_string_actions, n=1) if m else []
         hint = f"; did you mean {close[0]}?" if close else ""
+        # A flag's type is its constant's: EMA_DECAY edited to 0 (not 0.0) makes --ema-decay 0.99 an error.
+        m = re.match(r"argument --([\w-]+): invalid int value: '([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)'$", message)
+        const = m and m.group(1).upper().replace("-", "_")
+        if m and const.lower() in Config.__dataclass_fields__:
+            hint = (f"; a flag takes its constant's type, and {const} at the top of train_cxr.py is the whole "
+                    f"number {globals()[const]} (a constant that holds fractions is written with a point: 0.0, not 0)")
         self.exit(2, f"error: {message}{hint} (python train_cxr.py --help lists every flag)\n")
 
 

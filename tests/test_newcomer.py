@@ -241,6 +241,19 @@ def test_flag_errors_are_one_line_with_a_suggestion(argv, words, capsys):
         assert w in err, err
 
 
+def test_a_constant_edited_to_a_whole_number_explains_why_its_flag_refuses_a_fraction(monkeypatch, capsys):
+    # "0 = off" invites EMA_DECAY = 0; the flag then takes ints, and argparse alone only says "invalid int value".
+    monkeypatch.setattr(train_cxr, "EMA_DECAY", 0)
+    with pytest.raises(SystemExit):
+        train_cxr.parse_config(["--ema-decay", "0.99"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "EMA_DECAY at the top of train_cxr.py is the whole number 0" in err, err
+    assert "0.0, not 0" in err
+    with pytest.raises(SystemExit):
+        train_cxr.parse_config(["--ema-decay", "often"])  # not a number at all: argparse's own words suffice
+    assert "whole number" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,words", [
     (["--predict", "a.png", "--evaluate", "--checkpoint", "r"], ["--predict and --evaluate are separate modes"]),
     (["--demo", "--resume", "runs/r"], ["--demo and --resume are separate modes"]),
