@@ -1422,6 +1422,9 @@ def evaluate(st: TrainState, split: Split) -> dict:
     rt = st.rt
     probs = gather_rows(predict_probs(st.eval_model, split.images[rt.rank::rt.world], st.cfg.img_size, st.norm, rt,
                                       st.cfg.tta, desc="val" if rt.is_main else ""), rt)
+    if not np.isfinite(probs).all():  # batch norm rescales each training batch: the loss can stay finite
+        raise FloatingPointError("the validation scores became nan or inf: the weights overflowed while the "
+                                 "training loss stayed finite")  # fit stops as for a nan loss (every rank: gathered)
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)

@@ -536,6 +536,18 @@ def test_nan_loss_stops_with_exit_3(synth_root, tmp_path, monkeypatch, capsys):
     assert len(read_csv(out / "nan" / "history.csv")) == 1
 
 
+def test_weights_that_overflow_under_a_finite_loss_stop_with_exit_3(synth_root, tmp_path, capsys):
+    # --lr 1e5 (1e-5 without its minus): batch norm rescales every training batch, so the training loss
+    # stays finite while the weights overflow; validation then scored nan and scikit-learn's roc_auc_score
+    # ended the run with a traceback ("Input contains NaN") instead of the stop a nan loss gets.
+    out = tmp_path / "runs"
+    rc = run([*_train_args(synth_root, out, "lr"), "--lr", "1e5"])
+    stdout = capsys.readouterr().out
+    assert rc == 3, stdout
+    assert "stopped: the validation scores became nan or inf" in stdout and "--lr" in stdout
+    assert not (out / "lr" / "best_model.pt").exists()
+
+
 # ----------------------------------------------------------------------------------------------
 # Disk full
 # ----------------------------------------------------------------------------------------------
