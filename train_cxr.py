@@ -2665,9 +2665,15 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
             cfg.data_dir = os.path.abspath(args.data_dir)
-        if cfg.amp == "auto" and (run_dir / "config.json").is_file():  # auto chose on the machine that started it
-            cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
+        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        if cfg.amp == "auto" and saved:  # auto chose on the machine that started it
+            cfg.amp = "off" if saved["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+        started = saved.get("world_size", rt.world)
+        if started != rt.world:  # steps per epoch (the schedule's clock) and each process's shard depend on it
+            raise CXRError(f"{run_dir} was trained by {started} process(es) and this resume has {rt.world}: its "
+                           f"learning-rate schedule counts steps of {started}; resume with the same number "
+                           f"({'torchrun --nproc_per_node=' + str(started) if started > 1 else 'without torchrun'})")
         best_path = run_dir / "best_model.pt"
         if (run_dir / "test_metrics.json").exists() or (
                 best_path.is_file() and "calibration" in load_checkpoint(best_path)):

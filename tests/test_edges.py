@@ -297,6 +297,13 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     assert "--data-dir" in one_error_line(capsys)
     assert run(["--resume", rd, "--output-dir", tmp_path / "elsewhere"]) == 2
     assert "--output-dir" in one_error_line(capsys)
+    # Started by torchrun with 2 processes, resumed with 1: the schedule counts steps of 2 processes' shards.
+    config = (rd / "config.json").read_text()
+    (rd / "config.json").write_text(config.replace('"world_size": 1', '"world_size": 2'))
+    assert run(["--resume", rd]) == 2
+    err = one_error_line(capsys)
+    assert "trained by 2 process(es) and this resume has 1" in err and "--nproc_per_node=2" in err
+    (rd / "config.json").write_text(config)
 
     # The same folder with one training image fewer: refused before anything is written.
     moved = sorted((data / "train" / "NORMAL").glob("*.png"))[0]
