@@ -2540,7 +2540,9 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             draw_history(force=True)
-            log.info(f"stopped: {e}. last.pt keeps the last good epoch; lower --lr or check the data")
+            kept = (f"last.pt keeps the last good epoch ({history[-1]['epoch']})" if history else
+                    "no epoch finished, so nothing was saved to resume")
+            log.info(f"stopped: {e}. {kept}; lower --lr or check the data")
             return 3
     if rt.is_main and trained:
         gpu = (f"; peak GPU memory {torch.cuda.max_memory_allocated(rt.device) / 2**30:.2f} GiB"

@@ -527,6 +527,7 @@ def test_nan_loss_stops_with_exit_3(synth_root, tmp_path, monkeypatch, capsys):
     stdout = capsys.readouterr().out
     assert rc == 3, stdout
     assert re.search(r"epoch 2\b.*batch 3\b", stdout), stdout
+    assert "last.pt keeps the last good epoch (1)" in stdout
     ck = train_cxr.load_checkpoint(out / "nan" / "last.pt")
     assert ck["epoch"] == 1
     for key in ("model", "train_model"):
@@ -545,6 +546,7 @@ def test_weights_that_overflow_under_a_finite_loss_stop_with_exit_3(synth_root, 
     stdout = capsys.readouterr().out
     assert rc == 3, stdout
     assert "stopped: the validation scores became nan or inf" in stdout and "--lr" in stdout
+    assert "no epoch finished, so nothing was saved" in stdout and "last.pt" not in stdout  # it stopped in epoch 1
     assert not (out / "lr" / "best_model.pt").exists()
 
 
