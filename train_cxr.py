@@ -2818,9 +2818,12 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
+    # The overlay's name holds the file's stem cut to 100 bytes: a long name (a non-ASCII character takes
+    # 2-4 bytes) plus the label part passed the file system's 255 and stopped the run before the CSV.
+    stem = lambda f: os.fsencode(Path(f).stem)[:100].decode(errors="ignore")
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
         part = slice(i, i + 64)
-        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{Path(f).stem}" for k, f in enumerate(files[part], i)],
+        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt, names=[Path(f).name for f in files[part]],
                      save_arrays=cfg.save_cam_arrays)

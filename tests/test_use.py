@@ -295,6 +295,22 @@ def test_predict_numbers_every_overlay_past_the_first_chunk(trained, synth_root,
     assert [int(k) for k in re.findall(r'<img src="grad_cam/(\d+)_', page)] == list(range(110))
 
 
+def test_predict_survives_a_file_name_near_the_file_systems_limit(trained, synth_root, tmp_path):
+    # A 242-byte name (80 non-ASCII characters of 3 bytes) is a valid file, but its overlay's name
+    # (number, stem, label, P) passed the 255 bytes a file name may have: the run stopped with a
+    # traceback after scoring, and predictions.csv was never written.
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    long = scans / ("胸部X線写真_" * 14 + ".png")
+    shutil.copy(sorted((synth_root / "test" / "NORMAL").glob("*.png"))[0], long)
+    out = tmp_path / "pred"
+    assert run(["--predict", scans, "--checkpoint", trained, "--output-dir", out, "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    assert [r["path"] for r in read_csv(out / "p" / "predictions.csv")] == [str(long)]
+    (overlay,) = (out / "p" / "grad_cam").glob("*.png")
+    assert overlay.name.startswith("00000_胸部X線写真_") and len(overlay.name.encode()) <= 255
+
+
 def test_normalize_dataset_stores_the_training_splits_statistics(synth_root, tmp_path):
     # --normalize dataset: the mean and std of the training split (as --help says), not of validation
     # or of train and validation together; the checkpoint carries them to --predict and --evaluate.
