@@ -2655,8 +2655,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             cfg.amp = "off" if json.loads((run_dir / "config.json").read_text())["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
         best_path = run_dir / "best_model.pt"
-        if (run_dir / "test_metrics.json").exists() or (
-                best_path.is_file() and "calibration" in load_checkpoint(best_path)):
+        # Finished: the test report is written, or without a test folder the best model calibrated. A run
+        # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
+        if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
+                best_path.is_file() and "calibration" in load_checkpoint(best_path))):
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
     if args.demo and rt.world > 1:
