@@ -1832,13 +1832,21 @@ def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
                     "(ood_score above the cutoff): predictions on them are unreliable")
 
 
+def as_text(path) -> str:
+    """A path as text every writer takes: the bytes of a name that is not UTF-8 (a Latin-1 name from an old
+    archive, which Python keeps as surrogates) as \\xe9 escapes. Raw, they crashed the CSV writer after the
+    whole test report, and OpenCV's drawing of --predict's titles killed the process without a message."""
+    return os.fsencode(str(path)).decode(errors="backslashreplace")
+
+
 def prediction_rows(paths: list, sc: dict, class_names: list, threshold, guarded: bool,
                     labels=None) -> tuple[list, list]:
     """Header and rows of predictions.csv / test_predictions.csv; without a guard in_distribution is
     empty (unknown), not True."""
     header = ["path", *(["true"] if labels is not None else []), "predicted",
               *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
-    rows = [[path, *([class_names[int(labels[i])]] if labels is not None else []), class_names[sc["preds"][i]],
+    rows = [[as_text(path), *([class_names[int(labels[i])]] if labels is not None else []),
+             class_names[sc["preds"][i]],
              *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
              f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i]) if guarded else ""]
             for i, path in enumerate(paths)]
@@ -1935,7 +1943,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
                   + label_rule(ckpt))
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
-        res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
+        res["gallery_files"] = [as_text(Path(test.paths[i]).name) for i in gallery]
     save_json(run_dir / "test_metrics.json", res)
     return res
 
@@ -2827,19 +2835,19 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         part = slice(i, i + 64)
         save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
-                     {k: v[part] for k, v in sc.items()}, ckpt, names=[Path(f).name for f in files[part]],
-                     save_arrays=cfg.save_cam_arrays)
+                     {k: v[part] for k, v in sc.items()}, ckpt,
+                     names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
                                                             bool(ckpt.get("ood"))))
     shown = 25
-    name_w = min(40, max(len(Path(f).name) for f in files))
+    name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
     log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
     thr = decision_threshold(ckpt)
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
         p = float(probs[k][pos])
-        log.info(f"{Path(files[k]).name[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
+        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
                  f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
