@@ -2203,7 +2203,7 @@ def check_every_class(split: Split, classes: list, what: str, folder: Path) -> N
 def report_bad_files(bad: list, strict: bool) -> None:
     if not bad:
         return
-    listing = "; ".join(f"{p} ({why})" for p, why in bad)
+    listing = "; ".join(f"{as_text(p)} ({why})" for p, why in bad)  # a name that is not UTF-8 as escapes
     if strict:
         raise CXRError(f"{len(bad)} unreadable image file(s), --strict is on: {listing}. "
                        "Fix or remove them, or run without --strict to skip them")
@@ -2747,7 +2747,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         save_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
             "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
-            "skipped_files": data["bad_files"],
+            "skipped_files": [as_text(p) for p in data["bad_files"]],  # the report page writes them as text
             "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
     with keep_freed_memory(rt.device.type == "cpu"):
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
