@@ -1846,13 +1846,21 @@ def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
                     "(ood_score above the cutoff): predictions on them are unreliable")
 
 
+def as_text(path) -> str:
+    """A path as text every writer takes: the bytes of a name that is not UTF-8 (a Latin-1 name from an old
+    archive, which Python keeps as surrogates) as \\xe9 escapes. Raw, they crashed the CSV writer after the
+    whole test report, and OpenCV's drawing of --predict's titles killed the process without a message."""
+    return os.fsencode(str(path)).decode(errors="backslashreplace")
+
+
 def prediction_rows(paths: list, sc: dict, class_names: list, threshold, guarded: bool,
                     labels=None) -> tuple[list, list]:
     """Header and rows of predictions.csv / test_predictions.csv; without a guard in_distribution is
     empty (unknown), not True."""
     header = ["path", *(["true"] if labels is not None else []), "predicted",
               *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
-    rows = [[path, *([class_names[int(labels[i])]] if labels is not None else []), class_names[sc["preds"][i]],
+    rows = [[as_text(path), *([class_names[int(labels[i])]] if labels is not None else []),
+             class_names[sc["preds"][i]],
              *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
              f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i]) if guarded else ""]
             for i, path in enumerate(paths)]
@@ -1949,7 +1957,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
                   + label_rule(ckpt))
         res["gradcam"]["gallery"] = lung_focus(maps_all[gallery])
-        res["gallery_files"] = [Path(test.paths[i]).name for i in gallery]
+        res["gallery_files"] = [as_text(Path(test.paths[i]).name) for i in gallery]
     save_json(run_dir / "test_metrics.json", res)
     return res
 
@@ -2209,7 +2217,7 @@ def check_every_class(split: Split, classes: list, what: str, folder: Path) -> N
 def report_bad_files(bad: list, strict: bool) -> None:
     if not bad:
         return
-    listing = "; ".join(f"{p} ({why})" for p, why in bad)
+    listing = "; ".join(f"{as_text(p)} ({why})" for p, why in bad)  # a name that is not UTF-8 as escapes
     if strict:
         raise CXRError(f"{len(bad)} unreadable image file(s), --strict is on: {listing}. "
                        "Fix or remove them, or run without --strict to skip them")
@@ -2677,8 +2685,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                            f"learning-rate schedule counts steps of {started}; resume with the same number "
                            f"({'torchrun --nproc_per_node=' + str(started) if started > 1 else 'without torchrun'})")
         best_path = run_dir / "best_model.pt"
-        if (run_dir / "test_metrics.json").exists() or (
-                best_path.is_file() and "calibration" in load_checkpoint(best_path)):
+        # Finished: the test report is written, or without a test folder the best model calibrated. A run
+        # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
+        if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
+                best_path.is_file() and "calibration" in load_checkpoint(best_path))):
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
     if args.demo and rt.world > 1:
@@ -2759,7 +2769,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         save_json(run_dir / "config.json", {
             "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
             "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
-            "skipped_files": data["bad_files"],
+            "skipped_files": [as_text(p) for p in data["bad_files"]],  # the report page writes them as text
             "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
     with keep_freed_memory(rt.device.type == "cpu"):
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
@@ -2840,23 +2850,26 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
+    # The overlay's name holds the file's stem cut to 100 bytes: a long name (a non-ASCII character takes
+    # 2-4 bytes) plus the label part passed the file system's 255 and stopped the run before the CSV.
+    stem = lambda f: os.fsencode(Path(f).stem)[:100].decode(errors="ignore")
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
         part = slice(i, i + 64)
-        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{Path(f).stem}" for k, f in enumerate(files[part], i)],
+        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
-                     {k: v[part] for k, v in sc.items()}, ckpt, names=[Path(f).name for f in files[part]],
-                     save_arrays=cfg.save_cam_arrays)
+                     {k: v[part] for k, v in sc.items()}, ckpt,
+                     names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
                                                             bool(ckpt.get("ood"))))
     shown = 25
-    name_w = min(40, max(len(Path(f).name) for f in files))
+    name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
     log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
     thr = decision_threshold(ckpt)
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
         p = float(probs[k][pos])
-        log.info(f"{Path(files[k]).name[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
+        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
                  f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")

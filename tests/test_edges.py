@@ -319,11 +319,20 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1"]) == 0
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
 
-    # A finished run: refused by its test report, and without one (no test folder) by its calibrated best model.
+    # Stopped during its test report (best_model.pt already calibrated, no test_metrics.json yet: a Ctrl-C
+    # there), the run finishes the report on a resume; it was refused as "already finished", without one.
+    metrics = (rd / "test_metrics.json").read_text()
+    (rd / "test_metrics.json").unlink()
+    assert run(["--resume", rd]) == 0
+    assert (rd / "test_metrics.json").read_text() == metrics
+    assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
+
+    # A finished run: refused by its test report, and without a test folder by its calibrated best model.
     capsys.readouterr()
     assert run(["--resume", rd]) == 2
     assert "already finished" in one_error_line(capsys)
     (rd / "test_metrics.json").unlink()
+    shutil.rmtree(data / "test")
     assert run(["--resume", rd]) == 2
     assert "already finished" in one_error_line(capsys)
 

@@ -142,6 +142,22 @@ def test_bad_files_skipped_and_reported_once(corpus, synth_root, data_copy, tmp_
         sorted(os.path.realpath(placed[n]) for n in BAD)
 
 
+def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
+    # Its path went raw into the warning (a logging error instead of the line) and into config.json's
+    # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
+    folder = data_copy / "train" / "NORMAL"
+    try:
+        Path(os.fsdecode(os.fsencode(folder) + b"/broken-caf\xe9.png")).write_text("not an image")
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = tmp_path / "runs"
+    assert run(FAST + ["--epochs", "1", "--data-dir", data_copy, "--output-dir", out, "--run-name", "r"]) == 0
+    shown = f"{folder}/broken-caf\\xe9.png"
+    assert shown in capsys.readouterr().out
+    assert json.loads((out / "r" / "config.json").read_text())["skipped_files"] == [shown]
+    assert shown in (out / "r" / "report.html").read_text()
+
+
 def test_strict_refuses_bad_files(corpus, data_copy, tmp_path, capsys):
     placed = _place_corpus(corpus, data_copy)
     out = tmp_path / "runs"

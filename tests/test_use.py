@@ -295,6 +295,44 @@ def test_predict_numbers_every_overlay_past_the_first_chunk(trained, synth_root,
     assert [int(k) for k in re.findall(r'<img src="grad_cam/(\d+)_', page)] == list(range(110))
 
 
+def test_predict_survives_a_file_name_near_the_file_systems_limit(trained, synth_root, tmp_path):
+    # A 242-byte name (80 non-ASCII characters of 3 bytes) is a valid file, but its overlay's name
+    # (number, stem, label, P) passed the 255 bytes a file name may have: the run stopped with a
+    # traceback after scoring, and predictions.csv was never written.
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    long = scans / ("胸部X線写真_" * 14 + ".png")
+    shutil.copy(sorted((synth_root / "test" / "NORMAL").glob("*.png"))[0], long)
+    out = tmp_path / "pred"
+    assert run(["--predict", scans, "--checkpoint", trained, "--output-dir", out, "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    assert [r["path"] for r in read_csv(out / "p" / "predictions.csv")] == [str(long)]
+    (overlay,) = (out / "p" / "grad_cam").glob("*.png")
+    assert overlay.name.startswith("00000_胸部X線写真_") and len(overlay.name.encode()) <= 255
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(trained, synth_root, tmp_path):
+    # A Latin-1 name (b"\xe9", an old archive unpacked on Linux) is a readable image, but Python keeps the
+    # byte as a surrogate: the CSV writer refused it after the whole test report was computed, and
+    # OpenCV's drawing of --predict's overlay titles killed the process (a segfault, no message).
+    data = tmp_path / "data"
+    shutil.copytree(synth_root / "test", data / "test")
+    first = sorted((data / "test" / "NORMAL").glob("*.png"))[0]
+    try:
+        first.rename(os.fsdecode(os.fsencode(first.parent) + b"/IM-0000-caf\xe9.png"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = tmp_path / "out"
+    common = ["--checkpoint", trained, "--output-dir", out, "--num-workers", 0, *ONE_THREAD, *CPU]
+    assert run(["--evaluate", "--data-dir", data, "--run-name", "e", *common]) == 0
+    shown = f"{first.parent}/IM-0000-caf\\xe9.png"  # the byte as an escape, the rest of the path as it is
+    assert read_csv(out / "e" / "test_predictions.csv")[0]["path"] == shown
+    assert Path(shown).name in json.loads((out / "e" / "test_metrics.json").read_text())["gallery_files"]
+    assert run(["--predict", first.parent, "--run-name", "p", *common]) == 0
+    assert read_csv(out / "p" / "predictions.csv")[0]["path"] == shown
+    assert Path(shown).name in (out / "p" / "report.html").read_text()
+
+
 def test_normalize_dataset_stores_the_training_splits_statistics(synth_root, tmp_path):
     # --normalize dataset: the mean and std of the training split (as --help says), not of validation
     # or of train and validation together; the checkpoint carries them to --predict and --evaluate.
