@@ -135,6 +135,14 @@ LUNG_BOX = (0.12, 0.88, 0.10, 0.90)  # x0, x1, y0, y1 as fractions: where lungs 
 CKPT_FORMAT = "train_cxr/1"
 
 log = logging.getLogger("train_cxr")
+# A file name that is not UTF-8 (a Latin-1 archive unpacked on Linux) is logged with \xe9 escapes: raw, the
+# console and train.log writers raised "Logging error" and the warning that named the file was lost.
+def _escape_names(record: logging.LogRecord) -> bool:
+    record.msg, record.args = as_text(record.getMessage()), None
+    return True
+
+
+log.addFilter(_escape_names)
 
 
 class CXRError(Exception):
@@ -2187,6 +2195,9 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
             "add images or remove the folder" if name == "train" else "add images of that class"))
     if len(classes) < 2:
         raise CXRError(f"{path} has only the class folder {classes[0]!r}: a classifier needs two or more")
+    odd = [c for c in classes if as_text(c) != c]  # every label, title, CSV and report holds the class name
+    if odd:
+        raise CXRError(f"class folder {as_text(path / odd[0])} has a name that is not UTF-8: rename it")
     return classes, samples
 
 

@@ -158,6 +158,30 @@ def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, 
     assert shown in (out / "r" / "report.html").read_text()
 
 
+def test_a_class_folder_whose_name_is_not_utf8_is_refused_and_log_lines_escape_such_names(data_copy, tmp_path,
+                                                                                           capsys):
+    # The class name is drawn on every overlay: OpenCV's text drawing killed the process without a message.
+    train = data_copy / "train"
+    try:
+        for split in ("train", "test"):
+            (data_copy / split / "NORMAL").rename(os.fsdecode(os.fsencode(data_copy / split) + b"/NORMAL-\xe9"))
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes UTF-8 names only")
+    out = tmp_path / "runs"
+    assert run(FAST + ["--epochs", "1", "--data-dir", data_copy, "--output-dir", out, "--run-name", "r"]) == 2
+    err = capsys.readouterr().err
+    assert f"class folder {train}/NORMAL-\\xe9 has a name that is not UTF-8: rename it" in err, err
+    assert not (out / "r").exists()
+    # Any log line naming such a file (duplicates, patient notes) reaches the console and train.log escaped.
+    train_cxr.setup_console_logging()
+    train_cxr.attach_log_file(tmp_path / "train.log")
+    train_cxr.log.warning("warning: %s and %s are the same image", "caf\udce9.png", "胸.png")
+    captured = capsys.readouterr()
+    assert "caf\\xe9.png and 胸.png" in captured.out and "Logging error" not in captured.err
+    assert "caf\\xe9.png and 胸.png" in (tmp_path / "train.log").read_text(encoding="utf-8")
+    train_cxr.setup_console_logging()  # closes train.log
+
+
 def test_strict_refuses_bad_files(corpus, data_copy, tmp_path, capsys):
     placed = _place_corpus(corpus, data_copy)
     out = tmp_path / "runs"
