@@ -2934,8 +2934,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
+    # The checkpoint's fitted policy; one without (last.pt, a stopped run) has its run's --threshold-policy.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
-              else ckpt.get("threshold_policy") or cfg.threshold_policy)
+              else ckpt.get("threshold_policy") or ckpt["config"].get("threshold_policy", cfg.threshold_policy))
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     warn_if_unlike_training(before["in_distribution"], str(folder))

@@ -640,6 +640,20 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert twice["before"]["threshold"] == after["threshold"] and twice["policy"] == "sensitivity:0.9"
 
 
+def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(trained, tmp_path):
+    # last.pt (or the best_model.pt of a stopped run) has no fitted policy: its run's --threshold-policy is in
+    # its config. The constant's "balanced" was used instead, so a screening run's threshold lost its sensitivity.
+    last = T.load_checkpoint(trained / "last.pt")
+    last["config"]["threshold_policy"] = "sensitivity:0.9"  # as a run made with --threshold-policy sensitivity:0.9
+    T.save_checkpoint(tmp_path / "last.pt", last)
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 10, "PNEUMONIA": 10}, {}, size=40, seed=7)
+    assert run(["--recalibrate", site / "train", "--checkpoint", tmp_path / "last.pt", "--output-dir", tmp_path,
+                "--run-name", "rc", "--num-workers", 0, *ONE_THREAD]) == 0
+    after = T.load_checkpoint(tmp_path / "rc" / "recalibrated_model.pt")
+    assert after["threshold_policy"] == after["recalibration"]["policy"] == "sensitivity:0.9"
+
+
 def test_recalibrated_cutoff_is_never_lowered_and_its_record_describes_it(tmp_path):
     guard = {"cutoff": 2.0, "quantile": 0.99, "means": []}
     low = np.linspace(0, 1.5, 101)  # the site's 95th percentile (1.425) is below the cutoff: kept as it was
