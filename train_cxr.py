@@ -2803,7 +2803,8 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
     if not args.checkpoint:
         raise CXRError("--predict, --evaluate and --recalibrate need --checkpoint runs/RUN (or its best_model.pt)")
     ckpt = load_checkpoint(args.checkpoint)
-    ckpt.setdefault("positive_class", positive_index(ckpt["class_names"]))
+    if "positive_class" not in ckpt:  # only then: for ABNORMAL/NORMAL the rule stops rather than guess
+        ckpt["positive_class"] = positive_index(ckpt["class_names"], ckpt["config"].get("positive_class", ""))
     if ckpt.get("calibration") is None:
         log.warning("note: this checkpoint has no calibration (last.pt, an unfinished run, or an older version): "
                     "probabilities are the network's raw softmax")
