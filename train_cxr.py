@@ -2876,11 +2876,15 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     shown = 25
     name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
-    log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
+    # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
+    # gives it (the positive class then only names the report's, and its P says nothing of the label).
+    binary = len(classes) == 2
+    log.info(f"{'file':<{name_w}}  {'predicted':<12} {f'P({classes[pos]})' if binary else 'P(predicted)':>14}  "
+             "in distribution")
     thr = decision_threshold(ckpt)
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        p = float(probs[k][pos])
+        p = float(probs[k][pos if binary else preds[k]])
         log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
                  f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
     if len(files) > shown:

@@ -542,6 +542,16 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
                 "--run-name", "rc", "--num-workers", 0, "--device", "cpu"]) == 0
     fit = json.loads((tmp_path / "runs" / "rc" / "recalibration.json").read_text())
     assert fit["before"]["ece"] == pytest.approx(m["ece"], abs=1e-12) and fit["after"]["ece"] < fit["before"]["ece"]
+    # --predict's table gives each label's own probability, as its overlay does: P(PNEUMONIA), the class
+    # that only names the report's, stood beside every label, VIRAL too.
+    capsys.readouterr()
+    assert run(["--predict", data_copy / "test", "--checkpoint", run_dir, "--output-dir", tmp_path / "runs",
+                "--run-name", "p3", "--num-workers", 0, "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("file "))
+    assert "P(predicted)" in table[head] and "PNEUMONIA" not in table[head]
+    for line, r in zip(table[head + 1:head + 26], read_csv(tmp_path / "runs" / "p3" / "predictions.csv")):
+        assert line.split()[1:3] == [r["predicted"], f"{float(r['prob_' + r['predicted']]):.3f}"], line
 
 
 # ----------------------------------------------------------------------------------------------
