@@ -177,7 +177,8 @@ FLAGS = {
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
         ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
                           "(patient7/img0.png; wins over a DICOM PatientID; default: Kermany file names)"),
-        ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present)"),
+        ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present; two "
+                           "classes only)"),
         ("STRICT", "unreadable images stop the run instead of being skipped")],
     "augmentation (training only)": [
         ("AUG_SCALE_MIN", "random resized crop keeps this share of the area, or more"),
@@ -2209,12 +2210,18 @@ def check_same_classes(root: Path, name: str, classes: list, found: list) -> Non
                        f"{found}; make them match")
 
 
-def check_threshold_policy(args, classes: list) -> None:
-    """A threshold policy picks a cut on P(positive); with more classes labels are the argmax, so a
-    typed policy would be ignored: refused instead."""
-    if len(classes) > 2 and "threshold_policy" in args.given:
-        raise CXRError(f"--threshold-policy needs two classes, and there are {len(classes)} ({', '.join(classes)}): "
-                       "labels are the most probable class; drop the flag")
+TWO_CLASS_FLAGS = ("threshold_policy", "positive_class")
+
+
+def check_two_class_flags(args, classes: list) -> None:
+    """A threshold policy picks a cut on P(positive), and the positive class is the one sensitivity, AUC
+    and threshold refer to; with more classes labels are the argmax and the AUC the mean over classes,
+    so either flag typed would be ignored: refused instead."""
+    typed = [k for k in TWO_CLASS_FLAGS if k in args.given]
+    if len(classes) > 2 and typed:
+        raise CXRError(f"--{typed[0].replace('_', '-')} needs two classes, and there are {len(classes)} "
+                       f"({', '.join(classes)}): labels are the most probable class and the AUC is the mean "
+                       "over classes; drop the flag")
 
 
 def check_every_class(split: Split, classes: list, what: str, folder: Path) -> None:
@@ -2716,8 +2723,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
     with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
-        if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
-            check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
+        if args.given & set(TWO_CLASS_FLAGS):  # refused from the class folders, before the images are decoded
+            check_two_class_flags(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
         rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
         data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
@@ -2934,7 +2941,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
-    check_threshold_policy(args, classes)
+    check_two_class_flags(args, classes)
     if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")

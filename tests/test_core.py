@@ -510,6 +510,13 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
     assert rc == 2 and not decoded  # refused before a single image is decoded
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threshold-policy needs two classes" in err[0] and not (tmp_path / "runs").exists()
+    # So is --positive-class: no sensitivity or threshold exists for it, and the AUC averages every class.
+    with monkeypatch.context() as m:
+        m.setattr(train_cxr, "decode_all", lambda *a, **k: decoded.append(a))
+        rc = run([*TINY, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--positive-class", "VIRAL"])
+    assert rc == 2 and not decoded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--positive-class needs two classes" in err[0] and not (tmp_path / "runs").exists()
     rc = run([*TINY, "--epochs", "1", "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--run-name", "k3"])
     assert rc == 0
     run_dir = tmp_path / "runs" / "k3"
