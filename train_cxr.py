@@ -177,7 +177,8 @@ FLAGS = {
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
         ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
                           "(patient7/img0.png; wins over a DICOM PatientID; default: Kermany file names)"),
-        ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present)"),
+        ("POSITIVE_CLASS", "the class whose sensitivity is reported (default: PNEUMONIA if present; two "
+                           "classes only)"),
         ("STRICT", "unreadable images stop the run instead of being skipped")],
     "augmentation (training only)": [
         ("AUG_SCALE_MIN", "random resized crop keeps this share of the area, or more"),
@@ -2209,12 +2210,18 @@ def check_same_classes(root: Path, name: str, classes: list, found: list) -> Non
                        f"{found}; make them match")
 
 
-def check_threshold_policy(args, classes: list) -> None:
-    """A threshold policy picks a cut on P(positive); with more classes labels are the argmax, so a
-    typed policy would be ignored: refused instead."""
-    if len(classes) > 2 and "threshold_policy" in args.given:
-        raise CXRError(f"--threshold-policy needs two classes, and there are {len(classes)} ({', '.join(classes)}): "
-                       "labels are the most probable class; drop the flag")
+TWO_CLASS_FLAGS = ("threshold_policy", "positive_class")
+
+
+def check_two_class_flags(args, classes: list) -> None:
+    """A threshold policy picks a cut on P(positive), and the positive class is the one sensitivity, AUC
+    and threshold refer to; with more classes labels are the argmax and the AUC the mean over classes,
+    so either flag typed would be ignored: refused instead."""
+    typed = [k for k in TWO_CLASS_FLAGS if k in args.given]
+    if len(classes) > 2 and typed:
+        raise CXRError(f"--{typed[0].replace('_', '-')} needs two classes, and there are {len(classes)} "
+                       f"({', '.join(classes)}): labels are the most probable class and the AUC is the mean "
+                       "over classes; drop the flag")
 
 
 def check_every_class(split: Split, classes: list, what: str, folder: Path) -> None:
@@ -2716,8 +2723,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
     with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
-        if "threshold_policy" in args.given:  # refused from the class folders, before the images are decoded
-            check_threshold_policy(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
+        if args.given & set(TWO_CLASS_FLAGS):  # refused from the class folders, before the images are decoded
+            check_two_class_flags(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
         rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
         data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
@@ -2803,7 +2810,8 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
     if not args.checkpoint:
         raise CXRError("--predict, --evaluate and --recalibrate need --checkpoint runs/RUN (or its best_model.pt)")
     ckpt = load_checkpoint(args.checkpoint)
-    ckpt.setdefault("positive_class", positive_index(ckpt["class_names"]))
+    if "positive_class" not in ckpt:  # only then: for ABNORMAL/NORMAL the rule stops rather than guess
+        ckpt["positive_class"] = positive_index(ckpt["class_names"], ckpt["config"].get("positive_class", ""))
     if ckpt.get("calibration") is None:
         log.warning("note: this checkpoint has no calibration (last.pt, an unfinished run, or an older version): "
                     "probabilities are the network's raw softmax")
@@ -2875,11 +2883,15 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     shown = 25
     name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
     log.info(f"labels: {label_rule(ckpt)}")
-    log.info(f"{'file':<{name_w}}  {'predicted':<12} {'P(' + classes[pos] + ')':>14}  in distribution")
+    # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
+    # gives it (the positive class then only names the report's, and its P says nothing of the label).
+    binary = len(classes) == 2
+    log.info(f"{'file':<{name_w}}  {'predicted':<12} {f'P({classes[pos]})' if binary else 'P(predicted)':>14}  "
+             "in distribution")
     thr = decision_threshold(ckpt)
     for k in range(min(shown, len(files))):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        p = float(probs[k][pos])
+        p = float(probs[k][pos if binary else preds[k]])
         log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
                  f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
     if len(files) > shown:
@@ -2929,7 +2941,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
-    check_threshold_policy(args, classes)
+    check_two_class_flags(args, classes)
     if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")

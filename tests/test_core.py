@@ -510,6 +510,13 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
     assert rc == 2 and not decoded  # refused before a single image is decoded
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threshold-policy needs two classes" in err[0] and not (tmp_path / "runs").exists()
+    # So is --positive-class: no sensitivity or threshold exists for it, and the AUC averages every class.
+    with monkeypatch.context() as m:
+        m.setattr(train_cxr, "decode_all", lambda *a, **k: decoded.append(a))
+        rc = run([*TINY, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--positive-class", "VIRAL"])
+    assert rc == 2 and not decoded
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--positive-class needs two classes" in err[0] and not (tmp_path / "runs").exists()
     rc = run([*TINY, "--epochs", "1", "--data-dir", data_copy, "--output-dir", tmp_path / "runs", "--run-name", "k3"])
     assert rc == 0
     run_dir = tmp_path / "runs" / "k3"
@@ -542,6 +549,16 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
                 "--run-name", "rc", "--num-workers", 0, "--device", "cpu"]) == 0
     fit = json.loads((tmp_path / "runs" / "rc" / "recalibration.json").read_text())
     assert fit["before"]["ece"] == pytest.approx(m["ece"], abs=1e-12) and fit["after"]["ece"] < fit["before"]["ece"]
+    # --predict's table gives each label's own probability, as its overlay does: P(PNEUMONIA), the class
+    # that only names the report's, stood beside every label, VIRAL too.
+    capsys.readouterr()
+    assert run(["--predict", data_copy / "test", "--checkpoint", run_dir, "--output-dir", tmp_path / "runs",
+                "--run-name", "p3", "--num-workers", 0, "--device", "cpu"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    head = next(i for i, line in enumerate(table) if line.startswith("file "))
+    assert "P(predicted)" in table[head] and "PNEUMONIA" not in table[head]
+    for line, r in zip(table[head + 1:head + 26], read_csv(tmp_path / "runs" / "p3" / "predictions.csv")):
+        assert line.split()[1:3] == [r["predicted"], f"{float(r['prob_' + r['predicted']]):.3f}"], line
 
 
 # ----------------------------------------------------------------------------------------------

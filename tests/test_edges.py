@@ -78,6 +78,15 @@ def test_ambiguous_classes_stop_and_the_flag_decides(data_copy, tmp_path, capsys
     ckpt = T.load_checkpoint(out / "ok" / "best_model.pt")
     assert ckpt["class_names"] == ["ABNORMAL", "NORMAL"] and ckpt["positive_class"] == 0
     assert json.loads((out / "ok" / "config.json").read_text())["config"]["positive_class"] == "ABNORMAL"
+    # The checkpoint modes use the stored positive class: they refuse --positive-class, so guessing one
+    # again (which stops for these names) made every --predict, --evaluate and --recalibrate fail.
+    capsys.readouterr()
+    assert run(["--predict", data_copy / "test" / "ABNORMAL", "--checkpoint", out / "ok", "--output-dir", out,
+                "--run-name", "pred", "--num-workers", 0, "--device", "cpu"]) == 0
+    assert "P(ABNORMAL)" in capsys.readouterr().out
+    assert run(["--evaluate", "--data-dir", data_copy, "--checkpoint", out / "ok", "--output-dir", out,
+                "--run-name", "eval", "--num-workers", 0, "--device", "cpu", "--num-gradcam-images", 0]) == 0
+    assert json.loads((out / "eval" / "test_metrics.json").read_text())["sensitivity"] == metrics["sensitivity"]
 
 
 # ----------------------------------------------------------------------------------------------
