@@ -253,6 +253,16 @@ def test_bootstrap_ci():
         aucs = [a for a in aucs if not np.isnan(a)]
         assert train_cxr.bootstrap_auc_ci(y, s, 300, seed) == pytest.approx(np.percentile(aucs, [2.5, 97.5]),
                                                                            abs=1e-12)
+    # Three classes: the same resamples of multiclass_auc's figure (mean one-vs-rest AUC of the classes
+    # a resample holds); --bootstrap was ignored there, and the report had no interval.
+    labels, probs = rng.integers(0, 3, 90), rng.dirichlet([1, 1, 1], 90).round(2)
+    labels[:5] = 2  # and a rare class that some resamples lose
+    labels[labels == 2] = np.r_[2, 2, np.zeros((labels == 2).sum() - 2, int)]
+    draws = np.random.default_rng(3)
+    aucs = [train_cxr.multiclass_auc(labels[i], probs[i], 2)
+            for i in (draws.integers(0, len(labels), len(labels)) for _ in range(300))]
+    assert train_cxr.bootstrap_auc_ci(labels, probs, 300, 3) == pytest.approx(np.percentile(aucs, [2.5, 97.5]),
+                                                                               abs=1e-12)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -527,7 +537,7 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
     assert m["class_names"] == ["NORMAL", "PNEUMONIA", "VIRAL"]
     assert cm.sum(1).tolist() == [20, 30, 20]
     assert m["accuracy"] == pytest.approx(np.trace(cm) / 70)
-    assert 0.0 <= m["auc"] <= 1.0
+    assert 0.0 <= m["auc"] <= 1.0 and m["auc_ci95"][0] <= m["auc"] <= m["auc_ci95"][1]
     ckpt = train_cxr.load_checkpoint(run_dir / "best_model.pt")
     model = train_cxr.model_from_checkpoint(ckpt)
     with torch.no_grad():
