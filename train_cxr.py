@@ -1950,8 +1950,9 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     ax.set(xlabel="predicted", ylabel="true", title="test confusion matrix\n" + label_rule(ckpt))
     _savefig(fig, run_dir / "confusion_matrix.png")
     if ckpt.get("ood"):
-        res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "flagged": int((~inside).sum()),
-                      "share_flagged": float((~inside).mean())}
+        res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "quantile": ckpt["ood"].get("quantile"),  # as for the threshold:
+                      "cutoff_fitted_on": ckpt["ood"].get("cutoff_fitted_on") or "validation",  # where it came from
+                      "flagged": int((~inside).sum()), "share_flagged": float((~inside).mean())}
         if inside.any():
             res["ood"]["in_distribution_only"] = (at_thr(y[inside], s[inside]) if binary
                                                   else at_thr(labels[inside], probs[inside]))

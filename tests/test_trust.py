@@ -632,6 +632,15 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert run(["--predict", site / "train" / "NORMAL", "--checkpoint", tmp_path / "o" / "rc",
                 "--output-dir", tmp_path / "o", "--run-name", "p2", "--num-workers", 0, *ONE_THREAD]) == 0
     assert read_csv(tmp_path / "o" / "p2" / "predictions.csv") == read_csv(tmp_path / "o" / "p" / "predictions.csv")
+    # Its test report names where the guard's cutoff came from, as it does for the threshold.
+    own = json.loads((trained / "test_metrics.json").read_text())["ood"]
+    assert [own[k] for k in ("quantile", "cutoff_fitted_on")] == [T.OOD_QUANTILE, "validation"]
+    assert run(["--evaluate", "--checkpoint", tmp_path / "o" / "rc", "--data-dir", synth_root, "--output-dir",
+                tmp_path / "o", "--run-name", "e", "--num-workers", 0, *ONE_THREAD]) == 0
+    m = json.loads((tmp_path / "o" / "e" / "test_metrics.json").read_text())
+    assert m["threshold_fitted_on"] == f"the recalibration folder {rec['folder']}"
+    assert [m["ood"][k] for k in ("cutoff", "quantile", "cutoff_fitted_on")] == \
+        [after["ood"]["cutoff"], after["ood"]["quantile"], after["ood"].get("cutoff_fitted_on") or "validation"]
     # Recalibrated again: the record of the first recalibration is kept under "before".
     assert run(["--recalibrate", site / "train", "--checkpoint", tmp_path / "o" / "rc" / "recalibrated_model.pt",
                 "--output-dir", tmp_path / "o", "--run-name", "rc2", "--num-workers", 0, *ONE_THREAD]) == 0
