@@ -2696,6 +2696,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         resume = load_checkpoint(args.resume, "last.pt")
         if "optimizer" not in resume:
             raise CXRError(f"{args.resume} holds weights only: resume from the run folder or its last.pt")
+        if "recalibration" in resume:  # made from a last.pt, it still holds the optimizer
+            raise CXRError(f"{args.resume} is a --recalibrate checkpoint: resume the training run it was made from, "
+                           f"the folder of {resume['recalibration']['from_checkpoint']}")
         cfg = Config.from_dict(resume["config"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
         moved = check_resume_flags(args, cfg, run_dir)

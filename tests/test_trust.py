@@ -649,7 +649,7 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert twice["before"]["threshold"] == after["threshold"] and twice["policy"] == "sensitivity:0.9"
 
 
-def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(trained, tmp_path):
+def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(trained, tmp_path, capsys):
     # last.pt (or the best_model.pt of a stopped run) has no fitted policy: its run's --threshold-policy is in
     # its config. The constant's "balanced" was used instead, so a screening run's threshold lost its sensitivity.
     last = T.load_checkpoint(trained / "last.pt")
@@ -661,6 +661,12 @@ def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(tra
                 "--run-name", "rc", "--num-workers", 0, *ONE_THREAD]) == 0
     after = T.load_checkpoint(tmp_path / "rc" / "recalibrated_model.pt")
     assert after["threshold_policy"] == after["recalibration"]["policy"] == "sensitivity:0.9"
+    # Made from last.pt it still holds the optimizer; a resume of it would have trained into the recalibration folder.
+    capsys.readouterr()
+    assert run(["--resume", tmp_path / "rc" / "recalibrated_model.pt"]) == 2
+    assert f"is a --recalibrate checkpoint: resume the training run it was made from, the folder of " \
+           f"{tmp_path / 'last.pt'}" in capsys.readouterr().err
+    assert not (tmp_path / "rc" / "history.csv").exists()
 
 
 def test_recalibrated_cutoff_is_never_lowered_and_its_record_describes_it(tmp_path):
