@@ -2360,10 +2360,15 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             k = int(least.argmin())
             ids = collections.Counter(g for g, lab in zip(train_ids, labels) if lab == k)
             top, n = ids.most_common(1)[0]
+            # Validation always takes a class's first patient, so mostly it is train that was left without the
+            # class: a lower fraction helps there, a higher one (the old advice) only emptied it further.
+            all_in_val = not (labels[tr_idx] == k).any()
+            fraction = (f"{'lower' if all_in_val else 'raise'} --val-fraction (at {cfg.val_fraction:g} "
+                        f"{'all' if all_in_val else 'none'} of them went to validation), " if len(ids) > 1 else "")
             raise CXRError(f"class {classes[k]} is too small to split into train and validation: its "
                            f"{counts[k]} images in {root / 'train' / classes[k]} belong to {len(ids)} patient(s)"
                            + (f", {n} of them to {top!r}" if n > 1 and 2 * n >= counts[k] else "") +
-                           "; add images, raise --val-fraction, or pass --patient-regex if those ids are wrong")
+                           f"; add images, {fraction}or pass --patient-regex if those ids are wrong")
         train, val = train.subset(tr_idx), train.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)

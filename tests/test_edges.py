@@ -194,6 +194,14 @@ def test_patients_in_sub_folders_never_straddle_the_split(tmp_path, capsys):
         assert len(data["val"]) % 3 == 0 and len(folders[0] | folders[1]) == 40
 
 
+def test_a_class_that_all_went_to_validation_asks_for_a_lower_val_fraction(tmp_path, capsys):
+    # 3 NORMAL files, 3 patients: at --val-fraction 0.9 every one goes to validation, none stays to train.
+    _patient_folders(tmp_path / "d" / "train", {"NORMAL": ["a", "b", "c"], "PNEUMONIA": list("defghijk")}, shots=1)
+    with pytest.raises(T.CXRError, match="class NORMAL is too small") as e:
+        _prepare(capsys, data_dir=str(tmp_path / "d"), val_fraction=0.9)
+    assert "lower --val-fraction" in str(e.value) and "raise --val-fraction" not in str(e.value), e.value
+
+
 def test_patient_overlap_counts_named_patients_only(tmp_path, capsys):
     root = tmp_path / "d"
     _patient_folders(root / "train", {c: [f"{c[0]}patient{k:03d}" for k in range(20)] for c in ("NORMAL", "PNEUMONIA")})
