@@ -2328,10 +2328,16 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
                  f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
                  "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
+    elif pattern and (missed := [r for n, r in zip(named, rels) if not n]):
+        # Said for some files too, not only for all: a regex that misses every second shot of a patient
+        # put those shots in validation as patients of their own, beside their patient's in train.
+        log.info(f"patients: {len(missed)} of {len(rels)} training file(s) match no --patient-regex "
+                 f"{pattern.pattern!r} (searched in the path below the class folder, e.g. "
+                 f"{next((r for r in missed if '/' in r), missed[0])}), so each "
+                 "counts as its own patient; if they belong to patients named by the others, widen the regex")
     elif train_ids and not any(named):
-        which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
-        log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
-                 "(pass --patient-regex to group the images of one patient)")
+        log.info("patients: no file name matches the Kermany patterns (personN_, IM-N-), so each file counts as "
+                 "its own patient (pass --patient-regex to group the images of one patient)")
     # The test split is decoded now and looked at only after training.
     (test, bad_test), (val, bad_val) = [load_split(s, cfg, f"decode {n}") if s else (None, [])
                                         for n, s in (("test", test_samples), ("val", val_samples))]

@@ -152,6 +152,23 @@ def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
     assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
 
 
+def test_files_a_patient_regex_misses_are_counted(data_copy, capsys):
+    # P<k>_0.png and P<k>-1.png: the regex misses every second shot, and each such file became its own
+    # patient without a word, free to land in validation while its patient's other shot trains.
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for k, p in enumerate(sorted((data_copy / "train" / cls).glob("*.png"))):
+            p.rename(p.with_name(f"{cls[0]}{k // 2}{'_' if k % 2 == 0 else '-'}{k % 2}.png"))
+    data, out = _prepare(capsys, data_dir=str(data_copy), patient_regex=r"^(\w\d+)_")
+    lines = [ln for ln in out.splitlines() if "own patient" in ln]
+    assert len(lines) == 1 and "75 of 150" in lines[0] and "-1.png" in lines[0], out
+
+    (data_copy / "train" / "NORMAL" / "sub").mkdir()  # in a sub-folder '^' anchors at the folder's name
+    for p in sorted((data_copy / "train" / "NORMAL").glob("*_0.png")):
+        p.rename(p.with_name("sub") / p.name)
+    data, out = _prepare(capsys, data_dir=str(data_copy), patient_regex=r"^(\w\d+)_")
+    assert "105 of 150" in out and "sub/" in out, out
+
+
 def _patient_folders(split_dir: Path, patients: dict, shots: int = 3, seed: int = 0) -> None:
     """split_dir/CLASS/<patient>/img0.png ...: one sub-folder per patient, generic file names."""
     rng = np.random.default_rng(seed)
