@@ -2294,7 +2294,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
-    val_classes, val_samples, val_note = [], [], ""
+    val_classes, val_samples, val_note, (val, bad_val) = [], [], "", (None, [])
     if (root / "val").is_dir():
         with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
@@ -2302,16 +2302,22 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             check_same_classes(root, "val", classes, val_classes)
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes))
         if val_classes == classes and counts.min() >= cfg.min_val_per_class:
+            # Counted again once decoded: an unreadable file is no image, and a val/ with fewer readable
+            # images than MIN_VAL_PER_CLASS of a class was used (its file count given as its size).
+            val, bad_val = load_split(val_samples, cfg, "decode val")
+            counts = np.bincount(val.labels.numpy(), minlength=len(classes))
+        n_val = len(val) if val is not None else len(val_samples)
+        if val is not None and counts.min() >= cfg.min_val_per_class:
             if "val_fraction" in typed:
-                raise CXRError(f"--val-fraction: validation is {root / 'val'} ({len(val_samples)} images), nothing is "
+                raise CXRError(f"--val-fraction: validation is {root / 'val'} ({n_val} images), nothing is "
                                "carved from train; drop the flag, or move val/ away to carve the split")
-            val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
+            val_note = f"validation: {root / 'val'} ({n_val} images)"
         else:
-            val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
+            val_note = (f"validation: {root / 'val'} is too small ({n_val} images; fewer than "
                         f"{cfg.min_val_per_class} per class), its images join train and validation is "
                         "carved from train")
-            train_samples = train_samples + val_samples
-            val_samples = []
+            train_samples = train_samples + val_samples  # decoded again with train, bad files listed there
+            val_samples, val, bad_val = [], None, []
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
     train, bad = load_split(train_samples, cfg, "decode train")
@@ -2339,8 +2345,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         log.info("patients: no file name matches the Kermany patterns (personN_, IM-N-), so each file counts as "
                  "its own patient (pass --patient-regex to group the images of one patient)")
     # The test split is decoded now and looked at only after training.
-    (test, bad_test), (val, bad_val) = [load_split(s, cfg, f"decode {n}") if s else (None, [])
-                                        for n, s in (("test", test_samples), ("val", val_samples))]
+    test, bad_test = load_split(test_samples, cfg, "decode test") if test_samples else (None, [])
     bad += bad_test + bad_val
     for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
         if other is None:

@@ -245,6 +245,15 @@ def test_val_folder_with_other_class_names_is_refused(data_copy, capsys):
     assert "its images join train" in data["val_note"]
     assert len(data["train"]) + len(data["val"]) == 150 + 6
 
+    # 4 files a class, one unreadable: 3 images, fewer than 4, so too small (it was used, said to hold 8).
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data_copy / "val" / cls / "broken.png").write_bytes(b"")
+    data, out = _prepare(capsys, data_dir=str(data_copy), min_val_per_class=4)
+    assert "too small (6 images" in data["val_note"] and len(data["train"]) + len(data["val"]) == 150 + 6
+    assert "skipping 2 unreadable" in out, out  # each listed once, not again when it joins train
+    data, out = _prepare(capsys, data_dir=str(data_copy), min_val_per_class=3)
+    assert data["val_note"] == f"validation: {data_copy / 'val'} (6 images)" and len(data["val"]) == 6
+
 
 # ----------------------------------------------------------------------------------------------
 # --deterministic and the process-wide backend flags
