@@ -662,7 +662,17 @@ def decode_xray(path: str, size: int) -> np.ndarray:
         with Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
+            # PIL keeps only the high byte of a 16-bit colour PNG or TIFF (a 12-bit X-ray came out as 0-15): such a
+            # file is read by OpenCV, to gray with transparent = black, and min-max scaled below like 16-bit gray.
+            deep = (im.format in ("PNG", "TIFF") and im.mode in ("RGB", "RGBA")
+                    and any(";16" in str(t) for t in im.tile))  # its raw mode (RGB;16B); load() empties it
             im.load()  # raises OSError on truncated/corrupt data
+            if deep:
+                if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
+                    raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
+                px, exif = px.astype(np.float32), im.getexif()
+                im = Image.fromarray(px[..., :3].mean(-1) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1))
+                im.info["exif"] = exif.tobytes()  # its Orientation, for the next line
             im = ImageOps.exif_transpose(im)  # upright as every viewer shows it (EXIF Orientation, phone photos)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # transparent = black, like film background

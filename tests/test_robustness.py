@@ -665,3 +665,15 @@ def test_16_bit_images_are_min_max_scaled_and_transparency_is_black(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     out = train_cxr.decode_xray(str(tmp_path / "a.png"), 64)
     assert out[:, :31].max() == 0 and abs(float(out[:, 33:].mean()) - 180) <= 1
+
+    # 16 bits a colour channel (PNG, TIFF): PIL kept the high byte, so this 1000-2000 ramp came out 3-7.
+    g16 = np.linspace(1000, 2000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    gray = train_cxr.decode_xray(str(tmp_path / "g16.png"), 64)
+    for name in ("c16.png", "c16.tif"):
+        assert cv2.imwrite(str(tmp_path / name), np.dstack([g16] * 3))
+        assert np.abs(train_cxr.decode_xray(str(tmp_path / name), 64).astype(int) - gray).max() <= 1, name
+    rgba16 = np.dstack([g16] * 3 + [np.full_like(g16, 65535)])
+    rgba16[:, :32, 3] = 0  # the left half transparent: black
+    assert cv2.imwrite(str(tmp_path / "a16.png"), rgba16)
+    out = train_cxr.decode_xray(str(tmp_path / "a16.png"), 64)
+    assert out[:, :31].max() == 0 and out[:, 33:].max() == 255
