@@ -642,8 +642,21 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
+def refuse_link_loops(root: str | Path) -> None:
+    """Linked folders are followed (ImageFolder and --predict walk with followlinks): a link to a folder that
+    holds it was walked again at every level until the OS gave up, 40 deep, each image read 40 times and
+    another class's images labelled as the link's class. Refused, naming the link."""
+    for d, dirs, _ in os.walk(root, followlinks=True):
+        up = Path(os.path.relpath(d, root)).parts
+        for link in (os.path.join(d, n) for n in dirs if os.path.islink(os.path.join(d, n))):
+            if os.path.realpath(link) in {os.path.realpath(os.path.join(root, *up[:i])) for i in range(len(up) + 1)}:
+                raise CXRError(f"{link} links to {os.path.realpath(link)}, a folder that holds it, so its images would "
+                               "be read again and again: remove the link")
+
+
 def list_image_folder(root: Path) -> tuple[list, list]:
     """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
+    refuse_link_loops(root)
     # Like ImageFolder.find_classes, but hidden folders (.ipynb_checkpoints, .git) are not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -2871,6 +2884,8 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     for p in map(Path, args.predict):
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+        if p.is_dir():
+            refuse_link_loops(p)
         # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
         # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
         files += (sorted(f for d, _, names in os.walk(p, followlinks=True) for f in (os.path.join(d, n) for n in names)

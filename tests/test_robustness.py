@@ -205,6 +205,20 @@ def test_broken_link_is_an_unreadable_file_not_a_crash(data_copy, tmp_path):
     assert train_cxr.prepare_data(cfg)["bad_files"] == [str(link)]
 
 
+def test_a_link_to_a_folder_above_it_is_refused(data_copy, tmp_path):
+    # Followed, it was walked again at every level until the OS gave up (40 deep): 150 images became 6,150,
+    # the PNEUMONIA ones among them labelled NORMAL, with no more than a count of copies in the log.
+    (data_copy / "train" / "NORMAL" / "more").symlink_to(data_copy / "train", target_is_directory=True)
+    with pytest.raises(train_cxr.CXRError, match=f"{data_copy / 'train' / 'NORMAL' / 'more'} links to .*remove"):
+        train_cxr.check_split_dir(data_copy / "train", "train")
+    (data_copy / "train" / "NORMAL" / "more").unlink()  # a loop through two links, neither above the other
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "to_class").symlink_to(data_copy / "train" / "PNEUMONIA", target_is_directory=True)
+    (data_copy / "train" / "PNEUMONIA" / "site").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(train_cxr.CXRError, match="links to"):
+        train_cxr.check_split_dir(data_copy / "train", "train")
+
+
 def test_a_test_class_with_no_readable_file_is_refused(data_copy):
     for f in (data_copy / "test" / "NORMAL").glob("*.png"):
         f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0
