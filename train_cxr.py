@@ -643,8 +643,21 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
+def refuse_link_loops(root: str | Path) -> None:
+    """Linked folders are followed (ImageFolder and --predict walk with followlinks): a link to a folder that
+    holds it was walked again at every level until the OS gave up, 40 deep, each image read 40 times and
+    another class's images labelled as the link's class. Refused, naming the link."""
+    for d, dirs, _ in os.walk(root, followlinks=True):
+        up = Path(os.path.relpath(d, root)).parts
+        for link in (os.path.join(d, n) for n in dirs if os.path.islink(os.path.join(d, n))):
+            if os.path.realpath(link) in {os.path.realpath(os.path.join(root, *up[:i])) for i in range(len(up) + 1)}:
+                raise CXRError(f"{link} links to {os.path.realpath(link)}, a folder that holds it, so its images would "
+                               "be read again and again: remove the link")
+
+
 def list_image_folder(root: Path) -> tuple[list, list]:
     """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
+    refuse_link_loops(root)
     # Like ImageFolder.find_classes, but hidden folders (.ipynb_checkpoints, .git) are not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -663,7 +676,17 @@ def decode_xray(path: str, size: int) -> np.ndarray:
         with Image.open(path) as im:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
+            # PIL keeps only the high byte of a 16-bit colour PNG or TIFF (a 12-bit X-ray came out as 0-15): such a
+            # file is read by OpenCV, to gray with transparent = black, and min-max scaled below like 16-bit gray.
+            deep = (im.format in ("PNG", "TIFF") and im.mode in ("RGB", "RGBA")
+                    and any(";16" in str(t) for t in im.tile))  # its raw mode (RGB;16B); load() empties it
             im.load()  # raises OSError on truncated/corrupt data
+            if deep:
+                if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
+                    raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
+                px, exif = px.astype(np.float32), im.getexif()
+                im = Image.fromarray(px[..., :3].mean(-1) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1))
+                im.info["exif"] = exif.tobytes()  # its Orientation, for the next line
             im = ImageOps.exif_transpose(im)  # upright as every viewer shows it (EXIF Orientation, phone photos)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
                 # transparent = black, like film background
@@ -2311,7 +2334,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
     pattern = patient_pattern(cfg.patient_regex)
-    val_classes, val_samples, val_note = [], [], ""
+    val_classes, val_samples, val_note, (val, bad_val) = [], [], "", (None, [])
     if (root / "val").is_dir():
         with contextlib.suppress(FileNotFoundError):  # no class folders: too small, like an empty one
             val_classes, val_samples = list_image_folder(root / "val")
@@ -2319,16 +2342,22 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             check_same_classes(root, "val", classes, val_classes)
         counts = np.bincount([s[1] for s in val_samples], minlength=len(classes))
         if val_classes == classes and counts.min() >= cfg.min_val_per_class:
+            # Counted again once decoded: an unreadable file is no image, and a val/ with fewer readable
+            # images than MIN_VAL_PER_CLASS of a class was used (its file count given as its size).
+            val, bad_val = load_split(val_samples, cfg, "decode val")
+            counts = np.bincount(val.labels.numpy(), minlength=len(classes))
+        n_val = len(val) if val is not None else len(val_samples)
+        if val is not None and counts.min() >= cfg.min_val_per_class:
             if "val_fraction" in typed:
-                raise CXRError(f"--val-fraction: validation is {root / 'val'} ({len(val_samples)} images), nothing is "
+                raise CXRError(f"--val-fraction: validation is {root / 'val'} ({n_val} images), nothing is "
                                "carved from train; drop the flag, or move val/ away to carve the split")
-            val_note = f"validation: {root / 'val'} ({len(val_samples)} images)"
+            val_note = f"validation: {root / 'val'} ({n_val} images)"
         else:
-            val_note = (f"validation: {root / 'val'} is too small ({len(val_samples)} images; fewer than "
+            val_note = (f"validation: {root / 'val'} is too small ({n_val} images; fewer than "
                         f"{cfg.min_val_per_class} per class), its images join train and validation is "
                         "carved from train")
-            train_samples = train_samples + val_samples
-            val_samples = []
+            train_samples = train_samples + val_samples  # decoded again with train, bad files listed there
+            val_samples, val, bad_val = [], None, []
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
     train, bad = load_split(train_samples, cfg, "decode train")
@@ -2345,13 +2374,18 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
                  f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
                  "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
+    elif pattern and (missed := [r for n, r in zip(named, rels) if not n]):
+        # Said for some files too, not only for all: a regex that misses every second shot of a patient
+        # put those shots in validation as patients of their own, beside their patient's in train.
+        log.info(f"patients: {len(missed)} of {len(rels)} training file(s) match no --patient-regex "
+                 f"{pattern.pattern!r} (searched in the path below the class folder, e.g. "
+                 f"{next((r for r in missed if '/' in r), missed[0])}), so each "
+                 "counts as its own patient; if they belong to patients named by the others, widen the regex")
     elif train_ids and not any(named):
-        which = f"--patient-regex {pattern.pattern!r}" if pattern else "the Kermany patterns (personN_, IM-N-)"
-        log.info(f"patients: no file name matches {which}, so each file counts as its own patient "
-                 "(pass --patient-regex to group the images of one patient)")
+        log.info("patients: no file name matches the Kermany patterns (personN_, IM-N-), so each file counts as "
+                 "its own patient (pass --patient-regex to group the images of one patient)")
     # The test split is decoded now and looked at only after training.
-    (test, bad_test), (val, bad_val) = [load_split(s, cfg, f"decode {n}") if s else (None, [])
-                                        for n, s in (("test", test_samples), ("val", val_samples))]
+    test, bad_test = load_split(test_samples, cfg, "decode test") if test_samples else (None, [])
     bad += bad_test + bad_val
     for name, other in (("test", test), ("val", val)):  # a patient on both sides makes `other` optimistic
         if other is None:
@@ -2377,10 +2411,15 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
             k = int(least.argmin())
             ids = collections.Counter(g for g, lab in zip(train_ids, labels) if lab == k)
             top, n = ids.most_common(1)[0]
+            # Validation always takes a class's first patient, so mostly it is train that was left without the
+            # class: a lower fraction helps there, a higher one (the old advice) only emptied it further.
+            all_in_val = not (labels[tr_idx] == k).any()
+            fraction = (f"{'lower' if all_in_val else 'raise'} --val-fraction (at {cfg.val_fraction:g} "
+                        f"{'all' if all_in_val else 'none'} of them went to validation), " if len(ids) > 1 else "")
             raise CXRError(f"class {classes[k]} is too small to split into train and validation: its "
                            f"{counts[k]} images in {root / 'train' / classes[k]} belong to {len(ids)} patient(s)"
                            + (f", {n} of them to {top!r}" if n > 1 and 2 * n >= counts[k] else "") +
-                           "; add images, raise --val-fraction, or pass --patient-regex if those ids are wrong")
+                           f"; add images, {fraction}or pass --patient-regex if those ids are wrong")
         train, val = train.subset(tr_idx), train.subset(va_idx)
         val_note = val_note or f"validation: {len(val)} images carved from train (grouped by patient)"
     report_bad_files(bad, cfg.strict)
@@ -2866,6 +2905,8 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     for p in map(Path, args.predict):
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
+        if p.is_dir():
+            refuse_link_loops(p)
         # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
         # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
         files += (sorted(f for d, _, names in os.walk(p, followlinks=True) for f in (os.path.join(d, n) for n in names)

@@ -161,6 +161,23 @@ def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
     assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
 
 
+def test_files_a_patient_regex_misses_are_counted(data_copy, capsys):
+    # P<k>_0.png and P<k>-1.png: the regex misses every second shot, and each such file became its own
+    # patient without a word, free to land in validation while its patient's other shot trains.
+    for cls in ("NORMAL", "PNEUMONIA"):
+        for k, p in enumerate(sorted((data_copy / "train" / cls).glob("*.png"))):
+            p.rename(p.with_name(f"{cls[0]}{k // 2}{'_' if k % 2 == 0 else '-'}{k % 2}.png"))
+    data, out = _prepare(capsys, data_dir=str(data_copy), patient_regex=r"^(\w\d+)_")
+    lines = [ln for ln in out.splitlines() if "own patient" in ln]
+    assert len(lines) == 1 and "75 of 150" in lines[0] and "-1.png" in lines[0], out
+
+    (data_copy / "train" / "NORMAL" / "sub").mkdir()  # in a sub-folder '^' anchors at the folder's name
+    for p in sorted((data_copy / "train" / "NORMAL").glob("*_0.png")):
+        p.rename(p.with_name("sub") / p.name)
+    data, out = _prepare(capsys, data_dir=str(data_copy), patient_regex=r"^(\w\d+)_")
+    assert "105 of 150" in out and "sub/" in out, out
+
+
 def _patient_folders(split_dir: Path, patients: dict, shots: int = 3, seed: int = 0) -> None:
     """split_dir/CLASS/<patient>/img0.png ...: one sub-folder per patient, generic file names."""
     rng = np.random.default_rng(seed)
@@ -203,6 +220,14 @@ def test_patients_in_sub_folders_never_straddle_the_split(tmp_path, capsys):
         assert len(data["val"]) % 3 == 0 and len(folders[0] | folders[1]) == 40
 
 
+def test_a_class_that_all_went_to_validation_asks_for_a_lower_val_fraction(tmp_path, capsys):
+    # 3 NORMAL files, 3 patients: at --val-fraction 0.9 every one goes to validation, none stays to train.
+    _patient_folders(tmp_path / "d" / "train", {"NORMAL": ["a", "b", "c"], "PNEUMONIA": list("defghijk")}, shots=1)
+    with pytest.raises(T.CXRError, match="class NORMAL is too small") as e:
+        _prepare(capsys, data_dir=str(tmp_path / "d"), val_fraction=0.9)
+    assert "lower --val-fraction" in str(e.value) and "raise --val-fraction" not in str(e.value), e.value
+
+
 def test_patient_overlap_counts_named_patients_only(tmp_path, capsys):
     root = tmp_path / "d"
     _patient_folders(root / "train", {c: [f"{c[0]}patient{k:03d}" for k in range(20)] for c in ("NORMAL", "PNEUMONIA")})
@@ -228,6 +253,15 @@ def test_val_folder_with_other_class_names_is_refused(data_copy, capsys):
     data, out = _prepare(capsys, data_dir=str(data_copy))
     assert "its images join train" in data["val_note"]
     assert len(data["train"]) + len(data["val"]) == 150 + 6
+
+    # 4 files a class, one unreadable: 3 images, fewer than 4, so too small (it was used, said to hold 8).
+    for cls in ("NORMAL", "PNEUMONIA"):
+        (data_copy / "val" / cls / "broken.png").write_bytes(b"")
+    data, out = _prepare(capsys, data_dir=str(data_copy), min_val_per_class=4)
+    assert "too small (6 images" in data["val_note"] and len(data["train"]) + len(data["val"]) == 150 + 6
+    assert "skipping 2 unreadable" in out, out  # each listed once, not again when it joins train
+    data, out = _prepare(capsys, data_dir=str(data_copy), min_val_per_class=3)
+    assert data["val_note"] == f"validation: {data_copy / 'val'} (6 images)" and len(data["val"]) == 6
 
 
 # ----------------------------------------------------------------------------------------------

@@ -205,6 +205,20 @@ def test_broken_link_is_an_unreadable_file_not_a_crash(data_copy, tmp_path):
     assert train_cxr.prepare_data(cfg)["bad_files"] == [str(link)]
 
 
+def test_a_link_to_a_folder_above_it_is_refused(data_copy, tmp_path):
+    # Followed, it was walked again at every level until the OS gave up (40 deep): 150 images became 6,150,
+    # the PNEUMONIA ones among them labelled NORMAL, with no more than a count of copies in the log.
+    (data_copy / "train" / "NORMAL" / "more").symlink_to(data_copy / "train", target_is_directory=True)
+    with pytest.raises(train_cxr.CXRError, match=f"{data_copy / 'train' / 'NORMAL' / 'more'} links to .*remove"):
+        train_cxr.check_split_dir(data_copy / "train", "train")
+    (data_copy / "train" / "NORMAL" / "more").unlink()  # a loop through two links, neither above the other
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "to_class").symlink_to(data_copy / "train" / "PNEUMONIA", target_is_directory=True)
+    (data_copy / "train" / "PNEUMONIA" / "site").symlink_to(tmp_path / "a", target_is_directory=True)
+    with pytest.raises(train_cxr.CXRError, match="links to"):
+        train_cxr.check_split_dir(data_copy / "train", "train")
+
+
 def test_a_test_class_with_no_readable_file_is_refused(data_copy):
     for f in (data_copy / "test" / "NORMAL").glob("*.png"):
         f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0
@@ -665,3 +679,15 @@ def test_16_bit_images_are_min_max_scaled_and_transparency_is_black(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     out = train_cxr.decode_xray(str(tmp_path / "a.png"), 64)
     assert out[:, :31].max() == 0 and abs(float(out[:, 33:].mean()) - 180) <= 1
+
+    # 16 bits a colour channel (PNG, TIFF): PIL kept the high byte, so this 1000-2000 ramp came out 3-7.
+    g16 = np.linspace(1000, 2000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    gray = train_cxr.decode_xray(str(tmp_path / "g16.png"), 64)
+    for name in ("c16.png", "c16.tif"):
+        assert cv2.imwrite(str(tmp_path / name), np.dstack([g16] * 3))
+        assert np.abs(train_cxr.decode_xray(str(tmp_path / name), 64).astype(int) - gray).max() <= 1, name
+    rgba16 = np.dstack([g16] * 3 + [np.full_like(g16, 65535)])
+    rgba16[:, :32, 3] = 0  # the left half transparent: black
+    assert cv2.imwrite(str(tmp_path / "a16.png"), rgba16)
+    out = train_cxr.decode_xray(str(tmp_path / "a16.png"), 64)
+    assert out[:, :31].max() == 0 and out[:, 33:].max() == 255
