@@ -1219,7 +1219,7 @@ def choose_threshold(y_true, prob, policy: str) -> float:
                    rule that maximises sensitivity + specificity (Youden's objective) in expectation,
                    estimated from the two-parameter calibration fit instead of the argmax of a
                    nearly flat empirical curve, so it does not jump between seeds.
-    accuracy       0.5: the fewest expected errors at the training prevalence.
+    accuracy       0.5: the fewest expected errors at the validation prevalence (calibration's).
     youden         the empirical maximiser of sensitivity + specificity - 1, placed midway between
                    the chosen score and the next lower one (on a score, any tie would flip).
     sensitivity:X  keeps at least X of the positive validation images: midway between the lowest
