@@ -2368,6 +2368,14 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train.paths, rels)]
     if group_copies:
         train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train.paths])
+    first, clash = {}, []  # the same bytes in two class folders: one of the two labels is wrong
+    for p, label in zip(train.paths, train.labels.tolist()):
+        seen = first.setdefault(digests.get(str(p)) or p, (label, p))
+        if seen[0] != label:
+            clash.append(f"{seen[1]} ({classes[seen[0]]}) = {p} ({classes[label]})")
+    if clash:
+        log.warning(f"warning: {len(clash)} training file(s) are byte-identical copies of a file in another class, "
+                    f"e.g. {'; '.join(clash[:3])}: one image with two labels; remove the wrong copy")
     in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.

@@ -362,6 +362,16 @@ def test_copies_within_train_stay_on_one_side_of_the_validation_split(data_copy,
     digest = lambda split: {hashlib.sha1(Path(p).read_bytes()).hexdigest() for p in split.paths}
     assert not digest(data["train"]) & digest(data["val"])
     assert any("24 images have a byte-identical copy under another patient id" in m for m in said)
+    assert not any("another class" in m for m in said)  # copies, but each under its own class
+    # One of them also in the other class: the same image with two labels is worth a warning of its own.
+    (data_copy / "train" / "PNEUMONIA" / "moved.png").write_bytes(originals[0].read_bytes())
+    warned = []
+    monkeypatch.setattr(train_cxr.log, "warning", lambda msg, *a, **k: warned.append(msg))
+    train_cxr.prepare_data(cfg)
+    assert [m for m in warned if "another class" in m] == [
+        f"warning: 1 training file(s) are byte-identical copies of a file in another class, e.g. {originals[0]} "
+        f"(NORMAL) = {data_copy}/train/PNEUMONIA/moved.png (PNEUMONIA): one image with two labels; remove the "
+        "wrong copy"]
     # Merging is transitive: a - b share a file, b - c share another, so a, b and c are one group.
     assert train_cxr.same_group_for_copies(["a", "b", "b", "c", "d"], ["x", "x", "y", "y", None]) == \
         ["a", "a", "a", "a", "d"]
