@@ -730,16 +730,24 @@ def read_dicom(path: str) -> np.ndarray:
         decoder = pydicom.pixels.get_decoder(ts)
     except NotImplementedError:  # pydicom has no decoder at all for this syntax
         decoder = None
+    needs = decoder.missing_dependencies if decoder else []
+    needs = sorted(needs, key=lambda d: not d.startswith("pylibjpeg"))[:1]  # one pip-installable choice
+    how = needs[0].split(" - requires ")[-1] if needs else "a converter to an uncompressed DICOM"
     if decoder is None or not decoder.is_available:
-        needs = decoder.missing_dependencies if decoder else []
-        needs = sorted(needs, key=lambda d: not d.startswith("pylibjpeg"))[:1]  # one pip-installable choice
-        how = needs[0].split(" - requires ")[-1] if needs else "a converter to an uncompressed DICOM"
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
     if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
         ds.ModalityLUTSequence[0].LUTDescriptor[2] = 16  # 10-15 bits an entry: pydicom asks numpy for a uint12
-    arr = pydicom.pixels.apply_modality_lut(pydicom.pixels.pixel_array(ds, index=0), ds)
+    try:
+        px = pydicom.pixels.pixel_array(ds, index=0)
+    except RuntimeError as e:  # every installed plugin failed, e.g. Pillow on 12-bit JPEG Extended (common in CR)
+        if not needs:
+            raise
+        why = "; ".join(line.strip() for line in str(e).splitlines()[1:])  # each plugin's reason, on one line
+        raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) failed to decode here ({why}); "
+                           f"another decoder may read it: {how}")
+    arr = pydicom.pixels.apply_modality_lut(px, ds)
     if arr.ndim == 3:
         arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
     if ds.get("VOILUTSequence"):

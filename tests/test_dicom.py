@@ -202,6 +202,19 @@ def test_refused_dicoms_are_bad_files_with_a_reason(source, tmp_path):
             assert w in why, (path, why)
 
 
+def test_12_bit_jpeg_extended_without_its_decoder_names_what_to_install(source, tmp_path):
+    _, img = source
+    uid = pydicom.uid.JPEGExtended12Bit  # 12-bit CR/DX: Pillow reads only 8-bit JPEG Extended, and says so on decoding
+    if not pydicom.pixels.get_decoder(uid).missing_dependencies:
+        pytest.skip("every decoder of JPEG Extended is installed here")
+    path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 16, bits_stored=12, transfer_syntax=uid,
+                       encapsulated=cv2.imencode(".jpg", img)[1].tobytes())
+    _, arr, why, _ = train_cxr._decode_one((0, str(path)), SIZE)
+    assert arr is None and "\n" not in why, why  # one line in the list of skipped files
+    for w in ["JPEG Extended", "1.2.840.10008.1.2.4.51", "12-bit", "pylibjpeg-libjpeg"]:
+        assert w in why, why
+
+
 def kermany_like(root, n_patients: int, shots: int, seed: int = 0):
     """train/ and test/ of DICOMs named by number only; the patient is in PatientID alone."""
     rng = np.random.default_rng(seed)
