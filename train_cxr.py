@@ -715,9 +715,10 @@ def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
     1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
-    WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values; 3. MONOCHROME1 is
-    inverted (its low values are white). Multi-frame files give their first frame. Raises DicomRefused
-    for a modality that is not an X-ray, no pixel data, or a transfer syntax no installed package decodes.
+    WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values (Pixel Padding left
+    out); 3. MONOCHROME1 is inverted (its low values are white). Multi-frame files give their first
+    frame. Raises DicomRefused for a modality that is not an X-ray, no pixel data, or a transfer syntax
+    no installed package decodes.
     """
     ds = pydicom.dcmread(path)
     modality = str(ds.get("Modality", "")).upper()
@@ -764,7 +765,14 @@ def read_dicom(path: str) -> np.ndarray:
         lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))
         arr = pydicom.pixels.apply_voi_lut(arr, ds)
     else:
-        lo, hi = map(float, np.percentile(arr, DICOM_PERCENTILES))
+        # Pixel Padding Value (to Pixel Padding Range Limit), in stored values, marks the pixels outside the image
+        # (beyond the collimator): a viewer leaves them out of its window, else they squeeze the X-ray's contrast.
+        body = arr
+        if px.ndim == 2 and ds.get("PixelPaddingValue") is not None:
+            limit = ds.get("PixelPaddingRangeLimit")
+            pad = sorted((ds.PixelPaddingValue, ds.PixelPaddingValue if limit is None else limit))
+            body = arr[(px < pad[0]) | (px > pad[1])]
+        lo, hi = map(float, np.percentile(body if body.size else arr, DICOM_PERCENTILES))
     img = np.clip((arr - lo) / (hi - lo), 0, 1) if hi != lo else np.zeros(arr.shape)
     if ds.get("PhotometricInterpretation") == "MONOCHROME1":
         img = 1 - img

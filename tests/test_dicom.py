@@ -96,6 +96,21 @@ def test_negative_rescale_slope_with_a_window_keeps_black_black(source, tmp_path
     np.testing.assert_array_equal(decoded(path), img)
 
 
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_pixel_padding_is_left_out_of_the_percentile_window(source, tmp_path, photometric):
+    _, img = source
+    # A quarter of the picture is Pixel Padding (outside the collimator; the darkest stored value for MONOCHROME2,
+    # the brightest for MONOCHROME1): a viewer leaves it out of the window, so the X-ray keeps its full contrast.
+    stored = img.astype(np.uint16) * 16 + 512
+    stored[:, :16] = 0
+    if photometric == "MONOCHROME1":
+        stored = 4095 - stored
+    got = decoded(write_dicom(tmp_path / "a.dcm", stored, bits_stored=12, photometric=photometric,
+                              PixelPaddingValue=int(stored[0, 0])))
+    np.testing.assert_allclose(got[:, 16:], percentile_window(img[:, 16:]), atol=1)  # not squeezed into 40-255
+    assert (got[:, :16] == 0).all()  # the padding black
+
+
 def test_empty_window_tags_get_the_percentile_window(source, tmp_path):
     _, img = source
     # Zero-length WindowCenter/WindowWidth elements (type 3: some exports write them empty) are no window.
