@@ -2389,9 +2389,13 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                  f"{pattern.pattern!r} (searched in the path below the class folder, e.g. "
                  f"{next((r for r in missed if '/' in r), missed[0])}), so each "
                  "counts as its own patient; if they belong to patients named by the others, widen the regex")
-    elif train_ids and not any(named):
-        log.info("patients: no file name matches the Kermany patterns (personN_, IM-N-), so each file counts as "
-                 "its own patient (pass --patient-regex to group the images of one patient)")
+    elif missed := [r for n, r in zip(named, rels) if not n]:
+        # Also when only some miss (files of another source added to Kermany's folders): two of them
+        # may be one patient, on both sides of the split.
+        log.info(("patients: no file name matches" if len(missed) == len(rels) else
+                  f"patients: {len(missed)} of {len(rels)} training file names (e.g. {missed[0]}) match none of") +
+                 " the Kermany patterns (personN_, IM-N-), so each file counts as its own patient (pass "
+                 "--patient-regex to group the images of one patient)")
     # The test split is decoded now and looked at only after training.
     test, bad_test = load_split(test_samples, cfg, "decode test") if test_samples else (None, [])
     bad += bad_test + bad_val
