@@ -244,7 +244,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line instead of the whole usage; a mistyped flag gets the nearest real one.
         m = re.match(r"unrecognized arguments: (\S+)", message)
-        close = difflib.get_close_matches(m.group(1).split("=")[0], self._option_string_actions, n=1) if m else []
+        typed = m.group(1).split("=")[0] if m else ""
+        # An abbreviation (--out) means a flag it starts, even where another is nearer by letters (--dropout).
+        started = [o for o in self._option_string_actions if o.startswith(typed)] if typed.startswith("--") else []
+        close = difflib.get_close_matches(typed, started or self._option_string_actions, n=1,
+                                          cutoff=0.0 if started else 0.6) if m else []
         hint = f"; did you mean {close[0]}?" if close else ""
         # A flag's type is its constant's: EMA_DECAY edited to 0 (not 0.0) makes --ema-decay 0.99 an error.
         m = re.match(r"argument --([\w-]+): invalid int value: '([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)'$", message)
