@@ -18,10 +18,10 @@ DICOM files (.dcm, .dicom) are read like images, through pydicom (read_dicom).
 The validation split is carved from train, grouped by patient; the test folder only
 produces the final report and never chooses a checkpoint, a threshold or a schedule.
 
-Measured (README.md has the rest): the default recipe on the 5,216-image Kermany training
-split takes 5 min 5 s end to end on 2 CPU cores (Xeon with AMX, bf16) and 10 min 12 s on 2
-cores without AMX (AMD EPYC, fp32); over 3 patient-grouped folds it reaches AUC 0.9939 with a
-calibration error of 0.016 (2-core AMD EPYC, fp32); --demo takes 56 s on that EPYC.
+Measured (README.md has the rest): the default recipe (112 px) on the 5,216-image Kermany
+training split takes 5.4 min end to end on 2 CPU cores without AMX (Xeon, fp32); over 3
+patient-grouped folds it reaches AUC 0.9946 with a calibration error of 0.013 (same Xeon);
+--demo takes 22-23 s there.
 """
 from __future__ import annotations
 
@@ -244,7 +244,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):
         # One line instead of the whole usage; a mistyped flag gets the nearest real one.
         m = re.match(r"unrecognized arguments: (\S+)", message)
-        close = difflib.get_close_matches(m.group(1).split("=")[0], self._option_string_actions, n=1) if m else []
+        typed = m.group(1).split("=")[0] if m else ""
+        # An abbreviation (--out) means a flag it starts, even where another is nearer by letters (--dropout).
+        started = [o for o in self._option_string_actions if o.startswith(typed)] if typed.startswith("--") else []
+        close = difflib.get_close_matches(typed, started or self._option_string_actions, n=1,
+                                          cutoff=0.0 if started else 0.6) if m else []
         hint = f"; did you mean {close[0]}?" if close else ""
         # A flag's type is its constant's: EMA_DECAY edited to 0 (not 0.0) makes --ema-decay 0.99 an error.
         m = re.match(r"argument --([\w-]+): invalid int value: '([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)'$", message)
@@ -2405,9 +2409,13 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                  f"{pattern.pattern!r} (searched in the path below the class folder, e.g. "
                  f"{next((r for r in missed if '/' in r), missed[0])}), so each "
                  "counts as its own patient; if they belong to patients named by the others, widen the regex")
-    elif train_ids and not any(named):
-        log.info("patients: no file name matches the Kermany patterns (personN_, IM-N-), so each file counts as "
-                 "its own patient (pass --patient-regex to group the images of one patient)")
+    elif missed := [r for n, r in zip(named, rels) if not n]:
+        # Also when only some miss (files of another source added to Kermany's folders): two of them
+        # may be one patient, on both sides of the split.
+        log.info(("patients: no file name matches" if len(missed) == len(rels) else
+                  f"patients: {len(missed)} of {len(rels)} training file names (e.g. {missed[0]}) match none of") +
+                 " the Kermany patterns (personN_, IM-N-), so each file counts as its own patient (pass "
+                 "--patient-regex to group the images of one patient)")
     # The test split is decoded now and looked at only after training.
     test, bad_test = load_split(test_samples, cfg, "decode test") if test_samples else (None, [])
     bad += bad_test + bad_val

@@ -209,6 +209,8 @@ def main() -> int:
     a = p.parse_args()
     if a.vs and not a.run:  # before the two-minute step table, not after it
         p.error("--vs needs --run DATA")
+    if a.run and not Path(a.run).is_dir():
+        p.error(f"--run {a.run} is not a folder: pass a DATA_DIR (the folder that holds train/)")
     if a.threads:
         torch.set_num_threads(a.threads)
     if a.allocator:

@@ -161,6 +161,16 @@ def test_unmatched_names_are_said_once_and_regex_groups_them(data_copy, capsys):
     assert len(tr | va) < len(data["train"]) + len(data["val"])  # really grouped: 2 images a patient
 
 
+def test_files_the_kermany_names_miss_are_counted_when_others_match(data_copy, capsys):
+    # Kermany's folders with a few files of another source added: those files became their own patients
+    # without a word (the note came only when no file matched), though two of them may be one patient.
+    for k, p in enumerate(sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:6]):
+        p.rename(p.with_name(f"scan_{k // 2}_{k % 2}.png"))
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    lines = [ln for ln in out.splitlines() if "own patient" in ln]
+    assert len(lines) == 1 and "6 of 150" in lines[0] and "scan_" in lines[0], out
+
+
 def test_files_a_patient_regex_misses_are_counted(data_copy, capsys):
     # P<k>_0.png and P<k>-1.png: the regex misses every second shot, and each such file became its own
     # patient without a word, free to land in validation while its patient's other shot trains.

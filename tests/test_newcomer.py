@@ -229,6 +229,9 @@ def test_pyflakes_finds_nothing_in_any_script():
 @pytest.mark.parametrize("argv,words", [
     (["--epohcs", "1"], ["--epohcs", "did you mean --epochs?"]),
     (["--epoch", "1"], ["--epoch", "did you mean --epochs?"]),          # no silent abbreviation
+    (["--ep", "1"], ["did you mean --epochs?"]),    # an abbreviation suggests the flag it starts (was --help,
+    (["--out", "o"], ["did you mean --output-dir?"]),  # --dropout and --amp: nearer by letters alone)
+    (["--warm", "1"], ["did you mean --warmup-epochs?"]),
     (["--epochs", "two"], ["--epochs", "invalid int value: 'two'"]),
     (["--img-sise", "64"], ["did you mean --img-size?"])])
 def test_flag_errors_are_one_line_with_a_suggestion(argv, words, capsys):

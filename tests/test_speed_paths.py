@@ -351,3 +351,13 @@ def test_a_training_step_launches_few_kernels_on_the_device():
     assert kernels["augment"] <= 20 and kernels["EMA"] == 3, kernels
     assert kernels["forward and loss"] > 20 and kernels["backward"] > 20  # the count sees the network
     assert whole == sum(counts.values())  # the replay is train_step, operation for operation
+
+
+def test_cpu_paths_refuses_a_missing_run_folder_before_its_step_table(tmp_path, monkeypatch, capsys):
+    # `--run DATA` with a mistyped DATA ran the two-minute step table first, then died in a traceback.
+    bench = load_benchmark("cpu_paths")
+    monkeypatch.setattr(bench, "step_rate", lambda *a, **k: pytest.fail("the step table ran first"))
+    monkeypatch.setattr(sys, "argv", ["cpu_paths.py", "--run", str(tmp_path / "nowhere"), "--vs=--img-size 128"])
+    with pytest.raises(SystemExit) as e:
+        bench.main()
+    assert e.value.code == 2 and f"--run {tmp_path / 'nowhere'}" in capsys.readouterr().err
