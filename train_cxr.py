@@ -505,13 +505,23 @@ def set_backend_flags(deterministic: bool, cuda: bool) -> None:
     torch.backends.cudnn.benchmark = torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = fast
 
 
+class ConsoleHandler(logging.StreamHandler):
+    """stdout, until a reader closes it (python train_cxr.py --predict DIR | head): then nowhere, rather
+    than one BrokenPipeError traceback for every later line; the run and its files go on."""
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            self.stream = open(os.devnull, "w")
+        else:
+            super().handleError(record)
+
+
 def setup_console_logging(is_main: bool = True) -> None:
     for h in list(log.handlers):  # main() may run several times in one process (tests)
         h.close()
         log.removeHandler(h)
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
-    log.addHandler(logging.StreamHandler(sys.stdout))  # a handler's default format is the bare message
+    log.addHandler(ConsoleHandler(sys.stdout))  # a handler's default format is the bare message
     # Lines logged before the run folder exists are kept and replayed into train.log: every input
     # check runs before the folder is made, so without this the warnings about skipped files,
     # duplicates across splits and patient overlap (measured: the only two warnings of a run on

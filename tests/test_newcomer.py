@@ -1,6 +1,7 @@
 """A newcomer's first hour (issue 16): flags, messages, pictures and the demo explain themselves."""
 import hashlib
 import json
+import logging
 import os
 import re
 import signal
@@ -594,3 +595,24 @@ def test_demo_learns_both_classes_and_looks_at_the_lesions(tmp_path, capsys):
     maps = train_cxr.gradcam_maps(model, images, [pos] * len(names), ckpt, rt)
     share, area = _lesion_share(maps, [lesions[n] for n in names], ckpt["work_size"], ckpt["img_size"])
     assert share > 2 * area, (share, area)
+
+
+def test_a_closed_stdout_pipe_silences_the_console_instead_of_a_traceback_per_line(capsys):
+    # python train_cxr.py --predict DIR | head: once head exits, every later log line printed a
+    # "--- Logging error ---" BrokenPipeError traceback (29 for a 60-image --predict), though the files were written.
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+    handler = train_cxr.ConsoleHandler(ClosedPipe())
+    record = logging.LogRecord("train_cxr", logging.INFO, __file__, 1, "a line", None, None)
+    for _ in range(3):
+        handler.handle(record)
+    assert "Logging error" not in capsys.readouterr().err and handler.stream.name == os.devnull
+    # Any other writing error is still reported, as logging does.
+    handler.stream = ClosedPipe()
+    ClosedPipe.write = lambda self, text: 1 / 0
+    handler.handle(record)
+    assert "ZeroDivisionError" in capsys.readouterr().err
