@@ -332,6 +332,10 @@ def check_modes(args) -> None:
                        "from scratch (there is no warm start); drop --checkpoint, or add the mode")
     if mode == "demo" and "data_dir" in args.given:
         raise CXRError("--demo trains on synthetic X-rays it writes itself: drop --data-dir, or drop --demo")
+    if mode in MODE_FLAGS and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Under torchrun every process scored all images into a run folder of its own: a second folder, or
+        # (the same name) a misleading error whose exit made torchrun kill the other process mid-way.
+        raise CXRError(f"--{mode} runs in one process: drop torchrun (python train_cxr.py --{mode} ...)")
     dashed = lambda names: ", ".join("--" + k.replace("_", "-") for k in sorted(names))
     if mode in MODE_FLAGS and args.given - MODE_FLAGS[mode]:
         raise CXRError(f"{dashed(args.given - MODE_FLAGS[mode])} would change nothing with --{mode}: it uses the "

@@ -684,3 +684,15 @@ def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     rcs, dumps, log = _two_processes(tmp_path, "nan", _ddp_args(synth_root, out, 1))
     assert rcs == [3, 3], (rcs, log[-3000:])
     assert re.search(r"stopped: loss became non-finite in another process at epoch 1", log), log[-3000:]
+
+
+@pytest.mark.parametrize("argv", [["--predict", "a.png", "--checkpoint", "r"], ["--evaluate", "--checkpoint", "r"],
+                                  ["--recalibrate", "d", "--checkpoint", "r"]])
+def test_scoring_modes_under_torchrun_are_refused(argv, monkeypatch):
+    # Each process scored every image into a run folder of its own: two folders, or (the same second)
+    # "cannot create the run folder (File exists)" on one, whose exit made torchrun kill the other.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(T.CXRError, match=f"^{argv[0]} runs in one process: drop torchrun"):
+        T.parse_config(argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    T.parse_config(argv)  # one process: as before
