@@ -2614,16 +2614,18 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
         except Interrupted:
             draw_history(force=True)
             done = history[-1]["epoch"] if history else start - 1
+            # With as many processes as the run started with: train refuses a resume with another count.
+            again = "python" if rt.world == 1 else f"torchrun --nproc_per_node={rt.world}"
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
                 log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
                          f"resume. Start again with the same command (delete {run_dir} first to reuse "
                          "its --run-name)")
             elif epochs_done:
                 log.info(f"interrupted after the last epoch ({done}), before calibration, the guard and the test "
-                         f"report: finish them with: python train_cxr.py --resume {run_dir}")
+                         f"report: finish them with: {again} train_cxr.py --resume {run_dir}")
             else:
                 log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
-                         f"Resume with: python train_cxr.py --resume {run_dir}")
+                         f"Resume with: {again} train_cxr.py --resume {run_dir}")
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             draw_history(force=True)

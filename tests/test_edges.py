@@ -644,6 +644,8 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
     rcs, dumps, log = _two_processes(tmp_path, "signal", _ddp_args(synth_root, out, 3))
     assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
     assert "interrupted during epoch 2" in log
+    # With the process count it started with: "python train_cxr.py --resume" was refused for a 2-process run.
+    assert f"Resume with: torchrun --nproc_per_node=2 train_cxr.py --resume {out / 'ddp'}" in log
     assert [r["epoch"] for r in read_csv(out / "ddp" / "history.csv")] == ["1"]
     # Epoch 1: the train metrics cover both shards (the same on both ranks, and in history.csv) ...
     rows = [json.loads((dumps / f"rank{r}_train1.json").read_text()) for r in (0, 1)]
@@ -677,6 +679,7 @@ def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tm
     rcs, _, log = _two_processes(tmp_path, "late", _ddp_args(synth_root, out, 2))
     assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
     assert "interrupted after the last epoch (2)" in log and not (out / "ddp" / "test_metrics.json").exists()
+    assert f"finish them with: torchrun --nproc_per_node=2 train_cxr.py --resume {out / 'ddp'}" in log
 
 
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
