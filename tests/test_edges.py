@@ -682,6 +682,28 @@ def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tm
     assert f"finish them with: torchrun --nproc_per_node=2 train_cxr.py --resume {out / 'ddp'}" in log
 
 
+def test_ddp_rank_1_stops_with_the_write_rank_0_could_not_make(synth_root, tmp_path, monkeypatch):
+    # Only rank 0 writes files: when a write failed (a full disk), rank 0 exited with its one line and rank 1
+    # went on alone into its next step, waiting for it (gloo: a traceback that torchrun named the root cause).
+    # Rank 1 of two here, its partner simulated: the collectives give back rank 1's own values, and rank 0's
+    # writes end in the error atomic_write raises on a full disk.
+    failed = "disk full while writing runs/r/best_model.pt: free some space or choose another --output-dir"
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: None)
+    both = lambda out, obj: out.__setitem__(slice(None), [obj] * 2)  # rank 0's part: rank 1's own
+    monkeypatch.setattr(torch.distributed, "all_gather_object", both)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box: box.__setitem__(0, failed))
+    monkeypatch.setattr(T, "evaluate", lambda st, split: {"val_loss": 0.5, "val_acc": 0.5, "val_auc": 0.5})
+    cfg = T.Config(data_dir=str(synth_root), epochs=2, num_workers=0, img_size=32, channels=(8, 16, 32, 32),
+                   fc_hidden=32, batch_size=16, amp="off", device="cpu", num_gradcam_images=0)
+    data = T.prepare_data(cfg)
+    rt = T.Runtime(torch.device("cpu"), None)
+    st = T.build_state(cfg, rt, data["classes"], data["train"].labels.numpy(),
+                       T.dataset_norm(data["train"].images, cfg.normalize), len(data["train"]) // 2 // 16)
+    st.rt = dataclasses.replace(rt, rank=1, world=2)
+    with pytest.raises(T.CXRError, match="^disk full while writing"):
+        T.fit(st, data["train"], data["val"], {}, tmp_path, None)
+
+
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     out = tmp_path / "runs"
     rcs, dumps, log = _two_processes(tmp_path, "nan", _ddp_args(synth_root, out, 1))
