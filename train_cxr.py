@@ -509,7 +509,8 @@ def setup_console_logging(is_main: bool = True) -> None:
     for h in list(log.handlers):  # main() may run several times in one process (tests)
         h.close()
         log.removeHandler(h)
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    # The other processes of a torchrun run check the same data: their warnings would repeat rank 0's.
+    log.setLevel(logging.INFO if is_main else logging.ERROR)
     log.propagate = False
     log.addHandler(logging.StreamHandler(sys.stdout))  # a handler's default format is the bare message
     # Lines logged before the run folder exists are kept and replayed into train.log: every input

@@ -711,6 +711,18 @@ def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     assert re.search(r"stopped: loss became non-finite in another process at epoch 1", log), log[-3000:]
 
 
+def test_only_rank_0_prints_warnings(data_copy, capsys):
+    # Every process checks the same data: each printed the same warnings (a broken file, copies across
+    # splits, patient overlap), once per process, where the README says only rank 0 prints.
+    (data_copy / "train" / "NORMAL" / "broken.png").write_bytes(b"not an image")
+    for is_main, printed in ((True, 1), (False, 0)):
+        T.setup_console_logging(is_main)
+        capsys.readouterr()
+        T.prepare_data(T.Config(data_dir=str(data_copy), num_workers=0, img_size=32))
+        assert capsys.readouterr().out.count("warning: skipping 1 unreadable") == printed
+    T.setup_console_logging()
+
+
 @pytest.mark.parametrize("argv", [["--predict", "a.png", "--checkpoint", "r"], ["--evaluate", "--checkpoint", "r"],
                                   ["--recalibrate", "d", "--checkpoint", "r"]])
 def test_scoring_modes_under_torchrun_are_refused(argv, monkeypatch):
