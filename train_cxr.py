@@ -1341,9 +1341,12 @@ def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
         return local
     parts = [None] * rt.world
     torch.distributed.all_gather_object(parts, local)
-    out = np.zeros((sum(map(len, parts)), *local.shape[1:]), dtype=local.dtype)
+    # A process with no rows (more processes than validation images) holds a (0, 0) array: shape from the others.
+    widest = max(parts, key=len)
+    out = np.zeros((sum(map(len, parts)), *widest.shape[1:]), dtype=widest.dtype)
     for r, p in enumerate(parts):
-        out[r::rt.world] = p
+        if len(p):
+            out[r::rt.world] = p
     return out
 
 

@@ -711,6 +711,16 @@ def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     assert re.search(r"stopped: loss became non-finite in another process at epoch 1", log), log[-3000:]
 
 
+def test_gather_rows_with_more_processes_than_validation_images(monkeypatch):
+    # 3 processes, 2 validation images: rank 2 scored none, and its (0, 0) array stopped every rank
+    # with a numpy traceback at the first validation.
+    parts = [np.array([[0.1, 0.9]], np.float32), np.array([[0.8, 0.2]], np.float32), np.zeros((0, 0), np.float32)]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, local: out.__setitem__(slice(None), parts))
+    for rank in range(3):
+        rows = T.gather_rows(parts[rank], T.Runtime(torch.device("cpu"), None, rank, 3))
+        np.testing.assert_array_equal(rows, np.concatenate(parts[:2]))
+
+
 def test_only_rank_0_prints_warnings(data_copy, capsys):
     # Every process checks the same data: each printed the same warnings (a broken file, copies across
     # splits, patient overlap), once per process, where the README says only rank 0 prints.
