@@ -336,6 +336,10 @@ def check_modes(args) -> None:
                        "from scratch (there is no warm start); drop --checkpoint, or add the mode")
     if mode == "demo" and "data_dir" in args.given:
         raise CXRError("--demo trains on synthetic X-rays it writes itself: drop --data-dir, or drop --demo")
+    if mode in MODE_FLAGS and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        # Under torchrun every process scored all images into a run folder of its own: a second folder, or
+        # (the same name) a misleading error whose exit made torchrun kill the other process mid-way.
+        raise CXRError(f"--{mode} runs in one process: drop torchrun (python train_cxr.py --{mode} ...)")
     dashed = lambda names: ", ".join("--" + k.replace("_", "-") for k in sorted(names))
     if mode in MODE_FLAGS and args.given - MODE_FLAGS[mode]:
         raise CXRError(f"{dashed(args.given - MODE_FLAGS[mode])} would change nothing with --{mode}: it uses the "
@@ -519,7 +523,8 @@ def setup_console_logging(is_main: bool = True) -> None:
     for h in list(log.handlers):  # main() may run several times in one process (tests)
         h.close()
         log.removeHandler(h)
-    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    # The other processes of a torchrun run check the same data: their warnings would repeat rank 0's.
+    log.setLevel(logging.INFO if is_main else logging.ERROR)
     log.propagate = False
     log.addHandler(ConsoleHandler(sys.stdout))  # a handler's default format is the bare message
     # Lines logged before the run folder exists are kept and replayed into train.log: every input
@@ -1366,9 +1371,12 @@ def gather_rows(local: np.ndarray, rt: Runtime) -> np.ndarray:
         return local
     parts = [None] * rt.world
     torch.distributed.all_gather_object(parts, local)
-    out = np.zeros((sum(map(len, parts)), *local.shape[1:]), dtype=local.dtype)
+    # A process with no rows (more processes than validation images) holds a (0, 0) array: shape from the others.
+    widest = max(parts, key=len)
+    out = np.zeros((sum(map(len, parts)), *widest.shape[1:]), dtype=widest.dtype)
     for r, p in enumerate(parts):
-        out[r::rt.world] = p
+        if len(p):
+            out[r::rt.world] = p
     return out
 
 
@@ -1388,6 +1396,24 @@ def stop_if_signalled(rt: Runtime) -> None:
     if signum := int(rank_max(_STOP["signal"] or 0, rt)):
         _STOP["signal"] = signum  # also in the processes the signal did not reach
         raise Interrupted()
+
+
+@contextlib.contextmanager
+def rank_0_writes(rt: Runtime):
+    """Around the files only rank 0 writes: a CXRError there (a full disk) is raised in every process,
+    which waits here for rank 0's outcome. Alone in rank 0, it left the others waiting in their next
+    step for a process that had exited (gloo: a traceback that torchrun named the root cause)."""
+    failed = None
+    try:
+        yield
+    except CXRError as e:
+        failed = e
+    if rt.world > 1:
+        box = [str(failed) if failed else None]
+        torch.distributed.broadcast_object_list(box)
+        failed = failed or (CXRError(box[0]) if box[0] else None)
+    if failed:
+        raise failed
 
 
 @dataclasses.dataclass
@@ -2606,36 +2632,38 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                 improved = better(row, best)
                 best = row if improved else best
                 since_best = 0 if improved else since_best + 1
-                if not rt.is_main:
-                    continue
-                log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
-                         f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
-                         f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
-                with phase("checkpoints"):  # plain data only (tensors, numbers, strings, lists, dicts): weights_only
-                    ckpt = {"format": CKPT_FORMAT, "model": st.eval_model.state_dict(), **meta,
-                            "config": cfg.to_dict(), "epoch": epoch, "best_auc": best["val_auc"],
-                            "best_epoch": best["epoch"], "history": history}
-                    if improved:
-                        save_checkpoint(run_dir / "best_model.pt", ckpt)
-                    ema = {"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None
-                    save_checkpoint(run_dir / "last.pt", {
-                        **ckpt, "train_model": unwrap(st.model).state_dict(), "optimizer": st.optimizer.state_dict(),
-                        "scheduler": st.scheduler.state_dict(), "since_best": since_best, "ema": ema})
-                with phase("per-epoch plots, Grad-CAM and report page"):
-                    write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
-                    draw_history()
-                    if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
-                        images = val_s.images[cam_idx]
-                        stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
-                        probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
-                        sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
-                        maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
-                        tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
-                                             val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
-                        save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
-                                  f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
-                    write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
-            with phase("per-epoch plots, Grad-CAM and report page"):
+                with rank_0_writes(rt):  # checkpoints, history, plots: rank 0's alone
+                    if not rt.is_main:
+                        continue
+                    log.info(f"{epoch:5d} {row['train_loss']:10.4f} {row['train_acc']:9.4f} {row['train_auc']:9.4f} "
+                             f"{row['val_loss']:8.4f} {row['val_acc']:7.4f} {row['val_auc']:7.4f} "
+                             f"{row['lr']:9.2e} {row['seconds']:6.1f}" + ("  *best" if improved else ""))
+                    with phase("checkpoints"):  # plain data (tensors, numbers, strings, lists, dicts): weights_only
+                        ckpt = {"format": CKPT_FORMAT, "model": st.eval_model.state_dict(), **meta,
+                                "config": cfg.to_dict(), "epoch": epoch, "best_auc": best["val_auc"],
+                                "best_epoch": best["epoch"], "history": history}
+                        if improved:
+                            save_checkpoint(run_dir / "best_model.pt", ckpt)
+                        ema = {"module": st.ema.module.state_dict(), "updates": st.ema.updates} if st.ema else None
+                        save_checkpoint(run_dir / "last.pt", {
+                            **ckpt, "train_model": unwrap(st.model).state_dict(),
+                            "optimizer": st.optimizer.state_dict(), "scheduler": st.scheduler.state_dict(),
+                            "since_best": since_best, "ema": ema})
+                    with phase("per-epoch plots, Grad-CAM and report page"):
+                        write_csv(run_dir / "history.csv", list(row), [[r[k] for k in row] for r in history])
+                        draw_history()
+                        if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
+                            images = val_s.images[cam_idx]
+                            stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
+                            probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
+                            sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
+                            maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
+                            tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
+                                                 val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)
+                            save_grid(run_dir / "grad_cam" / f"summary_epoch_{epoch:03d}.png", tiles, f"epoch {epoch}: "
+                                      f"val AUC {row['val_auc']:.3f} | {label_rule(meta)}")
+                        write_report(run_dir, f"train_cxr run {run_dir.name}")  # an interrupted run has its page too
+            with phase("per-epoch plots, Grad-CAM and report page"), rank_0_writes(rt):
                 draw_history(force=True)  # the last epoch, or the one an early stop ended on
             epochs_done = True
             # A signal caught after the last training step (validation, plots), which no step checks; every
@@ -2644,16 +2672,18 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
         except Interrupted:
             draw_history(force=True)
             done = history[-1]["epoch"] if history else start - 1
+            # With as many processes as the run started with: train refuses a resume with another count.
+            again = "python" if rt.world == 1 else f"torchrun --nproc_per_node={rt.world}"
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
                 log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
                          f"resume. Start again with the same command (delete {run_dir} first to reuse "
                          "its --run-name)")
             elif epochs_done:
                 log.info(f"interrupted after the last epoch ({done}), before calibration, the guard and the test "
-                         f"report: finish them with: python train_cxr.py --resume {run_dir}")
+                         f"report: finish them with: {again} train_cxr.py --resume {run_dir}")
             else:
                 log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
-                         f"Resume with: python train_cxr.py --resume {run_dir}")
+                         f"Resume with: {again} train_cxr.py --resume {run_dir}")
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             draw_history(force=True)
@@ -2877,12 +2907,13 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         log.info(f"{len(classes)} classes: labels are the most probable class (no threshold policy); the AUC is "
                  "the mean of the one-vs-rest AUCs")
     log.info("class weights: " + ", ".join(f"{c} {w:.3f}" for c, w in zip(classes, st.criterion.weight.tolist())))
-    if rt.is_main and resume is None:
-        save_json(run_dir / "config.json", {
-            "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
-            "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes, "normalization": norm,
-            "skipped_files": [as_text(p) for p in data["bad_files"]],  # the report page writes them as text
-            "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
+    with rank_0_writes(rt):
+        if rt.is_main and resume is None:
+            save_json(run_dir / "config.json", {
+                "config": cfg.to_dict(), "versions": library_versions(), "device": str(rt.device),
+                "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes,
+                "normalization": norm, "skipped_files": [as_text(p) for p in data["bad_files"]],  # shown as text
+                "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
     with keep_freed_memory(rt.device.type == "cpu"):
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:

@@ -654,6 +654,8 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
     rcs, dumps, log = _two_processes(tmp_path, "signal", _ddp_args(synth_root, out, 3))
     assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
     assert "interrupted during epoch 2" in log
+    # With the process count it started with: "python train_cxr.py --resume" was refused for a 2-process run.
+    assert f"Resume with: torchrun --nproc_per_node=2 train_cxr.py --resume {out / 'ddp'}" in log
     assert [r["epoch"] for r in read_csv(out / "ddp" / "history.csv")] == ["1"]
     # Epoch 1: the train metrics cover both shards (the same on both ranks, and in history.csv) ...
     rows = [json.loads((dumps / f"rank{r}_train1.json").read_text()) for r in (0, 1)]
@@ -687,6 +689,29 @@ def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tm
     rcs, _, log = _two_processes(tmp_path, "late", _ddp_args(synth_root, out, 2))
     assert rcs == [128 + signal.SIGTERM] * 2, (rcs, log[-3000:])
     assert "interrupted after the last epoch (2)" in log and not (out / "ddp" / "test_metrics.json").exists()
+    assert f"finish them with: torchrun --nproc_per_node=2 train_cxr.py --resume {out / 'ddp'}" in log
+
+
+def test_ddp_rank_1_stops_with_the_write_rank_0_could_not_make(synth_root, tmp_path, monkeypatch):
+    # Only rank 0 writes files: when a write failed (a full disk), rank 0 exited with its one line and rank 1
+    # went on alone into its next step, waiting for it (gloo: a traceback that torchrun named the root cause).
+    # Rank 1 of two here, its partner simulated: the collectives give back rank 1's own values, and rank 0's
+    # writes end in the error atomic_write raises on a full disk.
+    failed = "disk full while writing runs/r/best_model.pt: free some space or choose another --output-dir"
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda t, op=None: None)
+    both = lambda out, obj: out.__setitem__(slice(None), [obj] * 2)  # rank 0's part: rank 1's own
+    monkeypatch.setattr(torch.distributed, "all_gather_object", both)
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", lambda box: box.__setitem__(0, failed))
+    monkeypatch.setattr(T, "evaluate", lambda st, split: {"val_loss": 0.5, "val_acc": 0.5, "val_auc": 0.5})
+    cfg = T.Config(data_dir=str(synth_root), epochs=2, num_workers=0, img_size=32, channels=(8, 16, 32, 32),
+                   fc_hidden=32, batch_size=16, amp="off", device="cpu", num_gradcam_images=0)
+    data = T.prepare_data(cfg)
+    rt = T.Runtime(torch.device("cpu"), None)
+    st = T.build_state(cfg, rt, data["classes"], data["train"].labels.numpy(),
+                       T.dataset_norm(data["train"].images, cfg.normalize), len(data["train"]) // 2 // 16)
+    st.rt = dataclasses.replace(rt, rank=1, world=2)
+    with pytest.raises(T.CXRError, match="^disk full while writing"):
+        T.fit(st, data["train"], data["val"], {}, tmp_path, None)
 
 
 def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
@@ -694,3 +719,37 @@ def test_ddp_nan_on_one_rank_stops_both(synth_root, tmp_path):
     rcs, dumps, log = _two_processes(tmp_path, "nan", _ddp_args(synth_root, out, 1))
     assert rcs == [3, 3], (rcs, log[-3000:])
     assert re.search(r"stopped: loss became non-finite in another process at epoch 1", log), log[-3000:]
+
+
+def test_gather_rows_with_more_processes_than_validation_images(monkeypatch):
+    # 3 processes, 2 validation images: rank 2 scored none, and its (0, 0) array stopped every rank
+    # with a numpy traceback at the first validation.
+    parts = [np.array([[0.1, 0.9]], np.float32), np.array([[0.8, 0.2]], np.float32), np.zeros((0, 0), np.float32)]
+    monkeypatch.setattr(torch.distributed, "all_gather_object", lambda out, local: out.__setitem__(slice(None), parts))
+    for rank in range(3):
+        rows = T.gather_rows(parts[rank], T.Runtime(torch.device("cpu"), None, rank, 3))
+        np.testing.assert_array_equal(rows, np.concatenate(parts[:2]))
+
+
+def test_only_rank_0_prints_warnings(data_copy, capsys):
+    # Every process checks the same data: each printed the same warnings (a broken file, copies across
+    # splits, patient overlap), once per process, where the README says only rank 0 prints.
+    (data_copy / "train" / "NORMAL" / "broken.png").write_bytes(b"not an image")
+    for is_main, printed in ((True, 1), (False, 0)):
+        T.setup_console_logging(is_main)
+        capsys.readouterr()
+        T.prepare_data(T.Config(data_dir=str(data_copy), num_workers=0, img_size=32))
+        assert capsys.readouterr().out.count("warning: skipping 1 unreadable") == printed
+    T.setup_console_logging()
+
+
+@pytest.mark.parametrize("argv", [["--predict", "a.png", "--checkpoint", "r"], ["--evaluate", "--checkpoint", "r"],
+                                  ["--recalibrate", "d", "--checkpoint", "r"]])
+def test_scoring_modes_under_torchrun_are_refused(argv, monkeypatch):
+    # Each process scored every image into a run folder of its own: two folders, or (the same second)
+    # "cannot create the run folder (File exists)" on one, whose exit made torchrun kill the other.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(T.CXRError, match=f"^{argv[0]} runs in one process: drop torchrun"):
+        T.parse_config(argv)
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    T.parse_config(argv)  # one process: as before

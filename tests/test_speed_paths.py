@@ -247,6 +247,15 @@ def test_benchmark_builds_kermany_sized_grayscale_copies(tmp_path):
     assert reused and seconds == 0.0 and again == samples
 
 
+def test_benchmark_help_says_what_it_measures(capsys):
+    # --help showed only the docstring's first line; and the docstring called the original's end-to-end
+    # rate min(pipeline, training), while the speed-up divides by its loop as measured (--orig-batches).
+    with pytest.raises(SystemExit):
+        load_benchmark("speed").parse_args(["--help"])
+    out = capsys.readouterr().out
+    assert "What is measured" in out and "end_to_end_speedup divides by that" in out and "(default: 2)" in out
+
+
 
 STEPS = """
 import resource, sys, torch
