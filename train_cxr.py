@@ -2918,9 +2918,15 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
         return rc
-    with phase("calibration, guard and test set"):
-        rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir)
-        page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+    try:  # signals are not caught here (no training step to finish): Ctrl-C raises KeyboardInterrupt
+        with phase("calibration, guard and test set"):
+            rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir)
+            page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+    except KeyboardInterrupt:
+        again = "python" if rt.world == 1 else f"torchrun --nproc_per_node={rt.world}"
+        log.info(f"interrupted after the last epoch, during calibration, the guard or the test report: finish "
+                 f"them with: {again} train_cxr.py --resume {run_dir}")
+        return 130
     # Where the wall time of the run went: the figure every speed claim starts from.
     wall = time.perf_counter() - _STARTED
     rows = [*PHASES.items(), ("other (set-up, logging)", wall - sum(PHASES.values()))]
@@ -3136,6 +3142,9 @@ def main(argv=None, parsed=None) -> int:
     except torch.cuda.OutOfMemoryError:
         print("error: out of GPU memory: lower --batch-size (e.g. half) or --img-size", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outside the training loop, which stops at a batch's end itself
+        print("error: interrupted (Ctrl-C); files written so far are kept", file=sys.stderr)
+        return 130
     finally:
         _STARTED = None
         if torch.distributed.is_available() and torch.distributed.is_initialized():

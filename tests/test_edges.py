@@ -376,6 +376,11 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     # there), the run finishes the report on a resume; it was refused as "already finished", without one.
     metrics = (rd / "test_metrics.json").read_text()
     (rd / "test_metrics.json").unlink()
+    with monkeypatch.context() as m:  # Ctrl-C there: one line saying how to finish, not a traceback
+        m.setattr(T, "test_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        capsys.readouterr()
+        assert run(["--resume", rd]) == 130
+        assert f"finish them with: python train_cxr.py --resume {rd}" in capsys.readouterr().out
     assert run(["--resume", rd]) == 0
     assert (rd / "test_metrics.json").read_text() == metrics
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]

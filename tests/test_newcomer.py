@@ -46,6 +46,16 @@ def test_ctrl_c_in_epoch_1_does_not_advise_resume(synth_root, tmp_path, monkeypa
     assert "nothing to resume" in out and "Start again" in out
 
 
+def test_ctrl_c_while_the_images_are_decoded_is_one_line_and_exit_130(synth_root, tmp_path, monkeypatch, capsys):
+    # Outside the training loop Ctrl-C is Python's KeyboardInterrupt: it printed a traceback.
+    def ctrl_c(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cxr, "decode_all", ctrl_c)
+    assert run(_train(synth_root, tmp_path / "runs", "decoding")) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: interrupted (Ctrl-C); files written so far are kept"]
+
+
 def test_ctrl_c_during_the_last_validation_stops_before_the_report(synth_root, tmp_path, monkeypatch, capsys):
     # The stop flag was only read inside training steps: Ctrl-C during the last epoch's
     # validation went on to calibration, the guard and the test report, and exited 0.
