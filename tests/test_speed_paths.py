@@ -156,6 +156,19 @@ def test_blank_outside_lungs_leaves_only_the_lung_box_and_is_off_by_default():
     assert 0 < n_blank < 8
 
 
+def test_identity_augmentation_is_the_evaluation_input():
+    """Every augmentation at its off value (crops keeping 100% of the area, work size = input size):
+    training sees exactly what evaluation sees. The aspect draw used to squash such a crop (its clamp
+    to the image cut 0-13% of the area: --aug-scale-min 0.9 kept down to 82%)."""
+    off = dict(aug_scale_min=1.0, aug_rotate_deg=0.0, aug_shift=0.0, aug_hflip=False, tta=False,
+               aug_brightness=0.0, aug_contrast=0.0, aug_gamma=0.0)
+    cfg = small_cfg(work_scale=1.0, **off)
+    imgs = u8_batch(8, cfg.work_size, seed=30)
+    for norm in ({"mode": "image"}, {"mode": "dataset", "mean": 0.4, "std": 0.2}):
+        x = train_cxr.augment_batch(imgs, cfg, norm, torch.Generator().manual_seed(1))
+        torch.testing.assert_close(x, train_cxr.eval_batch(imgs, cfg.img_size, norm, "cpu"), atol=1e-4, rtol=0)
+
+
 def test_eval_batch_is_the_normalised_center_crop():
     cfg = small_cfg()
     imgs = u8_batch(3, cfg.work_size)
