@@ -1225,7 +1225,10 @@ def calibrate(probs: np.ndarray, cal: dict | None) -> np.ndarray:
     """Apply fit_calibration's map; None (a checkpoint without calibration) leaves probs as they are."""
     if cal is None or len(probs) == 0:
         return probs
-    z = np.log(np.clip(probs, 1e-7, 1)) / float(cal["temperature"]) + np.asarray(cal["bias"], dtype=np.float64)
+    # Only log(0) is clipped: a floor of 1e-7 (the fit's) tied every P below it, so a confident model's
+    # ranking and AUC changed. float64 first: np.clip kept fp32 scores fp32, and their log merged close ones.
+    p = np.clip(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny, 1)
+    z = np.log(p) / float(cal["temperature"]) + np.asarray(cal["bias"], dtype=np.float64)
     return torch.from_numpy(z).softmax(1).numpy()  # float64: float32 would merge close scores into ties
 
 

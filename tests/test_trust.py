@@ -99,6 +99,24 @@ def test_calibration_is_monotone_and_lowers_ece():
     assert T.calibrate(probs, None) is probs  # no calibration: untouched
 
 
+def test_calibration_keeps_the_ranking_of_probabilities_below_the_fits_floor():
+    # A confident model (--label-smoothing 0) gives fp32 P(positive) below 1e-7, to positives it gets
+    # wrong too: calibrate clipped them all to 1e-7, a tie that changed the AUC the README says it keeps.
+    rng = np.random.default_rng(0)
+    logit = np.r_[np.linspace(-30, -17, 12), rng.normal(0, 3, 40)]
+    y = np.r_[[1, 0] * 6, rng.random(40) < 1 / (1 + np.exp(-logit[12:]))].astype(int)
+    p = torch.from_numpy(np.stack([np.zeros_like(logit), logit], 1)).float().softmax(1).numpy()  # as scored
+    cal = T.fit_calibration(p, y)
+    out = T.calibrate(p, cal)[:, 1]
+    order = np.argsort(p[:, 1])
+    assert np.all(np.diff(p[order, 1]) > 0) and np.all(np.diff(out[order]) > 0)  # no new ties
+    assert T.roc_auc(y, out) == T.roc_auc(y, p[:, 1])
+    # Nor the log of fp32 probabilities, taken in fp32 (np.clip kept fp32): 21 neighbouring P gave 4 values.
+    near = np.float32(1e-3) + np.arange(21, dtype=np.float32) * np.spacing(np.float32(1e-3))
+    out = T.calibrate(np.stack([np.full_like(near, 0.999), near], 1), cal)[:, 1]
+    assert len(np.unique(out)) == 21
+
+
 def test_three_class_calibration_sums_to_one():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 3, 600)
