@@ -515,6 +515,32 @@ def test_predict_warns_and_marks_images_unlike_training(trained, tmp_path, capsy
     assert len(overlays) == 6 and all(n.endswith("_ood.png") for n in overlays)
 
 
+def test_predict_table_prints_p_and_threshold_to_digits_that_tell_the_label(trained, synth_root, tmp_path,
+                                                                           monkeypatch):
+    # Each P was printed to its own digits against the rule's 4: at threshold 0.71432, P 0.71431 (NORMAL)
+    # read "0.71431" under "P >= 0.7143", a PNEUMONIA by the numbers shown.
+    ck = T.load_checkpoint(trained / "best_model.pt")
+    T.save_checkpoint(tmp_path / "m.pt", {**ck, "threshold": 0.71432})
+    real = T.score_images
+
+    def crafted(model, ckpt, images, rt, desc=""):
+        sc = real(model, ckpt, images, rt, desc)
+        p = np.array([0.71431, 0.71433, 0.9])
+        sc["probs"] = np.stack([1 - p, p], 1)
+        sc["preds"] = T.predict_labels(sc["probs"], 1, ckpt["threshold"])
+        return sc
+    monkeypatch.setattr(T, "score_images", crafted)
+    scans = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[:3]
+    assert run(["--predict", *scans, "--checkpoint", tmp_path / "m.pt", "--output-dir", tmp_path, "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD]) == 0
+    log_text = (tmp_path / "p" / "train.log").read_text()
+    shown_thr = float(re.search(r">= ([\d.]+) \(threshold", log_text)[1])
+    rows = [ln.split() for ln in log_text.splitlines() if ln.split()[:1] and ln.split()[0] in {s.name for s in scans}]
+    assert sorted(r[1] for r in rows) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
+    for r in rows:
+        assert (float(r[2]) >= shown_thr) == (r[1] == "PNEUMONIA"), (r, shown_thr)
+
+
 def test_folder_checkpoint_means_best_model(trained, synth_root, tmp_path):
     scans = synth_root / "test" / "PNEUMONIA"
     for name, ck in (("folder", trained), ("file", trained / "best_model.pt")):
