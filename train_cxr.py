@@ -1230,7 +1230,10 @@ def calibrate(probs: np.ndarray, cal: dict | None) -> np.ndarray:
     """Apply fit_calibration's map; None (a checkpoint without calibration) leaves probs as they are."""
     if cal is None or len(probs) == 0:
         return probs
-    z = np.log(np.clip(probs, 1e-7, 1)) / float(cal["temperature"]) + np.asarray(cal["bias"], dtype=np.float64)
+    # Only log(0) is clipped: a floor of 1e-7 (the fit's) tied every P below it, so a confident model's
+    # ranking and AUC changed. float64 first: np.clip kept fp32 scores fp32, and their log merged close ones.
+    p = np.clip(np.asarray(probs, dtype=np.float64), np.finfo(np.float64).tiny, 1)
+    z = np.log(p) / float(cal["temperature"]) + np.asarray(cal["bias"], dtype=np.float64)
     return torch.from_numpy(z).softmax(1).numpy()  # float64: float32 would merge close scores into ties
 
 
@@ -1789,12 +1792,14 @@ def decision_threshold(ck: dict) -> float | None:
     return 0.5 if ck.get("threshold") is None else ck["threshold"]
 
 
-def telling_digits(p: float, threshold: float | None) -> int:
-    """Decimals (2 or more) at which p and the threshold, both rounded, still compare as p >= threshold
-    does: at 2, P=0.6077 (below 0.6087) and 0.6099 (above) would both read 0.61 against 0.61."""
+def telling_digits(p: float | list, threshold: float | None, d: int = 2) -> int:
+    """Decimals (d or more) at which p and the threshold, both rounded, still compare as p >= threshold
+    does: at 2, P=0.6077 (below 0.6087) and 0.6099 (above) would both read 0.61 against 0.61. p may be
+    several probabilities printed against one threshold (--predict's table): the digits that tell all."""
     shown = lambda x, d: float(f"{x:.{d}f}")  # as printed (numpy's round can differ from the f-string's)
-    d = 2
-    while threshold is not None and d < 10 and (shown(p, d) >= shown(threshold, d)) != (p >= threshold):
+    ps = np.atleast_1d(p).tolist()
+    while threshold is not None and d < 10 and any((shown(x, d) >= shown(threshold, d)) != (x >= threshold)
+                                                   for x in ps):
         d += 1
     return d
 
@@ -3020,18 +3025,20 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
                                                             bool(ckpt.get("ood"))))
     shown = 25
     name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
-    log.info(f"labels: {label_rule(ckpt)}")
     # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
     # gives it (the positive class then only names the report's, and its P says nothing of the label).
     binary = len(classes) == 2
+    thr = decision_threshold(ckpt)
+    ps = [float(probs[k][pos if binary else preds[k]]) for k in range(min(shown, len(files)))]
+    # The rule's threshold and every P to the same digits: each P, to its own digits, was read against
+    # the rule's 4 (P 0.714 labelled PNEUMONIA under "P >= 0.7143").
+    d = telling_digits(ps, thr, 4) if thr is not None else 3
+    log.info(f"labels: {label_rule(ckpt, d)}")
     log.info(f"{'file':<{name_w}}  {'predicted':<12} {f'P({classes[pos]})' if binary else 'P(predicted)':>14}  "
              "in distribution")
-    thr = decision_threshold(ckpt)
-    for k in range(min(shown, len(files))):
+    for k, p in enumerate(ps):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        p = float(probs[k][pos if binary else preds[k]])
-        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} "
-                 f"{p:>14.{max(3, telling_digits(p, thr))}f}  {flag}")
+        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {p:>14.{d}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")

@@ -99,6 +99,24 @@ def test_calibration_is_monotone_and_lowers_ece():
     assert T.calibrate(probs, None) is probs  # no calibration: untouched
 
 
+def test_calibration_keeps_the_ranking_of_probabilities_below_the_fits_floor():
+    # A confident model (--label-smoothing 0) gives fp32 P(positive) below 1e-7, to positives it gets
+    # wrong too: calibrate clipped them all to 1e-7, a tie that changed the AUC the README says it keeps.
+    rng = np.random.default_rng(0)
+    logit = np.r_[np.linspace(-30, -17, 12), rng.normal(0, 3, 40)]
+    y = np.r_[[1, 0] * 6, rng.random(40) < 1 / (1 + np.exp(-logit[12:]))].astype(int)
+    p = torch.from_numpy(np.stack([np.zeros_like(logit), logit], 1)).float().softmax(1).numpy()  # as scored
+    cal = T.fit_calibration(p, y)
+    out = T.calibrate(p, cal)[:, 1]
+    order = np.argsort(p[:, 1])
+    assert np.all(np.diff(p[order, 1]) > 0) and np.all(np.diff(out[order]) > 0)  # no new ties
+    assert T.roc_auc(y, out) == T.roc_auc(y, p[:, 1])
+    # Nor the log of fp32 probabilities, taken in fp32 (np.clip kept fp32): 21 neighbouring P gave 4 values.
+    near = np.float32(1e-3) + np.arange(21, dtype=np.float32) * np.spacing(np.float32(1e-3))
+    out = T.calibrate(np.stack([np.full_like(near, 0.999), near], 1), cal)[:, 1]
+    assert len(np.unique(out)) == 21
+
+
 def test_three_class_calibration_sums_to_one():
     rng = np.random.default_rng(2)
     labels = rng.integers(0, 3, 600)
@@ -495,6 +513,32 @@ def test_predict_warns_and_marks_images_unlike_training(trained, tmp_path, capsy
     assert all(f"junk{i}.png" in out for i in range(6))  # the per-image table
     overlays = sorted(p.name for p in (tmp_path / "o" / "p" / "grad_cam").glob("*.png"))
     assert len(overlays) == 6 and all(n.endswith("_ood.png") for n in overlays)
+
+
+def test_predict_table_prints_p_and_threshold_to_digits_that_tell_the_label(trained, synth_root, tmp_path,
+                                                                           monkeypatch):
+    # Each P was printed to its own digits against the rule's 4: at threshold 0.71432, P 0.71431 (NORMAL)
+    # read "0.71431" under "P >= 0.7143", a PNEUMONIA by the numbers shown.
+    ck = T.load_checkpoint(trained / "best_model.pt")
+    T.save_checkpoint(tmp_path / "m.pt", {**ck, "threshold": 0.71432})
+    real = T.score_images
+
+    def crafted(model, ckpt, images, rt, desc=""):
+        sc = real(model, ckpt, images, rt, desc)
+        p = np.array([0.71431, 0.71433, 0.9])
+        sc["probs"] = np.stack([1 - p, p], 1)
+        sc["preds"] = T.predict_labels(sc["probs"], 1, ckpt["threshold"])
+        return sc
+    monkeypatch.setattr(T, "score_images", crafted)
+    scans = sorted((synth_root / "test" / "NORMAL").glob("*.png"))[:3]
+    assert run(["--predict", *scans, "--checkpoint", tmp_path / "m.pt", "--output-dir", tmp_path, "--run-name", "p",
+                "--num-workers", 0, *ONE_THREAD]) == 0
+    log_text = (tmp_path / "p" / "train.log").read_text()
+    shown_thr = float(re.search(r">= ([\d.]+) \(threshold", log_text)[1])
+    rows = [ln.split() for ln in log_text.splitlines() if ln.split()[:1] and ln.split()[0] in {s.name for s in scans}]
+    assert sorted(r[1] for r in rows) == ["NORMAL", "PNEUMONIA", "PNEUMONIA"]
+    for r in rows:
+        assert (float(r[2]) >= shown_thr) == (r[1] == "PNEUMONIA"), (r, shown_thr)
 
 
 def test_folder_checkpoint_means_best_model(trained, synth_root, tmp_path):

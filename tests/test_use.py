@@ -103,13 +103,14 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     assert "notes.txt" not in log_text
 
     # The console table says how labels are made, and each P to the digits that tell it from the threshold.
-    assert f"labels: pred PNEUMONIA if P(PNEUMONIA) >= {thr:.4f} (threshold chosen on validation)" in log_text
+    d = train_cxr.telling_digits([float(r["prob_PNEUMONIA"]) for r in rows], thr, 4)  # the same for all
+    assert f"labels: pred PNEUMONIA if P(PNEUMONIA) >= {thr:.{d}f} (threshold chosen on validation)" in log_text
     table = {ln.split()[0]: ln.split() for ln in log_text.splitlines() if ln.split()[:1] and
              ln.split()[0] in {Path(r["path"]).name for r in rows}}
     for r in rows:
         name, p = Path(r["path"]).name, float(r["prob_PNEUMONIA"])
         assert table[name][1] == r["predicted"]
-        assert table[name][2] == f"{p:.{max(3, train_cxr.telling_digits(p, thr))}f}"
+        assert table[name][2] == f"{p:.{d}f}"
 
     model = train_cxr.model_from_checkpoint(ckpt)
     for r in rows:
