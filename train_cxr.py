@@ -2183,7 +2183,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png", wide=True)
                   if (folder / "training_history.png").is_file() else "",
                   _table("history", rows[0], [[_csv_cell(c) for c in r] for r in rows[1:]])]
-    summaries = sorted(cam.glob("summary_epoch_*.png"))
+    # In epoch order: past epoch 999 the names outgrow their 3 digits, and as text summary_epoch_1000
+    # sorted before _101, so a 1,001-epoch run showed epochs 499 and 999 as its middle and last.
+    summaries = sorted(cam.glob("summary_epoch_*.png"), key=lambda p: (len(p.name), p.name))
     if summaries:
         picks = sorted({0, len(summaries) // 2, len(summaries) - 1})
         parts += ["<h2>Grad-CAM of the fixed validation images: first, middle and last epoch</h2>"]

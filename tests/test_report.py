@@ -220,6 +220,16 @@ def test_predict_page_finds_overlays_past_image_99999(tmp_path):
     assert overlays == ["grad_cam/00007_x7.png"] * 2 + ["grad_cam/100000_x100000.png"] * 2
 
 
+def test_run_page_picks_first_middle_and_last_epoch_past_epoch_999(tmp_path):
+    # Summaries are named summary_epoch_{E:03d}: from epoch 1000 on, sorted as text (1000 before 101),
+    # a 1,001-epoch run's page showed epochs 1, 499 and 999 under "first, middle and last epoch".
+    (tmp_path / "grad_cam").mkdir()
+    for e in range(1, 1002):
+        (tmp_path / "grad_cam" / f"summary_epoch_{e:03d}.png").write_bytes(b"")
+    page = Page(train_cxr.write_report(tmp_path, "run"))
+    assert set(page.links) == {f"grad_cam/summary_epoch_{e:03d}.png" for e in (1, 501, 1001)}
+
+
 def test_console_summary_shows_the_metrics_at_0_5_beside_those_at_the_threshold():
     # The summary printed after training: each metric at the run's threshold, then "(at 0.5: ...)".
     at = lambda v: {k: v for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")}
