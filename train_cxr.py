@@ -750,11 +750,13 @@ def read_dicom(path: str) -> np.ndarray:
         decoder = pydicom.pixels.get_decoder(ts)
     except NotImplementedError:  # pydicom has no decoder at all for this syntax
         decoder = None
-    needs = decoder.missing_dependencies if decoder else []
-    needs = sorted(needs, key=lambda d: not d.startswith("pylibjpeg"))[:1]  # one pip-installable choice
-    how = needs[0].split(" - requires ")[-1] if needs else "a converter to an uncompressed DICOM"
+
+    def install_hint() -> str:  # one pip-installable package that adds a decoder for ts, or ""
+        needs = sorted(decoder.missing_dependencies if decoder else [], key=lambda d: not d.startswith("pylibjpeg"))
+        return needs[0].split(" - requires ")[-1] if needs else ""
     if decoder is None or not decoder.is_available:
-        raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs {how}")
+        raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) is not decodable here: it needs "
+                           f"{install_hint() or 'a converter to an uncompressed DICOM'}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
     if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
@@ -762,7 +764,7 @@ def read_dicom(path: str) -> np.ndarray:
     try:
         px = pydicom.pixels.pixel_array(ds, index=0)
     except RuntimeError as e:  # every installed plugin failed, e.g. Pillow on 12-bit JPEG Extended (common in CR)
-        if not needs:
+        if not (how := install_hint()):
             raise
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:])  # each plugin's reason, on one line
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) failed to decode here ({why}); "
