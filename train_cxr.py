@@ -2446,20 +2446,21 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     if clash:
         log.warning(f"warning: {len(clash)} training file(s) are byte-identical copies of a file in another class, "
                     f"e.g. {'; '.join(clash[:3])}: one image with two labels; remove the wrong copy")
-    in_folders = [r for n, r in zip(named, rels) if not n and "/" in r]
+    missed = [r for n, r in zip(named, rels) if not n]  # files that name no patient: each its own
+    in_folders = [r for r in missed if "/" in r]
     if in_folders and not pattern:
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
         log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
                  f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
                  "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
-    elif pattern and (missed := [r for n, r in zip(named, rels) if not n]):
+    elif pattern and missed:
         # Said for some files too, not only for all: a regex that misses every second shot of a patient
         # put those shots in validation as patients of their own, beside their patient's in train.
         log.info(f"patients: {len(missed)} of {len(rels)} training file(s) match no --patient-regex "
                  f"{pattern.pattern!r} (searched in the path below the class folder, e.g. "
                  f"{next((r for r in missed if '/' in r), missed[0])}), so each "
                  "counts as its own patient; if they belong to patients named by the others, widen the regex")
-    elif missed := [r for n, r in zip(named, rels) if not n]:
+    elif missed:
         # Also when only some miss (files of another source added to Kermany's folders): two of them
         # may be one patient, on both sides of the split.
         log.info(("patients: no file name matches" if len(missed) == len(rels) else
