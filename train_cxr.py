@@ -1401,6 +1401,11 @@ def rank_max(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
+def resume_command(run_dir: Path, world: int) -> str:
+    """The command that resumes run_dir: with as many processes as it ran with (train refuses another count)."""
+    return f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py --resume {run_dir}"
+
+
 def stop_if_signalled(rt: Runtime) -> None:
     """Raise Interrupted in every process if any of them caught Ctrl-C or SIGTERM (stop_on_signals)."""
     if signum := int(rank_max(_STOP["signal"] or 0, rt)):
@@ -2687,18 +2692,16 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
         except Interrupted:
             draw_history(force=True)
             done = history[-1]["epoch"] if history else start - 1
-            # With as many processes as the run started with: train refuses a resume with another count.
-            again = "python" if rt.world == 1 else f"torchrun --nproc_per_node={rt.world}"
             if not (run_dir / "last.pt").is_file():  # stopped before the first epoch ended
                 log.info(f"interrupted during epoch 1, before any epoch finished: there is nothing to "
                          f"resume. Start again with the same command (delete {run_dir} first to reuse "
                          "its --run-name)")
             elif epochs_done:
                 log.info(f"interrupted after the last epoch ({done}), before calibration, the guard and the test "
-                         f"report: finish them with: {again} train_cxr.py --resume {run_dir}")
+                         f"report: finish them with: {resume_command(run_dir, rt.world)}")
             else:
                 log.info(f"interrupted during epoch {done + 1}: last.pt holds epoch {done}. "
-                         f"Resume with: {again} train_cxr.py --resume {run_dir}")
+                         f"Resume with: {resume_command(run_dir, rt.world)}")
             return 128 + int(_STOP["signal"])
         except FloatingPointError as e:
             draw_history(force=True)
@@ -2839,8 +2842,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         started = saved.get("world_size", rt.world)
         if started != rt.world:  # steps per epoch (the schedule's clock) and each process's shard depend on it
             raise CXRError(f"{run_dir} was trained by {started} process(es) and this resume has {rt.world}: its "
-                           f"learning-rate schedule counts steps of {started}; resume with the same number "
-                           f"({'torchrun --nproc_per_node=' + str(started) if started > 1 else 'without torchrun'})")
+                           f"learning-rate schedule counts steps of {started}; resume with the same number: "
+                           f"{resume_command(run_dir, started)}")
         best_path = run_dir / "best_model.pt"
         # Finished: the test report is written, or without a test folder the best model calibrated. A run
         # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
@@ -2938,9 +2941,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir)
             page = write_report(run_dir, f"train_cxr run {run_dir.name}")
     except KeyboardInterrupt:
-        again = "python" if rt.world == 1 else f"torchrun --nproc_per_node={rt.world}"
         log.info(f"interrupted after the last epoch, during calibration, the guard or the test report: finish "
-                 f"them with: {again} train_cxr.py --resume {run_dir}")
+                 f"them with: {resume_command(run_dir, rt.world)}")
         return 130
     # Where the wall time of the run went: the figure every speed claim starts from.
     wall = time.perf_counter() - _STARTED
