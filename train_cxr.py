@@ -730,16 +730,39 @@ class DicomRefused(ValueError):
     """A DICOM file this script does not read; the message, shown in full, says why."""
 
 
+def dcmread(path: str, **kw) -> pydicom.Dataset:
+    """pydicom.dcmread, which refuses a file without the 128-byte preamble and "DICM" (a bare data set, as
+    older PACS exports and ACR-NEMA-era archives write them); a file named .dcm/.dicom is then read anyway,
+    and without File Meta its transfer syntax is the encoding pydicom found (only uncompressed is possible)."""
+    try:
+        return pydicom.dcmread(path, **kw)
+    except pydicom.errors.InvalidDicomError:
+        if not path.lower().endswith(DICOM_EXTENSIONS):
+            raise
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a file that is not DICOM at all gives a warning per "tag" it made up
+        ds = pydicom.dcmread(path, force=True, **kw)
+    if "TransferSyntaxUID" not in ds.file_meta:
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (pydicom.uid.ImplicitVRLittleEndian if implicit else
+                                          pydicom.uid.ExplicitVRLittleEndian if little else
+                                          pydicom.uid.ExplicitVRBigEndian)
+    return ds
+
+
 def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
     1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
     WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values (Pixel Padding left
     out); 3. MONOCHROME1 is inverted (its low values are white). Multi-frame files give their first
-    frame. Raises DicomRefused for a modality that is not an X-ray, no pixel data, or a transfer syntax
-    no installed package decodes.
+    frame. Presentation LUT Shape is not applied: Photometric Interpretation decides (see README, DICOM).
+    Raises DicomRefused for a modality that is not an X-ray, no pixel data, or a transfer syntax no
+    installed package decodes.
     """
-    ds = pydicom.dcmread(path)
+    ds = dcmread(path)
+    if "PixelData" not in ds and "Modality" not in ds and not ds.file_meta.get("MediaStorageSOPClassUID"):
+        raise DicomRefused("not a DICOM file: no DICOM header, no modality and no pixel data")
     modality = str(ds.get("Modality", "")).upper()
     if modality not in DICOM_MODALITIES:
         raise DicomRefused(f"DICOM modality {modality or '(none)'} is not an X-ray ({', '.join(DICOM_MODALITIES)})")
@@ -915,7 +938,7 @@ def patient_id(path: str, pattern: re.Pattern | None = None, stem: bool = True, 
         return m.group(1).lower()
     if is_dicom(path):
         with contextlib.suppress(OSError, pydicom.errors.InvalidDicomError):
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+            ds = dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
             if pid := str(ds.get("PatientID", "")).strip():
                 return f"dicom:{pid}"
     for pat in () if pattern else _PATIENT_PATTERNS:  # written for, and kept to, the file name

@@ -136,6 +136,30 @@ def test_dicom_without_extension_is_found_read_and_grouped(source, tmp_path):
     assert train_cxr.patient_id(str(folder / "IM000001")) == "dicom:P7"
 
 
+@pytest.mark.parametrize("layout", ["implicit", "explicit", "meta_without_preamble"])
+def test_dicom_without_the_dicm_preamble_is_read_and_grouped(source, tmp_path, layout):
+    _, img = source
+    # A bare data set (no 128-byte preamble, no "DICM"), as older PACS exports write them: pydicom refuses it
+    # unless forced, and it was skipped as unreadable; named .dcm, it is an X-ray the user means to train on.
+    ds = pydicom.dcmread(write_dicom(tmp_path / "a.dcm", img, PatientID="P9"))
+    ds.preamble = None
+    if layout != "meta_without_preamble":
+        ds.file_meta = pydicom.dataset.FileMetaDataset()
+    path = tmp_path / "bare.dcm"
+    ds.save_as(path, implicit_vr=layout == "implicit", little_endian=True, enforce_file_format=False)
+    with pytest.raises(pydicom.errors.InvalidDicomError):
+        pydicom.dcmread(path)  # the case: pydicom's own reader refuses it
+    np.testing.assert_array_equal(decoded(path), percentile_window(img))
+    assert train_cxr.patient_id(str(path)) == "dicom:P9"
+
+
+def test_a_dcm_file_that_is_not_dicom_is_refused_in_one_line(tmp_path):
+    path = tmp_path / "notes.dcm"
+    path.write_bytes(b"scanned requisition form, not an image " * 20)
+    _, arr, err, _ = train_cxr._decode_one((0, str(path)), SIZE)
+    assert arr is None and err == "not a DICOM file: no DICOM header, no modality and no pixel data"
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
 def test_window_center_and_width(source, tmp_path, photometric):
     _, img = source
