@@ -2810,10 +2810,17 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
     def same(key, typed, stored):
         if key == "data_dir" and moved:  # its new place: train compares the images
             return True
-        if key in ("data_dir", "output_dir"):  # the same folder spelled another way is the same folder
+        if key == "data_dir":  # the same folder spelled another way is the same folder
             return Path(typed).expanduser().resolve() == Path(stored).expanduser().resolve()
+        if key in ("output_dir", "run_name"):  # together they name the run folder: runs + exp/1 is runs/exp + 1
+            name = Path(args.run_name) if "run_name" in args.given else own
+            out = Path(args.output_dir if "output_dir" in args.given else cfg.output_dir).expanduser()
+            # or its own --run-name typed again, wherever its output folder has moved since
+            return (out / name).resolve() == run_dir.resolve() or ("output_dir" not in args.given and name == own)
         return typed == stored
-    stored = {**dataclasses.asdict(cfg), "output_dir": str(run_dir.parent), "run_name": run_dir.name}
+    own = Path(cfg.run_name or run_dir.name)  # --run-name exp/1: the run folder is OUTPUT_DIR/exp/1
+    stored = {**dataclasses.asdict(cfg), "output_dir": str(run_dir.resolve().parents[len(own.parts) - 1]),
+              "run_name": str(own)}
     differ = [k for k in sorted(args.given - RESUME_FLAGS) if not same(k, getattr(args, k), stored[k])]
     if differ:
         show = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v

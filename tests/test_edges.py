@@ -327,6 +327,30 @@ def stopped_in_epoch_2(monkeypatch, args) -> int:
     return stopped_in_epoch(2, monkeypatch, args)
 
 
+def test_resume_accepts_a_nested_run_name_typed_again(tmp_path):
+    # A run started with --output-dir runs --run-name exp/1 lives in runs/exp/1; typing those flags again
+    # on --resume was refused as "another output dir" (its parent, runs/exp, was compared with runs).
+    base, data = tmp_path / "runs", tmp_path / "data"
+    run_dir = base / "exp" / "1"
+    run_dir.mkdir(parents=True)
+    data.mkdir()
+    cfg = T.Config(data_dir=str(data), output_dir=str(base), run_name="exp/1")
+
+    def check(*flags):
+        _, args = T.parse_config(["--resume", str(run_dir), *map(str, flags)])
+        return T.check_resume_flags(args, cfg, run_dir)
+    for same in (["--output-dir", base, "--run-name", "exp/1"], ["--run-name", "exp/1"], ["--output-dir", base],
+                 ["--output-dir", base / "exp", "--run-name", "1"],
+                 ["--output-dir", f"{base}/./", "--run-name", "exp/1"]):
+        assert check(*same) is None, same
+    for other in (["--run-name", "exp/2"], ["--output-dir", tmp_path / "elsewhere"], ["--run-name", "1"],
+                  ["--output-dir", base / "exp"], ["--output-dir", base, "--run-name", "1"]):
+        with pytest.raises(T.CXRError, match="--resume continues"):
+            check(*other)
+    with pytest.raises(T.CXRError, match=f"--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
+        check("--run-name", "1")
+
+
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
     data = tmp_path / "data"
     shutil.copytree(synth_root, data)  # a copy: one of its images is moved away below
