@@ -2131,7 +2131,7 @@ def summary_table(res: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 REPORT_PNGS = ("roc_curve.png", "confusion_matrix.png", "reliability.png")  # shown with the test metrics
 REPORT_FILES = ("config.json", "train.log", "history.csv", "test_metrics.json", "test_predictions.csv",
-                "predictions.csv", "best_model.pt")
+                "predictions.csv", "recalibration.json", "best_model.pt", "recalibrated_model.pt")
 REPORT_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-width:1180px;color:#222}"
               "table{border-collapse:collapse;margin:8px 0}td,th{border:1px solid #ccc;padding:2px 8px;"
               "text-align:right}th{background:#f2f2f2}td:first-child{text-align:left}"
@@ -2189,7 +2189,8 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     """folder/report.html, a static page (no script, no network) of whatever the folder holds: test
     metrics (every key of test_metrics.json), REPORT_PNGS, the history table and plot, the Grad-CAM
     summaries of the first, middle and last epochs, the test gallery, predictions.csv with each image's
-    overlay, and the configuration (config.json, or `config` for --predict/--evaluate). Images are
+    overlay, recalibration.json's before and after, and the configuration (config.json, or `config` for
+    --predict/--evaluate/--recalibrate). Images are
     linked relative to the page, so the folder can be moved or zipped."""
     folder = Path(folder)
     cam = folder / "grad_cam"
@@ -2207,6 +2208,14 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
                   _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
+    if (folder / "recalibration.json").is_file():
+        m = json.loads((folder / "recalibration.json").read_text())
+        keys = list(dict.fromkeys([*m["before"], *m["after"]]))  # a checkpoint without a threshold has fewer
+        parts += ["<h2>Recalibration: the same images, before and after</h2>",
+                  f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
+                  "measured on the same images: judge it on other images of that site with --evaluate</p>",
+                  _table("recalibration", ["measure", "before", "after"],
+                         [(k, _fmt(m["before"].get(k)), _fmt(m["after"].get(k))) for k in keys])]
     if (folder / "history.csv").is_file():
         with open(folder / "history.csv", newline="") as f:
             rows = list(csv.reader(f))
@@ -2556,8 +2565,9 @@ def removed_on_input_error(folder: Path | None):
         raise
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
+def make_run_dir(cfg: Config, cam: bool = True) -> Path:
+    """A new run folder (never an existing one), with grad_cam/ if cam, whose train.log gets the log, also
+    what came before."""
     base = Path(cfg.output_dir)
     run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if base.exists() and not base.is_dir():
@@ -2568,7 +2578,8 @@ def make_run_dir(cfg: Config) -> Path:
     try:
         base.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
-        (run_dir / "grad_cam").mkdir()
+        if cam:
+            (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
     attach_log_file(run_dir / "train.log")
@@ -3018,7 +3029,8 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
 
 
 def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> None:
-    """The report page of --predict/--evaluate: its configuration is the checkpoint's, and the flags typed."""
+    """The report page of --predict/--evaluate/--recalibrate: its configuration is the checkpoint's, and the
+    flags typed."""
     config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
               "flags": {k: v for k, v in sorted(vars(args).items()) if k in args.given},
               "threshold": ckpt.get("threshold"), "config": ckpt["config"], "versions": library_versions()}
@@ -3145,7 +3157,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         q = cfg.ood_quantile if "ood_quantile" in args.given else float(guard["quantile"])
         new["ood"], site_cut = refit_ood_cutoff(guard, before["ood_score"], q, folder.resolve())
         new["recalibration"]["ood_site_percentile"] = {"quantile": q, "value": site_cut}
-    run_dir = make_run_dir(cfg)
+    run_dir = make_run_dir(cfg, cam=False)  # no explanations: the weights, so the heat maps, are the run's
     out = {**ckpt, **new}
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = score_images(model, out, split.images, rt)
@@ -3170,6 +3182,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
             f"specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
             + f", flagged {m['share_flagged']:.1%}")
     log.info("  (fitted and measured on the same images: judge it on other images of that site with --evaluate)")
+    mode_report(run_dir, "recalibration", args, out, str(folder))
     log.info(f"new checkpoint: {run_dir / 'recalibrated_model.pt'}")
     return 0
 

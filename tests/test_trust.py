@@ -665,6 +665,13 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert not torch.equal(after["calibration"]["bias"], before["calibration"]["bias"])
     fit = json.loads((tmp_path / "o" / "rc" / "recalibration.json").read_text())
     assert fit["after"]["sensitivity"] >= 0.9  # the policy holds on the folder it was fitted on
+    # Its folder has a report page like every other mode's (it had none), and no empty grad_cam/.
+    assert sorted(p.name for p in (tmp_path / "o" / "rc").iterdir()) == \
+        ["recalibrated_model.pt", "recalibration.json", "report.html", "train.log"]
+    page = (tmp_path / "o" / "rc" / "report.html").read_text()
+    for name in ("before", "after"):
+        assert f"<td>{T._fmt(fit[name]['threshold'])}</td>" in page and f"<td>{T._fmt(fit[name]['ece'])}</td>" in page
+    assert "sensitivity:0.9" in page and '<a href="recalibrated_model.pt">' in page
     out = capsys.readouterr().out
     assert "weights unchanged" in out
     loud = "do not look like the training data" in out  # the loud line, as everywhere
