@@ -2765,8 +2765,9 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f}, the {100 * cfg.ood_quantile:g}th "
              f"percentile of the {held['n']} validation images ({held['above']} score above it)")
     if held["n"] < 200:
+        # .3g, not a whole percent: --ood-quantile 0.975 flags 2.5% by design (":.0%" said 3%, 0.999 said 0%)
         log.warning(f"note: a guard cutoff set on {held['n']} validation images flags more than "
-                    f"{1 - cfg.ood_quantile:.0%} of new images like them (README, Out-of-distribution guard)")
+                    f"{100 * (1 - cfg.ood_quantile):.3g}% of new images like them (README, Out-of-distribution guard)")
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:

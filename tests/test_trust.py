@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -416,6 +417,16 @@ def test_guard_log_says_how_many_validation_images_score_above_the_cutoff(traine
     # held out = the validation split: scales and cutoff set on the training images themselves would
     # sit lower and flag new images more often than 1 - OOD_QUANTILE
     assert n == json.loads((trained / "config.json").read_text())["split_sizes"]["val"]
+
+
+def test_guard_note_gives_the_share_of_a_quantile_that_is_no_whole_percent(data_copy, tmp_path):
+    # The note rounded 1 - OOD_QUANTILE to a whole percent: at --ood-quantile 0.975 it promised "more
+    # than 3%" of new images flagged (2.5% is the figure), at 0.999 "more than 0%".
+    shutil.rmtree(data_copy / "test")
+    assert run([*TINY, "--epochs", "1", "--num-gradcam-images", "0", "--ood-quantile", 0.975, "--data-dir", data_copy,
+                "--output-dir", tmp_path, "--run-name", "q", *ONE_THREAD]) == 0
+    log = (tmp_path / "q" / "train.log").read_text()
+    assert "the 97.5th percentile" in log and re.search(r"validation images flags more than 2\.5% of new", log)
 
 
 def test_cutoffs_the_guard_was_compared_with():
