@@ -11,8 +11,8 @@ Run it:
 
 Every run writes one folder, OUTPUT_DIR/<run-name>/ (never overwritten):
     config.json, train.log, history.csv, training_history.png, best_model.pt, last.pt,
-    grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json,
-    roc_curve.png, confusion_matrix.png, and report.html: all of it on one page.
+    grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json, test_predictions.csv,
+    roc_curve.png, confusion_matrix.png, reliability.png, and report.html: all of it on one page.
 DICOM files (.dcm, .dicom) are read like images, through pydicom (read_dicom).
 
 The validation split is carved from train, grouped by patient; the test folder only
@@ -173,7 +173,8 @@ FLAGS = {
     "data": [
         ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
-        ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many"),
+        ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many; a smaller val/ "
+                              "joins train, and validation is carved from it"),
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
         ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
                           "(patient7/img0.png; wins over a DICOM PatientID; default: Kermany file names)"),
