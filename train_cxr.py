@@ -3,7 +3,7 @@
 Run it:
     python train_cxr.py --demo                          # synthetic data, about a minute on 2 CPU cores
     python train_cxr.py --data-dir path/to/chest_xray   # DATA_DIR/train/<CLASS>/*, DATA_DIR/test/<CLASS>/*
-    python train_cxr.py --help                          # every constant below is a flag
+    python train_cxr.py --help                          # every constant below, DATA_DIR..STRICT, is a flag
     python train_cxr.py --predict scans/ --checkpoint runs/RUN/best_model.pt
     python train_cxr.py --evaluate --checkpoint runs/RUN/best_model.pt --data-dir D
     python train_cxr.py --resume runs/RUN               # after Ctrl-C or a kill
@@ -123,6 +123,7 @@ DETERMINISTIC = False             # CUDA: no cuDNN autotuning or TF32, determini
 NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one per core)
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
+# No flag for the constants from here on: edit them here.
 # The demo's small settings: applied by --demo unless the flag is given explicitly.
 DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128, lr=1e-3, patience=12,
                       val_fraction=0.2, ema_decay=0.99, bootstrap=200, warmup_epochs=0.5)
@@ -154,7 +155,7 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: every constant above is a flag (DATA_DIR -> --data-dir), grouped as --help shows them
+# Command line: every constant from DATA_DIR to STRICT is a flag (DATA_DIR -> --data-dir), grouped as in --help
 # ----------------------------------------------------------------------------------------------
 # (constant, help) per --help group: the one table that turns constants into flags and Config fields.
 FLAGS = {
