@@ -812,6 +812,26 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
     assert float(full["jeffreys"][-2]) == pytest.approx(float(stored["temperature"]), abs=1e-4)  # the run's own fit
 
 
+def test_quality_benchmark_reuses_a_fold_it_made_and_refuses_another_in_its_place(tmp_path):
+    # quality.py --out D run again (more --train-seeds on the same fold) died with a FileExistsError
+    # traceback; a fold of other --folds or --seed in the same place must not be merged into it.
+    from conftest import load_benchmark
+    quality = load_benchmark("quality")
+    samples = []
+    for i in range(6):
+        (tmp_path / "src" / f"{i}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.png").write_bytes(b"x")
+        samples.append((str(tmp_path / "src" / f"{i}.png"), i % 2))
+    fold = tmp_path / "cv" / "fold0" / "data"
+    quality.link_fold(fold, samples, ["A", "B"], [0, 1, 2, 3], [4, 5])
+    quality.link_fold(fold, samples, ["A", "B"], [0, 1, 2, 3], [4, 5])  # the same fold: reused
+    assert sorted(p.relative_to(fold).as_posix() for p in fold.rglob("*.png")) == [
+        "test/A/4.png", "test/B/5.png", "train/A/0.png", "train/A/2.png", "train/B/1.png", "train/B/3.png"]
+    with pytest.raises(SystemExit, match="holds another fold.*pass another --out"):
+        quality.link_fold(fold, samples, ["A", "B"], [0, 1, 4, 5], [2, 3])
+    assert not (fold / "train" / "A" / "4.png").exists()
+
+
 def test_train_log_ends_with_the_time_per_phase(trained):
     import re
     line = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("time per phase")]
