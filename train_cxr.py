@@ -608,7 +608,9 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         if in_folder == "best_model.pt" and not (path / in_folder).is_file() and recalibrated.is_file():
             in_folder = recalibrated.name
         if not (path / in_folder).is_file():
-            hint = (" (the run finished no epoch); pass its last.pt explicitly to use the latest weights, "
+            # Every epoch that writes last.pt has written best_model.pt before it (the first epoch is always the
+            # best so far): a last.pt alone means best_model.pt was moved or deleted, not that no epoch finished.
+            hint = (" (moved or deleted?); pass its last.pt explicitly to use the latest weights, "
                     "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
             raise CXRError(f"run folder {path} has no {in_folder}{hint}")
         path = path / in_folder

@@ -631,6 +631,17 @@ def test_checkpoint_messages_say_what_is_wrong(trained, tmp_path, kind):
         assert "not a checkpoint, or it is damaged" in str(e.value) and "trust" not in str(e.value)
 
 
+def test_a_run_folder_with_last_pt_but_no_best_model_is_not_said_to_have_finished_no_epoch(tmp_path):
+    # The first epoch writes best_model.pt before last.pt, so last.pt alone means best_model.pt went away;
+    # the message said "the run finished no epoch" about a run that had.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    with pytest.raises(T.CXRError) as e:
+        T.load_checkpoint(tmp_path / "run")
+    assert "has no best_model.pt (moved or deleted?)" in str(e.value) and "pass its last.pt" in str(e.value)
+    assert "no epoch" not in str(e.value)
+
+
 def test_scores_are_fp32_even_when_training_ran_in_bf16():
     torch.manual_seed(0)
     model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12)
