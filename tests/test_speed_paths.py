@@ -290,6 +290,7 @@ def test_benchmark_keeps_freed_memory_from_its_first_measurement(monkeypatch, tm
     monkeypatch.setattr(speed, "build_copy", build)
     with pytest.raises(KeyboardInterrupt):
         speed.main(["--source", str(tmp_path)])
+    train_cxr.setup_console_logging()  # speed.py silenced the tool's log: back to what other tests expect
     assert events == ["on", "build", "off"]
 
 
