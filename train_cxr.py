@@ -3,7 +3,7 @@
 Run it:
     python train_cxr.py --demo                          # synthetic data, about a minute on 2 CPU cores
     python train_cxr.py --data-dir path/to/chest_xray   # DATA_DIR/train/<CLASS>/*, DATA_DIR/test/<CLASS>/*
-    python train_cxr.py --help                          # every constant below is a flag
+    python train_cxr.py --help                          # every constant below, DATA_DIR..STRICT, is a flag
     python train_cxr.py --predict scans/ --checkpoint runs/RUN/best_model.pt
     python train_cxr.py --evaluate --checkpoint runs/RUN/best_model.pt --data-dir D
     python train_cxr.py --resume runs/RUN               # after Ctrl-C or a kill
@@ -11,8 +11,8 @@ Run it:
 
 Every run writes one folder, OUTPUT_DIR/<run-name>/ (never overwritten):
     config.json, train.log, history.csv, training_history.png, best_model.pt, last.pt,
-    grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json,
-    roc_curve.png, confusion_matrix.png, and report.html: all of it on one page.
+    grad_cam/ (per-epoch overlays + summaries, test gallery), test_metrics.json, test_predictions.csv,
+    roc_curve.png, confusion_matrix.png, reliability.png, and report.html: all of it on one page.
 DICOM files (.dcm, .dicom) are read like images, through pydicom (read_dicom).
 
 The validation split is carved from train, grouped by patient; the test folder only
@@ -123,6 +123,7 @@ DETERMINISTIC = False             # CUDA: no cuDNN autotuning or TF32, determini
 NUM_THREADS = 0                   # torch CPU threads; 0 = torch's default (one per core)
 STRICT = False                    # unreadable images stop the run instead of being skipped
 
+# No flag for the constants from here on: edit them here.
 # The demo's small settings: applied by --demo unless the flag is given explicitly.
 DEMO_OVERRIDES = dict(img_size=64, epochs=12, batch_size=32, fc_hidden=128, lr=1e-3, patience=12,
                       val_fraction=0.2, ema_decay=0.99, bootstrap=200, warmup_epochs=0.5)
@@ -154,7 +155,7 @@ class Interrupted(Exception):
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: every constant above is a flag (DATA_DIR -> --data-dir), grouped as --help shows them
+# Command line: every constant from DATA_DIR to STRICT is a flag (DATA_DIR -> --data-dir), grouped as in --help
 # ----------------------------------------------------------------------------------------------
 # (constant, help) per --help group: the one table that turns constants into flags and Config fields.
 FLAGS = {
@@ -173,7 +174,8 @@ FLAGS = {
     "data": [
         ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
-        ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many"),
+        ("MIN_VAL_PER_CLASS", "DATA_DIR/val is used only if every class has at least this many; a smaller val/ "
+                              "joins train, and validation is carved from it"),
         ("NORMALIZE", "image: per-image standardisation; dataset: train mean/std"),
         ("PATIENT_REGEX", "its first group is the patient id, searched in the path below the class folder "
                           "(patient7/img0.png; wins over a DICOM PatientID; default: Kermany file names)"),
@@ -606,7 +608,9 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         if in_folder == "best_model.pt" and not (path / in_folder).is_file() and recalibrated.is_file():
             in_folder = recalibrated.name
         if not (path / in_folder).is_file():
-            hint = (" (the run finished no epoch); pass its last.pt explicitly to use the latest weights, "
+            # Every epoch that writes last.pt has written best_model.pt before it (the first epoch is always the
+            # best so far): a last.pt alone means best_model.pt was moved or deleted, not that no epoch finished.
+            hint = (" (moved or deleted?); pass its last.pt explicitly to use the latest weights, "
                     "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
             raise CXRError(f"run folder {path} has no {in_folder}{hint}")
         path = path / in_folder
@@ -2799,8 +2803,9 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f}, the {100 * cfg.ood_quantile:g}th "
              f"percentile of the {held['n']} validation images ({held['above']} score above it)")
     if held["n"] < 200:
+        # .3g, not a whole percent: --ood-quantile 0.975 flags 2.5% by design (":.0%" said 3%, 0.999 said 0%)
         log.warning(f"note: a guard cutoff set on {held['n']} validation images flags more than "
-                    f"{1 - cfg.ood_quantile:.0%} of new images like them (README, Out-of-distribution guard)")
+                    f"{100 * (1 - cfg.ood_quantile):.3g}% of new images like them (README, Out-of-distribution guard)")
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:

@@ -10,10 +10,11 @@ the NHWC (channels_last) layout, interleaved so that load from other processes h
 alike; it prints images/s and the ratio to fp32 NCHW (the layout train_cxr.py used on CPUs without
 AMX before it switched to NHWC). `--amp auto` picks bf16 only on a CPU with AMX.
 
-`--allocator` times training steps and evaluation (batch 256, as validation does) under three glibc
-malloc settings, each in a fresh interpreter, interleaved: glibc's defaults, the 32 MB mmap
-threshold train_cxr.py set before, and keep_freed_memory() as it is now (no mmap); it prints
-images/s, page faults per training step, peak memory, and the ratios to the defaults.
+`--allocator` times training steps and evaluation (batch 256, as every scoring pass had it before
+eval_batch_size; a CPU now scores 32 images a batch at 112 px) under three glibc malloc settings,
+each in a fresh interpreter, interleaved: glibc's defaults, the 32 MB mmap threshold train_cxr.py
+set before, and keep_freed_memory() as it is now (no mmap); it prints images/s, page faults per
+training step, peak memory, and the ratios to the defaults.
 
 `--eval-batches RUN` times what follows training, calibration, the guard's feature passes and the
 test report (final_report), of a finished run on its data, once per scoring batch size

@@ -81,8 +81,8 @@ def best_val_auc(run_dir: Path) -> float:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--num-threads", type=int, default=1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-threads", type=int, default=1, help="torch CPU threads of each run (default: 1)")
     p.add_argument("--keep", help="keep the data and runs in this folder")
     p.add_argument("--seed", type=int, default=train_cxr.SEED, help="of the synthetic data and of the runs")
     args = p.parse_args()

@@ -80,7 +80,7 @@ def measure(batch: int, steps: int, device: str) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     ap.add_argument("--batches", default="64,256", help="batch sizes, comma-separated (default: 64,256)")
     ap.add_argument("--steps", type=int, default=50, help="timed steps per batch size (default: 50)")

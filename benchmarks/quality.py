@@ -55,12 +55,20 @@ def grouped_folds(labels, groups, k: int, seed: int) -> list:
 
 
 def link_fold(root: Path, samples: list, classes: list, train_idx, test_idx) -> None:
-    for split, idx in (("train", train_idx), ("test", test_idx)):
+    links = {root / split / classes[samples[i][1]] / Path(samples[i][0]).name: Path(samples[i][0]).resolve()
+             for split, idx in (("train", train_idx), ("test", test_idx)) for i in idx}
+    if root.exists():
+        # The same --out again (more --train-seeds, or a fold run before): the fold's links are reused. They
+        # stopped it with a FileExistsError traceback; and a fold made with other --folds, --seed or --data,
+        # merged with this one, would put held-out patients into training: refused.
+        if {p: p.resolve() for p in root.rglob("*") if p.is_symlink()} != links:
+            raise SystemExit(f"error: {root} holds another fold (other --data, --folds or --seed): pass another --out")
+        return
+    for split in ("train", "test"):
         for c in classes:
             (root / split / c).mkdir(parents=True, exist_ok=True)
-        for i in idx:
-            path, label = samples[i]
-            (root / split / classes[label] / Path(path).name).symlink_to(Path(path).resolve())
+    for link, target in links.items():
+        link.symlink_to(target)
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """Open a run's report.html in headless Chromium, save a full-page screenshot, fail on console errors.
 
     apt-get install -y chromium                        # Debian's package; not needed by CI
-    python benchmarks/report_browser_check.py runs/RUN/report.html --out docs/demo_report.png
+    python benchmarks/report_browser_check.py runs/RUN/report.html --out shot.png
 
 Chromium is driven through its DevTools protocol over a pipe (--remote-debugging-pipe), so no
 extra Python package is needed. Every console message of level error, every script exception and
@@ -93,7 +93,7 @@ def problems(events: list) -> list:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("page", type=Path, help="a report.html")
     ap.add_argument("--out", type=Path, default=Path("report_screenshot.png"), help="screenshot (PNG)")
     ap.add_argument("--width", type=int, default=1280)

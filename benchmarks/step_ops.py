@@ -113,7 +113,7 @@ def step_counts(T) -> tuple[collections.Counter, int | None]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rev", default="main", help="the baseline revision (default: main)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -3,6 +3,7 @@
 CPU only, ~15 s in all, most of it the page-fault test (two fresh interpreters). No timing is
 asserted here: benchmarks/speed.py measures speed.
 """
+import contextlib
 import dataclasses
 import subprocess
 import sys
@@ -267,6 +268,30 @@ def test_benchmark_help_says_what_it_measures(capsys):
         load_benchmark("speed").parse_args(["--help"])
     out = capsys.readouterr().out
     assert "What is measured" in out and "end_to_end_speedup divides by that" in out and "(default: 2)" in out
+
+
+def test_benchmark_keeps_freed_memory_from_its_first_measurement(monkeypatch, tmp_path):
+    # docs/results.md's speed table was measured while every run kept freed memory in the process; when
+    # runs began to keep it only around their epochs, speed.py silently measured with glibc's defaults.
+    speed, events = load_benchmark("speed"), []
+
+    @contextlib.contextmanager
+    def recorded(on=True):
+        events.append("on")
+        try:
+            yield True
+        finally:
+            events.append("off")
+
+    def build(*a, **k):  # the first measurement: stop the benchmark here
+        events.append("build")
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train_cxr, "keep_freed_memory", recorded)
+    monkeypatch.setattr(speed, "build_copy", build)
+    with pytest.raises(KeyboardInterrupt):
+        speed.main(["--source", str(tmp_path)])
+    train_cxr.setup_console_logging()  # speed.py silenced the tool's log: back to what other tests expect
+    assert events == ["on", "build", "off"]
 
 
 

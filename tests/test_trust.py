@@ -4,6 +4,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -418,6 +419,16 @@ def test_guard_log_says_how_many_validation_images_score_above_the_cutoff(traine
     assert n == json.loads((trained / "config.json").read_text())["split_sizes"]["val"]
 
 
+def test_guard_note_gives_the_share_of_a_quantile_that_is_no_whole_percent(data_copy, tmp_path):
+    # The note rounded 1 - OOD_QUANTILE to a whole percent: at --ood-quantile 0.975 it promised "more
+    # than 3%" of new images flagged (2.5% is the figure), at 0.999 "more than 0%".
+    shutil.rmtree(data_copy / "test")
+    assert run([*TINY, "--epochs", "1", "--num-gradcam-images", "0", "--ood-quantile", 0.975, "--data-dir", data_copy,
+                "--output-dir", tmp_path, "--run-name", "q", *ONE_THREAD]) == 0
+    log = (tmp_path / "q" / "train.log").read_text()
+    assert "the 97.5th percentile" in log and re.search(r"validation images flags more than 2\.5% of new", log)
+
+
 def test_cutoffs_the_guard_was_compared_with():
     # benchmarks/ood_cutoff.py and ood.py --compare measure two cutoffs that were not shipped
     # (README): check they are what the README says before trusting their figures.
@@ -620,6 +631,17 @@ def test_checkpoint_messages_say_what_is_wrong(trained, tmp_path, kind):
         assert "not a checkpoint, or it is damaged" in str(e.value) and "trust" not in str(e.value)
 
 
+def test_a_run_folder_with_last_pt_but_no_best_model_is_not_said_to_have_finished_no_epoch(tmp_path):
+    # The first epoch writes best_model.pt before last.pt, so last.pt alone means best_model.pt went away;
+    # the message said "the run finished no epoch" about a run that had.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "last.pt").write_bytes(b"")
+    with pytest.raises(T.CXRError) as e:
+        T.load_checkpoint(tmp_path / "run")
+    assert "has no best_model.pt (moved or deleted?)" in str(e.value) and "pass its last.pt" in str(e.value)
+    assert "no epoch" not in str(e.value)
+
+
 def test_scores_are_fp32_even_when_training_ran_in_bf16():
     torch.manual_seed(0)
     model = T.CustomCNN(img_size=32, channels=(4, 8, 8, 16), fc_hidden=12)
@@ -806,6 +828,26 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
     assert subsets == ["jeffreys", "platt", "none"] and list(full) == subsets
     stored = T.load_checkpoint(tmp_path / "cv" / "fold0" / "run_seed1" / "best_model.pt")["calibration"]
     assert float(full["jeffreys"][-2]) == pytest.approx(float(stored["temperature"]), abs=1e-4)  # the run's own fit
+
+
+def test_quality_benchmark_reuses_a_fold_it_made_and_refuses_another_in_its_place(tmp_path):
+    # quality.py --out D run again (more --train-seeds on the same fold) died with a FileExistsError
+    # traceback; a fold of other --folds or --seed in the same place must not be merged into it.
+    from conftest import load_benchmark
+    quality = load_benchmark("quality")
+    samples = []
+    for i in range(6):
+        (tmp_path / "src" / f"{i}.png").parent.mkdir(exist_ok=True)
+        (tmp_path / "src" / f"{i}.png").write_bytes(b"x")
+        samples.append((str(tmp_path / "src" / f"{i}.png"), i % 2))
+    fold = tmp_path / "cv" / "fold0" / "data"
+    quality.link_fold(fold, samples, ["A", "B"], [0, 1, 2, 3], [4, 5])
+    quality.link_fold(fold, samples, ["A", "B"], [0, 1, 2, 3], [4, 5])  # the same fold: reused
+    assert sorted(p.relative_to(fold).as_posix() for p in fold.rglob("*.png")) == [
+        "test/A/4.png", "test/B/5.png", "train/A/0.png", "train/A/2.png", "train/B/1.png", "train/B/3.png"]
+    with pytest.raises(SystemExit, match="holds another fold.*pass another --out"):
+        quality.link_fold(fold, samples, ["A", "B"], [0, 1, 4, 5], [2, 3])
+    assert not (fold / "train" / "A" / "4.png").exists()
 
 
 def test_train_log_ends_with_the_time_per_phase(trained):
