@@ -381,6 +381,9 @@ def check_config(cfg: Config) -> None:
              ("threshold_policy", cfg.threshold_policy in ("balanced", "accuracy", "youden") or bool(re.fullmatch(
                  r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
                  "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
+    # argparse checks only a typed flag's choice: an edited constant (DEVICE = "gpu", AMP = "bf16") is checked here,
+    # where "gpu" used to train on the CPU and "bf16" in fp32 without a word.
+    rules += [(name, getattr(cfg, name) in ok, "one of " + ", ".join(ok)) for name, ok in CHOICES.items()]
     rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in dataclasses.fields(cfg)
               if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:

@@ -297,6 +297,16 @@ def test_values_that_would_train_nonsense_are_refused(flag, value):
         train_cxr.parse_config([flag, value])
 
 
+@pytest.mark.parametrize("field,value", [("device", "gpu"), ("device", "cuda:1"), ("amp", "bf16"),
+                                         ("normalize", "Dataset")])
+def test_a_constant_edited_outside_its_choices_is_refused(field, value):
+    # argparse checks the choices of a typed flag only: DEVICE = "gpu" at the top of the file trained on the
+    # CPU, AMP = "bf16" in fp32, both silently; NORMALIZE = "Dataset" ended in a KeyError after decoding.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), **{field: value})
+    with pytest.raises(train_cxr.CXRError, match=f"^--{field} '{re.escape(value)}' is invalid: it must be one of "):
+        train_cxr.check_config(cfg)
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
