@@ -290,7 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, default = const.lower(), globals()[const]
             shown = (("on" if default else "off") if isinstance(default, bool) else
                      ",".join(map(str, default)) if isinstance(default, tuple) else default)
-            text += f" (default: {shown})" if shown != "" and "default:" not in text else ""
+            # A text that says what "" means ("default: a timestamp") gives the edited constant's value instead.
+            if shown != "":
+                text = (re.sub(r"default: [^;)]*", lambda m: f"default: {shown}", text) if "default:" in text
+                        else f"{text} (default: {shown})")
             kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
                   dict(type=_int_tuple, metavar="A,B,C,D") if isinstance(default, tuple) else
                   dict(type=type(default), choices=CHOICES.get(name)))

@@ -353,6 +353,17 @@ def test_help_is_grouped_modes_first_without_odd_defaults():
     assert "without AMX" in tail and "GPU" in tail and "min" in tail
 
 
+def test_help_gives_the_edited_value_of_a_constant_whose_empty_value_has_a_meaning(monkeypatch):
+    # These three texts say what "" means; once the constant was edited, --help still said "default: a timestamp",
+    # "PNEUMONIA if present" and "Kermany file names" while the edited value was used.
+    for const, value in (("RUN_NAME", "exp1"), ("POSITIVE_CLASS", "NORMAL"), ("PATIENT_REGEX", r"^(P\d+)_")):
+        monkeypatch.setattr(train_cxr, const, value)
+    text = " ".join(train_cxr.build_parser().format_help().split())
+    assert "(default: exp1)" in text and "(default: NORMAL; two classes only)" in text
+    assert r"default: ^(P\d+)_)" in text
+    assert "timestamp" not in text and "PNEUMONIA if present" not in text and "Kermany file names" not in text
+
+
 # ----------------------------------------------------------------------------------------------
 # Data: duplicates across splits, train-only data, messages that name the fix
 # ----------------------------------------------------------------------------------------------
