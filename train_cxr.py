@@ -217,6 +217,10 @@ FLAGS = {
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
 
 
+# CHANNELS edited as a list, [16, 32, 64, 128], means the same: as a list, making Config below stopped every
+# command with a dataclass traceback ("mutable default").
+CHANNELS = tuple(CHANNELS)
+
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
 # defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
 # tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back and ignores unknown keys.
@@ -350,7 +354,9 @@ def check_modes(args) -> None:
 
 
 def check_config(cfg: Config) -> None:
-    rules = [("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
+    rules = [("channels", len(cfg.channels) == 4 and all(isinstance(c, int) and c >= 1 for c in cfg.channels),
+              "4 positive integers like 16,32,64,128, one per conv block"),
+             ("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
              ("work_scale", cfg.work_scale >= 1.0, "at least 1.0"),
              ("val_fraction", 0.0 < cfg.val_fraction < 1.0, "between 0 and 1"),
              ("epochs", cfg.epochs >= 1, "at least 1"),

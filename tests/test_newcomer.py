@@ -307,6 +307,20 @@ def test_a_constant_edited_outside_its_choices_is_refused(field, value):
         train_cxr.check_config(cfg)
 
 
+def test_channels_edited_as_a_list_or_out_of_shape_are_taken_or_refused_like_the_flag(tmp_path):
+    # CHANNELS = [16, 32, 64, 128] stopped every command, --help too, with a dataclass traceback; a 0 or a
+    # fifth width (which the flag refuses) reached the network only after every image was decoded.
+    edited = tmp_path / "train_cxr.py"
+    src = (ROOT / "train_cxr.py").read_text()
+    assert src.count("\nCHANNELS = (16, 32, 64, 128) ") == 1
+    edited.write_text(src.replace("\nCHANNELS = (16, 32, 64, 128) ", "\nCHANNELS = [16, 32, 64, 128] "))
+    r = subprocess.run([sys.executable, str(edited), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "(default: 16,32,64,128)" in " ".join(r.stdout.split()), r.stderr
+    for bad in ((16, 32, 64, 0), (16, 32, 64, 128, 256)):
+        with pytest.raises(train_cxr.CXRError, match="^--channels .* it must be 4 positive integers"):
+            train_cxr.check_config(train_cxr.dataclasses.replace(train_cxr.Config(), channels=bad))
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
