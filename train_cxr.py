@@ -375,7 +375,10 @@ def check_config(cfg: Config) -> None:
              ("fc_hidden", cfg.fc_hidden >= 1, "at least 1"),
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
              ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),
-             ("seed", cfg.seed >= 0, "0 or more"),
+             # A larger seed passed, then stopped the run with torch's "Overflow when unpacking long" traceback
+             # after decoding, in a run folder already made.
+             ("seed", 0 <= cfg.seed < 10**16, "0 or more and below 10^16 (each epoch's torch seed, seed * 1000 + "
+              "epoch, must fit in 64 bits)"),
              ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts,
               "a folder name inside --output-dir (exp1, or exp/1), not an absolute path or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),

@@ -289,10 +289,12 @@ def test_modes_refuse_what_they_would_silently_ignore(argv, words, capsys):
 @pytest.mark.parametrize("flag,value", [
     ("--fc-hidden", "0"), ("--weight-decay", "-1"), ("--warmup-epochs", "nan"), ("--seed", "-1"),
     ("--num-threads", "-5"), ("--min-val-per-class", "0"), ("--aug-brightness", "25"), ("--aug-contrast", "1.5"),
-    ("--aug-gamma", "-0.1"), ("--lr", "inf"), ("--work-scale", "inf"), ("--aug-rotate-deg", "nan")])
+    ("--aug-gamma", "-0.1"), ("--lr", "inf"), ("--work-scale", "inf"), ("--aug-rotate-deg", "nan"),
+    ("--seed", str(10**17))])
 def test_values_that_would_train_nonsense_are_refused(flag, value):
     # --fc-hidden 0 trained a constant model; --aug-brightness 25 (meant as 25%) clamped images to black
-    # and white; --seed -1 and --warmup-epochs nan ended in tracebacks, the second after making the folder.
+    # and white; --seed -1 and --warmup-epochs nan ended in tracebacks, the second after making the folder, as
+    # --seed 10**17 did (torch seeds are 64 bits; an epoch's is seed * 1000 + epoch).
     with pytest.raises(train_cxr.CXRError, match=f"^{flag} "):
         train_cxr.parse_config([flag, value])
 
