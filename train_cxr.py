@@ -319,7 +319,7 @@ def parse_config(argv=None) -> tuple:
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
-    check_config(cfg)
+    check_config(cfg, set(Config.__dataclass_fields__) - set(values))
     check_modes(args)
     return cfg, args
 
@@ -353,7 +353,9 @@ def check_modes(args) -> None:
                        f"checkpoint's own settings (it reads only {dashed(MODE_FLAGS[mode])})")
 
 
-def check_config(cfg: Config) -> None:
+def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
+    """Refuse a value no run can use, naming its flag; or its constant, for a field in from_constants (one not typed
+    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command)."""
     rules = [("channels", len(cfg.channels) == 4 and all(isinstance(c, int) and c >= 1 for c in cfg.channels),
               "4 positive integers like 16,32,64,128, one per conv block"),
              ("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
@@ -400,7 +402,10 @@ def check_config(cfg: Config) -> None:
               if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:
         if not ok:
-            raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+            value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+            said = (f"{name.upper()} = {value!r} at the top of train_cxr.py ({flag})" if name in from_constants
+                    else f"{flag} {value!r}")
+            raise CXRError(f"{said} is invalid: it must be {want}")
 
 
 if __name__ == "__main__":

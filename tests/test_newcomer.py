@@ -323,6 +323,23 @@ def test_channels_edited_as_a_list_or_out_of_shape_are_taken_or_refused_like_the
             train_cxr.check_config(train_cxr.dataclasses.replace(train_cxr.Config(), channels=bad))
 
 
+def test_an_invalid_value_edited_at_the_top_of_the_file_is_named_as_the_constant(tmp_path):
+    # The error named only the flag ("--val-fraction 15 is invalid"), which the user had not typed: they
+    # looked for it in their command, not at the constant they had edited.
+    edited = tmp_path / "train_cxr.py"
+    src = (ROOT / "train_cxr.py").read_text()
+    assert src.count("\nVAL_FRACTION = 0.15 ") == 1
+    edited.write_text(src.replace("\nVAL_FRACTION = 0.15 ", "\nVAL_FRACTION = 15 "))
+    r = subprocess.run([sys.executable, str(edited), "--epochs", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: VAL_FRACTION = 15 at the top of train_cxr.py (--val-fraction) is invalid: "
+                               "it must be between 0 and 1"), r.stderr
+    # A typed value is named as the flag, as before.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), img_size=8)
+    with pytest.raises(train_cxr.CXRError, match=r"^--img-size 8 is invalid"):
+        train_cxr.check_config(cfg, from_constants={"epochs"})
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
