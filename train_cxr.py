@@ -275,8 +275,11 @@ def build_parser() -> argparse.ArgumentParser:
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
     modes.add_argument("-h", "--help", action="help", help="show this help and exit")
+    # The defaults below are not the demo's: its own are listed, as DEMO_OVERRIDES holds them.
+    demo = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OVERRIDES.items())
     modes.add_argument("--demo", action="store_true", default=False,
-                       help="generate synthetic X-rays and run everything with small settings")
+                       help=f"generate synthetic X-rays and run everything with small settings: {demo} (a typed "
+                            "flag wins)")
     modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
     modes.add_argument("--evaluate", action="store_true", default=False,
                        help="test report of --checkpoint on --data-dir")

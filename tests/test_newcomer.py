@@ -386,6 +386,14 @@ def test_help_is_grouped_modes_first_without_odd_defaults():
     assert "without AMX" in tail and "GPU" in tail and "min" in tail
 
 
+def test_help_of_demo_gives_the_settings_it_runs_with():
+    # Every default in --help is the plain run's: --demo's --epochs 12 and --img-size 64 were said nowhere.
+    text = " ".join(train_cxr.build_parser().format_help().split()).replace("- ", "-")  # undo wrapping at a hyphen
+    demo = text[text.index("--demo "):text.index("--predict PATH")]
+    for k, v in train_cxr.DEMO_OVERRIDES.items():
+        assert f"--{k.replace('_', '-')} {v} " in demo, (k, demo)
+
+
 def test_help_gives_the_edited_value_of_a_constant_whose_empty_value_has_a_meaning(monkeypatch):
     # These three texts say what "" means; once the constant was edited, --help still said "default: a timestamp",
     # "PNEUMONIA if present" and "Kermany file names" while the edited value was used.
