@@ -2556,15 +2556,23 @@ def removed_on_input_error(folder: Path | None):
         raise
 
 
+def check_run_dir(cfg: Config, run_dir: Path | None = None) -> None:
+    """Refuse a run folder that cannot be made, without making it. main calls it before any image is decoded:
+    the same command run twice (its --run-name in use) was refused only after decoding them all."""
+    base = Path(cfg.output_dir)
+    run_dir = run_dir or (base / cfg.run_name if cfg.run_name else None)
+    if base.exists() and not base.is_dir():
+        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
+    if run_dir is not None and run_dir.exists():
+        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
+                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+
+
 def make_run_dir(cfg: Config) -> Path:
     """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
     base = Path(cfg.output_dir)
     run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if base.exists() and not base.is_dir():
-        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if run_dir.exists():
-        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
-                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+    check_run_dir(cfg, run_dir)
     try:
         base.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
@@ -3174,6 +3182,8 @@ def main(argv=None, parsed=None) -> int:
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)
+        if not args.resume:  # a resume's folder exists; under torchrun each process checks before they meet
+            check_run_dir(cfg)
         rt = setup_runtime(cfg)
         mode = (predict if args.predict else evaluate_mode if args.evaluate else
                 recalibrate if args.recalibrate else train)

@@ -677,14 +677,15 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
 
 
 def test_ddp_run_folder_refused_on_rank_0_stops_both(synth_root, tmp_path):
-    # Only rank 0 makes the run folder: when it was refused (the folder exists), rank 0 exited and
-    # rank 1 waited for the folder's name (gloo: a traceback when the peer closed; NCCL: a hang).
-    out = tmp_path / "runs"
-    (out / "ddp").mkdir(parents=True)
-    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, out, 1))
+    # Only rank 0 makes the run folder: when it was refused, rank 0 exited and rank 1 waited for the
+    # folder's name (gloo: a traceback when the peer closed; NCCL: a hang). A file in the way of the folder
+    # (a folder in use is refused in every process before they meet, by check_run_dir).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, blocker / "runs", 1))
     assert rcs == [2, 2], (rcs, log[-3000:])
-    assert "already exists and is never overwritten" in log and "Traceback" not in log
-    assert not any((out / "ddp").iterdir())
+    assert "cannot create the run folder" in log and "Traceback" not in log
+    assert blocker.read_text() == "not a folder"
 
 
 def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tmp_path):
