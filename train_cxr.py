@@ -2456,6 +2456,9 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                         "carved from train")
             train_samples = train_samples + val_samples  # decoded again with train, bad files listed there
             val_samples, val, bad_val = [], None, []
+    elif "min_val_per_class" in typed:  # it only judges a val/ folder: not a minimum of the carved split
+        raise CXRError(f"--min-val-per-class: there is no {root / 'val'} folder for it to judge, and validation is "
+                       "carved from train by --val-fraction without a minimum per class; drop the flag")
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
     train, bad = load_split(train_samples, cfg, "decode train")

@@ -168,6 +168,15 @@ def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
     assert run(argv) == 0  # without the flag, val/ is used as before
 
 
+def test_min_val_per_class_is_refused_when_there_is_no_val_folder(synth_root, monkeypatch):
+    # It only judges DATA_DIR/val: without one, --min-val-per-class 100 was dropped unsaid, and the carved
+    # validation split kept a dozen images of a class, not the 100 it seemed to promise.
+    monkeypatch.setattr(train_cxr, "decode_all", lambda *a, **k: pytest.fail("decoded before the refusal"))
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), data_dir=str(synth_root), min_val_per_class=100)
+    with pytest.raises(train_cxr.CXRError, match=r"^--min-val-per-class: there is no .*val folder.* drop the flag"):
+        train_cxr.prepare_data(cfg, {"min_val_per_class"})
+
+
 @pytest.mark.parametrize("epochs,warmup,warm_steps", [(20, 1.0, 10), (1, 1.0, 5), (3, 5.0, 15)])
 def test_the_learning_rate_decays_to_0_whatever_the_warm_up(epochs, warmup, warm_steps):
     # A warm-up as long as the run (--epochs 1 with the default 1 epoch, or --warmup-epochs 5
