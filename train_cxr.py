@@ -401,6 +401,12 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
     # argparse checks only a typed flag's choice: an edited constant (DEVICE = "gpu", AMP = "bf16") is checked here,
     # where "gpu" used to train on the CPU and "bf16" in fp32 without a word.
     rules += [(name, getattr(cfg, name) in ok, "one of " + ", ".join(ok)) for name, ok in CHOICES.items()]
+    # Counts, sizes and the seed are whole numbers: BOOTSTRAP = 1e4 (a float) passed every rule above and stopped a
+    # finished training run in its test report (range(10000.0)), EPOCHS = 20.0 at its first epoch.
+    rules += [(name, type(getattr(cfg, name)) is int, "a whole number, written without a point or an exponent "
+               "(10000, not 1e4 or 10000.0)") for name in ("epochs", "img_size", "batch_size", "num_threads",
+                                                            "num_workers", "min_val_per_class", "fc_hidden", "patience",
+                                                            "num_gradcam_images", "bootstrap", "seed")]
     rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in dataclasses.fields(cfg)
               if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:

@@ -349,6 +349,16 @@ def test_an_invalid_value_edited_at_the_top_of_the_file_is_named_as_the_constant
         train_cxr.check_config(cfg, from_constants={"epochs"})
 
 
+@pytest.mark.parametrize("field,value", [("bootstrap", 1e4), ("epochs", 20.0), ("img_size", 128.0)])
+def test_a_count_edited_as_a_float_is_refused(field, value):
+    # BOOTSTRAP = 1e4 passed every check and stopped a finished training run in its test report
+    # (range(10000.0)); EPOCHS = 20.0 and IMG_SIZE = 128.0 stopped it after decoding, with tracebacks.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), **{field: value})
+    with pytest.raises(train_cxr.CXRError, match=f"^--{field.replace('_', '-')} {value!r} is invalid: it must be a "
+                                                 "whole number"):
+        train_cxr.check_config(cfg)
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
