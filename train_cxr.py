@@ -2860,7 +2860,7 @@ def split_fingerprint(data_dir: str, *splits: Split, digests: dict | None = None
 
 def train(cfg: Config, args, rt: Runtime) -> int:
     """A training run, top-down: data, model, the epoch loop (fit), the report (final_report)."""
-    resume, moved = None, None
+    resume, moved, saved = None, None, {}
     if args.resume:
         resume = load_checkpoint(args.resume, "last.pt")
         if "optimizer" not in resume:
@@ -2972,6 +2972,14 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes,
                 "normalization": norm, "skipped_files": [as_text(p) for p in data["bad_files"]],  # shown as text
                 "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
+        elif rt.is_main and saved:
+            # The run's start stays as written; a resume adds where it ran and the flags it changed (--device cuda,
+            # --amp on): config.json, and the report page that shows it, said the start's for every epoch.
+            changed = {k: getattr(args, k) for k in sorted(RESUME_FLAGS & args.given)
+                       if getattr(args, k) != saved["config"].get(k)}
+            saved.setdefault("resumed", []).append({"after_epoch": resume["epoch"], "device": str(rt.device),
+                                                    "precision": str(rt.amp_dtype or "fp32"), "changed": changed})
+            save_json(run_dir / "config.json", saved)
     with keep_freed_memory(rt.device.type == "cpu"):
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:

@@ -369,8 +369,12 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
 
     # Restored, and the same settings spelled another way (data folder as DIR/., a repeated --epochs), it resumes.
     (tmp_path / moved.name).rename(moved)
-    assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1"]) == 0
+    assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1", "--strict"]) == 0
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
+    # config.json keeps the start and adds the resume, with the run flag it changed (it said only the start's).
+    saved = json.loads((rd / "config.json").read_text())
+    assert saved["config"]["strict"] is False and saved["precision"] == "fp32"
+    assert saved["resumed"] == [{"after_epoch": 1, "device": "cpu", "precision": "fp32", "changed": {"strict": True}}]
 
     # Stopped during its test report (best_model.pt already calibrated, no test_metrics.json yet: a Ctrl-C
     # there), the run finishes the report on a resume; it was refused as "already finished", without one.
