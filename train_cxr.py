@@ -403,10 +403,13 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
     rules += [(name, getattr(cfg, name) in ok, "one of " + ", ".join(ok)) for name, ok in CHOICES.items()]
     # Counts, sizes and the seed are whole numbers: BOOTSTRAP = 1e4 (a float) passed every rule above and stopped a
     # finished training run in its test report (range(10000.0)), EPOCHS = 20.0 at its first epoch.
-    rules += [(name, type(getattr(cfg, name)) is int, "a whole number, written without a point or an exponent "
-               "(10000, not 1e4 or 10000.0)") for name in ("epochs", "img_size", "batch_size", "num_threads",
-                                                            "num_workers", "min_val_per_class", "fc_hidden", "patience",
-                                                            "num_gradcam_images", "bootstrap", "seed")]
+    for name in ("epochs", "img_size", "batch_size", "num_threads", "num_workers", "min_val_per_class", "fc_hidden",
+                 "patience", "num_gradcam_images", "bootstrap", "seed"):
+        const = globals()[name.upper()]  # a typed --epochs 5 is 5.0 when EPOCHS = 20.0: the constant is to blame
+        blame = (f"; a flag takes its constant's type, so {name.upper()} = {const!r} at the top of train_cxr.py "
+                 "must be one too" if type(const) is not int and name not in from_constants else "")
+        rules.append((name, type(getattr(cfg, name)) is int, "a whole number, written without a point or an "
+                      f"exponent (10000, not 1e4 or 10000.0){blame}"))
     rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in dataclasses.fields(cfg)
               if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:

@@ -359,6 +359,15 @@ def test_a_count_edited_as_a_float_is_refused(field, value):
         train_cxr.check_config(cfg)
 
 
+def test_a_typed_count_made_a_float_by_its_constant_names_the_constant(monkeypatch):
+    # With EPOCHS = 20.0, a typed --epochs 5 is parsed as 5.0: "--epochs 5.0 must be a whole number" alone
+    # blamed the number the user typed.
+    monkeypatch.setattr(train_cxr, "EPOCHS", 20.0)
+    with pytest.raises(train_cxr.CXRError, match=r"^--epochs 5\.0 is invalid: it must be a whole number.*; a flag "
+                                                 r"takes its constant's type, so EPOCHS = 20\.0 at the top of"):
+        train_cxr.parse_config(["--epochs", "5"])
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
