@@ -75,7 +75,7 @@ MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has
 NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
 PATIENT_REGEX = ""                # 1st group: the patient id in the path below the class folder; "" = Kermany
 POSITIVE_CLASS = ""               # the class whose sensitivity is reported; "" = PNEUMONIA if present
-NUM_WORKERS = -1                  # processes that decode images (once); -1 = one per core, 0 = none
+NUM_WORKERS = -1                  # processes that decode images (once); -1 = one per core (macOS, Windows: 2), 0 = none
 # augmentation (training only; done on whole batches, on the training device)
 AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
 AUG_ROTATE_DEG = 10.0             # +- degrees
@@ -168,8 +168,9 @@ FLAGS = {
         ("DEVICE", "where to train"),
         ("NUM_THREADS", "torch CPU threads; 0 = one per core")],
     "I/O": [
-        ("NUM_WORKERS", "processes that decode images (once, before training); -1 = one per usable core, "
-                        "0 = decode in this process")],
+        ("NUM_WORKERS", "processes that decode images (once, before training); -1 = one per usable core (2 on "
+                        "macOS and Windows, where each imports torch again; one per 64 files at most), 0 = decode "
+                        "in this process")],
     "data": [
         ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
