@@ -433,6 +433,9 @@ def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, c
     assert "does not hold the images" in one_error_line(capsys)
     assert run(["--resume", out / "r", "--data-dir", tmp_path / "b" / "data", "--num-threads", "1"]) == 0
     assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
+    saved = json.loads((out / "r" / "config.json").read_text())  # the start's folder, and where the resume read
+    assert saved["config"]["data_dir"] == str(tmp_path / "a" / "data")
+    assert saved["resumed"][0]["changed"] == {"data_dir": str(tmp_path / "b" / "data")}
 
 
 def test_resume_of_a_run_made_before_the_copy_grouping_the_warm_up_cap_and_own_orders(data_copy, tmp_path,
