@@ -2879,7 +2879,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
             cfg.data_dir = os.path.abspath(args.data_dir)
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        try:  # the precision --amp auto chose and the process count are read from it
+            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
+            raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
+                           "start) to resume with the precision and process count it started with")
         if cfg.amp == "auto" and saved:  # auto chose on the machine that started it
             cfg.amp = "off" if saved["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge

@@ -399,6 +399,20 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     assert "already finished" in one_error_line(capsys)
 
 
+def test_resume_with_an_unreadable_config_json_is_one_line(tmp_path, capsys):
+    # A config.json edited by hand into invalid JSON (or cut short) stopped --resume with a JSONDecodeError traceback.
+    run_dir, data = tmp_path / "runs" / "r", tmp_path / "data"
+    run_dir.mkdir(parents=True)
+    data.mkdir()
+    cfg = T.Config(data_dir=str(data)).to_dict()
+    T.save_checkpoint(run_dir / "last.pt", {"format": T.CKPT_FORMAT, "optimizer": {}, "config": cfg, "epoch": 1})
+    (run_dir / "config.json").write_text('{"config": {"epochs": 20,}')
+    capsys.readouterr()
+    assert run(["--resume", run_dir]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {run_dir / 'config.json'} cannot be read (") and "restore it" in err, err
+
+
 def test_resume_from_another_folder_after_a_relative_data_dir(synth_root, tmp_path, monkeypatch, capsys):
     # config.json kept --data-dir as typed ("data"): from any other folder the resume could not find
     # it, and typing the folder was refused as a different one.
