@@ -321,6 +321,10 @@ def parse_config(argv=None) -> tuple:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    if args.demo and (odd := sorted(set(DEMO_OVERRIDES) - set(Config.__dataclass_fields__))):  # else a TypeError
+        near = difflib.get_close_matches(odd[0], Config.__dataclass_fields__, n=1)
+        raise CXRError(f"DEMO_OVERRIDES at the top of train_cxr.py sets {odd[0]!r}, which is no setting; " + (
+            f"did you mean {near[0]!r}?" if near else "its keys are the flags' names, img_size for --img-size"))
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     check_config(cfg, set(Config.__dataclass_fields__) - set(values))

@@ -381,6 +381,15 @@ def test_underscore_spelling_is_accepted():
     assert args.given == {"img_size", "num_gradcam_images", "tta"}
 
 
+def test_a_misspelt_key_in_demo_overrides_is_one_line(monkeypatch):
+    # DEMO_OVERRIDES edited with "epoch" for "epochs" stopped --demo with a TypeError from Config's constructor.
+    monkeypatch.setattr(train_cxr, "DEMO_OVERRIDES", {**train_cxr.DEMO_OVERRIDES, "epoch": 30})
+    with pytest.raises(train_cxr.CXRError, match="^DEMO_OVERRIDES at the top of train_cxr.py sets 'epoch', which is "
+                                                 "no setting; did you mean 'epochs'"):
+        train_cxr.parse_config(["--demo"])
+    assert train_cxr.parse_config([])[0].epochs == train_cxr.EPOCHS  # without --demo it is not read
+
+
 def test_demo_settings_without_a_second_parse(monkeypatch):
     calls = []
     real = train_cxr._Parser.parse_args
