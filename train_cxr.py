@@ -75,7 +75,7 @@ MIN_VAL_PER_CLASS = 50            # DATA_DIR/val is used only if every class has
 NORMALIZE = "image"               # "image": per-image standardisation; "dataset": train mean/std
 PATIENT_REGEX = ""                # 1st group: the patient id in the path below the class folder; "" = Kermany
 POSITIVE_CLASS = ""               # the class whose sensitivity is reported; "" = PNEUMONIA if present
-NUM_WORKERS = -1                  # processes that decode images (once); -1 = one per core, 0 = none
+NUM_WORKERS = -1                  # processes that decode images (once); -1 = one per core (macOS, Windows: 2), 0 = none
 # augmentation (training only; done on whole batches, on the training device)
 AUG_SCALE_MIN = 0.60              # random resized crop keeps 60-100% of the image area
 AUG_ROTATE_DEG = 10.0             # +- degrees
@@ -169,8 +169,9 @@ FLAGS = {
         ("DEVICE", "where to train"),
         ("NUM_THREADS", "torch CPU threads; 0 = one per core")],
     "I/O": [
-        ("NUM_WORKERS", "processes that decode images (once, before training); -1 = one per usable core, "
-                        "0 = decode in this process")],
+        ("NUM_WORKERS", "processes that decode images (once, before training); -1 = one per usable core (2 on "
+                        "macOS and Windows, where each imports torch again; one per 64 files at most), 0 = decode "
+                        "in this process")],
     "data": [
         ("WORK_SCALE", "images are decoded once at IMG_SIZE*WORK_SCALE pixels"),
         ("VAL_FRACTION", "share of train (per class, grouped by patient) used for validation"),
@@ -218,6 +219,10 @@ FLAGS = {
 }
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
 
+
+# CHANNELS edited as a list, [16, 32, 64, 128], means the same: as a list, making Config below stopped every
+# command with a dataclass traceback ("mutable default").
+CHANNELS = tuple(CHANNELS)
 
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
 # defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
@@ -273,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                 add_help=False, allow_abbrev=False, argument_default=argparse.SUPPRESS)
     modes = p.add_argument_group("modes (default: train on --data-dir)")
     modes.add_argument("-h", "--help", action="help", help="show this help and exit")
+    # The defaults below are not the demo's: its own are listed, as DEMO_OVERRIDES holds them.
+    demo = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in DEMO_OVERRIDES.items())
     modes.add_argument("--demo", action="store_true", default=False,
-                       help="generate synthetic X-rays and run everything with small settings")
+                       help=f"generate synthetic X-rays and run everything with small settings: {demo} (a typed "
+                            "flag wins)")
     modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
     modes.add_argument("--evaluate", action="store_true", default=False,
                        help="test report of --checkpoint on --data-dir")
@@ -292,7 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
             name, default = const.lower(), globals()[const]
             shown = (("on" if default else "off") if isinstance(default, bool) else
                      ",".join(map(str, default)) if isinstance(default, tuple) else default)
-            text += f" (default: {shown})" if shown != "" and "default:" not in text else ""
+            # A text that says what "" means ("default: a timestamp") gives the edited constant's value instead.
+            if shown != "":
+                text = (re.sub(r"default: [^;)]*", lambda m: f"default: {shown}", text) if "default:" in text
+                        else f"{text} (default: {shown})")
             kw = (dict(action=argparse.BooleanOptionalAction) if isinstance(default, bool) else
                   dict(type=_int_tuple, metavar="A,B,C,D") if isinstance(default, tuple) else
                   dict(type=type(default), choices=CHOICES.get(name)))
@@ -312,9 +323,13 @@ def parse_config(argv=None) -> tuple:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    if args.demo and (odd := sorted(set(DEMO_OVERRIDES) - set(Config.__dataclass_fields__))):  # else a TypeError
+        near = difflib.get_close_matches(odd[0], Config.__dataclass_fields__, n=1)
+        raise CXRError(f"DEMO_OVERRIDES at the top of train_cxr.py sets {odd[0]!r}, which is no setting; " + (
+            f"did you mean {near[0]!r}?" if near else "its keys are the flags' names, img_size for --img-size"))
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
-    check_config(cfg)
+    check_config(cfg, set(Config.__dataclass_fields__) - set(values))
     check_modes(args)
     return cfg, args
 
@@ -348,8 +363,12 @@ def check_modes(args) -> None:
                        f"checkpoint's own settings (it reads only {dashed(MODE_FLAGS[mode])})")
 
 
-def check_config(cfg: Config) -> None:
-    rules = [("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
+def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
+    """Refuse a value no run can use, naming its flag; or its constant, for a field in from_constants (one not typed
+    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command)."""
+    rules = [("channels", len(cfg.channels) == 4 and all(isinstance(c, int) and c >= 1 for c in cfg.channels),
+              "4 positive integers like 16,32,64,128, one per conv block"),
+             ("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
              ("work_scale", cfg.work_scale >= 1.0, "at least 1.0"),
              ("val_fraction", 0.0 < cfg.val_fraction < 1.0, "between 0 and 1"),
              ("epochs", cfg.epochs >= 1, "at least 1"),
@@ -368,7 +387,10 @@ def check_config(cfg: Config) -> None:
              ("fc_hidden", cfg.fc_hidden >= 1, "at least 1"),
              ("weight_decay", cfg.weight_decay >= 0, "0 or more"),
              ("warmup_epochs", cfg.warmup_epochs >= 0, "0 or more"),
-             ("seed", cfg.seed >= 0, "0 or more"),
+             # A larger seed passed, then stopped the run with torch's "Overflow when unpacking long" traceback
+             # after decoding, in a run folder already made.
+             ("seed", 0 <= cfg.seed < 10**16, "0 or more and below 10^16 (each epoch's torch seed, seed * 1000 + "
+              "epoch, must fit in 64 bits)"),
              ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts,
               "a folder name inside --output-dir (exp1, or exp/1), not an absolute path or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
@@ -383,11 +405,26 @@ def check_config(cfg: Config) -> None:
              ("threshold_policy", cfg.threshold_policy in ("balanced", "accuracy", "youden") or bool(re.fullmatch(
                  r"sensitivity:(0?\.\d*[1-9]\d*)", cfg.threshold_policy)), "one of balanced, accuracy, youden, "
                  "sensitivity:X with 0 < X < 1 (e.g. sensitivity:0.95)")]
+    # argparse checks only a typed flag's choice: an edited constant (DEVICE = "gpu", AMP = "bf16") is checked here,
+    # where "gpu" used to train on the CPU and "bf16" in fp32 without a word.
+    rules += [(name, getattr(cfg, name) in ok, "one of " + ", ".join(ok)) for name, ok in CHOICES.items()]
+    # Counts, sizes and the seed are whole numbers: BOOTSTRAP = 1e4 (a float) passed every rule above and stopped a
+    # finished training run in its test report (range(10000.0)), EPOCHS = 20.0 at its first epoch.
+    for name in ("epochs", "img_size", "batch_size", "num_threads", "num_workers", "min_val_per_class", "fc_hidden",
+                 "patience", "num_gradcam_images", "bootstrap", "seed"):
+        const = globals()[name.upper()]  # a typed --epochs 5 is 5.0 when EPOCHS = 20.0: the constant is to blame
+        blame = (f"; a flag takes its constant's type, so {name.upper()} = {const!r} at the top of train_cxr.py "
+                 "must be one too" if type(const) is not int and name not in from_constants else "")
+        rules.append((name, type(getattr(cfg, name)) is int, "a whole number, written without a point or an "
+                      f"exponent (10000, not 1e4 or 10000.0){blame}"))
     rules += [(f.name, math.isfinite(getattr(cfg, f.name)), "a finite number") for f in dataclasses.fields(cfg)
               if isinstance(getattr(cfg, f.name), float)]  # nan and inf pass some comparisons above
     for name, ok, want in rules:
         if not ok:
-            raise CXRError(f"--{name.replace('_', '-')} {getattr(cfg, name)!r} is invalid: it must be {want}")
+            value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
+            said = (f"{name.upper()} = {value!r} at the top of train_cxr.py ({flag})" if name in from_constants
+                    else f"{flag} {value!r}")
+            raise CXRError(f"{said} is invalid: it must be {want}")
 
 
 if __name__ == "__main__":
@@ -2469,6 +2506,9 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                         "carved from train")
             train_samples = train_samples + val_samples  # decoded again with train, bad files listed there
             val_samples, val, bad_val = [], None, []
+    elif "min_val_per_class" in typed:  # it only judges a val/ folder: not a minimum of the carved split
+        raise CXRError(f"--min-val-per-class: there is no {root / 'val'} folder for it to judge, and validation is "
+                       "carved from train by --val-fraction without a minimum per class; drop the flag")
     digests = warn_duplicates({"train": [p for p, _ in train_samples], "val": [p for p, _ in val_samples],
                                "test": [p for p, _ in test_samples]})
     train, bad = load_split(train_samples, cfg, "decode train")
@@ -2569,16 +2609,24 @@ def removed_on_input_error(folder: Path | None):
         raise
 
 
+def check_run_dir(cfg: Config, run_dir: Path | None = None) -> None:
+    """Refuse a run folder that cannot be made, without making it. main calls it before any image is decoded:
+    the same command run twice (its --run-name in use) was refused only after decoding them all."""
+    base = Path(cfg.output_dir)
+    run_dir = run_dir or (base / cfg.run_name if cfg.run_name else None)
+    if base.exists() and not base.is_dir():
+        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
+    if run_dir is not None and run_dir.exists():
+        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
+                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+
+
 def make_run_dir(cfg: Config, cam: bool = True) -> Path:
     """A new run folder (never an existing one), with grad_cam/ if cam, whose train.log gets the log, also
     what came before."""
     base = Path(cfg.output_dir)
     run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    if base.exists() and not base.is_dir():
-        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if run_dir.exists():
-        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
-                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+    check_run_dir(cfg, run_dir)
     try:
         base.mkdir(parents=True, exist_ok=True)
         run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
@@ -2866,7 +2914,7 @@ def split_fingerprint(data_dir: str, *splits: Split, digests: dict | None = None
 
 def train(cfg: Config, args, rt: Runtime) -> int:
     """A training run, top-down: data, model, the epoch loop (fit), the report (final_report)."""
-    resume, moved = None, None
+    resume, moved, saved = None, None, {}
     if args.resume:
         resume = load_checkpoint(args.resume, "last.pt")
         if "optimizer" not in resume:
@@ -2881,7 +2929,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
             setattr(cfg, key, getattr(args, key))
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
             cfg.data_dir = os.path.abspath(args.data_dir)
-        saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        try:  # the precision --amp auto chose and the process count are read from it
+            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+        except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
+            raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
+                           "start) to resume with the precision and process count it started with")
         if cfg.amp == "auto" and saved:  # auto chose on the machine that started it
             cfg.amp = "off" if saved["precision"] == "fp32" else "on"
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
@@ -2978,6 +3030,15 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 "precision": str(rt.amp_dtype or "fp32"), "world_size": rt.world, "classes": classes,
                 "normalization": norm, "skipped_files": [as_text(p) for p in data["bad_files"]],  # shown as text
                 "split_sizes": {"train": len(train_s), "val": len(val_s), "test": len(test_s) if test_s else 0}})
+        elif rt.is_main and saved:
+            # The run's start stays as written; a resume adds where it ran and the flags it changed (--device cuda,
+            # --amp on): config.json, and the report page that shows it, said the start's for every epoch.
+            at_start = saved.get("config", {})  # a config.json edited by hand may lack it
+            changed = {k: getattr(args, k) for k in sorted(RESUME_FLAGS & args.given)
+                       if getattr(args, k) != at_start.get(k)} | ({"data_dir": cfg.data_dir} if moved else {})
+            saved.setdefault("resumed", []).append({"after_epoch": resume["epoch"], "device": str(rt.device),
+                                                    "precision": str(rt.amp_dtype or "fp32"), "changed": changed})
+            save_json(run_dir / "config.json", saved)
     with keep_freed_memory(rt.device.type == "cpu"):
         rc = fit(st, train_s, val_s, meta, run_dir, resume)
     if rc != 0 or not rt.is_main:
@@ -3199,6 +3260,8 @@ def main(argv=None, parsed=None) -> int:
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)
+        if not args.resume:  # a resume's folder exists; under torchrun each process checks before they meet
+            check_run_dir(cfg)
         rt = setup_runtime(cfg)
         mode = (predict if args.predict else evaluate_mode if args.evaluate else
                 recalibrate if args.recalibrate else train)

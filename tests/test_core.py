@@ -403,6 +403,20 @@ def test_e2e_same_run_name_refused(e2e, capsys):
     assert snapshot(e2e["run"]) == before
 
 
+def test_a_run_name_in_use_is_refused_before_any_image_is_decoded(synth_root, tmp_path, monkeypatch, capsys):
+    # The same command run twice decoded every image (and --predict loaded the model) before it was refused.
+    (tmp_path / "one").mkdir()
+    monkeypatch.setattr(train_cxr, "decode_all", lambda *a, **k: pytest.fail("decoded before the refusal"))
+    where = ["--output-dir", tmp_path, "--run-name", "one", "--device", "cpu"]
+    for argv in ([*TINY, "--data-dir", synth_root, *where[:4]],
+                 ["--predict", synth_root / "test", "--checkpoint", tmp_path / "none.pt", *where]):
+        capsys.readouterr()
+        assert run(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"run folder {tmp_path / 'one'} already exists" in err, err
+    assert not any((tmp_path / "one").iterdir())
+
+
 def test_e2e_same_seed_same_history(e2e, tmp_path):
     rc = run([*TINY, "--epochs", "1", "--data-dir", e2e["root"], "--output-dir", tmp_path, "--run-name", "again"])
     assert rc == 0

@@ -393,8 +393,12 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
 
     # Restored, and the same settings spelled another way (data folder as DIR/., a repeated --epochs), it resumes.
     (tmp_path / moved.name).rename(moved)
-    assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1"]) == 0
+    assert run(["--resume", rd, "--data-dir", f"{data}/.", "--epochs", "3", "--num-threads", "1", "--strict"]) == 0
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
+    # config.json keeps the start and adds the resume, with the run flag it changed (it said only the start's).
+    saved = json.loads((rd / "config.json").read_text())
+    assert saved["config"]["strict"] is False and saved["precision"] == "fp32"
+    assert saved["resumed"] == [{"after_epoch": 1, "device": "cpu", "precision": "fp32", "changed": {"strict": True}}]
 
     # Stopped during its test report (best_model.pt already calibrated, no test_metrics.json yet: a Ctrl-C
     # there), the run finishes the report on a resume; it was refused as "already finished", without one.
@@ -417,6 +421,20 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     shutil.rmtree(data / "test")
     assert run(["--resume", rd]) == 2
     assert "already finished" in one_error_line(capsys)
+
+
+def test_resume_with_an_unreadable_config_json_is_one_line(tmp_path, capsys):
+    # A config.json edited by hand into invalid JSON (or cut short) stopped --resume with a JSONDecodeError traceback.
+    run_dir, data = tmp_path / "runs" / "r", tmp_path / "data"
+    run_dir.mkdir(parents=True)
+    data.mkdir()
+    cfg = T.Config(data_dir=str(data)).to_dict()
+    T.save_checkpoint(run_dir / "last.pt", {"format": T.CKPT_FORMAT, "optimizer": {}, "config": cfg, "epoch": 1})
+    (run_dir / "config.json").write_text('{"config": {"epochs": 20,}')
+    capsys.readouterr()
+    assert run(["--resume", run_dir]) == 2
+    err = one_error_line(capsys)
+    assert err.startswith(f"error: {run_dir / 'config.json'} cannot be read (") and "restore it" in err, err
 
 
 def test_resume_from_another_folder_after_a_relative_data_dir(synth_root, tmp_path, monkeypatch, capsys):
@@ -453,6 +471,9 @@ def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, c
     assert "does not hold the images" in one_error_line(capsys)
     assert run(["--resume", out / "r", "--data-dir", tmp_path / "b" / "data", "--num-threads", "1"]) == 0
     assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
+    saved = json.loads((out / "r" / "config.json").read_text())  # the start's folder, and where the resume read
+    assert saved["config"]["data_dir"] == str(tmp_path / "a" / "data")
+    assert saved["resumed"][0]["changed"] == {"data_dir": str(tmp_path / "b" / "data")}
 
 
 def test_resume_of_a_run_made_before_the_copy_grouping_the_warm_up_cap_and_own_orders(data_copy, tmp_path,
@@ -701,14 +722,15 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
 
 
 def test_ddp_run_folder_refused_on_rank_0_stops_both(synth_root, tmp_path):
-    # Only rank 0 makes the run folder: when it was refused (the folder exists), rank 0 exited and
-    # rank 1 waited for the folder's name (gloo: a traceback when the peer closed; NCCL: a hang).
-    out = tmp_path / "runs"
-    (out / "ddp").mkdir(parents=True)
-    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, out, 1))
+    # Only rank 0 makes the run folder: when it was refused, rank 0 exited and rank 1 waited for the
+    # folder's name (gloo: a traceback when the peer closed; NCCL: a hang). A file in the way of the folder
+    # (a folder in use is refused in every process before they meet, by check_run_dir).
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, blocker / "runs", 1))
     assert rcs == [2, 2], (rcs, log[-3000:])
-    assert "already exists and is never overwritten" in log and "Traceback" not in log
-    assert not any((out / "ddp").iterdir())
+    assert "cannot create the run folder" in log and "Traceback" not in log
+    assert blocker.read_text() == "not a folder"
 
 
 def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tmp_path):

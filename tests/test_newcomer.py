@@ -168,6 +168,15 @@ def test_val_fraction_is_refused_when_a_val_folder_is_used(data_copy, capsys):
     assert run(argv) == 0  # without the flag, val/ is used as before
 
 
+def test_min_val_per_class_is_refused_when_there_is_no_val_folder(synth_root, monkeypatch):
+    # It only judges DATA_DIR/val: without one, --min-val-per-class 100 was dropped unsaid, and the carved
+    # validation split kept a dozen images of a class, not the 100 it seemed to promise.
+    monkeypatch.setattr(train_cxr, "decode_all", lambda *a, **k: pytest.fail("decoded before the refusal"))
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), data_dir=str(synth_root), min_val_per_class=100)
+    with pytest.raises(train_cxr.CXRError, match=r"^--min-val-per-class: there is no .*val folder.* drop the flag"):
+        train_cxr.prepare_data(cfg, {"min_val_per_class"})
+
+
 @pytest.mark.parametrize("epochs,warmup,warm_steps", [(20, 1.0, 10), (1, 1.0, 5), (3, 5.0, 15)])
 def test_the_learning_rate_decays_to_0_whatever_the_warm_up(epochs, warmup, warm_steps):
     # A warm-up as long as the run (--epochs 1 with the default 1 epoch, or --warmup-epochs 5
@@ -289,12 +298,74 @@ def test_modes_refuse_what_they_would_silently_ignore(argv, words, capsys):
 @pytest.mark.parametrize("flag,value", [
     ("--fc-hidden", "0"), ("--weight-decay", "-1"), ("--warmup-epochs", "nan"), ("--seed", "-1"),
     ("--num-threads", "-5"), ("--min-val-per-class", "0"), ("--aug-brightness", "25"), ("--aug-contrast", "1.5"),
-    ("--aug-gamma", "-0.1"), ("--lr", "inf"), ("--work-scale", "inf"), ("--aug-rotate-deg", "nan")])
+    ("--aug-gamma", "-0.1"), ("--lr", "inf"), ("--work-scale", "inf"), ("--aug-rotate-deg", "nan"),
+    ("--seed", str(10**17))])
 def test_values_that_would_train_nonsense_are_refused(flag, value):
     # --fc-hidden 0 trained a constant model; --aug-brightness 25 (meant as 25%) clamped images to black
-    # and white; --seed -1 and --warmup-epochs nan ended in tracebacks, the second after making the folder.
+    # and white; --seed -1 and --warmup-epochs nan ended in tracebacks, the second after making the folder, as
+    # --seed 10**17 did (torch seeds are 64 bits; an epoch's is seed * 1000 + epoch).
     with pytest.raises(train_cxr.CXRError, match=f"^{flag} "):
         train_cxr.parse_config([flag, value])
+
+
+@pytest.mark.parametrize("field,value", [("device", "gpu"), ("device", "cuda:1"), ("amp", "bf16"),
+                                         ("normalize", "Dataset")])
+def test_a_constant_edited_outside_its_choices_is_refused(field, value):
+    # argparse checks the choices of a typed flag only: DEVICE = "gpu" at the top of the file trained on the
+    # CPU, AMP = "bf16" in fp32, both silently; NORMALIZE = "Dataset" ended in a KeyError after decoding.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), **{field: value})
+    with pytest.raises(train_cxr.CXRError, match=f"^--{field} '{re.escape(value)}' is invalid: it must be one of "):
+        train_cxr.check_config(cfg)
+
+
+def test_channels_edited_as_a_list_or_out_of_shape_are_taken_or_refused_like_the_flag(tmp_path):
+    # CHANNELS = [16, 32, 64, 128] stopped every command, --help too, with a dataclass traceback; a 0 or a
+    # fifth width (which the flag refuses) reached the network only after every image was decoded.
+    edited = tmp_path / "train_cxr.py"
+    src = (ROOT / "train_cxr.py").read_text()
+    assert src.count("\nCHANNELS = (16, 32, 64, 128) ") == 1
+    edited.write_text(src.replace("\nCHANNELS = (16, 32, 64, 128) ", "\nCHANNELS = [16, 32, 64, 128] "))
+    r = subprocess.run([sys.executable, str(edited), "--help"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "(default: 16,32,64,128)" in " ".join(r.stdout.split()), r.stderr
+    for bad in ((16, 32, 64, 0), (16, 32, 64, 128, 256)):
+        with pytest.raises(train_cxr.CXRError, match="^--channels .* it must be 4 positive integers"):
+            train_cxr.check_config(train_cxr.dataclasses.replace(train_cxr.Config(), channels=bad))
+
+
+def test_an_invalid_value_edited_at_the_top_of_the_file_is_named_as_the_constant(tmp_path):
+    # The error named only the flag ("--val-fraction 15 is invalid"), which the user had not typed: they
+    # looked for it in their command, not at the constant they had edited.
+    edited = tmp_path / "train_cxr.py"
+    src = (ROOT / "train_cxr.py").read_text()
+    assert src.count("\nVAL_FRACTION = 0.15 ") == 1
+    edited.write_text(src.replace("\nVAL_FRACTION = 0.15 ", "\nVAL_FRACTION = 15 "))
+    r = subprocess.run([sys.executable, str(edited), "--epochs", "1"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: VAL_FRACTION = 15 at the top of train_cxr.py (--val-fraction) is invalid: "
+                               "it must be between 0 and 1"), r.stderr
+    # A typed value is named as the flag, as before.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), img_size=8)
+    with pytest.raises(train_cxr.CXRError, match=r"^--img-size 8 is invalid"):
+        train_cxr.check_config(cfg, from_constants={"epochs"})
+
+
+@pytest.mark.parametrize("field,value", [("bootstrap", 1e4), ("epochs", 20.0), ("img_size", 128.0)])
+def test_a_count_edited_as_a_float_is_refused(field, value):
+    # BOOTSTRAP = 1e4 passed every check and stopped a finished training run in its test report
+    # (range(10000.0)); EPOCHS = 20.0 and IMG_SIZE = 128.0 stopped it after decoding, with tracebacks.
+    cfg = train_cxr.dataclasses.replace(train_cxr.Config(), **{field: value})
+    with pytest.raises(train_cxr.CXRError, match=f"^--{field.replace('_', '-')} {value!r} is invalid: it must be a "
+                                                 "whole number"):
+        train_cxr.check_config(cfg)
+
+
+def test_a_typed_count_made_a_float_by_its_constant_names_the_constant(monkeypatch):
+    # With EPOCHS = 20.0, a typed --epochs 5 is parsed as 5.0: "--epochs 5.0 must be a whole number" alone
+    # blamed the number the user typed.
+    monkeypatch.setattr(train_cxr, "EPOCHS", 20.0)
+    with pytest.raises(train_cxr.CXRError, match=r"^--epochs 5\.0 is invalid: it must be a whole number.*; a flag "
+                                                 r"takes its constant's type, so EPOCHS = 20\.0 at the top of"):
+        train_cxr.parse_config(["--epochs", "5"])
 
 
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
@@ -308,6 +379,15 @@ def test_underscore_spelling_is_accepted():
     cfg, args = train_cxr.parse_config(["--img_size", "48", "--num_gradcam_images=2", "--no-tta"])
     assert cfg.img_size == 48 and cfg.num_gradcam_images == 2 and cfg.tta is False
     assert args.given == {"img_size", "num_gradcam_images", "tta"}
+
+
+def test_a_misspelt_key_in_demo_overrides_is_one_line(monkeypatch):
+    # DEMO_OVERRIDES edited with "epoch" for "epochs" stopped --demo with a TypeError from Config's constructor.
+    monkeypatch.setattr(train_cxr, "DEMO_OVERRIDES", {**train_cxr.DEMO_OVERRIDES, "epoch": 30})
+    with pytest.raises(train_cxr.CXRError, match="^DEMO_OVERRIDES at the top of train_cxr.py sets 'epoch', which is "
+                                                 "no setting; did you mean 'epochs'"):
+        train_cxr.parse_config(["--demo"])
+    assert train_cxr.parse_config([])[0].epochs == train_cxr.EPOCHS  # without --demo it is not read
 
 
 def test_demo_settings_without_a_second_parse(monkeypatch):
@@ -341,6 +421,25 @@ def test_help_is_grouped_modes_first_without_odd_defaults():
     # The expected time per device class closes the help, so nobody expects the GPU figure on a laptop.
     tail = " ".join(text.split())[-400:]
     assert "without AMX" in tail and "GPU" in tail and "min" in tail
+
+
+def test_help_of_demo_gives_the_settings_it_runs_with():
+    # Every default in --help is the plain run's: --demo's --epochs 12 and --img-size 64 were said nowhere.
+    text = " ".join(train_cxr.build_parser().format_help().split()).replace("- ", "-")  # undo wrapping at a hyphen
+    demo = text[text.index("--demo "):text.index("--predict PATH")]
+    for k, v in train_cxr.DEMO_OVERRIDES.items():
+        assert f"--{k.replace('_', '-')} {v} " in demo, (k, demo)
+
+
+def test_help_gives_the_edited_value_of_a_constant_whose_empty_value_has_a_meaning(monkeypatch):
+    # These three texts say what "" means; once the constant was edited, --help still said "default: a timestamp",
+    # "PNEUMONIA if present" and "Kermany file names" while the edited value was used.
+    for const, value in (("RUN_NAME", "exp1"), ("POSITIVE_CLASS", "NORMAL"), ("PATIENT_REGEX", r"^(P\d+)_")):
+        monkeypatch.setattr(train_cxr, const, value)
+    text = " ".join(train_cxr.build_parser().format_help().split())
+    assert "(default: exp1)" in text and "(default: NORMAL; two classes only)" in text
+    assert r"default: ^(P\d+)_)" in text
+    assert "timestamp" not in text and "PNEUMONIA if present" not in text and "Kermany file names" not in text
 
 
 # ----------------------------------------------------------------------------------------------

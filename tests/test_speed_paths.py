@@ -74,6 +74,9 @@ def test_decode_uses_one_process_per_usable_core_by_default_with_the_same_result
         m.setattr(torch.multiprocessing, "get_start_method", lambda allow_none=False: None)  # not fixed yet:
         m.setattr(torch.multiprocessing, "get_all_start_methods", lambda: ["spawn", "fork"])  # macOS's default
         assert train_cxr.decode_workers(-1, 5216) == 2
+    # --help says so: it gave "one per usable core" alone, which macOS and Windows never get.
+    text = " ".join(train_cxr.build_parser().format_help().split())
+    assert "-1 = one per usable core (2 on macOS and Windows" in text and "one per 64 files at most" in text
     monkeypatch.setattr(train_cxr, "usable_cores", lambda: 2)
     paths = [p for p, _ in train_cxr.list_image_folder(synth_root / "train")[1]]  # 150 files: 2 workers
     assert train_cxr.decode_workers(-1, len(paths)) == 2
