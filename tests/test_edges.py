@@ -347,7 +347,7 @@ def test_resume_accepts_a_nested_run_name_typed_again(tmp_path):
                   ["--output-dir", base / "exp"], ["--output-dir", base, "--run-name", "1"]):
         with pytest.raises(T.CXRError, match="--resume continues"):
             check(*other)
-    with pytest.raises(T.CXRError, match=f"--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
+    with pytest.raises(T.CXRError, match="--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
         check("--run-name", "1")
 
 
