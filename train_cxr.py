@@ -133,6 +133,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", "
 DICOM_MODALITIES = ("CR", "DX", "RG")  # DICOM modalities read as X-rays: computed, digital, film radiography
 DICOM_PERCENTILES = (0.5, 99.5)        # display window of a DICOM that has no VOI LUT and no window
 LUNG_BOX = (0.12, 0.88, 0.10, 0.90)  # x0, x1, y0, y1 as fractions: where lungs sit in a PA film
+EDIT_ONLY_STORED = ("DICOM_PERCENTILES", "LUNG_BOX")  # kept in each checkpoint: a model is used as it was made
 CKPT_FORMAT = "train_cxr/1"
 
 log = logging.getLogger("train_cxr")
@@ -2924,6 +2925,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                            f"the folder of {resume['recalibration']['from_checkpoint']}")
         cfg = Config.from_dict(resume["config"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        check_edit_only(resume, run_dir)
         moved = check_resume_flags(args, cfg, run_dir)
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
             setattr(cfg, key, getattr(args, key))
@@ -3007,7 +3009,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     st = build_state(cfg, rt, classes, train_s.labels.numpy(), norm, steps, rules["warmup_capped"], rules["own_orders"])
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, **rules,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
-            "threshold": None, "normalization": norm, "split_sha256": split_sha, "content_sha256": content_sha}
+            "threshold": None, "normalization": norm, "split_sha256": split_sha, "content_sha256": content_sha,
+            "edit_only": {n.lower(): list(globals()[n]) for n in EDIT_ONLY_STORED}}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
@@ -3059,12 +3062,23 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     return rc
 
 
+def check_edit_only(ckpt: dict, source) -> None:
+    """The constants that are no flags, so no checkpoint restores them (EDIT_ONLY_STORED), as the model's run
+    had them: one edited since would window DICOMs or blank lungs otherwise than training did, unsaid."""
+    for name, was in ckpt.get("edit_only", {}).items():  # absent in checkpoints made before it was stored
+        now = globals()[name.upper()]
+        if [float(v) for v in was] != [float(v) for v in now]:
+            raise CXRError(f"{name.upper()} = {tuple(now)} at the top of train_cxr.py, but {source} was made with "
+                           f"{tuple(was)}: set it back to use that model (it is no flag, so no checkpoint sets it)")
+
+
 def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
     """The checkpoint of --checkpoint and its model; says once what an older or unfinished
     checkpoint lacks, and what is used instead."""
     if not args.checkpoint:
         raise CXRError("--predict, --evaluate and --recalibrate need --checkpoint runs/RUN (or its best_model.pt)")
     ckpt = load_checkpoint(args.checkpoint)
+    check_edit_only(ckpt, args.checkpoint)
     if "positive_class" not in ckpt:  # only then: for ABNORMAL/NORMAL the rule stops rather than guess
         ckpt["positive_class"] = positive_index(ckpt["class_names"], ckpt["config"].get("positive_class", ""))
     if ckpt.get("calibration") is None:

@@ -7,6 +7,7 @@ import re
 import shutil
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -889,3 +890,26 @@ def test_lung_focus_benchmark_prints_three_aucs(trained, synth_root, capsys):
     flagged = {k: float(lines[k].split("guard")[1].strip().rstrip("%")) for k in aucs}
     assert flagged["as they are"] == pytest.approx(100 * m["ood"]["share_flagged"], abs=0.05)
     assert flagged["lung box blanked"] > flagged["as they are"]  # a gray rectangle is not a chest X-ray
+
+
+def test_a_constant_that_is_no_flag_edited_since_training_is_refused(trained, tmp_path, monkeypatch, capsys):
+    # DICOM_PERCENTILES and LUNG_BOX are edit-only: no checkpoint restored them, so after an edit --predict
+    # windowed a model's DICOMs, and a resume blanked its lungs, otherwise than its run did, without a word.
+    ckpt = T.load_checkpoint(trained / "best_model.pt")
+    assert ckpt["edit_only"] == {"dicom_percentiles": list(T.DICOM_PERCENTILES), "lung_box": list(T.LUNG_BOX)}
+    img = tmp_path / "a.png"
+    assert cv2.imwrite(str(img), np.full((40, 40), 128, np.uint8))
+    flags = ["--predict", img, "--checkpoint", trained, "--output-dir", tmp_path, *ONE_THREAD]
+    capsys.readouterr()
+    monkeypatch.setattr(T, "DICOM_PERCENTILES", (1.0, 99.0))
+    assert run(flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"error: DICOM_PERCENTILES = (1.0, 99.0) at the top of train_cxr.py, but {trained} was made "
+                   "with (0.5, 99.5): set it back to use that model (it is no flag, so no checkpoint sets it)")
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "LUNG_BOX", (0.1, 0.9, 0.1, 0.9))
+    assert run(["--resume", trained]) == 2 and "LUNG_BOX = (0.1, 0.9, 0.1, 0.9)" in capsys.readouterr().err
+    # A checkpoint made before they were stored is used with today's values, as before.
+    del ckpt["edit_only"]
+    T.save_checkpoint(tmp_path / "old.pt", ckpt)
+    assert run([*flags[:2], "--checkpoint", tmp_path / "old.pt", *flags[4:]]) == 0
