@@ -2936,8 +2936,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
             raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
                            "start) to resume with the precision and process count it started with")
-        if cfg.amp == "auto" and saved:  # auto chose on the machine that started it
-            cfg.amp = "off" if saved["precision"] == "fp32" else "on"
+        if cfg.amp == "auto" and saved.get("precision"):  # auto chose on the machine that started it (absent:
+            cfg.amp = "off" if saved["precision"] == "fp32" else "on"  # edited by hand; auto chooses again)
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
         started = saved.get("world_size", rt.world)
         if started != rt.world:  # steps per epoch (the schedule's clock) and each process's shard depend on it

@@ -913,3 +913,14 @@ def test_a_constant_that_is_no_flag_edited_since_training_is_refused(trained, tm
     del ckpt["edit_only"]
     T.save_checkpoint(tmp_path / "old.pt", ckpt)
     assert run([*flags[:2], "--checkpoint", tmp_path / "old.pt", *flags[4:]]) == 0
+
+
+def test_resume_with_a_config_json_edited_without_its_precision_is_no_traceback(trained, tmp_path, capsys):
+    run_dir = tmp_path / "r"
+    shutil.copytree(trained, run_dir)
+    config = json.loads((run_dir / "config.json").read_text())
+    del config["precision"]  # a file edited by hand: auto chooses again rather than a KeyError traceback
+    (run_dir / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert run(["--resume", run_dir, "--amp", "auto"]) == 2
+    assert "already finished" in capsys.readouterr().err
