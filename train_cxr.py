@@ -83,6 +83,8 @@ AUG_SHIFT = 0.06                  # extra translation beyond the crop's room, in
 AUG_HFLIP = True                  # horizontal flip with p=0.5
 AUG_BRIGHTNESS = 0.25             # pixel * U(1-b, 1+b)
 AUG_CONTRAST = 0.25               # (pixel - mean) * U(1-c, 1+c) + mean
+# With NORMALIZE "image" the per-image standardisation undoes brightness and contrast except where
+# they clip at black or white; gamma, which is not linear, it does not undo.
 AUG_GAMMA = 0.30                  # pixel ** exp(U(-g, g)): exposure differences between sites
 # With probability p, everything outside LUNG_BOX is set to the image's mean gray, so the network
 # must find pneumonia in the lungs: Kermany's films let the rest (shoulders, abdomen, positioning)
@@ -190,8 +192,8 @@ FLAGS = {
         ("AUG_SHIFT", "extra translation beyond the crop's own room, in half-widths of the image "
                       "(affine_grid's -1..1 units: 0.06 moves it up to 3% of its width)"),
         ("AUG_HFLIP", "horizontal flip with p=0.5"),
-        ("AUG_BRIGHTNESS", "pixel * U(1-b, 1+b)"),
-        ("AUG_CONTRAST", "(pixel - mean) * U(1-c, 1+c) + mean"),
+        ("AUG_BRIGHTNESS", "pixel * U(1-b, 1+b); --normalize image undoes it except where it clips"),
+        ("AUG_CONTRAST", "(pixel - mean) * U(1-c, 1+c) + mean; --normalize image undoes it except where it clips"),
         ("AUG_GAMMA", "pixel ** exp(U(-g, g))"),
         ("AUG_BLANK_OUTSIDE_LUNGS", "probability of setting everything outside LUNG_BOX to mean gray")],
     "model": [
