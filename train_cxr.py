@@ -2536,15 +2536,24 @@ def removed_on_input_error(folder: Path | None):
 def make_run_dir(cfg: Config) -> Path:
     """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
     base = Path(cfg.output_dir)
-    run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     if base.exists() and not base.is_dir():
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if run_dir.exists():
-        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
-                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+    # Runs started in the same second (a sweep launched from a script) chose one timestamp, and all but
+    # the first stopped after decoding: a taken timestamp gets -2, -3, ... A --run-name is the user's own.
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    names = [cfg.run_name] if cfg.run_name else [stamp, *(f"{stamp}-{k}" for k in range(2, 1000))]
+    run_dir = base / names[0]
     try:
         base.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
+        for name in names:
+            run_dir = base / name
+            try:  # mkdir is the claim: of two runs racing for one name, exactly one gets it
+                run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
+                break
+            except FileExistsError:
+                if cfg.run_name or name == names[-1]:
+                    raise CXRError(f"run folder {run_dir} already exists and is never overwritten: pass another "
+                                   "--run-name (a stopped training run continues with --resume RUN_FOLDER)")
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")

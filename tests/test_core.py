@@ -502,6 +502,26 @@ def test_output_dir_not_writable(synth_root, tmp_path, capsys):
     assert blocker.is_file() and blocker.read_text() == "I am a file, not a folder"
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    # A sweep launched from a script: both runs named their folder by the same second, and the second
+    # one stopped with "already exists: pass another --run-name" (or, racing, "choose a writable --output-dir").
+    class Frozen(train_cxr._dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 5, 1, 12, 0, 0)
+    monkeypatch.setattr(train_cxr._dt, "datetime", Frozen)
+    cfg = train_cxr.Config(output_dir=str(tmp_path))
+    try:
+        made = [train_cxr.make_run_dir(cfg) for _ in range(3)]
+    finally:
+        train_cxr.setup_console_logging()  # closes the train.log handlers
+    assert [p.name for p in made] == ["20240501-120000", "20240501-120000-2", "20240501-120000-3"]
+    assert all((p / "grad_cam").is_dir() for p in made)
+    # A --run-name is the user's choice: taken, it is refused, never renamed or reused.
+    with pytest.raises(train_cxr.CXRError, match="already exists and is never overwritten"):
+        train_cxr.make_run_dir(dataclasses.replace(cfg, run_name="20240501-120000"))
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. Three classes
 # ----------------------------------------------------------------------------------------------
