@@ -565,6 +565,11 @@ def atomic_write(path: Path, write_fn) -> None:
             tmp.unlink()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
+        # A shared server's quota (EDQUOT), a folder made read-only or a mount gone read-only mid-run: one
+        # line naming the file, not a traceback (under torchrun, a CXRError also stops the other processes).
+        if isinstance(e, OSError) and e.errno is not None:
+            raise CXRError(f"cannot write {path} ({e.strerror}): free some space, make {path.parent} writable, "
+                           "or choose another --output-dir")
         raise
 
 

@@ -405,7 +405,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, exc):
             f.write(b"epoch,loss\n1,0.5\n2,0.")  # half-written new content
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(train_cxr.CXRError if isinstance(exc, OSError) else type(exc)):  # an OSError: one line
         train_cxr.atomic_write(target, half_then_die)
     assert target.read_bytes() == old
     assert os.listdir(tmp_path) == ["history.csv"]  # no temp file left behind
@@ -627,6 +627,22 @@ def test_disk_full_in_atomic_write(tmp_path):
     assert "disk full" in str(ei.value).lower() and str(target) in str(ei.value)
     assert target.read_text() == "{}\n"
     assert os.listdir(tmp_path) == ["config.json"]
+
+
+@pytest.mark.parametrize("code", [errno.EDQUOT, errno.EROFS, errno.EACCES], ids=["quota", "read-only", "denied"])
+def test_other_write_failures_are_one_line_naming_the_file(tmp_path, code):
+    # A quota on a shared server (EDQUOT: "disk full" there), a folder or mount made read-only: the run
+    # ended with a traceback (and under torchrun rank 1 waited for a rank 0 that had exited).
+    target = tmp_path / "best_model.pt"
+    target.write_bytes(b"the good one")
+
+    def writer(p):
+        Path(p).write_bytes(b"half")
+        raise OSError(code, os.strerror(code), str(p))
+
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot write {re.escape(str(target))} \\({os.strerror(code)}\\)"):
+        train_cxr.atomic_write(target, writer)
+    assert target.read_bytes() == b"the good one" and os.listdir(tmp_path) == ["best_model.pt"]
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
