@@ -596,10 +596,12 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
 
 
 def save_image(path: Path, bgr: np.ndarray) -> None:
-    def write(p):
-        if not cv2.imwrite(str(p), bgr):
-            raise OSError(f"could not write image {path}")
-    atomic_write(path, write)
+    # Encoded in memory, written by Python: cv2.imwrite does not check its writes, so on a full disk it
+    # returned True and a truncated PNG replaced the overlay; and a missing folder gave no reason at all.
+    ok, data = cv2.imencode(Path(path).suffix, bgr)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    atomic_write(path, lambda p: p.write_bytes(data.tobytes()))
 
 
 def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:

@@ -668,6 +668,21 @@ def test_disk_full_during_save_checkpoint(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == ["last.pt"]
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_while_saving_an_overlay_is_not_a_silent_broken_png(tmp_path):
+    # cv2.imwrite does not check its writes: on a full disk it returned True, and the truncated PNG
+    # replaced the overlay with no word. The temp file save_image writes is made a link to /dev/full.
+    target = tmp_path / "summary.png"
+    img = np.full((32, 32, 3), 200, np.uint8)
+    train_cxr.save_image(target, img)
+    good = target.read_bytes()
+    (tmp_path / f".summary.tmp{os.getpid()}.png").symlink_to("/dev/full")
+    with pytest.raises(train_cxr.CXRError, match=f"^disk full while writing {re.escape(str(target))}"):
+        train_cxr.save_image(target, np.zeros((32, 32, 3), np.uint8))
+    assert target.read_bytes() == good and os.listdir(tmp_path) == ["summary.png"]
+    assert (cv2.imread(str(target)) == img).all()
+
+
 def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
     real_write_text = Path.write_text
