@@ -2568,6 +2568,17 @@ def make_run_dir(cfg: Config) -> Path:
     return run_dir
 
 
+def reopen_run_dir(run_dir: Path) -> None:
+    """A resumed run's folder: train.log goes on, and grad_cam/ (the biggest part, which a user may have
+    deleted to save space: the resume then stopped at its first overlay) is made again if missing."""
+    try:
+        (run_dir / "grad_cam").mkdir(exist_ok=True)
+        attach_log_file(run_dir / "train.log")
+    except OSError as e:  # a run folder copied read-only, or on a read-only mount: a traceback before
+        raise CXRError(f"cannot write in the run folder {run_dir} ({e.strerror}): make it writable, or resume "
+                       "a writable copy of it")
+
+
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int,
                 cap_warmup: bool = True, own_orders: bool = True) -> TrainState:
     torch.manual_seed(cfg.seed)  # numpy draws all come from default_rng(seed), never the global generator
@@ -2915,8 +2926,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         refused, run_dir = box[0][0], Path(box[0][1])
     if refused:
         raise CXRError(refused)
-    if rt.is_main and resume is not None:
-        attach_log_file(run_dir / "train.log")
+    with rank_0_writes(rt):  # a refused folder stops every process, not rank 0 alone
+        if rt.is_main and resume is not None:
+            reopen_run_dir(run_dir)
     if rt.device.type == "cuda":
         # The decoded uint8 images (~85 MB for this data set at 112 px) go to the GPU once; batches
         # are then gathered and augmented there, with no host-to-device copy per step.

@@ -347,8 +347,10 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
     assert signal.getsignal(signal.SIGINT) is outer_handler  # the caller's handler is restored
 
     monkeypatch.setattr(train_cxr, "train_one_epoch", real)
+    shutil.rmtree(run_dir / "grad_cam")  # deleted to save space: the resume stopped at its first overlay
     assert run(["--resume", run_dir]) == 0
     resumed = capsys.readouterr().out
+    assert (run_dir / "grad_cam" / "summary_epoch_003.png").is_file()
     # The run's own settings (here --amp off) apply after a resume, not this command line's defaults.
     assert re.findall(r"precision: (\S+)", resumed) == precision == ["fp32"], (precision, resumed[:600])
     got, want = read_csv(run_dir / "history.csv"), read_csv(reference_run / "history.csv")
@@ -359,6 +361,17 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
             if k != "seconds":
                 assert _same(g[k], w[k]), (g["epoch"], k, g[k], w[k])
     assert (run_dir / "test_metrics.json").is_file()
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_on_resume_in_one_line(tmp_path, monkeypatch):
+    # A run folder copied without write permission, or on a read-only mount: --resume ended with
+    # a PermissionError traceback from opening train.log.
+    def refused(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    monkeypatch.setattr(train_cxr, "attach_log_file", refused)
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot write in the run folder {re.escape(str(tmp_path))} "
+                                                  r"\(Permission denied\): make it writable"):
+        train_cxr.reopen_run_dir(tmp_path)
 
 
 def test_sigterm_subprocess_leaves_resumable_run(synth_root, tmp_path):
