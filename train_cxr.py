@@ -592,6 +592,10 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
         # RuntimeError from its C++ writer, a file object raises OSError(ENOSPC).
         with open(p, "wb") as f:
             torch.save(ckpt, f)
+            # On the disk before the rename: after a power cut, a rename that reached the disk ahead of the
+            # data (ext4 data=writeback, XFS) left a best_model.pt of zeros where the good one had been.
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write(path, write)
 
 

@@ -696,6 +696,20 @@ def test_disk_full_while_saving_an_overlay_is_not_a_silent_broken_png(tmp_path):
     assert (cv2.imread(str(target)) == img).all()
 
 
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
+    # leave an empty file in its place. The data must be synced before the rename.
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(train_cxr.os, "fsync", lambda fd: (calls.append(("fsync", os.fstat(fd).st_size)),
+                                                          real_fsync(fd)))
+    monkeypatch.setattr(train_cxr.os, "replace", lambda a, b: (calls.append(("replace", Path(b).name)),
+                                                              real_replace(a, b)))
+    target = tmp_path / "best_model.pt"
+    train_cxr.save_checkpoint(target, _ckpt(1))
+    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == target.stat().st_size
+    assert train_cxr.load_checkpoint(target)["epoch"] == 1
+
+
 def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
     real_write_text = Path.write_text
