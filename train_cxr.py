@@ -2289,7 +2289,7 @@ def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int =
                 for shot in range(min(n - k, 1 + int(rng.random() < 0.25))):
                     img, les = synth_xray(rng, size, cls == "PNEUMONIA")
                     name = f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA" else f"IM-{pid:04d}-{shot + 1:04d}.png"
-                    cv2.imwrite(str(d / name), img)
+                    save_image(d / name, img)  # checked: cv2.imwrite wrote truncated files on a full disk
                     if les:
                         lesions[f"{split}/{cls}/{name}"] = les
                     k += 1

@@ -696,6 +696,18 @@ def test_disk_full_while_saving_an_overlay_is_not_a_silent_broken_png(tmp_path):
     assert (cv2.imread(str(target)) == img).all()
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_demo_data_on_a_full_disk_stops_in_one_line(tmp_path):
+    # write_synthetic_dataset (--demo's data) ignored cv2.imwrite's result, which is True on a full disk
+    # anyway: the demo went on with truncated images. Its first file's name and temp name lead to /dev/full.
+    folder = tmp_path / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    for name in ("IM-0001-0001.png", f".IM-0001-0001.tmp{os.getpid()}.png"):
+        (folder / name).symlink_to("/dev/full")
+    with pytest.raises(train_cxr.CXRError, match="^disk full while writing .*IM-0001-0001.png"):
+        train_cxr.write_synthetic_dataset(tmp_path, {"NORMAL": 2}, {}, size=16)
+
+
 def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
     # leave an empty file in its place. The data must be synced before the rename.
