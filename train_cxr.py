@@ -3027,6 +3027,26 @@ def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> N
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
 
+def images_to_predict(folder: Path) -> list:
+    """The image files below a --predict folder, sorted, less the run folders of this script inside it
+    (train.log and grad_cam/): --predict scans/ from inside scans/ (runs/ lands there) scored the last
+    run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
+    files, runs = [], []
+    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and os.path.isdir(os.path.join(d, "grad_cam"))
+    # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
+    # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
+    for d, dirs, names in os.walk(folder, followlinks=True):
+        if d != os.fspath(folder) and is_run(d):
+            runs.append(as_text(d))
+            dirs.clear()
+            continue
+        files += [f for f in (os.path.join(d, n) for n in names) if is_image_file(f, folder)]
+    if runs:
+        log.info(f"note: skipping {len(runs)} run folder(s) of train_cxr.py under {folder} (their images are "
+                 f"Grad-CAM overlays, not X-rays): {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}")
+    return sorted(files)
+
+
 def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = []
@@ -3035,10 +3055,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
         if p.is_dir():
             refuse_link_loops(p)
-        # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
-        # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
-        files += (sorted(f for d, _, names in os.walk(p, followlinks=True) for f in (os.path.join(d, n) for n in names)
-                         if is_image_file(f, p)) if p.is_dir() else [str(p)])
+        files += images_to_predict(p) if p.is_dir() else [str(p)]
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
