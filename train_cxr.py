@@ -534,8 +534,22 @@ def setup_console_logging(is_main: bool = True) -> None:
     log.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
 
 
+class LogFileHandler(logging.FileHandler):
+    """train.log. A line it cannot write (a full disk, a quota) is said once, in one line: logging printed
+    a 10-line traceback with every later line, ahead of the run's own "disk full while writing" error."""
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            return super().handleError(record)
+        print(f"warning: cannot write {self.baseFilename} ({e.strerror or e}): its lines from here on are on "
+              "the console only", file=sys.stderr)
+        with contextlib.suppress(OSError):  # the unwritten lines stay buffered: closing would raise again
+            self.stream.close()
+        self.stream = open(os.devnull, "w")
+
+
 def attach_log_file(path: Path) -> None:
-    fh = logging.FileHandler(path, encoding="utf-8")
+    fh = LogFileHandler(path, encoding="utf-8")
     for h in list(log.handlers):
         if isinstance(h, logging.handlers.MemoryHandler):
             h.setTarget(fh)

@@ -708,6 +708,23 @@ def test_the_demo_data_on_a_full_disk_stops_in_one_line(tmp_path):
         train_cxr.write_synthetic_dataset(tmp_path, {"NORMAL": 2}, {}, size=16)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_train_log_on_a_full_disk_is_one_warning_not_a_traceback_a_line(tmp_path, capsys):
+    # Every line logged on a full disk came with logging's 10-line "--- Logging error ---" traceback.
+    (tmp_path / "train.log").symlink_to("/dev/full")
+    try:
+        train_cxr.setup_console_logging()
+        train_cxr.attach_log_file(tmp_path / "train.log")
+        for epoch in (1, 2, 3):
+            train_cxr.log.info(f"epoch {epoch}")
+    finally:
+        train_cxr.setup_console_logging()
+    out, err = capsys.readouterr()
+    assert out == "epoch 1\nepoch 2\nepoch 3\n"  # the console still has every line
+    assert err == (f"warning: cannot write {tmp_path / 'train.log'} (No space left on device): its lines from here "
+                   "on are on the console only\n")
+
+
 def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
     # leave an empty file in its place. The data must be synced before the rename.
