@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -1427,8 +1428,10 @@ def rank_max(value: float, rt: Runtime) -> float:
 
 
 def resume_command(run_dir: Path, world: int) -> str:
-    """The command that resumes run_dir: with as many processes as it ran with (train refuses another count)."""
-    return f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py --resume {run_dir}"
+    """The command that resumes run_dir: with as many processes as it ran with (train refuses another count).
+    The folder quoted for the shell: pasted as printed, "runs/exp 1" resumed nothing ("unrecognized arguments")."""
+    return (f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py "
+            f"--resume {shlex.quote(str(run_dir))}")
 
 
 def stop_if_signalled(rt: Runtime) -> None:
@@ -2846,7 +2849,7 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
                        " may change); drop the flag, or start a new run")
     if moved and "data_dir" not in args.given:
         raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
-                       f"--resume {run_dir} --data-dir NEW_PLACE")
+                       f"--resume {shlex.quote(str(run_dir))} --data-dir NEW_PLACE")
     return moved
 
 

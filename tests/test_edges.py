@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -325,6 +326,15 @@ def test_no_full_batch_is_an_input_error(synth_root, tmp_path, capsys):
 def stopped_in_epoch_2(monkeypatch, args) -> int:
     """Exit code of a training run that a Ctrl-C stops in epoch 2 (last.pt holds epoch 1)."""
     return stopped_in_epoch(2, monkeypatch, args)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_printed_resume_command_can_be_pasted_for_a_folder_with_spaces(world):
+    # "Resume with: python train_cxr.py --resume runs/exp 1" pasted into a shell passed "runs/exp" and "1".
+    run_dir = Path("my runs") / "exp 1 (ü)"
+    words = shlex.split(T.resume_command(run_dir, world))
+    assert words[words.index("train_cxr.py") + 1:] == ["--resume", str(run_dir)]
+    assert T.resume_command(Path("runs/r"), 1) == "python train_cxr.py --resume runs/r"  # plain paths as before
 
 
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
