@@ -640,6 +640,8 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         raise CXRError(f"checkpoint {path} not found: pass a run folder or its best_model.pt / last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # a colleague's file readable by its owner only was called "damaged" below
+        raise CXRError(f"cannot read {path} ({e.strerror}): check its permissions, or ask its owner for a copy")
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         # torch names the offending global only in its message text: the name tells the user what

@@ -1,8 +1,10 @@
 """Saying when a prediction cannot be trusted: calibration, threshold policies, the
 out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
 import dataclasses
+import errno
 import io
 import json
+import os
 import re
 from pathlib import Path
 
@@ -618,6 +620,20 @@ def test_checkpoint_messages_say_what_is_wrong(trained, tmp_path, kind):
         assert "refusing" in str(e.value) and "print" in str(e.value)
     else:
         assert "not a checkpoint, or it is damaged" in str(e.value) and "trust" not in str(e.value)
+
+
+def test_a_checkpoint_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    # A colleague's best_model.pt readable by its owner only: "not a checkpoint, or it is damaged (an
+    # incomplete copy?)" sent the user looking for a good copy of a file that was fine.
+    ckpt = tmp_path / "best_model.pt"
+    ckpt.write_bytes(b"PK")
+
+    def denied(f, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(f))
+    monkeypatch.setattr(T.torch, "load", denied)
+    with pytest.raises(T.CXRError, match=f"^cannot read {re.escape(str(ckpt))} \\(Permission denied\\): check its "
+                                         "permissions"):
+        T.load_checkpoint(ckpt)
 
 
 def test_scores_are_fp32_even_when_training_ran_in_bf16():
