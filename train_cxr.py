@@ -690,21 +690,31 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
-def refuse_link_loops(root: str | Path) -> None:
+def check_image_tree(root: str | Path) -> None:
     """Linked folders are followed (ImageFolder and --predict walk with followlinks): a link to a folder that
     holds it was walked again at every level until the OS gave up, 40 deep, each image read 40 times and
-    another class's images labelled as the link's class. Refused, naming the link."""
-    for d, dirs, _ in os.walk(root, followlinks=True):
+    another class's images labelled as the link's class. Refused, naming the link. A folder that cannot be
+    listed is named in a warning: os.walk (ImageFolder's too) skips it without a word, and its images were
+    left out of the run or of --predict's table unsaid (a hidden one holds no images that are read anyway)."""
+    unreadable = []
+    for d, dirs, _ in os.walk(root, followlinks=True, onerror=unreadable.append):
         up = Path(os.path.relpath(d, root)).parts
         for link in (os.path.join(d, n) for n in dirs if os.path.islink(os.path.join(d, n))):
             if os.path.realpath(link) in {os.path.realpath(os.path.join(root, *up[:i])) for i in range(len(up) + 1)}:
                 raise CXRError(f"{link} links to {os.path.realpath(link)}, a folder that holds it, so its images would "
                                "be read again and again: remove the link")
+    if any(os.fspath(e.filename) == os.fspath(root) for e in unreadable):
+        raise CXRError(f"cannot read the folder {root} ({unreadable[0].strerror}): fix its permissions")
+    unreadable = [e for e in unreadable if not any(p.startswith(".") for p in Path(e.filename).relative_to(root).parts)]
+    if unreadable:
+        log.warning(f"warning: skipping {len(unreadable)} folder(s) that cannot be read, their images left out: "
+                    + "; ".join(f"{as_text(e.filename)} ({e.strerror})" for e in unreadable[:5])
+                    + (" ..." if len(unreadable) > 5 else "") + "; fix their permissions to include them")
 
 
 def list_image_folder(root: Path) -> tuple[list, list]:
     """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
-    refuse_link_loops(root)
+    check_image_tree(root)
     # Like ImageFolder.find_classes, but hidden folders (.ipynb_checkpoints, .git) are not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -3073,7 +3083,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
         if p.is_dir():
-            refuse_link_loops(p)
+            check_image_tree(p)
         files += images_to_predict(p) if p.is_dir() else [str(p)]
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")

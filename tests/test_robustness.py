@@ -221,6 +221,31 @@ def test_a_link_to_a_folder_above_it_is_refused(data_copy, tmp_path):
         train_cxr.check_split_dir(data_copy / "train", "train")
 
 
+def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, monkeypatch, capsys):
+    # os.walk (ImageFolder's, --predict's) skips a folder it may not list without a word: the run trained
+    # without its images and said nothing. Root here, so the refusal is made by os.scandir, as without rights.
+    sub = data_copy / "train" / "NORMAL" / "site2"
+    sub.mkdir()
+    for f in sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:5]:
+        f.rename(sub / f.name)
+    (data_copy / "train" / "NORMAL" / ".cache").mkdir()  # hidden: its images are never read, so no warning
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name in ("site2", ".cache"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    classes, samples = train_cxr.check_split_dir(data_copy / "train", "train")
+    assert capsys.readouterr().out == (f"warning: skipping 1 folder(s) that cannot be read, their images left out: "
+                                       f"{sub} (Permission denied); fix their permissions to include them\n")
+    assert len(samples) == 145
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot read the folder {re.escape(str(sub))} \\(Permission"):
+        train_cxr.check_image_tree(sub)
+
+
 def test_a_test_class_with_no_readable_file_is_refused(data_copy):
     for f in (data_copy / "test" / "NORMAL").glob("*.png"):
         f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0
