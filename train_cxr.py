@@ -313,6 +313,13 @@ def parse_config(argv=None) -> tuple:
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
+    # A ~ that no shell expanded (OUTPUT_DIR = "~/cxr_runs" edited above, or --output-dir=~/cxr_runs, where the
+    # shell leaves a ~ after "=" as it is) made a folder named "~" in the current one and wrote the run there.
+    cfg.data_dir, cfg.output_dir = os.path.expanduser(cfg.data_dir), os.path.expanduser(cfg.output_dir)
+    for mode in ("checkpoint", "resume", "recalibrate"):
+        if getattr(args, mode):
+            setattr(args, mode, os.path.expanduser(getattr(args, mode)))
+    args.predict = args.predict and [os.path.expanduser(p) for p in args.predict]
     check_config(cfg)
     check_modes(args)
     return cfg, args

@@ -60,6 +60,17 @@ def test_parse_values_and_booleans():
     assert cfg.tta is False and cfg.lr == 0.01 and cfg.device == "cpu"
 
 
+def test_a_tilde_no_shell_expanded_means_the_home_folder(tmp_path, monkeypatch):
+    # --output-dir=~/cxr_runs (the shell leaves a ~ after "=") or OUTPUT_DIR = "~/cxr_runs" made a folder
+    # named "~" in the current one, and the run went there instead of the home folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = train_cxr.parse_config(["--data-dir=~/data", "--output-dir=~/cxr_runs"])
+    assert (cfg.data_dir, cfg.output_dir) == (str(tmp_path / "data"), str(tmp_path / "cxr_runs"))
+    _, args = train_cxr.parse_config(["--predict", "~/scans", "a.png", "--checkpoint=~/runs/r"])
+    assert args.predict == [str(tmp_path / "scans"), "a.png"] and args.checkpoint == str(tmp_path / "runs" / "r")
+    assert train_cxr.parse_config(["--resume=~/runs/r"])[1].resume == str(tmp_path / "runs" / "r")
+
+
 def test_demo_overrides_except_explicit_flags():
     cfg, args = train_cxr.parse_config(["--demo"])
     assert args.demo
