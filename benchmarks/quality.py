@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -60,7 +61,11 @@ def link_fold(root: Path, samples: list, classes: list, train_idx, test_idx) -> 
             (root / split / c).mkdir(parents=True, exist_ok=True)
         for i in idx:
             path, label = samples[i]
-            (root / split / classes[label] / Path(path).name).symlink_to(Path(path).resolve())
+            link = root / split / classes[label] / Path(path).name
+            # Already there from an earlier call with this --out (--only 0, then more --train-seeds): kept; it
+            # stopped that call with a FileExistsError traceback. A link elsewhere still raises.
+            if not (link.is_symlink() and os.readlink(link) == str(Path(path).resolve())):
+                link.symlink_to(Path(path).resolve())
 
 
 def main() -> int:

@@ -817,6 +817,18 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
     assert float(full["jeffreys"][-2]) == pytest.approx(float(stored["temperature"]), abs=1e-4)  # the run's own fit
 
 
+def test_quality_benchmark_folds_can_be_linked_again_into_the_same_out(tmp_path):
+    # --only 0 --train-seeds 1 2, then --train-seeds 3 4 with the same --out: linking fold 0's images
+    # again stopped the second call with a FileExistsError traceback before any training.
+    from conftest import load_benchmark
+    T.write_synthetic_dataset(tmp_path / "d", {"NORMAL": 4, "PNEUMONIA": 4}, {}, size=16, seed=3)
+    classes, samples = T.list_image_folder(tmp_path / "d" / "train")
+    quality = load_benchmark("quality")
+    for _ in range(2):
+        quality.link_fold(tmp_path / "cv", samples, classes, [0, 1, 4, 5], [2, 3, 6, 7])
+    assert len(list((tmp_path / "cv").rglob("*.png"))) == 8
+
+
 def test_train_log_ends_with_the_time_per_phase(trained):
     import re
     line = [ln for ln in (trained / "train.log").read_text().splitlines() if ln.startswith("time per phase")]
