@@ -2580,11 +2580,25 @@ def removed_on_input_error(folder: Path | None):
         raise
 
 
-def make_run_dir(cfg: Config) -> Path:
-    """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
+def check_run_dir_free(cfg: Config) -> None:
+    """--output-dir is a folder (or missing) and --run-name is free: main asks before any work, as a taken
+    name was refused only once the images had been decoded (every scan of a --predict folder, too)."""
     base = Path(cfg.output_dir)
     if base.exists() and not base.is_dir():
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
+    if cfg.run_name and os.path.lexists(base / cfg.run_name):
+        raise run_dir_taken(base / cfg.run_name)
+
+
+def run_dir_taken(run_dir: Path) -> CXRError:
+    return CXRError(f"run folder {run_dir} already exists and is never overwritten: pass another --run-name "
+                    "(a stopped training run continues with --resume RUN_FOLDER)")
+
+
+def make_run_dir(cfg: Config) -> Path:
+    """A new run folder (never an existing one) whose train.log gets the log, also what came before."""
+    base = Path(cfg.output_dir)
+    check_run_dir_free(cfg)
     # Runs started in the same second (a sweep launched from a script) chose one timestamp, and all but
     # the first stopped after decoding: a taken timestamp gets -2, -3, ... A --run-name is the user's own.
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -2599,8 +2613,7 @@ def make_run_dir(cfg: Config) -> Path:
                 break
             except FileExistsError:
                 if cfg.run_name or name == names[-1]:
-                    raise CXRError(f"run folder {run_dir} already exists and is never overwritten: pass another "
-                                   "--run-name (a stopped training run continues with --resume RUN_FOLDER)")
+                    raise run_dir_taken(run_dir)
         (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
@@ -3236,6 +3249,10 @@ def main(argv=None, parsed=None) -> int:
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)
+        # Under torchrun rank 0 alone decides, after the group is up (train): a rank on another node, whose disk
+        # lacks the folder, would go on to wait for a rank 0 that had exited here.
+        if not args.resume and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            check_run_dir_free(cfg)
         rt = setup_runtime(cfg)
         mode = (predict if args.predict else evaluate_mode if args.evaluate else
                 recalibrate if args.recalibrate else train)

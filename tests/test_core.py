@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -412,6 +413,25 @@ def test_e2e_same_run_name_refused(e2e, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(e2e["run"]) in err
     assert snapshot(e2e["run"]) == before
+
+
+@pytest.mark.parametrize("mode", ["train", "predict", "evaluate"])
+def test_a_taken_run_name_is_refused_before_the_images_are_decoded(mode, synth_root, tmp_path, monkeypatch, capsys):
+    # The refusal came once every image had been decoded (the training split, every scan of a --predict folder).
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+
+    def decode_all(*a, **k):
+        raise AssertionError("decoded before the run name was checked")
+    monkeypatch.setattr(train_cxr, "decode_all", decode_all)
+    argv = {"train": ["--data-dir", synth_root],
+            "predict": ["--predict", synth_root / "test", "--checkpoint", tmp_path / "best_model.pt"],
+            "evaluate": ["--evaluate", "--data-dir", synth_root, "--checkpoint", tmp_path / "best_model.pt"]}[mode]
+    capsys.readouterr()
+    assert run([*argv, "--output-dir", tmp_path / "runs", "--run-name", "taken", "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: run folder {tmp_path / 'runs' / 'taken'} already exists and is never "
+                                       "overwritten: pass another --run-name (a stopped training run continues with "
+                                       "--resume RUN_FOLDER)\n")
+    assert os.listdir(tmp_path / "runs") == ["taken"] and not any((tmp_path / "runs" / "taken").iterdir())
 
 
 def test_e2e_same_seed_same_history(e2e, tmp_path):
