@@ -48,6 +48,7 @@ import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import signal
 import sys
@@ -332,6 +333,13 @@ def parse_config(argv=None) -> tuple:
             f"did you mean {near[0]!r}?" if near else "its keys are the flags' names, img_size for --img-size"))
     values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
+    # A ~ that no shell expanded (OUTPUT_DIR = "~/cxr_runs" edited above, or --output-dir=~/cxr_runs, where the
+    # shell leaves a ~ after "=" as it is) made a folder named "~" in the current one and wrote the run there.
+    cfg.data_dir, cfg.output_dir = os.path.expanduser(cfg.data_dir), os.path.expanduser(cfg.output_dir)
+    for mode in ("checkpoint", "resume", "recalibrate"):
+        if getattr(args, mode):
+            setattr(args, mode, os.path.expanduser(getattr(args, mode)))
+    args.predict = args.predict and [os.path.expanduser(p) for p in args.predict]
     check_config(cfg, set(Config.__dataclass_fields__) - set(values))
     check_modes(args)
     return cfg, args
@@ -576,8 +584,22 @@ def setup_console_logging(is_main: bool = True) -> None:
     log.addHandler(logging.handlers.MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1))
 
 
+class LogFileHandler(logging.FileHandler):
+    """train.log. A line it cannot write (a full disk, a quota) is said once, in one line: logging printed
+    a 10-line traceback with every later line, ahead of the run's own "disk full while writing" error."""
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if not isinstance(e, OSError):
+            return super().handleError(record)
+        print(f"warning: cannot write {self.baseFilename} ({e.strerror or e}): its lines from here on are on "
+              "the console only", file=sys.stderr)
+        with contextlib.suppress(OSError):  # the unwritten lines stay buffered: closing would raise again
+            self.stream.close()
+        self.stream = open(os.devnull, "w")
+
+
 def attach_log_file(path: Path) -> None:
-    fh = logging.FileHandler(path, encoding="utf-8")
+    fh = LogFileHandler(path, encoding="utf-8")
     for h in list(log.handlers):
         if isinstance(h, logging.handlers.MemoryHandler):
             h.setTarget(fh)
@@ -607,6 +629,11 @@ def atomic_write(path: Path, write_fn) -> None:
             tmp.unlink()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
+        # A shared server's quota (EDQUOT), a folder made read-only or a mount gone read-only mid-run: one
+        # line naming the file, not a traceback (under torchrun, a CXRError also stops the other processes).
+        if isinstance(e, OSError) and e.errno is not None:
+            raise CXRError(f"cannot write {path} ({e.strerror}): free some space, make {path.parent} writable, "
+                           "or choose another --output-dir")
         raise
 
 
@@ -629,14 +656,20 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
         # RuntimeError from its C++ writer, a file object raises OSError(ENOSPC).
         with open(p, "wb") as f:
             torch.save(ckpt, f)
+            # On the disk before the rename: after a power cut, a rename that reached the disk ahead of the
+            # data (ext4 data=writeback, XFS) left a best_model.pt of zeros where the good one had been.
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write(path, write)
 
 
 def save_image(path: Path, bgr: np.ndarray) -> None:
-    def write(p):
-        if not cv2.imwrite(str(p), bgr):
-            raise OSError(f"could not write image {path}")
-    atomic_write(path, write)
+    # Encoded in memory, written by Python: cv2.imwrite does not check its writes, so on a full disk it
+    # returned True and a truncated PNG replaced the overlay; and a missing folder gave no reason at all.
+    ok, data = cv2.imencode(Path(path).suffix, bgr)
+    if not ok:
+        raise OSError(f"could not encode image {path}")
+    atomic_write(path, lambda p: p.write_bytes(data.tobytes()))
 
 
 def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
@@ -658,6 +691,8 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
         raise CXRError(f"checkpoint {path} not found: pass a run folder or its best_model.pt / last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # a colleague's file readable by its owner only was called "damaged" below
+        raise CXRError(f"cannot read {path} ({e.strerror}): check its permissions, or ask its owner for a copy")
     except Exception as e:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
         # torch names the offending global only in its message text: the name tells the user what
@@ -706,21 +741,31 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
-def refuse_link_loops(root: str | Path) -> None:
+def check_image_tree(root: str | Path) -> None:
     """Linked folders are followed (ImageFolder and --predict walk with followlinks): a link to a folder that
     holds it was walked again at every level until the OS gave up, 40 deep, each image read 40 times and
-    another class's images labelled as the link's class. Refused, naming the link."""
-    for d, dirs, _ in os.walk(root, followlinks=True):
+    another class's images labelled as the link's class. Refused, naming the link. A folder that cannot be
+    listed is named in a warning: os.walk (ImageFolder's too) skips it without a word, and its images were
+    left out of the run or of --predict's table unsaid (a hidden one holds no images that are read anyway)."""
+    unreadable = []
+    for d, dirs, _ in os.walk(root, followlinks=True, onerror=unreadable.append):
         up = Path(os.path.relpath(d, root)).parts
         for link in (os.path.join(d, n) for n in dirs if os.path.islink(os.path.join(d, n))):
             if os.path.realpath(link) in {os.path.realpath(os.path.join(root, *up[:i])) for i in range(len(up) + 1)}:
                 raise CXRError(f"{link} links to {os.path.realpath(link)}, a folder that holds it, so its images would "
                                "be read again and again: remove the link")
+    if any(os.fspath(e.filename) == os.fspath(root) for e in unreadable):
+        raise CXRError(f"cannot read the folder {root} ({unreadable[0].strerror}): fix its permissions")
+    unreadable = [e for e in unreadable if not any(p.startswith(".") for p in Path(e.filename).relative_to(root).parts)]
+    if unreadable:
+        log.warning(f"warning: skipping {len(unreadable)} folder(s) that cannot be read, their images left out: "
+                    + "; ".join(f"{as_text(e.filename)} ({e.strerror})" for e in unreadable[:5])
+                    + (" ..." if len(unreadable) > 5 else "") + "; fix their permissions to include them")
 
 
 def list_image_folder(root: Path) -> tuple[list, list]:
     """(class names, [(path, label)]) of a folder with one sub-folder per class, via ImageFolder."""
-    refuse_link_loops(root)
+    check_image_tree(root)
     # Like ImageFolder.find_classes, but hidden folders (.ipynb_checkpoints, .git) are not classes.
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
@@ -1469,8 +1514,10 @@ def rank_max(value: float, rt: Runtime) -> float:
 
 
 def resume_command(run_dir: Path, world: int) -> str:
-    """The command that resumes run_dir: with as many processes as it ran with (train refuses another count)."""
-    return f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py --resume {run_dir}"
+    """The command that resumes run_dir: with as many processes as it ran with (train refuses another count).
+    The folder quoted for the shell: pasted as printed, "runs/exp 1" resumed nothing ("unrecognized arguments")."""
+    return (f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py "
+            f"--resume {shlex.quote(str(run_dir))}")
 
 
 def stop_if_signalled(rt: Runtime) -> None:
@@ -2354,7 +2401,7 @@ def write_synthetic_dataset(root: Path, n_train: dict, n_test: dict, size: int =
                 for shot in range(min(n - k, 1 + int(rng.random() < 0.25))):
                     img, les = synth_xray(rng, size, cls == "PNEUMONIA")
                     name = f"person{pid}_bacteria_{k}.png" if cls == "PNEUMONIA" else f"IM-{pid:04d}-{shot + 1:04d}.png"
-                    cv2.imwrite(str(d / name), img)
+                    save_image(d / name, img)  # checked: cv2.imwrite wrote truncated files on a full disk
                     if les:
                         lesions[f"{split}/{cls}/{name}"] = les
                     k += 1
@@ -2612,33 +2659,58 @@ def removed_on_input_error(folder: Path | None):
         raise
 
 
-def check_run_dir(cfg: Config, run_dir: Path | None = None) -> None:
-    """Refuse a run folder that cannot be made, without making it. main calls it before any image is decoded:
-    the same command run twice (its --run-name in use) was refused only after decoding them all."""
+def check_run_dir_free(cfg: Config) -> None:
+    """--output-dir is a folder (or missing) and --run-name is free: main asks before any work, as a taken
+    name was refused only once the images had been decoded (every scan of a --predict folder, too)."""
     base = Path(cfg.output_dir)
-    run_dir = run_dir or (base / cfg.run_name if cfg.run_name else None)
     if base.exists() and not base.is_dir():
         raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if run_dir is not None and run_dir.exists():
-        raise CXRError(f"run folder {run_dir} already exists and is never overwritten: "
-                       "pass another --run-name (a stopped training run continues with --resume RUN_FOLDER)")
+    if cfg.run_name and os.path.lexists(base / cfg.run_name):
+        raise run_dir_taken(base / cfg.run_name)
+
+
+def run_dir_taken(run_dir: Path) -> CXRError:
+    return CXRError(f"run folder {run_dir} already exists and is never overwritten: pass another --run-name "
+                    "(a stopped training run continues with --resume RUN_FOLDER)")
 
 
 def make_run_dir(cfg: Config, cam: bool = True) -> Path:
     """A new run folder (never an existing one), with grad_cam/ if cam, whose train.log gets the log, also
     what came before."""
     base = Path(cfg.output_dir)
-    run_dir = base / (cfg.run_name or _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
-    check_run_dir(cfg, run_dir)
+    check_run_dir_free(cfg)
+    # Runs started in the same second (a sweep launched from a script) chose one timestamp, and all but
+    # the first stopped after decoding: a taken timestamp gets -2, -3, ... A --run-name is the user's own.
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    names = [cfg.run_name] if cfg.run_name else [stamp, *(f"{stamp}-{k}" for k in range(2, 1000))]
+    run_dir = base / names[0]
     try:
         base.mkdir(parents=True, exist_ok=True)
-        run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
+        for name in names:
+            run_dir = base / name
+            try:  # mkdir is the claim: of two runs racing for one name, exactly one gets it
+                run_dir.mkdir(parents=True)  # --run-name exp/1 makes exp/ too
+                break
+            except FileExistsError:
+                if cfg.run_name or name == names[-1]:
+                    raise run_dir_taken(run_dir)
         if cam:
             (run_dir / "grad_cam").mkdir()
     except OSError as e:
         raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
     attach_log_file(run_dir / "train.log")
     return run_dir
+
+
+def reopen_run_dir(run_dir: Path) -> None:
+    """A resumed run's folder: train.log goes on, and grad_cam/ (the biggest part, which a user may have
+    deleted to save space: the resume then stopped at its first overlay) is made again if missing."""
+    try:
+        (run_dir / "grad_cam").mkdir(exist_ok=True)
+        attach_log_file(run_dir / "train.log")
+    except OSError as e:  # a run folder copied read-only, or on a read-only mount: a traceback before
+        raise CXRError(f"cannot write in the run folder {run_dir} ({e.strerror}): make it writable, or resume "
+                       "a writable copy of it")
 
 
 def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm: dict, steps: int,
@@ -2898,7 +2970,7 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
                        " may change); drop the flag, or start a new run")
     if moved and "data_dir" not in args.given:
         raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
-                       f"--resume {run_dir} --data-dir NEW_PLACE")
+                       f"--resume {shlex.quote(str(run_dir))} --data-dir NEW_PLACE")
     return moved
 
 
@@ -3001,8 +3073,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         refused, run_dir = box[0][0], Path(box[0][1])
     if refused:
         raise CXRError(refused)
-    if rt.is_main and resume is not None:
-        attach_log_file(run_dir / "train.log")
+    with rank_0_writes(rt):  # a refused folder stops every process, not rank 0 alone
+        if rt.is_main and resume is not None:
+            reopen_run_dir(run_dir)
     if rt.device.type == "cuda":
         # The decoded uint8 images (~85 MB for this data set at 112 px) go to the GPU once; batches
         # are then gathered and augmented there, with no host-to-device copy per step.
@@ -3119,6 +3192,26 @@ def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> N
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
 
+def images_to_predict(folder: Path) -> list:
+    """The image files below a --predict folder, sorted, less the run folders of this script inside it
+    (train.log and grad_cam/): --predict scans/ from inside scans/ (runs/ lands there) scored the last
+    run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
+    files, runs = [], []
+    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and os.path.isdir(os.path.join(d, "grad_cam"))
+    # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
+    # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
+    for d, dirs, names in os.walk(folder, followlinks=True):
+        if d != os.fspath(folder) and is_run(d):
+            runs.append(as_text(d))
+            dirs.clear()
+            continue
+        files += [f for f in (os.path.join(d, n) for n in names) if is_image_file(f, folder)]
+    if runs:
+        log.info(f"note: skipping {len(runs)} run folder(s) of train_cxr.py under {folder} (their images are "
+                 f"Grad-CAM overlays, not X-rays): {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}")
+    return sorted(files)
+
+
 def predict(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     files = []
@@ -3126,11 +3219,8 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         if not (p.is_dir() or p.is_file()):
             raise CXRError(f"--predict path {p} not found: pass existing image files or folders")
         if p.is_dir():
-            refuse_link_loops(p)
-        # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
-        # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
-        files += (sorted(f for d, _, names in os.walk(p, followlinks=True) for f in (os.path.join(d, n) for n in names)
-                         if is_image_file(f, p)) if p.is_dir() else [str(p)])
+            check_image_tree(p)
+        files += images_to_predict(p) if p.is_dir() else [str(p)]
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
@@ -3276,8 +3366,10 @@ def main(argv=None, parsed=None) -> int:
     setup_console_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         cfg, args = parsed or parse_config(argv)
-        if not args.resume:  # a resume's folder exists; under torchrun each process checks before they meet
-            check_run_dir(cfg)
+        # Under torchrun rank 0 alone decides, after the group is up (train): a rank on another node, whose disk
+        # lacks the folder, would go on to wait for a rank 0 that had exited here.
+        if not args.resume and int(os.environ.get("WORLD_SIZE", 1)) == 1:
+            check_run_dir_free(cfg)
         rt = setup_runtime(cfg)
         mode = (predict if args.predict else evaluate_mode if args.evaluate else
                 recalibrate if args.recalibrate else train)

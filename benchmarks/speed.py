@@ -130,10 +130,13 @@ def build_copy(source: Path, out: Path, limit: int, seed: int, procs: int = 2) -
             have = {}
         if have == want and all(os.path.isfile(s) for s, _ in samples):
             return samples, 0.0, True
-    if man.exists():
-        man.unlink()
+    if not man.is_file() and out.is_dir() and any(out.iterdir()):
+        # Its own folder of Kermany-named JPEGs given by mistake lost its originals to 224 px upscales.
+        raise SystemExit(f"--keep-dir {out} holds files but no {MANIFEST}, so this benchmark did not build it: "
+                         "its images of the same names would be replaced; pass a new or empty folder")
     for c in classes:
         (out / c).mkdir(parents=True, exist_ok=True)
+    man.write_text(json.dumps({**want, "complete": False}) + "\n")  # ours from now, also if interrupted
     tasks = [(i, str(p), str(out / c / p.name), seed) for i, (c, p) in enumerate(chosen)]
     t0 = time.perf_counter()
     if procs > 1:

@@ -4,6 +4,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -58,6 +59,17 @@ def test_parse_values_and_booleans():
     assert not args.demo
     cfg, _ = train_cxr.parse_config(["--no-tta", "--lr", "0.01", "--device", "cpu"])
     assert cfg.tta is False and cfg.lr == 0.01 and cfg.device == "cpu"
+
+
+def test_a_tilde_no_shell_expanded_means_the_home_folder(tmp_path, monkeypatch):
+    # --output-dir=~/cxr_runs (the shell leaves a ~ after "=") or OUTPUT_DIR = "~/cxr_runs" made a folder
+    # named "~" in the current one, and the run went there instead of the home folder.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg, _ = train_cxr.parse_config(["--data-dir=~/data", "--output-dir=~/cxr_runs"])
+    assert (cfg.data_dir, cfg.output_dir) == (str(tmp_path / "data"), str(tmp_path / "cxr_runs"))
+    _, args = train_cxr.parse_config(["--predict", "~/scans", "a.png", "--checkpoint=~/runs/r"])
+    assert args.predict == [str(tmp_path / "scans"), "a.png"] and args.checkpoint == str(tmp_path / "runs" / "r")
+    assert train_cxr.parse_config(["--resume=~/runs/r"])[1].resume == str(tmp_path / "runs" / "r")
 
 
 def test_demo_overrides_except_explicit_flags():
@@ -403,18 +415,23 @@ def test_e2e_same_run_name_refused(e2e, capsys):
     assert snapshot(e2e["run"]) == before
 
 
-def test_a_run_name_in_use_is_refused_before_any_image_is_decoded(synth_root, tmp_path, monkeypatch, capsys):
-    # The same command run twice decoded every image (and --predict loaded the model) before it was refused.
-    (tmp_path / "one").mkdir()
-    monkeypatch.setattr(train_cxr, "decode_all", lambda *a, **k: pytest.fail("decoded before the refusal"))
-    where = ["--output-dir", tmp_path, "--run-name", "one", "--device", "cpu"]
-    for argv in ([*TINY, "--data-dir", synth_root, *where[:4]],
-                 ["--predict", synth_root / "test", "--checkpoint", tmp_path / "none.pt", *where]):
-        capsys.readouterr()
-        assert run(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert len(err.splitlines()) == 1 and f"run folder {tmp_path / 'one'} already exists" in err, err
-    assert not any((tmp_path / "one").iterdir())
+@pytest.mark.parametrize("mode", ["train", "predict", "evaluate"])
+def test_a_taken_run_name_is_refused_before_the_images_are_decoded(mode, synth_root, tmp_path, monkeypatch, capsys):
+    # The refusal came once every image had been decoded (the training split, every scan of a --predict folder).
+    (tmp_path / "runs" / "taken").mkdir(parents=True)
+
+    def decode_all(*a, **k):
+        raise AssertionError("decoded before the run name was checked")
+    monkeypatch.setattr(train_cxr, "decode_all", decode_all)
+    argv = {"train": ["--data-dir", synth_root],
+            "predict": ["--predict", synth_root / "test", "--checkpoint", tmp_path / "best_model.pt"],
+            "evaluate": ["--evaluate", "--data-dir", synth_root, "--checkpoint", tmp_path / "best_model.pt"]}[mode]
+    capsys.readouterr()
+    assert run([*argv, "--output-dir", tmp_path / "runs", "--run-name", "taken", "--num-workers", "0"]) == 2
+    assert capsys.readouterr().err == (f"error: run folder {tmp_path / 'runs' / 'taken'} already exists and is never "
+                                       "overwritten: pass another --run-name (a stopped training run continues with "
+                                       "--resume RUN_FOLDER)\n")
+    assert os.listdir(tmp_path / "runs") == ["taken"] and not any((tmp_path / "runs" / "taken").iterdir())
 
 
 def test_e2e_same_seed_same_history(e2e, tmp_path):
@@ -514,6 +531,26 @@ def test_output_dir_not_writable(synth_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err
     assert blocker.is_file() and blocker.read_text() == "I am a file, not a folder"
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    # A sweep launched from a script: both runs named their folder by the same second, and the second
+    # one stopped with "already exists: pass another --run-name" (or, racing, "choose a writable --output-dir").
+    class Frozen(train_cxr._dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return cls(2024, 5, 1, 12, 0, 0)
+    monkeypatch.setattr(train_cxr._dt, "datetime", Frozen)
+    cfg = train_cxr.Config(output_dir=str(tmp_path))
+    try:
+        made = [train_cxr.make_run_dir(cfg) for _ in range(3)]
+    finally:
+        train_cxr.setup_console_logging()  # closes the train.log handlers
+    assert [p.name for p in made] == ["20240501-120000", "20240501-120000-2", "20240501-120000-3"]
+    assert all((p / "grad_cam").is_dir() for p in made)
+    # A --run-name is the user's choice: taken, it is refused, never renamed or reused.
+    with pytest.raises(train_cxr.CXRError, match="already exists and is never overwritten"):
+        train_cxr.make_run_dir(dataclasses.replace(cfg, run_name="20240501-120000"))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -349,6 +350,15 @@ def test_resume_accepts_a_nested_run_name_typed_again(tmp_path):
             check(*other)
     with pytest.raises(T.CXRError, match="--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
         check("--run-name", "1")
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_the_printed_resume_command_can_be_pasted_for_a_folder_with_spaces(world):
+    # "Resume with: python train_cxr.py --resume runs/exp 1" pasted into a shell passed "runs/exp" and "1".
+    run_dir = Path("my runs") / "exp 1 (ü)"
+    words = shlex.split(T.resume_command(run_dir, world))
+    assert words[words.index("train_cxr.py") + 1:] == ["--resume", str(run_dir)]
+    assert T.resume_command(Path("runs/r"), 1) == "python train_cxr.py --resume runs/r"  # plain paths as before
 
 
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
@@ -722,15 +732,15 @@ def test_ddp_signal_on_one_rank_stops_both_with_one_model(synth_root, tmp_path):
 
 
 def test_ddp_run_folder_refused_on_rank_0_stops_both(synth_root, tmp_path):
-    # Only rank 0 makes the run folder: when it was refused, rank 0 exited and rank 1 waited for the
-    # folder's name (gloo: a traceback when the peer closed; NCCL: a hang). A file in the way of the folder
-    # (a folder in use is refused in every process before they meet, by check_run_dir).
-    blocker = tmp_path / "a_file"
-    blocker.write_text("not a folder")
-    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, blocker / "runs", 1))
+    # Only rank 0 makes the run folder: when it was refused (the folder exists), rank 0 exited and
+    # rank 1 waited for the folder's name (gloo: a traceback when the peer closed; NCCL: a hang).
+    # Under torchrun no process checks the name before they meet (main): rank 0 alone decides.
+    out = tmp_path / "runs"
+    (out / "ddp").mkdir(parents=True)
+    rcs, _, log = _two_processes(tmp_path, "plain", _ddp_args(synth_root, out, 1))
     assert rcs == [2, 2], (rcs, log[-3000:])
-    assert "cannot create the run folder" in log and "Traceback" not in log
-    assert blocker.read_text() == "not a folder"
+    assert "already exists and is never overwritten" in log and "Traceback" not in log
+    assert not any((out / "ddp").iterdir())
 
 
 def test_ddp_signal_on_one_rank_in_the_last_validation_stops_both(synth_root, tmp_path):

@@ -221,6 +221,31 @@ def test_a_link_to_a_folder_above_it_is_refused(data_copy, tmp_path):
         train_cxr.check_split_dir(data_copy / "train", "train")
 
 
+def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, monkeypatch, capsys):
+    # os.walk (ImageFolder's, --predict's) skips a folder it may not list without a word: the run trained
+    # without its images and said nothing. Root here, so the refusal is made by os.scandir, as without rights.
+    sub = data_copy / "train" / "NORMAL" / "site2"
+    sub.mkdir()
+    for f in sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:5]:
+        f.rename(sub / f.name)
+    (data_copy / "train" / "NORMAL" / ".cache").mkdir()  # hidden: its images are never read, so no warning
+    real = os.scandir
+
+    def scandir(path="."):
+        if Path(path).name in ("site2", ".cache"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    classes, samples = train_cxr.check_split_dir(data_copy / "train", "train")
+    assert capsys.readouterr().out == (f"warning: skipping 1 folder(s) that cannot be read, their images left out: "
+                                       f"{sub} (Permission denied); fix their permissions to include them\n")
+    assert len(samples) == 145
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot read the folder {re.escape(str(sub))} \\(Permission"):
+        train_cxr.check_image_tree(sub)
+
+
 def test_a_test_class_with_no_readable_file_is_refused(data_copy):
     for f in (data_copy / "test" / "NORMAL").glob("*.png"):
         f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0
@@ -347,8 +372,10 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
     assert signal.getsignal(signal.SIGINT) is outer_handler  # the caller's handler is restored
 
     monkeypatch.setattr(train_cxr, "train_one_epoch", real)
+    shutil.rmtree(run_dir / "grad_cam")  # deleted to save space: the resume stopped at its first overlay
     assert run(["--resume", run_dir]) == 0
     resumed = capsys.readouterr().out
+    assert (run_dir / "grad_cam" / "summary_epoch_003.png").is_file()
     # The run's own settings (here --amp off) apply after a resume, not this command line's defaults.
     assert re.findall(r"precision: (\S+)", resumed) == precision == ["fp32"], (precision, resumed[:600])
     got, want = read_csv(run_dir / "history.csv"), read_csv(reference_run / "history.csv")
@@ -359,6 +386,17 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
             if k != "seconds":
                 assert _same(g[k], w[k]), (g["epoch"], k, g[k], w[k])
     assert (run_dir / "test_metrics.json").is_file()
+
+
+def test_a_run_folder_that_cannot_be_written_is_refused_on_resume_in_one_line(tmp_path, monkeypatch):
+    # A run folder copied without write permission, or on a read-only mount: --resume ended with
+    # a PermissionError traceback from opening train.log.
+    def refused(path):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+    monkeypatch.setattr(train_cxr, "attach_log_file", refused)
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot write in the run folder {re.escape(str(tmp_path))} "
+                                                  r"\(Permission denied\): make it writable"):
+        train_cxr.reopen_run_dir(tmp_path)
 
 
 def test_sigterm_subprocess_leaves_resumable_run(synth_root, tmp_path):
@@ -405,7 +443,7 @@ def test_atomic_write_failure_keeps_old_file(tmp_path, exc):
             f.write(b"epoch,loss\n1,0.5\n2,0.")  # half-written new content
         raise exc
 
-    with pytest.raises(type(exc)):
+    with pytest.raises(train_cxr.CXRError if isinstance(exc, OSError) else type(exc)):  # an OSError: one line
         train_cxr.atomic_write(target, half_then_die)
     assert target.read_bytes() == old
     assert os.listdir(tmp_path) == ["history.csv"]  # no temp file left behind
@@ -629,6 +667,22 @@ def test_disk_full_in_atomic_write(tmp_path):
     assert os.listdir(tmp_path) == ["config.json"]
 
 
+@pytest.mark.parametrize("code", [errno.EDQUOT, errno.EROFS, errno.EACCES], ids=["quota", "read-only", "denied"])
+def test_other_write_failures_are_one_line_naming_the_file(tmp_path, code):
+    # A quota on a shared server (EDQUOT: "disk full" there), a folder or mount made read-only: the run
+    # ended with a traceback (and under torchrun rank 1 waited for a rank 0 that had exited).
+    target = tmp_path / "best_model.pt"
+    target.write_bytes(b"the good one")
+
+    def writer(p):
+        Path(p).write_bytes(b"half")
+        raise OSError(code, os.strerror(code), str(p))
+
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot write {re.escape(str(target))} \\({os.strerror(code)}\\)"):
+        train_cxr.atomic_write(target, writer)
+    assert target.read_bytes() == b"the good one" and os.listdir(tmp_path) == ["best_model.pt"]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_disk_full_during_save_checkpoint(tmp_path, monkeypatch):
     """torch.save as it behaves on a full disk: the same call, with every write going to /dev/full."""
@@ -650,6 +704,64 @@ def test_disk_full_during_save_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert train_cxr.load_checkpoint(target)["epoch"] == 1
     assert os.listdir(tmp_path) == ["last.pt"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_disk_full_while_saving_an_overlay_is_not_a_silent_broken_png(tmp_path):
+    # cv2.imwrite does not check its writes: on a full disk it returned True, and the truncated PNG
+    # replaced the overlay with no word. The temp file save_image writes is made a link to /dev/full.
+    target = tmp_path / "summary.png"
+    img = np.full((32, 32, 3), 200, np.uint8)
+    train_cxr.save_image(target, img)
+    good = target.read_bytes()
+    (tmp_path / f".summary.tmp{os.getpid()}.png").symlink_to("/dev/full")
+    with pytest.raises(train_cxr.CXRError, match=f"^disk full while writing {re.escape(str(target))}"):
+        train_cxr.save_image(target, np.zeros((32, 32, 3), np.uint8))
+    assert target.read_bytes() == good and os.listdir(tmp_path) == ["summary.png"]
+    assert (cv2.imread(str(target)) == img).all()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_the_demo_data_on_a_full_disk_stops_in_one_line(tmp_path):
+    # write_synthetic_dataset (--demo's data) ignored cv2.imwrite's result, which is True on a full disk
+    # anyway: the demo went on with truncated images. Its first file's name and temp name lead to /dev/full.
+    folder = tmp_path / "train" / "NORMAL"
+    folder.mkdir(parents=True)
+    for name in ("IM-0001-0001.png", f".IM-0001-0001.tmp{os.getpid()}.png"):
+        (folder / name).symlink_to("/dev/full")
+    with pytest.raises(train_cxr.CXRError, match="^disk full while writing .*IM-0001-0001.png"):
+        train_cxr.write_synthetic_dataset(tmp_path, {"NORMAL": 2}, {}, size=16)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_train_log_on_a_full_disk_is_one_warning_not_a_traceback_a_line(tmp_path, capsys):
+    # Every line logged on a full disk came with logging's 10-line "--- Logging error ---" traceback.
+    (tmp_path / "train.log").symlink_to("/dev/full")
+    try:
+        train_cxr.setup_console_logging()
+        train_cxr.attach_log_file(tmp_path / "train.log")
+        for epoch in (1, 2, 3):
+            train_cxr.log.info(f"epoch {epoch}")
+    finally:
+        train_cxr.setup_console_logging()
+    out, err = capsys.readouterr()
+    assert out == "epoch 1\nepoch 2\nepoch 3\n"  # the console still has every line
+    assert err == (f"warning: cannot write {tmp_path / 'train.log'} (No space left on device): its lines from here "
+                   "on are on the console only\n")
+
+
+def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
+    # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
+    # leave an empty file in its place. The data must be synced before the rename.
+    calls, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(train_cxr.os, "fsync", lambda fd: (calls.append(("fsync", os.fstat(fd).st_size)),
+                                                          real_fsync(fd)))
+    monkeypatch.setattr(train_cxr.os, "replace", lambda a, b: (calls.append(("replace", Path(b).name)),
+                                                              real_replace(a, b)))
+    target = tmp_path / "best_model.pt"
+    train_cxr.save_checkpoint(target, _ckpt(1))
+    assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == target.stat().st_size
+    assert train_cxr.load_checkpoint(target)["epoch"] == 1
 
 
 def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):

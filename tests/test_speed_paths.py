@@ -5,6 +5,8 @@ asserted here: benchmarks/speed.py measures speed.
 """
 import contextlib
 import dataclasses
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +264,17 @@ def test_benchmark_builds_kermany_sized_grayscale_copies(tmp_path):
     assert len({Image.open(p).size for p, _ in samples}) > 1  # sizes vary
     again, seconds, reused = speed.build_copy(src, out, limit=4, seed=1, procs=1)
     assert reused and seconds == 0.0 and again == samples
+    # A build stopped half-way is the benchmark's own: built again, not refused.
+    (out / speed.MANIFEST).write_text(json.dumps({"complete": False}))
+    assert speed.build_copy(src, out, limit=4, seed=1, procs=1)[0] == samples
+    # A folder it did not build (--keep-dir pointed at the user's own data) is refused: its images of the
+    # same names were replaced by upscaled copies of the 224 px ones.
+    mine = tmp_path / "my_data"
+    shutil.copytree(src, mine)
+    before = {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="holds files but no speed_manifest.json"):
+        speed.build_copy(src, mine, limit=4, seed=1, procs=1)
+    assert {p: p.read_bytes() for p in mine.rglob("*") if p.is_file()} == before
 
 
 def test_benchmark_help_says_what_it_measures(capsys):

@@ -1,8 +1,10 @@
 """Saying when a prediction cannot be trusted: calibration, threshold policies, the
 out-of-distribution guard, fp32 scoring, old checkpoints, --recalibrate and the CSV columns."""
 import dataclasses
+import errno
 import io
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -641,6 +643,20 @@ def test_a_run_folder_with_last_pt_but_no_best_model_is_not_said_to_have_finishe
         T.load_checkpoint(tmp_path / "run")
     assert "has no best_model.pt (moved or deleted?)" in str(e.value) and "pass its last.pt" in str(e.value)
     assert "no epoch" not in str(e.value)
+
+
+def test_a_checkpoint_that_cannot_be_read_is_not_called_damaged(tmp_path, monkeypatch):
+    # A colleague's best_model.pt readable by its owner only: "not a checkpoint, or it is damaged (an
+    # incomplete copy?)" sent the user looking for a good copy of a file that was fine.
+    ckpt = tmp_path / "best_model.pt"
+    ckpt.write_bytes(b"PK")
+
+    def denied(f, *a, **k):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(f))
+    monkeypatch.setattr(T.torch, "load", denied)
+    with pytest.raises(T.CXRError, match=f"^cannot read {re.escape(str(ckpt))} \\(Permission denied\\): check its "
+                                         "permissions"):
+        T.load_checkpoint(ckpt)
 
 
 def test_scores_are_fp32_even_when_training_ran_in_bf16():

@@ -296,6 +296,20 @@ def test_predict_numbers_every_overlay_past_the_first_chunk(trained, synth_root,
     assert [int(k) for k in re.findall(r'<img src="grad_cam/(\d+)_', page)] == list(range(110))
 
 
+def test_predict_does_not_score_its_own_earlier_overlays(trained, synth_root, tmp_path, capsys):
+    # --predict . from inside the scans folder puts runs/ there: the second call scored the first one's
+    # Grad-CAM overlays as X-rays (2 scans predicted as 4, in predictions.csv and the report).
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for f in sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:2]:
+        shutil.copy(f, scans / f.name)
+    for name in ("first", "second"):
+        assert run(["--predict", scans, "--checkpoint", trained, "--output-dir", scans / "runs", "--run-name", name,
+                    "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    assert [Path(r["path"]).parent for r in read_csv(scans / "runs" / "second" / "predictions.csv")] == [scans] * 2
+    assert f"skipping 1 run folder(s) of train_cxr.py under {scans}" in capsys.readouterr().out
+
+
 def test_predict_survives_a_file_name_near_the_file_systems_limit(trained, synth_root, tmp_path):
     # A 242-byte name (80 non-ASCII characters of 3 bytes) is a valid file, but its overlay's name
     # (number, stem, label, P) passed the 255 bytes a file name may have: the run stopped with a
