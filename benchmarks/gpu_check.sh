@@ -10,12 +10,13 @@
 #   5. benchmarks/gpu_steps.py: images/s of training steps alone at batch 64 and 256, and how much
 #      of a step the GPU is busy (under 1: it waits for the host to queue kernels)
 #
-#   bash benchmarks/gpu_check.sh TRAIN_DIR [WORK_DIR]
+#   bash benchmarks/gpu_check.sh TRAIN_DIR [WORK_DIR] 2>&1 | tee gpu_check.log
 #   DEVICE=cpu bash benchmarks/gpu_check.sh TRAIN_DIR    # smoke check of the script on a CPU
 #
-# Settings (environment): DEVICE (cuda), SUBSET images per class (all; cpu: 40, at 64 px), EPOCHS of the
-# default run (the script's; cpu: 2), PAIR_EPOCHS of each deterministic run (3; cpu: 1), SUITE=1|0
-# (cuda: 1, cpu: 0). The official test split is held out from the developers, so the test folder
+# Let its output stream (tee, not > file): a lease that ends mid-way still shows the figures so far.
+# Settings (environment): PYTHON (python3), DEVICE (cuda), SUBSET images per class (all; cpu: 40, at 64
+# px), EPOCHS of the default run (the script's; cpu: 2), PAIR_EPOCHS of each deterministic run (3; cpu:
+# 1), SUITE=1|0 (cuda: 1, cpu: 0). The official test split is held out from the developers, so the test folder
 # is a stand-in of 100 training images per class (20 with SUBSET): its test figures (and the patient-overlap
 # warning it causes) mean nothing; time, speed and reproducibility do. Exit status: 0 when the
 # suite passed, every run finished and the deterministic pair matched.
@@ -27,6 +28,8 @@ if [ "$device" = cpu ]; then subset=${SUBSET:-40}; epochs=${EPOCHS:-2}; pair=${P
     small=(--img-size 64 --batch-size 16 --num-threads 1)  # the smoke check's own small settings
 else subset=${SUBSET:-0}; epochs=${EPOCHS:-}; pair=${PAIR_EPOCHS:-3}; suite=${SUITE:-1}; small=(); fi
 here=$(cd "$(dirname "$0")/.." && pwd)
+# The interpreter: PYTHON, else python3 (a GPU image may have no "python"), else python.
+py=${PYTHON:-$(command -v python3 || command -v python)}
 status=0
 
 if [ -e "$work/data" ]; then
@@ -44,11 +47,11 @@ for cls in "$train"/*/; do
     [ "$subset" -gt 0 ] || { rm -r "$work/data/train/$name"; ln -s "$cls" "$work/data/train/$name"; }
 done
 
-elapsed() { python -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$1" "$(date +%s.%N)"; }
+elapsed() { "$py" -c "import sys; print(round(float(sys.argv[2]) - float(sys.argv[1]), 1))" "$1" "$(date +%s.%N)"; }
 train_cxr() {  # NAME [flags...]: one run, its figures, its wall time (also left in $wall)
     local name=$1 t0; shift
     t0=$(date +%s.%N)
-    python "$here/train_cxr.py" --data-dir "$work/data" --device "$device" --output-dir "$work/runs" \
+    "$py" "$here/train_cxr.py" --data-dir "$work/data" --device "$device" --output-dir "$work/runs" \
         --run-name "$name" "${small[@]}" "$@" > "$work/$name.log" 2>&1
     local rc=$?
     wall=$(elapsed "$t0")
@@ -59,12 +62,14 @@ train_cxr() {  # NAME [flags...]: one run, its figures, its wall time (also left
 }
 
 [ "$device" = cuda ] && { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; }
-python -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '| visible:', torch.cuda.is_available())"
+"$py" -c "import sys, torch
+print('python', sys.version.split()[0], '| torch', torch.__version__, '| cuda', torch.version.cuda,
+      '| visible:', torch.cuda.is_available())"
 
 if [ "$suite" = 1 ]; then
-    echo "1. test suite (CUDA visible: $(python -c 'import torch; print(torch.cuda.is_available())'))"
+    echo "1. test suite (CUDA visible: $("$py" -c 'import torch; print(torch.cuda.is_available())'))"
     t0=$(date +%s.%N)
-    (cd "$here" && python -m pytest -q -p no:cacheprovider -rs) > "$work/suite.log" 2>&1 || status=1
+    (cd "$here" && "$py" -m pytest -q -p no:cacheprovider -rs) > "$work/suite.log" 2>&1 || status=1
     tail -n 15 "$work/suite.log" | grep -E "passed|failed|error|SKIPPED" | sed "s/^/  /"
     echo "  wall_seconds: $(elapsed "$t0") | log: $work/suite.log"
 else
@@ -74,7 +79,7 @@ fi
 echo "2. default run${epochs:+ ($epochs epochs)}"
 train_cxr default ${epochs:+--epochs "$epochs"}
 speed=$(grep -oE "training speed: [0-9.]+" "$work/default.log" | grep -oE "[0-9.]+$")
-python - "$wall" "${speed:-0}" <<'EOF'
+"$py" - "$wall" "${speed:-0}" <<'EOF'
 import sys
 wall, speed = map(float, sys.argv[1:])
 ok = wall <= 15 and speed >= 20000
@@ -86,7 +91,7 @@ echo "3. deterministic pair ($pair epochs each, one seed)"
 for name in det_a det_b; do
     train_cxr "$name" --deterministic --epochs "$pair" --num-gradcam-images 0
 done
-python - "$work/runs/det_a/history.csv" "$work/runs/det_b/history.csv" <<'EOF' || status=1
+"$py" - "$work/runs/det_a/history.csv" "$work/runs/det_b/history.csv" <<'EOF' || status=1
 import csv, sys
 rows = [[{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(p))] for p in sys.argv[1:]]
 same = rows[0] == rows[1] and len(rows[0]) > 0
@@ -97,10 +102,10 @@ if not same:
 sys.exit(0 if same else 1)
 EOF
 echo "4. the original recipe, 2 epochs, against the default run"
-mapfile -t baseline < <(cd "$here" && python -c "import sys; sys.path.insert(0, 'benchmarks'); import quality
+mapfile -t baseline < <(cd "$here" && "$py" -c "import sys; sys.path.insert(0, 'benchmarks'); import quality
 print(*quality.BASELINE, sep='\n')")
 train_cxr original "${baseline[@]}" --epochs 2 --num-gradcam-images 0 --bootstrap 0
-python - "$work/runs/default/history.csv" "$work/runs/original/history.csv" <<'EOF'
+"$py" - "$work/runs/default/history.csv" "$work/runs/original/history.csv" <<'EOF'
 import csv, sys
 def per_epoch(path):  # mean seconds per epoch from epoch 2 on, from a run's history.csv
     s = [float(r["seconds"]) for r in csv.DictReader(open(path))][1:]
@@ -111,6 +116,6 @@ print(f"  seconds per epoch from epoch 2 on: default run {ours or 'n/a':.4}, ori
 EOF
 echo "5. where a training step's time goes: GPU busy share and kernels per step (benchmarks/gpu_steps.py)"
 if [ "$device" = cuda ]; then step_flags=(); else step_flags=(--steps 2 --batches 64); fi
-python "$here/benchmarks/gpu_steps.py" --device "$device" "${step_flags[@]}" 2>&1 | sed "s/^/  /" || status=1
+"$py" "$here/benchmarks/gpu_steps.py" --device "$device" "${step_flags[@]}" 2>&1 | sed "s/^/  /" || status=1
 echo "gpu_check exit_status: $status"
 exit "$status"

@@ -51,7 +51,6 @@ def backend_flags() -> dict:
             "cudnn_benchmark": torch.backends.cudnn.benchmark,
             "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
             "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-            "matmul_precision": torch.get_float32_matmul_precision(),
             "cublas_workspace": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
 
 
@@ -61,8 +60,9 @@ def restore_backend_flags(flags: dict) -> None:
     torch.backends.cudnn.deterministic = flags["cudnn_deterministic"]
     torch.backends.cudnn.benchmark = flags["cudnn_benchmark"]
     torch.backends.cudnn.allow_tf32 = flags["cudnn_allow_tf32"]
+    # Not torch.get/set_float32_matmul_precision (the script never sets it): on a CUDA machine with torch 2.11,
+    # once a run had set matmul.allow_tf32, the getter raised "mix of the legacy and new APIs" in every later test.
     torch.backends.cuda.matmul.allow_tf32 = flags["matmul_allow_tf32"]
-    torch.set_float32_matmul_precision(flags["matmul_precision"])
     if flags["cublas_workspace"] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
     else:

@@ -7,6 +7,8 @@ runs bit for bit. benchmarks/gpu_check.sh runs this file with the rest of the su
 """
 import inspect
 import json
+import linecache
+import traceback
 import warnings
 from pathlib import Path
 
@@ -53,7 +55,10 @@ def test_cuda_predict_probabilities_and_maps(cuda_run, synth_root, tmp_path):
     arr, bad = T.decode_all([r["path"] for r in rows], ckpt["work_size"])
     assert not bad
     images = torch.from_numpy(arr)
-    probs = T.predict_probs(model, images, ckpt["img_size"], ckpt["normalization"], rt, tta)
+    # The CSV holds calibrated probabilities (the checkpoint's temperature and biases): compared with the raw
+    # softmax, as before calibration existed, this failed on the first GPU it met (0.37 for 0.51).
+    probs = T.calibrate(T.predict_probs(model, images, ckpt["img_size"], ckpt["normalization"], rt, tta),
+                        ckpt["calibration"])
     saved = np.array([[float(r[f"prob_{c}"]) for c in classes] for r in rows])
     np.testing.assert_allclose(saved, probs, atol=2e-3)  # TF32-level, same device
 
@@ -101,14 +106,21 @@ def test_no_training_step_waits_for_the_gpu():
     train = T.Split(torch.randint(0, 256, (48, 36, 36), dtype=torch.uint8).to(rt.device), labels, [""] * 48)
     st = T.build_state(cfg, rt, ["NORMAL", "PNEUMONIA"], labels.numpy(), {"mode": "image"}, steps=6)
     T.train_one_epoch(st, train, 1)  # the first steps may wait (the optimizer's state, kernel choice)
-    with warnings.catch_warnings(record=True) as caught:
+    waits = []  # (where the wait happened, the line of train_cxr.py that led to it)
+
+    def keep(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" in str(message):  # a wait inside torch is judged by the line of ours that called it
+            ours = [f.lineno for f in traceback.extract_stack() if Path(f.filename).name == "train_cxr.py"]
+            waits.append((f"{Path(filename).name}:{lineno}", ours[-1] if ours else None))
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = keep
         torch.cuda.set_sync_debug_mode("warn")
         try:
             T.train_one_epoch(st, train, 2)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    waits = [(Path(w.filename).name, w.lineno) for w in caught if "synchroniz" in str(w.message)]
     assert waits  # the loss check and the epoch's end do wait: the mode reports waits here
-    in_steps = [w for w in waits if not (w[0] == "train_cxr.py" and w[1] in allowed)]
-    assert not in_steps, (in_steps, sorted(allowed))
+    in_steps = sorted({(at, ours, linecache.getline(T.__file__, ours or 0).strip())
+                       for at, ours in waits if ours not in allowed})
+    assert not in_steps, in_steps  # e.g. torch 2.11 on an H200: waits in functional.py:3504 and __init__.py:1270
