@@ -1188,6 +1188,17 @@ def model_kwargs(cfg: Config, num_classes: int) -> dict:
                 channels=list(cfg.channels), fc_hidden=cfg.fc_hidden, dropout=cfg.dropout)
 
 
+class SummedCrossEntropy(nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss's weighted mean, label smoothing included, as the batch's sum over its targets'
+    weights: the same loss, but torch before 2.12 found those weights with masked_select when smoothing,
+    and its data-dependent size made every CUDA training step wait for the GPU. Used on CUDA only, so the
+    CPU path keeps its numbers bit for bit."""
+
+    def forward(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, weight=self.weight, label_smoothing=self.label_smoothing,
+                               reduction="sum") / self.weight[y].sum()
+
+
 class EMA:
     """Exponential moving average of the weights and of the batch-norm statistics."""
 
@@ -2737,8 +2748,9 @@ def build_state(cfg: Config, rt: Runtime, class_names: list, train_labels, norm:
             return (step + 1) / warm
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    crit = nn.CrossEntropyLoss(weight=class_weights(train_labels, len(class_names)).to(rt.device),
-                               label_smoothing=cfg.label_smoothing)
+    loss_type = SummedCrossEntropy if rt.device.type == "cuda" else nn.CrossEntropyLoss
+    crit = loss_type(weight=class_weights(train_labels, len(class_names)).to(rt.device),
+                     label_smoothing=cfg.label_smoothing)
     return TrainState(train_model, ema.module if ema else model, ema, opt, sched, crit, cfg, norm, rt,
                       positive_index(class_names, cfg.positive_class), order_seed(cfg.seed) if own_orders else cfg.seed)
 

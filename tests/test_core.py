@@ -179,6 +179,22 @@ def test_class_weights():
     np.testing.assert_allclose(train_cxr.class_weights(np.array([0, 1, 1, 0, 2, 2]), 3).numpy(), np.ones(3))
 
 
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_the_cuda_loss_is_the_weighted_mean_loss_without_its_wait(smoothing):
+    # On CUDA the loss is the weighted sum over the targets' weights (torch < 2.12 found those weights with
+    # masked_select when smoothing: a wait for the GPU every step); its value and gradients are the mean's.
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 3, (64,), generator=g)
+    w = train_cxr.class_weights(y.numpy(), 3).double()
+    got = train_cxr.SummedCrossEntropy(weight=w, label_smoothing=smoothing)(logits, y)
+    (g_got,) = torch.autograd.grad(got, logits)
+    want = torch.nn.CrossEntropyLoss(weight=w, label_smoothing=smoothing)(logits, y)
+    (g_want,) = torch.autograd.grad(want, logits)
+    assert abs((got - want).item()) < 1e-12 and torch.allclose(g_got, g_want, rtol=0, atol=1e-12)
+    assert abs((want - torch.nn.CrossEntropyLoss(label_smoothing=smoothing)(logits, y)).item()) > 1e-3  # w acts
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Model
 # ----------------------------------------------------------------------------------------------
