@@ -336,6 +336,8 @@ def parse_config(argv=None) -> tuple:
     # A ~ that no shell expanded (OUTPUT_DIR = "~/cxr_runs" edited above, or --output-dir=~/cxr_runs, where the
     # shell leaves a ~ after "=" as it is) made a folder named "~" in the current one and wrote the run there.
     cfg.data_dir, cfg.output_dir = os.path.expanduser(cfg.data_dir), os.path.expanduser(cfg.output_dir)
+    for name in {"data_dir", "output_dir"} & args.given:  # --resume reads the typed ones: --data-dir=~/moved/data
+        setattr(args, name, getattr(cfg, name))
     for mode in ("checkpoint", "resume", "recalibrate"):
         if getattr(args, mode):
             setattr(args, mode, os.path.expanduser(getattr(args, mode)))

@@ -479,7 +479,9 @@ def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, c
         cv2.imwrite(str(p), 255 - cv2.imread(str(p), cv2.IMREAD_GRAYSCALE))
     assert run(["--resume", out / "r", "--data-dir", tmp_path / "c", "--num-threads", "1"]) == 2
     assert "does not hold the images" in one_error_line(capsys)
-    assert run(["--resume", out / "r", "--data-dir", tmp_path / "b" / "data", "--num-threads", "1"]) == 0
+    # Typed as --data-dir=~/b/data, whose ~ no shell expands: it was taken as a folder named "~" here, "not found".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run(["--resume", out / "r", "--data-dir=~/b/data", "--num-threads", "1"]) == 0
     assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
     saved = json.loads((out / "r" / "config.json").read_text())  # the start's folder, and where the resume read
     assert saved["config"]["data_dir"] == str(tmp_path / "a" / "data")
