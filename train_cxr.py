@@ -331,7 +331,16 @@ def parse_config(argv=None) -> tuple:
         near = difflib.get_close_matches(odd[0], Config.__dataclass_fields__, n=1)
         raise CXRError(f"DEMO_OVERRIDES at the top of train_cxr.py sets {odd[0]!r}, which is no setting; " + (
             f"did you mean {near[0]!r}?" if near else "its keys are the flags' names, img_size for --img-size"))
-    values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
+    # An edited DEMO_OVERRIDES value is named as such: "--img-size 8 is invalid" blamed a flag never typed, and
+    # a string (lr="1e-3") stopped check_config with a TypeError. Text against number only: a float for an int
+    # (epochs=12.0) is check_config's to name, and 0.99 stays right where EMA_DECAY was edited to 0.
+    demo = {k: tuple(v) if isinstance(v, list) else v  # channels=[...], as CHANNELS may be a list
+            for k, v in DEMO_OVERRIDES.items() if k not in args.given} if args.demo else {}
+    for k, v in demo.items():
+        if isinstance(v, str) != (Config.__dataclass_fields__[k].type is str):
+            raise CXRError(f"DEMO_OVERRIDES[{k!r}] = {v!r} at the top of train_cxr.py has the wrong type "
+                           f"({type(v).__name__}): write it as {k.upper()} = {globals()[k.upper()]!r} is written")
+    values = {**demo, **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     # A ~ that no shell expanded (OUTPUT_DIR = "~/cxr_runs" edited above, or --output-dir=~/cxr_runs, where the
     # shell leaves a ~ after "=" as it is) made a folder named "~" in the current one and wrote the run there.
@@ -342,7 +351,7 @@ def parse_config(argv=None) -> tuple:
         if getattr(args, mode):
             setattr(args, mode, os.path.expanduser(getattr(args, mode)))
     args.predict = args.predict and [os.path.expanduser(p) for p in args.predict]
-    check_config(cfg, set(Config.__dataclass_fields__) - set(values))
+    check_config(cfg, set(Config.__dataclass_fields__) - set(values), set(demo))
     check_modes(args)
     return cfg, args
 
@@ -376,9 +385,10 @@ def check_modes(args) -> None:
                        f"checkpoint's own settings (it reads only {dashed(MODE_FLAGS[mode])})")
 
 
-def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
+def check_config(cfg: Config, from_constants: set = frozenset(), from_demo: set = frozenset()) -> None:
     """Refuse a value no run can use, naming its flag; or its constant, for a field in from_constants (one not typed
-    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command)."""
+    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command),
+    or DEMO_OVERRIDES, for one in from_demo (set by --demo, not typed)."""
     rules = [("channels", len(cfg.channels) == 4 and all(isinstance(c, int) and c >= 1 for c in cfg.channels),
               "4 positive integers like 16,32,64,128, one per conv block"),
              ("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
@@ -436,7 +446,8 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
         if not ok:
             value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
             said = (f"{name.upper()} = {value!r} at the top of train_cxr.py ({flag})" if name in from_constants
-                    else f"{flag} {value!r}")
+                    else f"DEMO_OVERRIDES[{name!r}] = {value!r} at the top of train_cxr.py ({flag} of --demo)"
+                    if name in from_demo else f"{flag} {value!r}")
             raise CXRError(f"{said} is invalid: it must be {want}")
 
 
