@@ -222,6 +222,8 @@ FLAGS = {
         ("DETERMINISTIC", "CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)")],
 }
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
+TEXT_FLAGS = ("data_dir", "output_dir", "run_name", "normalize", "patient_regex", "positive_class",
+              "threshold_policy", "device", "amp")  # the constants written in quotes; every other is a number or bool
 
 
 # CHANNELS edited as a list, [16, 32, 64, 128], means the same: as a list, making Config below stopped every
@@ -327,6 +329,13 @@ def parse_config(argv=None) -> tuple:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    # A number edited in quotes (LR = "1e-3", copied from a YAML file) stopped check_config's comparisons with a
+    # TypeError traceback; a typed --lr takes the constant's type, so it is the constant that is named.
+    for name in Config.__dataclass_fields__:
+        if isinstance(globals()[name.upper()], str) != (name in TEXT_FLAGS):
+            raise CXRError(f"{name.upper()} = {globals()[name.upper()]!r} at the top of train_cxr.py is invalid: it "
+                           "must be " + ("text in quotes" if name in TEXT_FLAGS else "a number (or True/False), "
+                                         "written without quotes"))
     if args.demo and (odd := sorted(set(DEMO_OVERRIDES) - set(Config.__dataclass_fields__))):  # else a TypeError
         near = difflib.get_close_matches(odd[0], Config.__dataclass_fields__, n=1)
         raise CXRError(f"DEMO_OVERRIDES at the top of train_cxr.py sets {odd[0]!r}, which is no setting; " + (

@@ -368,6 +368,18 @@ def test_a_typed_count_made_a_float_by_its_constant_names_the_constant(monkeypat
         train_cxr.parse_config(["--epochs", "5"])
 
 
+@pytest.mark.parametrize("const, value, want", [("LR", "1e-3", "a number (or True/False), written without quotes"),
+                                                ("AUG_HFLIP", "False", "a number (or True/False)"),
+                                                ("RUN_NAME", 7, "text in quotes")])
+def test_a_constant_edited_with_or_without_quotes_by_mistake_is_one_line(monkeypatch, const, value, want):
+    # LR = "1e-3" (copied from a YAML file) stopped every command with check_config's TypeError traceback,
+    # a typed --lr 0.1 too, since a flag takes its constant's type.
+    monkeypatch.setattr(train_cxr, const, value)
+    with pytest.raises(train_cxr.CXRError, match=f"^{const} = {value!r} at the top of train_cxr.py is invalid: it "
+                                                 f"must be {re.escape(want)}"):
+        train_cxr.parse_config(["--lr", "0.1"])
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
