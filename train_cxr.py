@@ -3216,10 +3216,13 @@ def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> N
 
 def images_to_predict(folder: Path) -> list:
     """The image files below a --predict folder, sorted, less the run folders of this script inside it
-    (train.log and grad_cam/): --predict scans/ from inside scans/ (runs/ lands there) scored the last
+    (train.log, with grad_cam/ or report.html): --predict scans/ from inside scans/ (runs/ lands there) scored the last
     run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
     files, runs = [], []
-    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and os.path.isdir(os.path.join(d, "grad_cam"))
+    # Not by grad_cam/ alone: a user may delete it to save space (--resume makes it again), leaving the run's
+    # plots (roc_curve.png, ...) to be scored as X-rays; every run folder with images has train.log and one of these.
+    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and any(
+        os.path.exists(os.path.join(d, n)) for n in ("grad_cam", "report.html"))
     # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
     # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
     for d, dirs, names in os.walk(folder, followlinks=True):
