@@ -2980,8 +2980,10 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
             return (out / name).resolve() == run_dir.resolve() or ("output_dir" not in args.given and name == own)
         return typed == stored
     own = Path(cfg.run_name or run_dir.name)  # --run-name exp/1: the run folder is OUTPUT_DIR/exp/1
-    stored = {**dataclasses.asdict(cfg), "output_dir": str(run_dir.resolve().parents[len(own.parts) - 1]),
-              "run_name": str(own)}
+    # ... unless the folder was moved since (a/b/exp1 copied to /data/exp1: an IndexError traceback): its parent
+    here = run_dir.resolve()
+    depth = len(own.parts) if here.parts[-len(own.parts):] == own.parts else 1
+    stored = {**dataclasses.asdict(cfg), "output_dir": str(here.parents[depth - 1]), "run_name": str(own)}
     differ = [k for k in sorted(args.given - RESUME_FLAGS) if not same(k, getattr(args, k), stored[k])]
     if differ:
         show = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v

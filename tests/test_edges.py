@@ -350,6 +350,12 @@ def test_resume_accepts_a_nested_run_name_typed_again(tmp_path):
             check(*other)
     with pytest.raises(T.CXRError, match="--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
         check("--run-name", "1")
+    # Copied out of its nesting to a folder nearer the root than its name is deep: an IndexError traceback.
+    moved = Path(tmp_path.anchor) / "exp1"
+    cfg.run_name = "/".join(["a"] * len(tmp_path.parts)) + "/exp1"
+    _, args = T.parse_config(["--resume", str(moved), "--epochs", "3"])
+    with pytest.raises(T.CXRError, match=f"--epochs 3 \\(the run's: {cfg.epochs}\\): --resume continues"):
+        T.check_resume_flags(args, cfg, moved)
 
 
 @pytest.mark.parametrize("world", [1, 2])
