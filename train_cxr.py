@@ -706,7 +706,10 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
             # Every epoch that writes last.pt has written best_model.pt before it (the first epoch is always the
             # best so far): a last.pt alone means best_model.pt was moved or deleted, not that no epoch finished.
             hint = (" (moved or deleted?); pass its last.pt explicitly to use the latest weights, "
-                    "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
+                    "which carry no calibration or threshold" if (path / "last.pt").is_file() else
+                    # --resume of a --recalibrate folder, which trains nothing: said for its checkpoint, not for it
+                    ": it is a --recalibrate folder; resume the training run it was made from (its report.html "
+                    "names that checkpoint)" if recalibrated.is_file() else "")
             raise CXRError(f"run folder {path} has no {in_folder}{hint}")
         path = path / in_folder
     if not path.is_file():
