@@ -3140,9 +3140,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         elif rt.is_main and saved:
             # The run's start stays as written; a resume adds where it ran and the flags it changed (--device cuda,
             # --amp on): config.json, and the report page that shows it, said the start's for every epoch.
-            at_start = saved.get("config", {})  # a config.json edited by hand may lack it
+            # Against the settings it continues (last.pt's), not the start's: a second resume's --no-strict after
+            # a first one's --strict was recorded as no change.
+            was = resume["config"]
             changed = {k: getattr(args, k) for k in sorted(RESUME_FLAGS & args.given)
-                       if getattr(args, k) != at_start.get(k)} | ({"data_dir": cfg.data_dir} if moved else {})
+                       if getattr(args, k) != was.get(k)} | ({"data_dir": cfg.data_dir} if moved else {})
             saved.setdefault("resumed", []).append({"after_epoch": resume["epoch"], "device": str(rt.device),
                                                     "precision": str(rt.amp_dtype or "fp32"), "changed": changed})
             save_json(run_dir / "config.json", saved)

@@ -423,8 +423,10 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     with monkeypatch.context() as m:  # Ctrl-C there: one line saying how to finish, not a traceback
         m.setattr(T, "test_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         capsys.readouterr()
-        assert run(["--resume", rd]) == 130
+        assert run(["--resume", rd, "--no-strict"]) == 130
         assert f"finish them with: python train_cxr.py --resume {rd}" in capsys.readouterr().out
+    # A second resume's change is against the first's --strict, not the start's (no change, it said)
+    assert json.loads((rd / "config.json").read_text())["resumed"][1]["changed"] == {"strict": False}
     assert run(["--resume", rd]) == 0
     assert (rd / "test_metrics.json").read_text() == metrics
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
