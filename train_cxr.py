@@ -222,6 +222,8 @@ FLAGS = {
         ("DETERMINISTIC", "CUDA: no cuDNN autotuning or TF32, deterministic kernels (slower)")],
 }
 CHOICES = {"normalize": ("image", "dataset"), "device": ("auto", "cpu", "cuda"), "amp": ("auto", "on", "off")}
+TEXT_FLAGS = ("data_dir", "output_dir", "run_name", "normalize", "patient_regex", "positive_class",
+              "threshold_policy", "device", "amp")  # the constants written in quotes; every other is a number or bool
 
 
 # CHANNELS edited as a list, [16, 32, 64, 128], means the same: as a list, making Config below stopped every
@@ -327,20 +329,38 @@ def parse_config(argv=None) -> tuple:
             argv[i] = dashed + eq + value
     args = parser.parse_args(argv)
     args.given = {f.name for f in dataclasses.fields(Config) if hasattr(args, f.name)}
+    # A number edited in quotes (LR = "1e-3", copied from a YAML file) stopped check_config's comparisons with a
+    # TypeError traceback; a typed --lr takes the constant's type, so it is the constant that is named.
+    for name in Config.__dataclass_fields__:
+        if isinstance(globals()[name.upper()], str) != (name in TEXT_FLAGS):
+            raise CXRError(f"{name.upper()} = {globals()[name.upper()]!r} at the top of train_cxr.py is invalid: it "
+                           "must be " + ("text in quotes" if name in TEXT_FLAGS else "a number (or True/False), "
+                                         "written without quotes"))
     if args.demo and (odd := sorted(set(DEMO_OVERRIDES) - set(Config.__dataclass_fields__))):  # else a TypeError
         near = difflib.get_close_matches(odd[0], Config.__dataclass_fields__, n=1)
         raise CXRError(f"DEMO_OVERRIDES at the top of train_cxr.py sets {odd[0]!r}, which is no setting; " + (
             f"did you mean {near[0]!r}?" if near else "its keys are the flags' names, img_size for --img-size"))
-    values = {**(DEMO_OVERRIDES if args.demo else {}), **{n: getattr(args, n) for n in args.given}}
+    # An edited DEMO_OVERRIDES value is named as such: "--img-size 8 is invalid" blamed a flag never typed, and
+    # a string (lr="1e-3") stopped check_config with a TypeError. Text against number only: a float for an int
+    # (epochs=12.0) is check_config's to name, and 0.99 stays right where EMA_DECAY was edited to 0.
+    demo = {k: tuple(v) if isinstance(v, list) else v  # channels=[...], as CHANNELS may be a list
+            for k, v in DEMO_OVERRIDES.items() if k not in args.given} if args.demo else {}
+    for k, v in demo.items():
+        if isinstance(v, str) != (Config.__dataclass_fields__[k].type is str):
+            raise CXRError(f"DEMO_OVERRIDES[{k!r}] = {v!r} at the top of train_cxr.py has the wrong type "
+                           f"({type(v).__name__}): write it as {k.upper()} = {globals()[k.upper()]!r} is written")
+    values = {**demo, **{n: getattr(args, n) for n in args.given}}
     cfg = Config(**values)
     # A ~ that no shell expanded (OUTPUT_DIR = "~/cxr_runs" edited above, or --output-dir=~/cxr_runs, where the
     # shell leaves a ~ after "=" as it is) made a folder named "~" in the current one and wrote the run there.
     cfg.data_dir, cfg.output_dir = os.path.expanduser(cfg.data_dir), os.path.expanduser(cfg.output_dir)
+    for name in {"data_dir", "output_dir"} & args.given:  # --resume reads the typed ones: --data-dir=~/moved/data
+        setattr(args, name, getattr(cfg, name))
     for mode in ("checkpoint", "resume", "recalibrate"):
         if getattr(args, mode):
             setattr(args, mode, os.path.expanduser(getattr(args, mode)))
     args.predict = args.predict and [os.path.expanduser(p) for p in args.predict]
-    check_config(cfg, set(Config.__dataclass_fields__) - set(values))
+    check_config(cfg, set(Config.__dataclass_fields__) - set(values), set(demo))
     check_modes(args)
     return cfg, args
 
@@ -374,9 +394,10 @@ def check_modes(args) -> None:
                        f"checkpoint's own settings (it reads only {dashed(MODE_FLAGS[mode])})")
 
 
-def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
+def check_config(cfg: Config, from_constants: set = frozenset(), from_demo: set = frozenset()) -> None:
     """Refuse a value no run can use, naming its flag; or its constant, for a field in from_constants (one not typed
-    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command)."""
+    and not --demo's: the value edited at the top of train_cxr.py, which the user would not find in the command),
+    or DEMO_OVERRIDES, for one in from_demo (set by --demo, not typed)."""
     rules = [("channels", len(cfg.channels) == 4 and all(isinstance(c, int) and c >= 1 for c in cfg.channels),
               "4 positive integers like 16,32,64,128, one per conv block"),
              ("img_size", cfg.img_size >= 16, "at least 16 (four 2x poolings)"),
@@ -402,8 +423,10 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
              # after decoding, in a run folder already made.
              ("seed", 0 <= cfg.seed < 10**16, "0 or more and below 10^16 (each epoch's torch seed, seed * 1000 + "
               "epoch, must fit in 64 bits)"),
-             ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts,
-              "a folder name inside --output-dir (exp1, or exp/1), not an absolute path or one with '..'"),
+             # --run-name=~/exp (no shell expands a ~ after "=") made a folder named "~" inside --output-dir
+             ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts
+              and not cfg.run_name.startswith("~"), "a folder name inside --output-dir (exp1, or exp/1), not an "
+              "absolute path (~/exp is one) or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
              ("min_val_per_class", cfg.min_val_per_class >= 1, "at least 1"),
              ("aug_brightness", 0.0 <= cfg.aug_brightness < 1.0, "in [0, 1): a factor U(1-b, 1+b), 0.25 for 25%"),
@@ -434,7 +457,8 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
         if not ok:
             value, flag = getattr(cfg, name), "--" + name.replace("_", "-")
             said = (f"{name.upper()} = {value!r} at the top of train_cxr.py ({flag})" if name in from_constants
-                    else f"{flag} {value!r}")
+                    else f"DEMO_OVERRIDES[{name!r}] = {value!r} at the top of train_cxr.py ({flag} of --demo)"
+                    if name in from_demo else f"{flag} {value!r}")
             raise CXRError(f"{said} is invalid: it must be {want}")
 
 
@@ -684,7 +708,10 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
             # Every epoch that writes last.pt has written best_model.pt before it (the first epoch is always the
             # best so far): a last.pt alone means best_model.pt was moved or deleted, not that no epoch finished.
             hint = (" (moved or deleted?); pass its last.pt explicitly to use the latest weights, "
-                    "which carry no calibration or threshold" if (path / "last.pt").is_file() else "")
+                    "which carry no calibration or threshold" if (path / "last.pt").is_file() else
+                    # --resume of a --recalibrate folder, which trains nothing: said for its checkpoint, not for it
+                    ": it is a --recalibrate folder; resume the training run it was made from (its report.html "
+                    "names that checkpoint)" if recalibrated.is_file() else "")
             raise CXRError(f"run folder {path} has no {in_folder}{hint}")
         path = path / in_folder
     if not path.is_file():
@@ -2970,8 +2997,10 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
             return (out / name).resolve() == run_dir.resolve() or ("output_dir" not in args.given and name == own)
         return typed == stored
     own = Path(cfg.run_name or run_dir.name)  # --run-name exp/1: the run folder is OUTPUT_DIR/exp/1
-    stored = {**dataclasses.asdict(cfg), "output_dir": str(run_dir.resolve().parents[len(own.parts) - 1]),
-              "run_name": str(own)}
+    # ... unless the folder was moved since (a/b/exp1 copied to /data/exp1: an IndexError traceback): its parent
+    here = run_dir.resolve()
+    depth = len(own.parts) if here.parts[-len(own.parts):] == own.parts else 1
+    stored = {**dataclasses.asdict(cfg), "output_dir": str(here.parents[depth - 1]), "run_name": str(own)}
     differ = [k for k in sorted(args.given - RESUME_FLAGS) if not same(k, getattr(args, k), stored[k])]
     if differ:
         show = lambda v: ",".join(map(str, v)) if isinstance(v, (tuple, list)) else v
@@ -3123,9 +3152,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         elif rt.is_main and saved:
             # The run's start stays as written; a resume adds where it ran and the flags it changed (--device cuda,
             # --amp on): config.json, and the report page that shows it, said the start's for every epoch.
-            at_start = saved.get("config", {})  # a config.json edited by hand may lack it
+            # Against the settings it continues (last.pt's), not the start's: a second resume's --no-strict after
+            # a first one's --strict was recorded as no change.
+            was = resume["config"]
             changed = {k: getattr(args, k) for k in sorted(RESUME_FLAGS & args.given)
-                       if getattr(args, k) != at_start.get(k)} | ({"data_dir": cfg.data_dir} if moved else {})
+                       if getattr(args, k) != was.get(k)} | ({"data_dir": cfg.data_dir} if moved else {})
             saved.setdefault("resumed", []).append({"after_epoch": resume["epoch"], "device": str(rt.device),
                                                     "precision": str(rt.amp_dtype or "fp32"), "changed": changed})
             save_json(run_dir / "config.json", saved)
@@ -3206,10 +3237,13 @@ def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> N
 
 def images_to_predict(folder: Path) -> list:
     """The image files below a --predict folder, sorted, less the run folders of this script inside it
-    (train.log and grad_cam/): --predict scans/ from inside scans/ (runs/ lands there) scored the last
+    (train.log, with grad_cam/ or report.html): --predict scans/ from inside scans/ (runs/ lands there) scored the last
     run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
     files, runs = [], []
-    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and os.path.isdir(os.path.join(d, "grad_cam"))
+    # Not by grad_cam/ alone: a user may delete it to save space (--resume makes it again), leaving the run's
+    # plots (roc_curve.png, ...) to be scored as X-rays; every run folder with images has train.log and one of these.
+    is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and any(
+        os.path.exists(os.path.join(d, n)) for n in ("grad_cam", "report.html"))
     # os.walk with followlinks, as training's ImageFolder walks (Path.rglob skips linked folders); a
     # broken link is kept, so that decoding lists it as unreadable rather than it vanishing.
     for d, dirs, names in os.walk(folder, followlinks=True):

@@ -102,7 +102,8 @@ def test_bad_flags_exit_2(argv, capsys):
 @pytest.mark.parametrize("name,text,value", [("val_fraction", "1.5", 1.5), ("val_fraction", "0", 0.0),
                                              ("img_size", "8", 8), ("batch_size", "1", 1), ("epochs", "0", 0),
                                              ("dropout", "1.0", 1.0), ("run_name", "/tmp/elsewhere", "/tmp/elsewhere"),
-                                             ("run_name", "../up", "../up"), ("run_name", "a/../../b", "a/../../b")])
+                                             ("run_name", "../up", "../up"), ("run_name", "a/../../b", "a/../../b"),
+                                             ("run_name", "~/exp", "~/exp")])  # a ~ no shell expanded (after "=")
 def test_check_config_names_the_flag(name, text, value, tmp_path, capsys):
     with pytest.raises(train_cxr.CXRError, match=re.escape(flag(name))):
         train_cxr.parse_config([flag(name), text])

@@ -350,6 +350,12 @@ def test_resume_accepts_a_nested_run_name_typed_again(tmp_path):
             check(*other)
     with pytest.raises(T.CXRError, match="--run-name 1 \\(the run's: exp/1\\)"):  # its own name, not a part
         check("--run-name", "1")
+    # Copied out of its nesting to a folder nearer the root than its name is deep: an IndexError traceback.
+    moved = Path(tmp_path.anchor) / "exp1"
+    cfg.run_name = "/".join(["a"] * len(tmp_path.parts)) + "/exp1"
+    _, args = T.parse_config(["--resume", str(moved), "--epochs", "3"])
+    with pytest.raises(T.CXRError, match=f"--epochs 3 \\(the run's: {cfg.epochs}\\): --resume continues"):
+        T.check_resume_flags(args, cfg, moved)
 
 
 @pytest.mark.parametrize("world", [1, 2])
@@ -417,8 +423,10 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     with monkeypatch.context() as m:  # Ctrl-C there: one line saying how to finish, not a traceback
         m.setattr(T, "test_report", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         capsys.readouterr()
-        assert run(["--resume", rd]) == 130
+        assert run(["--resume", rd, "--no-strict"]) == 130
         assert f"finish them with: python train_cxr.py --resume {rd}" in capsys.readouterr().out
+    # A second resume's change is against the first's --strict, not the start's (no change, it said)
+    assert json.loads((rd / "config.json").read_text())["resumed"][1]["changed"] == {"strict": False}
     assert run(["--resume", rd]) == 0
     assert (rd / "test_metrics.json").read_text() == metrics
     assert [r["epoch"] for r in read_csv(rd / "history.csv")] == ["1", "2", "3"]
@@ -479,7 +487,9 @@ def test_resume_after_the_data_folder_moved(synth_root, tmp_path, monkeypatch, c
         cv2.imwrite(str(p), 255 - cv2.imread(str(p), cv2.IMREAD_GRAYSCALE))
     assert run(["--resume", out / "r", "--data-dir", tmp_path / "c", "--num-threads", "1"]) == 2
     assert "does not hold the images" in one_error_line(capsys)
-    assert run(["--resume", out / "r", "--data-dir", tmp_path / "b" / "data", "--num-threads", "1"]) == 0
+    # Typed as --data-dir=~/b/data, whose ~ no shell expands: it was taken as a folder named "~" here, "not found".
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert run(["--resume", out / "r", "--data-dir=~/b/data", "--num-threads", "1"]) == 0
     assert T.load_checkpoint(out / "r" / "last.pt")["config"]["data_dir"] == str(tmp_path / "b" / "data")
     saved = json.loads((out / "r" / "config.json").read_text())  # the start's folder, and where the resume read
     assert saved["config"]["data_dir"] == str(tmp_path / "a" / "data")

@@ -368,6 +368,18 @@ def test_a_typed_count_made_a_float_by_its_constant_names_the_constant(monkeypat
         train_cxr.parse_config(["--epochs", "5"])
 
 
+@pytest.mark.parametrize("const, value, want", [("LR", "1e-3", "a number (or True/False), written without quotes"),
+                                                ("AUG_HFLIP", "False", "a number (or True/False)"),
+                                                ("RUN_NAME", 7, "text in quotes")])
+def test_a_constant_edited_with_or_without_quotes_by_mistake_is_one_line(monkeypatch, const, value, want):
+    # LR = "1e-3" (copied from a YAML file) stopped every command with check_config's TypeError traceback,
+    # a typed --lr 0.1 too, since a flag takes its constant's type.
+    monkeypatch.setattr(train_cxr, const, value)
+    with pytest.raises(train_cxr.CXRError, match=f"^{const} = {value!r} at the top of train_cxr.py is invalid: it "
+                                                 f"must be {re.escape(want)}"):
+        train_cxr.parse_config(["--lr", "0.1"])
+
+
 def test_no_mirror_augmentation_refuses_mirror_test_time_averaging():
     with pytest.raises(train_cxr.CXRError, match="--no-tta"):
         train_cxr.parse_config(["--no-aug-hflip"])
@@ -388,6 +400,31 @@ def test_a_misspelt_key_in_demo_overrides_is_one_line(monkeypatch):
                                                  "no setting; did you mean 'epochs'"):
         train_cxr.parse_config(["--demo"])
     assert train_cxr.parse_config([])[0].epochs == train_cxr.EPOCHS  # without --demo it is not read
+
+
+@pytest.mark.parametrize("key, value, said", [
+    ("img_size", 8, "DEMO_OVERRIDES['img_size'] = 8 at the top of train_cxr.py (--img-size of --demo) is invalid"),
+    ("lr", "1e-3", "DEMO_OVERRIDES['lr'] = '1e-3' at the top of train_cxr.py has the wrong type (str): write it as "
+                   "LR = ")])
+def test_an_invalid_value_in_demo_overrides_names_it_not_a_flag(monkeypatch, key, value, said):
+    # "--img-size 8 is invalid" named a flag the user never typed (only --demo); a string stopped with a TypeError.
+    monkeypatch.setattr(train_cxr, "DEMO_OVERRIDES", {**train_cxr.DEMO_OVERRIDES, key: value})
+    with pytest.raises(train_cxr.CXRError) as e:
+        train_cxr.parse_config(["--demo"])
+    assert str(e.value).startswith(said), str(e.value)
+    assert getattr(train_cxr.parse_config(["--demo", f"--{key.replace('_', '-')}", "32"])[0], key) == 32  # typed wins
+
+
+def test_demo_overrides_fractions_work_where_their_constant_was_edited_as_a_whole_number(tmp_path):
+    # EMA_DECAY = 0 (the README's "not 0, 0.0") made the demo's ema_decay=0.99 "the wrong type"; --demo ran before.
+    edited = tmp_path / "train_cxr.py"
+    src = (ROOT / "train_cxr.py").read_text()
+    assert src.count("\nEMA_DECAY = 0.998 ") == 1
+    edited.write_text(src.replace("\nEMA_DECAY = 0.998 ", "\nEMA_DECAY = 0 "))
+    # --evaluate: refused by check_modes, after the demo's values were taken, before anything is imported or run.
+    r = subprocess.run([sys.executable, str(edited), "--demo", "--evaluate"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.stderr.startswith("error: --demo and --evaluate are separate modes"), r.stderr
 
 
 def test_demo_settings_without_a_second_parse(monkeypatch):

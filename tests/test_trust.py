@@ -759,6 +759,14 @@ def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(tra
     assert not (tmp_path / "rc" / "history.csv").exists()
 
 
+def test_resume_of_a_recalibrate_folder_names_it(tmp_path):
+    # "run folder X has no last.pt" and no more, where its recalibrated_model.pt given itself names the run to resume.
+    (tmp_path / "recalibrated_model.pt").write_bytes(b"")
+    with pytest.raises(T.CXRError, match=f"^run folder {re.escape(str(tmp_path))} has no last.pt: it is a "
+                                         "--recalibrate folder; resume the training run"):
+        T.load_checkpoint(tmp_path, "last.pt")
+
+
 def test_recalibrated_cutoff_is_never_lowered_and_its_record_describes_it(tmp_path):
     guard = {"cutoff": 2.0, "quantile": 0.99, "means": []}
     low = np.linspace(0, 1.5, 101)  # the site's 95th percentile (1.425) is below the cutoff: kept as it was

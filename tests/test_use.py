@@ -310,6 +310,20 @@ def test_predict_does_not_score_its_own_earlier_overlays(trained, synth_root, tm
     assert f"skipping 1 run folder(s) of train_cxr.py under {scans}" in capsys.readouterr().out
 
 
+def test_predict_skips_a_run_folder_whose_grad_cam_was_deleted(tmp_path):
+    # A run folder was recognised by train.log and grad_cam/: with grad_cam/ deleted to save space, its
+    # roc_curve.png and training_history.png were scored as X-rays by --predict of the folder above it.
+    scans = tmp_path / "scans"
+    run_dir = scans / "runs" / "r"
+    run_dir.mkdir(parents=True)
+    img = np.full((32, 32, 3), 128, np.uint8)
+    for p in (scans / "a.png", run_dir / "roc_curve.png", run_dir / "training_history.png"):
+        train_cxr.save_image(p, img)
+    for name in ("train.log", "report.html"):
+        (run_dir / name).write_text("")
+    assert train_cxr.images_to_predict(scans) == [str(scans / "a.png")]
+
+
 def test_predict_survives_a_file_name_near_the_file_systems_limit(trained, synth_root, tmp_path):
     # A 242-byte name (80 non-ASCII characters of 3 bytes) is a valid file, but its overlay's name
     # (number, stem, label, P) passed the 255 bytes a file name may have: the run stopped with a
