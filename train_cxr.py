@@ -3184,6 +3184,8 @@ def check_edit_only(ckpt: dict, source) -> None:
     """The constants that are no flags, so no checkpoint restores them (EDIT_ONLY_STORED), as the model's run
     had them: one edited since would window DICOMs or blank lungs otherwise than training did, unsaid."""
     for name, was in ckpt.get("edit_only", {}).items():  # absent in checkpoints made before it was stored
+        if name.upper() not in EDIT_ONLY_STORED:  # stored by a newer version of this script: unknown here
+            continue
         now = globals()[name.upper()]
         if [float(v) for v in was] != [float(v) for v in now]:
             raise CXRError(f"{name.upper()} = {tuple(now)} at the top of train_cxr.py, but {source} was made with "

@@ -921,6 +921,8 @@ def test_a_constant_that_is_no_flag_edited_since_training_is_refused(trained, tm
     # windowed a model's DICOMs, and a resume blanked its lungs, otherwise than its run did, without a word.
     ckpt = T.load_checkpoint(trained / "best_model.pt")
     assert ckpt["edit_only"] == {"dicom_percentiles": list(T.DICOM_PERCENTILES), "lung_box": list(T.LUNG_BOX)}
+    # One stored by a newer version names a constant this one lacks: not a KeyError traceback.
+    T.check_edit_only({"edit_only": {**ckpt["edit_only"], "a_later_constant": [1.0]}}, "new.pt")
     img = tmp_path / "a.png"
     assert cv2.imwrite(str(img), np.full((40, 40), 128, np.uint8))
     flags = ["--predict", img, "--checkpoint", trained, "--output-dir", tmp_path, *ONE_THREAD]
