@@ -639,7 +639,9 @@ def atomic_write(path: Path, write_fn) -> None:
 
 def write_csv(path: Path, header: list, rows) -> None:
     def write(p):
-        with open(p, "w", newline="") as f:
+        # UTF-8, as every other file of a run: Windows writes text in its ANSI code page unless told, and a path
+        # under C:\Users\Иван stopped a finished run (UnicodeEncodeError in test_predictions.csv) before its report.
+        with open(p, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([header, *rows])
     atomic_write(path, write)
 
@@ -2287,7 +2289,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     cam = folder / "grad_cam"
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if (folder / "test_metrics.json").is_file():
-        m = json.loads((folder / "test_metrics.json").read_text())
+        m = json.loads((folder / "test_metrics.json").read_text(encoding="utf-8"))
         line = f"Test AUC {_fmt(m.get('auc'))}"
         if m.get("auc_ci95") and None not in m["auc_ci95"]:  # json writes a nan interval as nulls
             line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
@@ -2300,7 +2302,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                   _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
     if (folder / "recalibration.json").is_file():
-        m = json.loads((folder / "recalibration.json").read_text())
+        m = json.loads((folder / "recalibration.json").read_text(encoding="utf-8"))
         keys = list(dict.fromkeys([*m["before"], *m["after"]]))  # a checkpoint without a threshold has fewer
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
@@ -2308,7 +2310,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                   _table("recalibration", ["measure", "before", "after"],
                          [(k, _fmt(m["before"].get(k)), _fmt(m["after"].get(k))) for k in keys])]
     if (folder / "history.csv").is_file():
-        with open(folder / "history.csv", newline="") as f:
+        with open(folder / "history.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png", wide=True)
                   if (folder / "training_history.png").is_file() else "",
@@ -2324,7 +2326,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         parts += ["<h2>Grad-CAM test gallery: right and wrong predictions</h2>",
                   _img("grad_cam/test_summary.png", "grad_cam/test_summary.png")]
     if (folder / "predictions.csv").is_file():
-        with open(folder / "predictions.csv", newline="") as f:
+        with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
         overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
@@ -2333,7 +2335,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                 for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
     if config is None and (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config:
         parts += ["<h2>Configuration and library versions</h2>",
                   _table("config", ["setting", "value"], [(k, _fmt(v)) for k, v in _flatten(config)])]
@@ -3006,7 +3008,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
             cfg.data_dir = os.path.abspath(args.data_dir)
         try:  # the precision --amp auto chose and the process count are read from it
-            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+            cfg_file = run_dir / "config.json"
+            saved = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
         except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
             raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
                            "start) to resume with the precision and process count it started with")

@@ -79,7 +79,7 @@ def _keep_backend_flags():
 
 def read_csv(path: Path) -> list:
     """The rows of a CSV the script wrote (history.csv, predictions.csv) as dicts."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

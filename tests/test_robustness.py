@@ -160,6 +160,21 @@ def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, 
     assert shown in (out / "r" / "report.html").read_text()
 
 
+def test_csv_files_are_utf8_where_text_files_default_to_another_encoding(tmp_path, monkeypatch):
+    # Windows opens text in its ANSI code page (cp1252 in Western Europe and the Americas) unless told: a test
+    # path under C:\Users\Иван stopped a finished run with UnicodeEncodeError in test_predictions.csv,
+    # before test_metrics.json and the report page were written. Simulated here by that default for open().
+    real_open = open
+    monkeypatch.setattr(train_cxr, "open", lambda *a, **k: real_open(*a, **{"encoding": "cp1252", **k}),
+                        raising=False)
+    path = "C:/Users/Иван/张伟/person1_bacteria_1.png"
+    train_cxr.write_csv(tmp_path / "predictions.csv", ["path", "predicted", "prob_PNEUMONIA"],
+                        [[path, "PNEUMONIA", "0.900000"]])
+    assert (tmp_path / "predictions.csv").read_bytes().decode("utf-8").splitlines()[1].startswith(path)
+    page = train_cxr.write_report(tmp_path, "t").read_text(encoding="utf-8")  # the page reads it back as written
+    assert "Иван/张伟/person1_bacteria_1.png" in page
+
+
 def test_a_class_folder_whose_name_is_not_utf8_is_refused_and_log_lines_escape_such_names(data_copy, tmp_path,
                                                                                            capsys):
     # The class name is drawn on every overlay: OpenCV's text drawing killed the process without a message.
