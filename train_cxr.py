@@ -1515,11 +1515,20 @@ def rank_max(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
+def shell_word(text: str) -> str:
+    """text quoted as one word of a command the user pastes into this platform's shell. On Windows in double
+    quotes, and only where needed: cmd.exe keeps shlex's single quotes as part of the word, and every run
+    folder there has a backslash, which shlex quotes: 'runs\\20261129-101500', pasted, named no folder."""
+    if sys.platform != "win32":
+        return shlex.quote(text)
+    return f'"{text}"' if re.search(r"[^\w@%+=:,./\\-]", text) else text
+
+
 def resume_command(run_dir: Path, world: int) -> str:
     """The command that resumes run_dir: with as many processes as it ran with (train refuses another count).
     The folder quoted for the shell: pasted as printed, "runs/exp 1" resumed nothing ("unrecognized arguments")."""
     return (f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py "
-            f"--resume {shlex.quote(str(run_dir))}")
+            f"--resume {shell_word(str(run_dir))}")
 
 
 def stop_if_signalled(rt: Runtime) -> None:
@@ -2585,7 +2594,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
         log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
                  f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
-                 "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
+                 f"sub-folder holds one patient, pass --patient-regex {shell_word('^([^/]+)/')} to group by it")
     elif pattern and missed:
         # Said for some files too, not only for all: a regex that misses every second shot of a patient
         # put those shots in validation as patients of their own, beside their patient's in train.
@@ -2972,7 +2981,7 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
                        " may change); drop the flag, or start a new run")
     if moved and "data_dir" not in args.given:
         raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
-                       f"--resume {shlex.quote(str(run_dir))} --data-dir NEW_PLACE")
+                       f"--resume {shell_word(str(run_dir))} --data-dir NEW_PLACE")
     return moved
 
 

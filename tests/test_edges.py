@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import cv2
 import numpy as np
@@ -359,6 +359,19 @@ def test_the_printed_resume_command_can_be_pasted_for_a_folder_with_spaces(world
     words = shlex.split(T.resume_command(run_dir, world))
     assert words[words.index("train_cxr.py") + 1:] == ["--resume", str(run_dir)]
     assert T.resume_command(Path("runs/r"), 1) == "python train_cxr.py --resume runs/r"  # plain paths as before
+
+
+def test_the_printed_resume_command_can_be_pasted_into_windows_cmd(monkeypatch):
+    # shlex's single quotes are no quotes to cmd.exe: it passed 'runs\20261129-101500', quotes and all,
+    # and every run folder on Windows has a backslash, which shlex quotes.
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert T.resume_command(PureWindowsPath(r"runs\20261129-101500"), 1) == \
+        r"python train_cxr.py --resume runs\20261129-101500"
+    assert T.resume_command(PureWindowsPath(r"C:\Users\Ann Lee\runs\exp 1"), 2) == \
+        r'torchrun --nproc_per_node=2 train_cxr.py --resume "C:\Users\Ann Lee\runs\exp 1"'
+    assert T.shell_word("^([^/]+)/") == '"^([^/]+)/"'  # the hint's regex: ^ is cmd.exe's escape outside quotes
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert T.shell_word("^([^/]+)/") == "'^([^/]+)/'" and T.shell_word("runs/r") == "runs/r"
 
 
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):
