@@ -563,8 +563,16 @@ class ConsoleHandler(logging.StreamHandler):
     """stdout, until a reader closes it (python train_cxr.py --predict DIR | head): then nowhere, rather
     than one BrokenPipeError traceback for every later line; the run and its files go on."""
     def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
+        e = sys.exc_info()[1]
+        if isinstance(e, BrokenPipeError):
             self.stream = open(os.devnull, "w")
+        elif isinstance(e, UnicodeEncodeError):
+            # A name the console cannot show: Windows writes a redirected or piped stdout (> out.txt, | more)
+            # in its ANSI code page, and a run folder under C:\Users\Иван was a logging traceback, its
+            # line lost. The line with \u escapes instead, as stderr shows such names (train.log has them whole).
+            text, enc = self.format(record) + self.terminator, getattr(self.stream, "encoding", None) or "ascii"
+            self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
+            self.flush()
         else:
             super().handleError(record)
 

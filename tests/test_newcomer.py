@@ -1,5 +1,6 @@
 """A newcomer's first hour (issue 16): flags, messages, pictures and the demo explain themselves."""
 import hashlib
+import io
 import json
 import logging
 import os
@@ -725,3 +726,14 @@ def test_a_closed_stdout_pipe_silences_the_console_instead_of_a_traceback_per_li
     ClosedPipe.write = lambda self, text: 1 / 0
     handler.handle(record)
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_console_that_cannot_show_a_name_gets_it_escaped_not_a_traceback(capsys):
+    # Windows writes a redirected or piped stdout (> out.txt, | more) in its ANSI code page: the
+    # run folder under C:\Users\Иван printed a "--- Logging error ---" traceback instead of its line.
+    buf = io.BytesIO()
+    handler = train_cxr.ConsoleHandler(io.TextIOWrapper(buf, encoding="cp1252", newline="", write_through=True))
+    for text in ("run folder: C:\\Users\\Иван\\runs\\1", "next"):
+        handler.handle(logging.LogRecord("train_cxr", logging.INFO, __file__, 1, text, None, None))
+    assert "Logging error" not in capsys.readouterr().err
+    assert buf.getvalue() == b"run folder: C:\\Users\\\\u0418\\u0432\\u0430\\u043d\\runs\\1\nnext\n"
