@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def test_ctrl_c_in_epoch_1_does_not_advise_resume(synth_root, tmp_path, monkeypa
     real = train_cxr.train_one_epoch
 
     def ctrl_c(st, train, epoch):
-        os.kill(os.getpid(), signal.SIGINT)  # the tool's handler only sets a flag
+        signal.raise_signal(signal.SIGINT)  # the tool's handler only sets a flag (os.kill: Windows ends pytest)
         return real(st, train, epoch)
 
     monkeypatch.setattr(train_cxr, "train_one_epoch", ctrl_c)
@@ -66,7 +67,7 @@ def test_ctrl_c_during_the_last_validation_stops_before_the_report(synth_root, t
     def ctrl_c(st, split):
         calls.append(1)
         if len(calls) == 2:  # the last epoch of --epochs 2
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return real(st, split)
 
     monkeypatch.setattr(train_cxr, "evaluate", ctrl_c)
@@ -524,7 +525,7 @@ def test_evaluate_on_train_only_folder_says_the_layout(synth_root, tmp_path, cap
     assert run(_train(synth_root, tmp_path / "runs", "m", "--epochs", "1", "--num-gradcam-images", "0")) == 0
     only_train = tmp_path / "only_train"
     only_train.mkdir()
-    (only_train / "train").symlink_to(synth_root / "train")
+    shutil.copytree(synth_root / "train", only_train / "train")  # a copy, not a link: Windows may refuse those
     capsys.readouterr()
     rc = run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", only_train,
               "--output-dir", tmp_path / "runs", "--device", "cpu"])

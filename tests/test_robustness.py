@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 import train_cxr
-from conftest import TINY, read_csv, run
+from conftest import TINY, needs_symlinks, read_csv, run
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = 32  # decode size used by the direct decode_xray checks
@@ -215,6 +215,7 @@ def test_strict_refuses_bad_files(corpus, data_copy, tmp_path, capsys):
     assert not (out / "strict").exists()
 
 
+@needs_symlinks
 def test_broken_link_is_an_unreadable_file_not_a_crash(data_copy, tmp_path):
     link = data_copy / "train" / "NORMAL" / "gone.png"
     link.symlink_to(tmp_path / "moved_away.png")  # hashing for the duplicate check opened it: a traceback
@@ -222,6 +223,7 @@ def test_broken_link_is_an_unreadable_file_not_a_crash(data_copy, tmp_path):
     assert train_cxr.prepare_data(cfg)["bad_files"] == [str(link)]
 
 
+@needs_symlinks
 def test_a_link_to_a_folder_above_it_is_refused(data_copy, tmp_path):
     # Followed, it was walked again at every level until the OS gave up (40 deep): 150 images became 6,150,
     # the PNEUMONIA ones among them labelled NORMAL, with no more than a count of copies in the log.
@@ -301,6 +303,7 @@ def test_hidden_sub_folders_are_skipped(synth_root, data_copy, tmp_path):
     assert len(train_cxr.check_split_dir(inside / "train", "train")[1]) == n
 
 
+@needs_symlinks
 def test_predict_collects_like_training(synth_root, tmp_path, monkeypatch):
     folder = tmp_path / ".cache" / "pr"  # hidden above the folder given: still read
     (folder / ".hidden").mkdir(parents=True)
@@ -369,7 +372,7 @@ def test_sigint_in_epoch_2_then_resume_matches_uninterrupted(synth_root, tmp_pat
             handler = signal.getsignal(signal.SIGINT)
             # Without the tool's handler a real Ctrl-C would kill pytest itself: check first.
             assert callable(handler) and handler is not signal.default_int_handler, handler
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # os.kill would end pytest itself on Windows
         return real(st, train, epoch)
 
     monkeypatch.setattr(train_cxr, "train_one_epoch", ctrl_c_in_epoch_2)
@@ -414,6 +417,8 @@ def test_a_run_folder_that_cannot_be_written_is_refused_on_resume_in_one_line(tm
         train_cxr.reopen_run_dir(tmp_path)
 
 
+@pytest.mark.skipif(sys.platform == "win32",  # there send_signal(SIGTERM) is TerminateProcess
+                    reason="Windows has no SIGTERM to send to another process")
 def test_sigterm_subprocess_leaves_resumable_run(synth_root, tmp_path):
     out = tmp_path / "runs"
     run_dir = out / "term"
