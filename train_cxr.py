@@ -628,15 +628,22 @@ def library_versions() -> dict:
 def atomic_write(path: Path, write_fn) -> None:
     """write_fn(tmp_path) writes the content; a kill at any moment leaves the old or the new file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp, written = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}"), False
     try:
         write_fn(tmp)
+        written = True
         os.replace(tmp, path)
     except BaseException as e:  # also Ctrl-C or a pickling error: never leave the temp file
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
+        # Windows refuses to replace a file that another program holds open (Excel locks a CSV it shows): the
+        # folder took the new file, so "make it writable" below was the wrong advice, and the run had stopped.
+        if written and isinstance(e, PermissionError) and sys.platform == "win32":
+            raise CXRError(f"cannot replace {path} ({e.strerror}): another program has it open (Excel locks a CSV "
+                           "it shows), or it is read-only: close it there and run again (a stopped training run "
+                           "continues with --resume RUN_FOLDER)")
         # A shared server's quota (EDQUOT), a folder made read-only or a mount gone read-only mid-run: one
         # line naming the file, not a traceback (under torchrun, a CXRError also stops the other processes).
         if isinstance(e, OSError) and e.errno is not None:

@@ -703,6 +703,23 @@ def test_other_write_failures_are_one_line_naming_the_file(tmp_path, code):
     assert target.read_bytes() == b"the good one" and os.listdir(tmp_path) == ["best_model.pt"]
 
 
+def test_a_file_held_open_on_windows_is_named_with_the_program_as_the_fix(tmp_path, monkeypatch):
+    # Excel locks a CSV it shows, and Windows will not replace a file held open: a user watching history.csv
+    # there stopped the run with "make the folder writable", which it was.
+    target = tmp_path / "history.csv"
+    target.write_text("epoch\n1\n")
+
+    def held(src, dst):
+        raise PermissionError(errno.EACCES, "The process cannot access the file because it is being used by "
+                              "another process", str(dst))
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(train_cxr.os, "replace", held)
+    with pytest.raises(train_cxr.CXRError, match=f"^cannot replace {re.escape(str(target))} .*another program has "
+                                                  "it open .*close it there .*--resume"):
+        train_cxr.write_csv(target, ["epoch"], [[1], [2]])
+    assert target.read_text() == "epoch\n1\n" and os.listdir(tmp_path) == ["history.csv"]
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 def test_disk_full_during_save_checkpoint(tmp_path, monkeypatch):
     """torch.save as it behaves on a full disk: the same call, with every write going to /dev/full."""
