@@ -402,8 +402,10 @@ def check_config(cfg: Config, from_constants: set = frozenset()) -> None:
              # after decoding, in a run folder already made.
              ("seed", 0 <= cfg.seed < 10**16, "0 or more and below 10^16 (each epoch's torch seed, seed * 1000 + "
               "epoch, must fit in 64 bits)"),
-             ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts,
-              "a folder name inside --output-dir (exp1, or exp/1), not an absolute path or one with '..'"),
+             # The anchor, not is_absolute(): on Windows /exp1 and C:exp1 are not absolute (no drive, no root), and
+             # joined to --output-dir they replaced it, putting the run at C:\exp1 or in the current folder of C:.
+             ("run_name", not Path(cfg.run_name).anchor and ".." not in Path(cfg.run_name).parts,
+              "a folder name inside --output-dir (exp1, or exp/1), not an absolute path, a drive or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
              ("min_val_per_class", cfg.min_val_per_class >= 1, "at least 1"),
              ("aug_brightness", 0.0 <= cfg.aug_brightness < 1.0, "in [0, 1): a factor U(1-b, 1+b), 0.25 for 25%"),
