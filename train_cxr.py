@@ -1538,7 +1538,7 @@ def shell_word(text: str) -> str:
     folder there has a backslash, which shlex quotes: 'runs\\20261129-101500', pasted, named no folder."""
     if sys.platform != "win32":
         return shlex.quote(text)
-    return f'"{text}"' if re.search(r"[^\w@%+=:,./\\-]", text) else text
+    return f'"{text}"' if re.search(r"[^\w.:/\\-]", text) else text  # PowerShell splits "a,b" bare, too
 
 
 def resume_command(run_dir: Path, world: int) -> str:

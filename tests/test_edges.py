@@ -370,6 +370,7 @@ def test_the_printed_resume_command_can_be_pasted_into_windows_cmd(monkeypatch):
     assert T.resume_command(PureWindowsPath(r"C:\Users\Ann Lee\runs\exp 1"), 2) == \
         r'torchrun --nproc_per_node=2 train_cxr.py --resume "C:\Users\Ann Lee\runs\exp 1"'
     assert T.shell_word("^([^/]+)/") == '"^([^/]+)/"'  # the hint's regex: ^ is cmd.exe's escape outside quotes
+    assert T.shell_word(r"runs\a,b") == r'"runs\a,b"'  # bare, PowerShell made an array of it
     monkeypatch.setattr(sys, "platform", "darwin")
     assert T.shell_word("^([^/]+)/") == "'^([^/]+)/'" and T.shell_word("runs/r") == "runs/r"
 
