@@ -567,7 +567,7 @@ class ConsoleHandler(logging.StreamHandler):
     def handleError(self, record: logging.LogRecord) -> None:
         e = sys.exc_info()[1]
         if isinstance(e, BrokenPipeError):
-            self.stream = open(os.devnull, "w")
+            self.stream = open(os.devnull, "w", encoding="utf-8")
         elif isinstance(e, UnicodeEncodeError):
             # A name the console cannot show: Windows writes a redirected or piped stdout (> out.txt, | more)
             # in its ANSI code page, and a run folder under C:\Users\Иван was a logging traceback, its
@@ -605,7 +605,7 @@ class LogFileHandler(logging.FileHandler):
               "the console only", file=sys.stderr)
         with contextlib.suppress(OSError):  # the unwritten lines stay buffered: closing would raise again
             self.stream.close()
-        self.stream = open(os.devnull, "w")
+        self.stream = open(os.devnull, "w", encoding="utf-8")  # as train.log (a code page raised on names)
 
 
 def attach_log_file(path: Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import errno
 import json
+import logging
 import math
 import os
 import pathlib
@@ -786,6 +787,25 @@ def test_train_log_on_a_full_disk_is_one_warning_not_a_traceback_a_line(tmp_path
     assert err == (f"warning: cannot write {tmp_path / 'train.log'} (No space left on device): its lines from here "
                    "on are on the console only\n")
 
+
+
+def test_train_log_gone_to_null_takes_any_name_where_text_defaults_to_another_encoding(tmp_path, monkeypatch,
+                                                                                       capsys):
+    # After a full disk its lines go to os.devnull, opened in Windows' ANSI code page: a name outside it (a run
+    # under C:\Users\Иван) printed logging's "--- Logging error ---" traceback with every such line.
+    real_open = open
+    monkeypatch.setattr(train_cxr, "open", lambda *a, **k: real_open(*a, **{"encoding": "cp1252", **k}),
+                        raising=False)
+    handler = train_cxr.LogFileHandler(tmp_path / "train.log", encoding="utf-8")
+    line = lambda text: logging.LogRecord("train_cxr", logging.INFO, __file__, 1, text, None, None)
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        handler.handleError(line("epoch 1"))  # as logging calls it when a write fails
+    handler.handle(line("run folder: C:\\Users\\Иван\\runs\\1"))
+    handler.close()
+    err = capsys.readouterr().err
+    assert "cannot write" in err and "Logging error" not in err, err
 
 def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, monkeypatch):
     # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
