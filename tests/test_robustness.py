@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections import OrderedDict
 from pathlib import Path
 
@@ -811,6 +812,7 @@ def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, mo
     # Renamed over the good best_model.pt with its bytes still in the page cache: a power cut could
     # leave an empty file in its place. The data must be synced before the rename.
     calls, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(sys, "platform", "linux")  # macOS's own sync: the next test
     monkeypatch.setattr(train_cxr.os, "fsync", lambda fd: (calls.append(("fsync", os.fstat(fd).st_size)),
                                                           real_fsync(fd)))
     monkeypatch.setattr(train_cxr.os, "replace", lambda a, b: (calls.append(("replace", Path(b).name)),
@@ -820,6 +822,25 @@ def test_a_checkpoint_is_on_the_disk_before_it_replaces_the_old_one(tmp_path, mo
     assert [c[0] for c in calls] == ["fsync", "replace"] and calls[0][1] == target.stat().st_size
     assert train_cxr.load_checkpoint(target)["epoch"] == 1
 
+
+
+def test_on_macos_a_checkpoint_reaches_the_disk_itself_not_only_its_cache(tmp_path, monkeypatch):
+    # macOS's fsync leaves the data in the drive's write cache (Apple's fsync(2)): the sync above did not
+    # keep a power cut from leaving a best_model.pt of zeros there. F_FULLFSYNC does; fsync where it is refused.
+    calls, real_fsync = [], os.fsync
+    fcntl = types.SimpleNamespace(F_FULLFSYNC=51, fcntl=lambda fd, op: calls.append(("fcntl", op)))
+    monkeypatch.setitem(sys.modules, "fcntl", fcntl)
+    monkeypatch.setattr(train_cxr.os, "fsync", lambda fd: (calls.append(("fsync",)), real_fsync(fd)))
+    monkeypatch.setattr(sys, "platform", "darwin")
+    train_cxr.save_checkpoint(tmp_path / "best_model.pt", _ckpt(1))
+    assert calls == [("fcntl", 51)]
+
+    def refused(fd, op):
+        raise OSError(errno.ENOTSUP, "Operation not supported")
+    calls.clear()
+    fcntl.fcntl = refused  # an exFAT USB drive, a network share
+    train_cxr.save_checkpoint(tmp_path / "best_model.pt", _ckpt(2))
+    assert calls == [("fsync",)] and train_cxr.load_checkpoint(tmp_path / "best_model.pt")["epoch"] == 2
 
 def test_disk_full_end_to_end_exit_2(synth_root, tmp_path, monkeypatch, capsys):
     out = tmp_path / "runs"
