@@ -573,8 +573,11 @@ class ConsoleHandler(logging.StreamHandler):
             # in its ANSI code page, and a run folder under C:\Users\Иван was a logging traceback, its
             # line lost. The line with \u escapes instead, as stderr shows such names (train.log has them whole).
             text, enc = self.format(record) + self.terminator, getattr(self.stream, "encoding", None) or "ascii"
-            self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
-            self.flush()
+            try:
+                self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
+                self.flush()
+            except BrokenPipeError:  # raised here, inside logging's own handler, it would stop the run
+                self.stream = open(os.devnull, "w", encoding="utf-8")
         else:
             super().handleError(record)
 

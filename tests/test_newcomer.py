@@ -738,3 +738,13 @@ def test_a_console_that_cannot_show_a_name_gets_it_escaped_not_a_traceback(capsy
         handler.handle(logging.LogRecord("train_cxr", logging.INFO, __file__, 1, text, None, None))
     assert "Logging error" not in capsys.readouterr().err
     assert buf.getvalue() == b"run folder: C:\\Users\\\\u0418\\u0432\\u0430\\u043d\\runs\\1\nnext\n"
+
+    class Closed(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise BrokenPipeError(32, "Broken pipe")
+    handler.stream = io.TextIOWrapper(Closed(), encoding="cp1252", write_through=True)  # no reader any more
+    handler.handle(logging.LogRecord("train_cxr", logging.INFO, __file__, 1, "Иван", None, None))
+    assert "Logging error" not in capsys.readouterr().err and handler.stream.name == os.devnull
