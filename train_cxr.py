@@ -542,7 +542,10 @@ def setup_runtime(cfg: Config) -> Runtime:
     if cfg.num_threads > 0:  # also with a GPU: the CPU work around it (guard features, plots) uses these threads
         torch.set_num_threads(cfg.num_threads)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        # PyTorch for Windows has no NCCL ("Distributed package doesn't have NCCL built in", a traceback): gloo
+        # carries the CUDA tensors of DistributedDataParallel there too, slower.
+        nccl = use_cuda and torch.distributed.is_nccl_available()
+        torch.distributed.init_process_group("nccl" if nccl else "gloo")
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world)
 

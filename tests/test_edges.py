@@ -298,6 +298,23 @@ def test_backend_flags_fast_deterministic_and_restored(monkeypatch):
     assert backend_flags() == before
 
 
+
+@pytest.mark.parametrize("nccl", [True, False], ids=["linux", "windows"])
+def test_torchrun_on_gpus_uses_gloo_where_pytorch_has_no_nccl(nccl, monkeypatch):
+    # PyTorch for Windows is built without NCCL: torchrun on its GPUs stopped with "Distributed package
+    # doesn't have NCCL built in", a traceback.
+    backends = []
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: backends.append(backend))
+    rt = T.setup_runtime(T.Config(device="auto"))
+    assert backends == ["nccl" if nccl else "gloo"] and rt.device == torch.device("cuda", 0) and rt.world == 2
+
+
 def test_deterministic_cpu_run_completes(synth_root, tmp_path):
     # Every op of a run (training, Grad-CAM, the report) has a deterministic CPU kernel.
     out = tmp_path / "runs"
