@@ -423,10 +423,12 @@ def check_config(cfg: Config, from_constants: set = frozenset(), from_demo: set 
              # after decoding, in a run folder already made.
              ("seed", 0 <= cfg.seed < 10**16, "0 or more and below 10^16 (each epoch's torch seed, seed * 1000 + "
               "epoch, must fit in 64 bits)"),
-             # --run-name=~/exp (no shell expands a ~ after "=") made a folder named "~" inside --output-dir
-             ("run_name", not Path(cfg.run_name).is_absolute() and ".." not in Path(cfg.run_name).parts
+             # The anchor, not is_absolute(): on Windows /exp1 and C:exp1 are not absolute (no drive, no root), and
+             # joined to --output-dir they replaced it, putting the run at C:\exp1 or in the current folder of C:.
+             # --run-name=~/exp (no shell expands a ~ after "=") made a folder named "~" inside --output-dir.
+             ("run_name", not Path(cfg.run_name).anchor and ".." not in Path(cfg.run_name).parts
               and not cfg.run_name.startswith("~"), "a folder name inside --output-dir (exp1, or exp/1), not an "
-              "absolute path (~/exp is one) or one with '..'"),
+              "absolute path, a drive, a ~ path or one with '..'"),
              ("num_threads", cfg.num_threads >= 0, "0 (one per core) or more"),
              ("min_val_per_class", cfg.min_val_per_class >= 1, "at least 1"),
              ("aug_brightness", 0.0 <= cfg.aug_brightness < 1.0, "in [0, 1): a factor U(1-b, 1+b), 0.25 for 25%"),
@@ -564,7 +566,10 @@ def setup_runtime(cfg: Config) -> Runtime:
     if cfg.num_threads > 0:  # also with a GPU: the CPU work around it (guard features, plots) uses these threads
         torch.set_num_threads(cfg.num_threads)
     if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if use_cuda else "gloo")
+        # PyTorch for Windows has no NCCL ("Distributed package doesn't have NCCL built in", a traceback): gloo
+        # carries the CUDA tensors of DistributedDataParallel there too, slower.
+        nccl = use_cuda and torch.distributed.is_nccl_available()
+        torch.distributed.init_process_group("nccl" if nccl else "gloo")
     bf16 = cfg.amp == "on" or (cfg.amp == "auto" and (device.type == "cuda" or cpu_has_fast_bf16()))
     return Runtime(device, torch.bfloat16 if bf16 else None, rank, world)
 
@@ -587,8 +592,19 @@ class ConsoleHandler(logging.StreamHandler):
     """stdout, until a reader closes it (python train_cxr.py --predict DIR | head): then nowhere, rather
     than one BrokenPipeError traceback for every later line; the run and its files go on."""
     def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
-            self.stream = open(os.devnull, "w")
+        e = sys.exc_info()[1]
+        if isinstance(e, BrokenPipeError):
+            self.stream = open(os.devnull, "w", encoding="utf-8")
+        elif isinstance(e, UnicodeEncodeError):
+            # A name the console cannot show: Windows writes a redirected or piped stdout (> out.txt, | more)
+            # in its ANSI code page, and a run folder under C:\Users\Иван was a logging traceback, its
+            # line lost. The line with \u escapes instead, as stderr shows such names (train.log has them whole).
+            text, enc = self.format(record) + self.terminator, getattr(self.stream, "encoding", None) or "ascii"
+            try:
+                self.stream.write(text.encode(enc, "backslashreplace").decode(enc))
+                self.flush()
+            except BrokenPipeError:  # raised here, inside logging's own handler, it would stop the run
+                self.stream = open(os.devnull, "w", encoding="utf-8")
         else:
             super().handleError(record)
 
@@ -619,7 +635,7 @@ class LogFileHandler(logging.FileHandler):
               "the console only", file=sys.stderr)
         with contextlib.suppress(OSError):  # the unwritten lines stay buffered: closing would raise again
             self.stream.close()
-        self.stream = open(os.devnull, "w")
+        self.stream = open(os.devnull, "w", encoding="utf-8")  # as train.log (a code page raised on names)
 
 
 def attach_log_file(path: Path) -> None:
@@ -644,15 +660,22 @@ def library_versions() -> dict:
 def atomic_write(path: Path, write_fn) -> None:
     """write_fn(tmp_path) writes the content; a kill at any moment leaves the old or the new file."""
     path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
+    tmp, written = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}"), False
     try:
         write_fn(tmp)
+        written = True
         os.replace(tmp, path)
     except BaseException as e:  # also Ctrl-C or a pickling error: never leave the temp file
         with contextlib.suppress(OSError):
             tmp.unlink()
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
             raise CXRError(f"disk full while writing {path}: free some space or choose another --output-dir")
+        # Windows refuses to replace a file that another program holds open (Excel locks a CSV it shows): the
+        # folder took the new file, so "make it writable" below was the wrong advice, and the run had stopped.
+        if written and isinstance(e, PermissionError) and sys.platform == "win32":
+            raise CXRError(f"cannot replace {path} ({e.strerror}): another program has it open (Excel locks a CSV "
+                           "it shows), or it is read-only: close it there and run again (a stopped training run "
+                           "continues with --resume RUN_FOLDER)")
         # A shared server's quota (EDQUOT), a folder made read-only or a mount gone read-only mid-run: one
         # line naming the file, not a traceback (under torchrun, a CXRError also stops the other processes).
         if isinstance(e, OSError) and e.errno is not None:
@@ -663,7 +686,9 @@ def atomic_write(path: Path, write_fn) -> None:
 
 def write_csv(path: Path, header: list, rows) -> None:
     def write(p):
-        with open(p, "w", newline="") as f:
+        # UTF-8, as every other file of a run: Windows writes text in its ANSI code page unless told, and a path
+        # under C:\Users\Иван stopped a finished run (UnicodeEncodeError in test_predictions.csv) before its report.
+        with open(p, "w", newline="", encoding="utf-8") as f:
             csv.writer(f).writerows([header, *rows])
     atomic_write(path, write)
 
@@ -683,8 +708,21 @@ def save_checkpoint(path: Path, ckpt: dict) -> None:
             # On the disk before the rename: after a power cut, a rename that reached the disk ahead of the
             # data (ext4 data=writeback, XFS) left a best_model.pt of zeros where the good one had been.
             f.flush()
-            os.fsync(f.fileno())
+            sync_to_disk(f.fileno())
     atomic_write(path, write)
+
+
+def sync_to_disk(fd: int) -> None:
+    """os.fsync; on macOS F_FULLFSYNC, since its fsync stops at the drive's own write cache, which a power cut
+    empties (Apple's fsync(2)). A file system without it (some network or USB drives) gets fsync."""
+    if sys.platform == "darwin":
+        import fcntl  # here, not at the top: Windows has no fcntl
+        try:
+            fcntl.fcntl(fd, fcntl.F_FULLFSYNC)
+            return
+        except OSError:
+            pass
+    os.fsync(fd)
 
 
 def save_image(path: Path, bgr: np.ndarray) -> None:
@@ -1551,11 +1589,20 @@ def rank_max(value: float, rt: Runtime) -> float:
     return float(t.item())
 
 
+def shell_word(text: str) -> str:
+    """text quoted as one word of a command the user pastes into this platform's shell. On Windows in double
+    quotes, and only where needed: cmd.exe keeps shlex's single quotes as part of the word, and every run
+    folder there has a backslash, which shlex quotes: 'runs\\20261129-101500', pasted, named no folder."""
+    if sys.platform != "win32":
+        return shlex.quote(text)
+    return f'"{text}"' if re.search(r"[^\w.:/\\-]", text) else text  # PowerShell splits "a,b" bare, too
+
+
 def resume_command(run_dir: Path, world: int) -> str:
     """The command that resumes run_dir: with as many processes as it ran with (train refuses another count).
     The folder quoted for the shell: pasted as printed, "runs/exp 1" resumed nothing ("unrecognized arguments")."""
     return (f"{'python' if world == 1 else f'torchrun --nproc_per_node={world}'} train_cxr.py "
-            f"--resume {shlex.quote(str(run_dir))}")
+            f"--resume {shell_word(str(run_dir))}")
 
 
 def stop_if_signalled(rt: Runtime) -> None:
@@ -2325,7 +2372,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     cam = folder / "grad_cam"
     parts = [f"<h1>{html.escape(title)}</h1>"]
     if (folder / "test_metrics.json").is_file():
-        m = json.loads((folder / "test_metrics.json").read_text())
+        m = json.loads((folder / "test_metrics.json").read_text(encoding="utf-8"))
         line = f"Test AUC {_fmt(m.get('auc'))}"
         if m.get("auc_ci95") and None not in m["auc_ci95"]:  # json writes a nan interval as nulls
             line += f" (95% CI {_fmt(m['auc_ci95'][0])} – {_fmt(m['auc_ci95'][1])})"
@@ -2338,7 +2385,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                   _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
     if (folder / "recalibration.json").is_file():
-        m = json.loads((folder / "recalibration.json").read_text())
+        m = json.loads((folder / "recalibration.json").read_text(encoding="utf-8"))
         keys = list(dict.fromkeys([*m["before"], *m["after"]]))  # a checkpoint without a threshold has fewer
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
@@ -2346,7 +2393,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                   _table("recalibration", ["measure", "before", "after"],
                          [(k, _fmt(m["before"].get(k)), _fmt(m["after"].get(k))) for k in keys])]
     if (folder / "history.csv").is_file():
-        with open(folder / "history.csv", newline="") as f:
+        with open(folder / "history.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         parts += ["<h2>Training history</h2>", _img("training_history.png", "training_history.png", wide=True)
                   if (folder / "training_history.png").is_file() else "",
@@ -2362,7 +2409,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         parts += ["<h2>Grad-CAM test gallery: right and wrong predictions</h2>",
                   _img("grad_cam/test_summary.png", "grad_cam/test_summary.png")]
     if (folder / "predictions.csv").is_file():
-        with open(folder / "predictions.csv", newline="") as f:
+        with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
         # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
         overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
@@ -2371,7 +2418,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                 for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]
     if config is None and (folder / "config.json").is_file():
-        config = json.loads((folder / "config.json").read_text())
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     if config:
         parts += ["<h2>Configuration and library versions</h2>",
                   _table("config", ["setting", "value"], [(k, _fmt(v)) for k, v in _flatten(config)])]
@@ -2621,7 +2668,7 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
         # Grouping by folder unasked would be a guess: a sub-folder can as well be a hospital or a date.
         log.info(f"patients: {len(in_folders)} file(s) in sub-folders of the class folders (e.g. "
                  f"{in_folders[0]}) match no Kermany pattern, so each counts as its own patient; if each "
-                 "sub-folder holds one patient, pass --patient-regex '^([^/]+)/' to group by it")
+                 f"sub-folder holds one patient, pass --patient-regex {shell_word('^([^/]+)/')} to group by it")
     elif pattern and missed:
         # Said for some files too, not only for all: a regex that misses every second shot of a patient
         # put those shots in validation as patients of their own, beside their patient's in train.
@@ -3011,7 +3058,7 @@ def check_resume_flags(args, cfg: Config, run_dir: Path) -> str | None:
                        " may change); drop the flag, or start a new run")
     if moved and "data_dir" not in args.given:
         raise CXRError(f"the data folder of {run_dir}, {moved}, is gone: if it moved, pass its new place, "
-                       f"--resume {shlex.quote(str(run_dir))} --data-dir NEW_PLACE")
+                       f"--resume {shell_word(str(run_dir))} --data-dir NEW_PLACE")
     return moved
 
 
@@ -3047,7 +3094,8 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if "data_dir" in args.given:  # the run's folder, or its new place if it moved (same images: checked below)
             cfg.data_dir = os.path.abspath(args.data_dir)
         try:  # the precision --amp auto chose and the process count are read from it
-            saved = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").is_file() else {}
+            cfg_file = run_dir / "config.json"
+            saved = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file.is_file() else {}
         except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
             raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
                            "start) to resume with the precision and process count it started with")

@@ -5,6 +5,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,20 @@ REAL_TRAIN = ROOT.parent / "shared" / "data" / "chest_xray_224" / "train"
 TINY = ["--img-size", "32", "--channels", "8,16,32,32", "--fc-hidden", "32", "--batch-size", "16",
         "--bootstrap", "50", "--num-workers", "0", "--num-gradcam-images", "4", "--lr", "1e-3",
         "--amp", "off", "--device", "cpu"]
+
+
+
+def _can_symlink() -> bool:
+    with tempfile.TemporaryDirectory() as d:
+        try:
+            os.symlink(d, os.path.join(d, "link"), target_is_directory=True)
+        except (OSError, NotImplementedError):
+            return False
+    return True
+
+
+# Windows makes symbolic links only with Developer Mode or as an administrator (WinError 1314 otherwise).
+needs_symlinks = pytest.mark.skipif(not _can_symlink(), reason="this OS account cannot make symbolic links")
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +94,7 @@ def _keep_backend_flags():
 
 def read_csv(path: Path) -> list:
     """The rows of a CSV the script wrote (history.csv, predictions.csv) as dicts."""
-    with open(path, newline="") as f:
+    with open(path, newline="", encoding="utf-8") as f:
         return list(csv.DictReader(f))
 
 

@@ -7,7 +7,7 @@ import json
 import os
 import re
 import shutil
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import numpy as np
 import pytest
@@ -114,6 +114,17 @@ def test_check_config_names_the_flag(name, text, value, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and flag(name) in err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_run_name_with_a_drive_or_a_root_is_refused_as_windows_reads_it(monkeypatch):
+    # On Windows "/exp1" (a root, no drive) and "C:exp1" (a drive, no root) are not absolute, and
+    # Path("runs") / name replaced --output-dir with them: the run went to C:\exp1, outside runs.
+    monkeypatch.setattr(train_cxr, "Path", PureWindowsPath)  # the parsing train_cxr.py gets on Windows
+    for name in ("/exp1", "\\exp1", "C:exp1", "C:\\runs\\exp1", "..\\up"):
+        with pytest.raises(train_cxr.CXRError, match="--run-name .* not an absolute path, a drive"):
+            train_cxr.check_config(train_cxr.Config(run_name=name))
+    for name in ("exp1", "exp\\1", "exp/1"):
+        train_cxr.check_config(train_cxr.Config(run_name=name))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import cv2
 import numpy as np
@@ -298,6 +298,23 @@ def test_backend_flags_fast_deterministic_and_restored(monkeypatch):
     assert backend_flags() == before
 
 
+
+@pytest.mark.parametrize("nccl", [True, False], ids=["linux", "windows"])
+def test_torchrun_on_gpus_uses_gloo_where_pytorch_has_no_nccl(nccl, monkeypatch):
+    # PyTorch for Windows is built without NCCL: torchrun on its GPUs stopped with "Distributed package
+    # doesn't have NCCL built in", a traceback.
+    backends = []
+    for k, v in {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "is_nccl_available", lambda: nccl)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend: backends.append(backend))
+    rt = T.setup_runtime(T.Config(device="auto"))
+    assert backends == ["nccl" if nccl else "gloo"] and rt.device == torch.device("cuda", 0) and rt.world == 2
+
+
 def test_deterministic_cpu_run_completes(synth_root, tmp_path):
     # Every op of a run (training, Grad-CAM, the report) has a deterministic CPU kernel.
     out = tmp_path / "runs"
@@ -365,6 +382,20 @@ def test_the_printed_resume_command_can_be_pasted_for_a_folder_with_spaces(world
     words = shlex.split(T.resume_command(run_dir, world))
     assert words[words.index("train_cxr.py") + 1:] == ["--resume", str(run_dir)]
     assert T.resume_command(Path("runs/r"), 1) == "python train_cxr.py --resume runs/r"  # plain paths as before
+
+
+def test_the_printed_resume_command_can_be_pasted_into_windows_cmd(monkeypatch):
+    # shlex's single quotes are no quotes to cmd.exe: it passed 'runs\20261129-101500', quotes and all,
+    # and every run folder on Windows has a backslash, which shlex quotes.
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert T.resume_command(PureWindowsPath(r"runs\20261129-101500"), 1) == \
+        r"python train_cxr.py --resume runs\20261129-101500"
+    assert T.resume_command(PureWindowsPath(r"C:\Users\Ann Lee\runs\exp 1"), 2) == \
+        r'torchrun --nproc_per_node=2 train_cxr.py --resume "C:\Users\Ann Lee\runs\exp 1"'
+    assert T.shell_word("^([^/]+)/") == '"^([^/]+)/"'  # the hint's regex: ^ is cmd.exe's escape outside quotes
+    assert T.shell_word(r"runs\a,b") == r'"runs\a,b"'  # bare, PowerShell made an array of it
+    monkeypatch.setattr(sys, "platform", "darwin")
+    assert T.shell_word("^([^/]+)/") == "'^([^/]+)/'" and T.shell_word("runs/r") == "runs/r"
 
 
 def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, monkeypatch, capsys):

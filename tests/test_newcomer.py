@@ -1,9 +1,11 @@
 """A newcomer's first hour (issue 16): flags, messages, pictures and the demo explain themselves."""
 import hashlib
+import io
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,7 +37,7 @@ def test_ctrl_c_in_epoch_1_does_not_advise_resume(synth_root, tmp_path, monkeypa
     real = train_cxr.train_one_epoch
 
     def ctrl_c(st, train, epoch):
-        os.kill(os.getpid(), signal.SIGINT)  # the tool's handler only sets a flag
+        signal.raise_signal(signal.SIGINT)  # the tool's handler only sets a flag (os.kill: Windows ends pytest)
         return real(st, train, epoch)
 
     monkeypatch.setattr(train_cxr, "train_one_epoch", ctrl_c)
@@ -65,7 +67,7 @@ def test_ctrl_c_during_the_last_validation_stops_before_the_report(synth_root, t
     def ctrl_c(st, split):
         calls.append(1)
         if len(calls) == 2:  # the last epoch of --epochs 2
-            os.kill(os.getpid(), signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
         return real(st, split)
 
     monkeypatch.setattr(train_cxr, "evaluate", ctrl_c)
@@ -560,7 +562,7 @@ def test_evaluate_on_train_only_folder_says_the_layout(synth_root, tmp_path, cap
     assert run(_train(synth_root, tmp_path / "runs", "m", "--epochs", "1", "--num-gradcam-images", "0")) == 0
     only_train = tmp_path / "only_train"
     only_train.mkdir()
-    (only_train / "train").symlink_to(synth_root / "train")
+    shutil.copytree(synth_root / "train", only_train / "train")  # a copy, not a link: Windows may refuse those
     capsys.readouterr()
     rc = run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", only_train,
               "--output-dir", tmp_path / "runs", "--device", "cpu"])
@@ -762,3 +764,24 @@ def test_a_closed_stdout_pipe_silences_the_console_instead_of_a_traceback_per_li
     ClosedPipe.write = lambda self, text: 1 / 0
     handler.handle(record)
     assert "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_a_console_that_cannot_show_a_name_gets_it_escaped_not_a_traceback(capsys):
+    # Windows writes a redirected or piped stdout (> out.txt, | more) in its ANSI code page: the
+    # run folder under C:\Users\Иван printed a "--- Logging error ---" traceback instead of its line.
+    buf = io.BytesIO()
+    handler = train_cxr.ConsoleHandler(io.TextIOWrapper(buf, encoding="cp1252", newline="", write_through=True))
+    for text in ("run folder: C:\\Users\\Иван\\runs\\1", "next"):
+        handler.handle(logging.LogRecord("train_cxr", logging.INFO, __file__, 1, text, None, None))
+    assert "Logging error" not in capsys.readouterr().err
+    assert buf.getvalue() == b"run folder: C:\\Users\\\\u0418\\u0432\\u0430\\u043d\\runs\\1\nnext\n"
+
+    class Closed(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, b):
+            raise BrokenPipeError(32, "Broken pipe")
+    handler.stream = io.TextIOWrapper(Closed(), encoding="cp1252", write_through=True)  # no reader any more
+    handler.handle(logging.LogRecord("train_cxr", logging.INFO, __file__, 1, "Иван", None, None))
+    assert "Logging error" not in capsys.readouterr().err and handler.stream.name == os.devnull
