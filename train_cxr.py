@@ -2320,8 +2320,10 @@ def _fmt(v) -> str:
     """A value as the page shows it; floats with 4 decimals, or 4 significant digits when tiny or huge."""
     if v is None:
         return "–"  # JSON null: a NaN metric
-    if isinstance(v, list):
-        return json.dumps(v) if any(isinstance(x, list) for x in v) else ", ".join(map(_fmt, v))
+    if isinstance(v, (list, dict)):  # a list of lists or of dicts (config.json's resumes) as JSON, not Python's repr
+        if isinstance(v, dict) or any(isinstance(x, (list, dict)) for x in v):
+            return json.dumps(v, ensure_ascii=False)
+        return ", ".join(map(_fmt, v))
     if isinstance(v, float):
         return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.3e}"
     return str(v)

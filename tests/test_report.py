@@ -1,5 +1,6 @@
 """report.html: one static page per run, --evaluate and --predict folder, parsed with html.parser."""
 import csv
+import html
 import json
 import re
 import shutil
@@ -240,3 +241,12 @@ def test_console_summary_shows_the_metrics_at_0_5_beside_those_at_the_threshold(
     for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
         assert re.search(rf"^ +{k} +0\.1111  \(at 0\.5: 0\.2222\)$", text, re.M), (k, text)
     assert re.search(r"^ +threshold +0\.3000 \(youden\)$", text, re.M)
+
+
+def test_config_json_resumes_show_as_json_on_the_page(tmp_path):
+    # config.json's "resumed" is a list of dicts: the page showed Python's repr ({'after_epoch': 1, ...}).
+    resumed = [{"after_epoch": 1, "device": "cpu", "changed": {"strict": True}}]
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"epochs": 3}, "resumed": resumed}))
+    page = train_cxr.write_report(tmp_path, "run").read_text()
+    assert html.escape(json.dumps(resumed[0])) in page and "&#x27;after_epoch&#x27;" not in page
+    assert train_cxr._fmt([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]" and train_cxr._fmt([0.5, 2]) == "0.5000, 2"  # as before
