@@ -249,4 +249,5 @@ def test_config_json_resumes_show_as_json_on_the_page(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"config": {"epochs": 3}, "resumed": resumed}))
     page = train_cxr.write_report(tmp_path, "run").read_text()
     assert html.escape(json.dumps(resumed[0])) in page and "&#x27;after_epoch&#x27;" not in page
-    assert train_cxr._fmt([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]" and train_cxr._fmt([0.5, 2]) == "0.5000, 2"  # as before
+    assert train_cxr._fmt([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]"  # as before
+    assert train_cxr._fmt([0.5, 2]) == "0.5000, 2"
