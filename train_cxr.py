@@ -2168,13 +2168,15 @@ def as_text(path) -> str:
 def prediction_rows(paths: list, sc: dict, class_names: list, threshold, guarded: bool,
                     labels=None) -> tuple[list, list]:
     """Header and rows of predictions.csv / test_predictions.csv; without a guard in_distribution is
-    empty (unknown), not True."""
+    empty (unknown), not True. Probabilities and scores in full (Python's shortest exact text): at 6
+    decimals, a confident or a flat model's distinct P turned into ties (the AUC from the CSV was not
+    the report's), and a P or score rounded across the threshold or the cutoff read against its label."""
     header = ["path", *(["true"] if labels is not None else []), "predicted",
               *[f"prob_{c}" for c in class_names], "threshold", "ood_score", "in_distribution"]
     rows = [[as_text(path), *([class_names[int(labels[i])]] if labels is not None else []),
              class_names[sc["preds"][i]],
-             *[f"{v:.6f}" for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
-             f"{sc['ood_score'][i]:.4f}", bool(sc["in_distribution"][i]) if guarded else ""]
+             *[str(float(v)) for v in sc["probs"][i]], "none (argmax)" if threshold is None else threshold,
+             str(float(sc["ood_score"][i])), bool(sc["in_distribution"][i]) if guarded else ""]
             for i, path in enumerate(paths)]
     return header, rows
 
@@ -2415,7 +2417,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
             rows = list(csv.reader(f))
         # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
         overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
-        # As the CSV has them (6 decimals): rounded to 4, P and threshold could read alike under other labels.
+        # As the CSV has them (in full): rounded to 4, P and threshold could read alike under other labels.
         body = [[*r, _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
                 for k, r in enumerate(rows[1:])]
         parts += [f"<h2>Predictions ({len(body)} images)</h2>", _table("predictions", [*rows[0], "overlay"], body)]

@@ -950,3 +950,15 @@ def test_resume_with_a_config_json_edited_without_its_precision_is_no_traceback(
     capsys.readouterr()
     assert run(["--resume", run_dir, "--amp", "auto"]) == 2
     assert "already finished" in capsys.readouterr().err
+
+
+def test_prediction_csv_holds_the_scores_the_metrics_used():
+    # At 6 decimals the two P(PNEUMONIA) below were both 1.000000 (a tie: the AUC from the CSV was not the
+    # report's), and a score just above the cutoff read as equal to it.
+    probs = np.array([[4e-7, 1 - 4e-7], [1e-7, 1 - 1e-7], [0.5, 0.5]])
+    sc = {"preds": np.array([1, 1, 1]), "probs": probs, "ood_score": np.array([1.75711801, 0.5, 1.7571180098]),
+          "in_distribution": np.array([False, True, True])}
+    header, rows = T.prediction_rows(["a.png", "b.png", "c.png"], sc, ["NORMAL", "PNEUMONIA"], 0.5, guarded=True)
+    read = lambda name: [float(r[header.index(name)]) for r in rows]
+    assert read("prob_PNEUMONIA") == probs[:, 1].tolist() and read("prob_NORMAL") == probs[:, 0].tolist()
+    assert read("ood_score") == sc["ood_score"].tolist()
