@@ -1723,7 +1723,7 @@ def train_one_epoch(st: TrainState, train: Split, epoch: int) -> dict:
     probs_np = gather_rows(torch.cat(probs).cpu().numpy(), rt)
     labels_np = gather_rows(torch.cat(labels).cpu().numpy(), rt)
     loss = gather_rows(torch.stack(losses).cpu().numpy(), rt).mean()
-    return {"train_loss": float(loss), "train_acc": accuracy_score(labels_np, probs_np.argmax(1)),
+    return {"train_loss": float(loss), "train_acc": accuracy_score(labels_np, predict_labels(probs_np, st.pos, None)),
             "train_auc": multiclass_auc(labels_np, probs_np, st.pos)}
 
 
@@ -1738,7 +1738,9 @@ def evaluate(st: TrainState, split: Split) -> dict:
     labels = split.labels.numpy()
     w = st.criterion.weight.cpu() if st.criterion.weight is not None else None
     loss = F.nll_loss(torch.from_numpy(np.log(np.clip(probs, 1e-7, 1))), split.labels, weight=w)
-    return {"val_loss": float(loss), "val_acc": accuracy_score(labels, probs.argmax(1)),
+    # Labels as the reports make them (P(positive) >= 0.5 for two classes): argmax gave a tie to class 0, so a model
+    # at P = 0.5 (one that learned nothing) scored apart from the test report's "at 0.5" and its figure titles.
+    return {"val_loss": float(loss), "val_acc": accuracy_score(labels, predict_labels(probs, st.pos, None)),
             "val_auc": multiclass_auc(labels, probs, st.pos)}
 
 
@@ -2927,7 +2929,8 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                             images = val_s.images[cam_idx]
                             stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
                             probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
-                            sc = {"probs": probs, "preds": probs.argmax(1)}  # the threshold comes after the last epoch
+                            # the threshold comes after the last epoch: until then P >= 0.5, as label_rule(meta) says
+                            sc = {"probs": probs, "preds": predict_labels(probs, meta["positive_class"], None)}
                             maps = gradcam_maps(st.eval_model, images, sc["preds"], meta, rt)
                             tiles = save_cam_set(run_dir / "grad_cam", stems, images, maps, sc, meta,
                                                  val_s.labels[cam_idx].numpy(), save_arrays=cfg.save_cam_arrays)

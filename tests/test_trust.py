@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 
 import cv2
@@ -962,3 +963,17 @@ def test_prediction_csv_holds_the_scores_the_metrics_used():
     read = lambda name: [float(r[header.index(name)]) for r in rows]
     assert read("prob_PNEUMONIA") == probs[:, 1].tolist() and read("prob_NORMAL") == probs[:, 0].tolist()
     assert read("ood_score") == sc["ood_score"].tolist()
+
+
+def test_validation_accuracy_counts_a_tie_at_half_as_positive_like_the_reports():
+    # A model with a zeroed output layer (one that learned nothing) gives P = 0.5 exactly: argmax called every
+    # image NORMAL, while the test report, the CSV and the figure titles label P >= 0.5 PNEUMONIA.
+    model = T.CustomCNN(img_size=32, channels=[4, 4, 4, 4], fc_hidden=8)
+    torch.nn.init.zeros_(model.head[-1].weight)
+    torch.nn.init.zeros_(model.head[-1].bias)
+    cfg = T.Config.from_dict({**T.Config().to_dict(), "img_size": 32, "tta": False})
+    st = types.SimpleNamespace(eval_model=model, cfg=cfg, norm={"mode": "image"}, pos=1,
+                               rt=T.Runtime(torch.device("cpu"), None), criterion=torch.nn.CrossEntropyLoss())
+    images = torch.randint(0, 255, (4, 36, 36), dtype=torch.uint8)
+    split = types.SimpleNamespace(images=images, labels=torch.tensor([1, 1, 1, 0]))
+    assert T.evaluate(st, split)["val_acc"] == 0.75
