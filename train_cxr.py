@@ -1884,7 +1884,7 @@ class GradCAM:
             maps = cam(x, target=1)        # or one class index per image
 
     CAM = ReLU(sum_k mean_ij(d y_c / d A_k) * A_k), min-max scaled per image, bilinearly resized to
-    the input size and scaled again (the order pytorch-grad-cam uses).
+    the input size and scaled again (the order pytorch-grad-cam uses); a flat positive map is all 1.
 
     A_k are, by default, the rectified feature maps of the last conv block (its ReLU output, 1/8
     of the input size), the maps Grad-CAM is defined on. The raw conv output before batch norm
@@ -1937,8 +1937,12 @@ class GradCAM:
 
 
 def _minmax(cam: torch.Tensor) -> torch.Tensor:
-    cam = cam - cam.amin(dim=(2, 3), keepdim=True)
-    return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
+    lo, hi = cam.amin(dim=(2, 3), keepdim=True), cam.amax(dim=(2, 3), keepdim=True)
+    # A positive map that varies by less than one step of the 256-colour scale is flat: the same evidence
+    # everywhere, shown as 1 everywhere. Stretched, an exactly flat one came out all 0 ("no positive evidence")
+    # and a 1e-6 wobble filled the scale from blue to red.
+    flat = (hi - lo) * 256 < hi
+    return torch.where(flat, torch.ones_like(cam), (cam - lo) / (1e-7 + hi - lo))  # an all-zero map stays zero
 
 
 def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 200) -> np.ndarray:

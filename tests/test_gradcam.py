@@ -327,6 +327,27 @@ def test_all_zero_map_has_no_nan(how):
     assert (maps == 0).all()
 
 
+@pytest.mark.parametrize("wobble", [0.0, 1e-6])
+def test_flat_map_is_shown_flat_not_empty_or_stretched(wobble):
+    # The explained layer's output is the same (to 1e-6) at every position and pushes towards the class:
+    # evidence everywhere alike. Min-max scaling made an exactly flat map all 0 ("no positive evidence"),
+    # and stretched a 1e-6 wobble over the whole colour scale, red to blue.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(wobble)
+        conv.bias.fill_(1.0)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[-1].weight.fill_(1.0)
+    with GradCAM(model, model[1]) as cam:
+        maps = cam(batch(2, 32), target=1)
+    assert maps.shape == (2, 32, 32)
+    assert (maps > 0.99).all()
+    assert train_cxr.lung_focus(maps)["n_empty_maps"] == 0
+
+
 def test_targets_none_int_and_sequences():
     model = small_model(seed=5, num_classes=3).eval()
     x = batch(12, seed=5)
