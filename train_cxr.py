@@ -2041,7 +2041,8 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
     """One overlay PNG per image, {stem}[_true-T]_pred-P_p{prob}[_ood].png (and with save_arrays the
     raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
     head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
-    checkpoint. Titles name the class whose probability they show and the labelling rule."""
+    checkpoint. Titles name the class whose probability they show, the labelling rule and the class the
+    heat map explains (the label), with what its colours mean."""
     classes, pos = ck["class_names"], ck["positive_class"]
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
     tiles = []
@@ -2055,7 +2056,9 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.{d}f}" + ("_ood" if ood else "")
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
                  + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
-                 + label_rule(ck, d))
+                 + label_rule(ck, d)
+                 # the map explains the label, which for NORMAL is not the class whose P the title gives
+                 + f"\nheat: evidence for {p} (red: the most in this image, blue: none)")
         tile = overlay_cam(crop, cam, title)
         save_image(folder / f"{stem}.png", tile)
         if save_arrays:
