@@ -1884,7 +1884,8 @@ class GradCAM:
             maps = cam(x, target=1)        # or one class index per image
 
     CAM = ReLU(sum_k mean_ij(d y_c / d A_k) * A_k), min-max scaled per image, bilinearly resized to
-    the input size and scaled again (the order pytorch-grad-cam uses); a flat positive map is all 1.
+    the input pixels it covers and scaled again (the order pytorch-grad-cam uses, which stretches it over the
+    whole input: the same when the poolings divide the input size); a flat positive map is all 1.
 
     A_k are, by default, the rectified feature maps of the last conv block (its ReLU output, 1/8
     of the input size), the maps Grad-CAM is defined on. The raw conv output before batch norm
@@ -1932,7 +1933,13 @@ class GradCAM:
                 cam = F.relu((weights * self._act.detach().float()).sum(1, keepdim=True))
         finally:
             self._act = None
-        cam = F.interpolate(_minmax(cam), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # A cell covers `stride` pixels a side, a power of two (the 2x poolings before the layer), and pooling
+        # drops an odd last row and column: the map covers the top-left h*stride pixels. Stretched over the whole
+        # input (70 px: 8 cells of 8 px), the heat sat up to 5 px off its pixels; the rest repeats the edge cell.
+        (H, W), (h, w) = x.shape[-2:], cam.shape[-2:]
+        sh, sw = (2 ** int(math.log2(a / b)) for a, b in ((H, h), (W, w)))
+        cam = F.interpolate(_minmax(cam), size=(h * sh, w * sw), mode="bilinear", align_corners=False)
+        cam = F.pad(cam, (0, W - w * sw, 0, H - h * sh), mode="replicate")
         return _minmax(cam)[:, 0].cpu().numpy().astype(np.float32)
 
 

@@ -327,6 +327,25 @@ def test_all_zero_map_has_no_nan(how):
     assert (maps == 0).all()
 
 
+@pytest.mark.parametrize("size", [64, 70, 100])
+def test_heat_lines_up_with_the_pixels_at_a_size_pooling_does_not_divide(size):
+    # Three 2x poolings keep the top-left 64 x 64 pixels of a 70 px input (8 cells of 8 px); stretched
+    # over all 70 px, the heat of a bright 8 px square at pixels 48-55 came out centred on 56.4, not 51.5.
+    pools = [torch.nn.MaxPool2d(2) for _ in range(3)]
+    model = torch.nn.Sequential(*pools, torch.nn.Identity(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(1, 2))
+    with torch.no_grad():
+        model[-1].weight.fill_(1.0)  # the gradient is positive: the map is the pooled input itself
+    x = torch.zeros(1, 1, size, size)
+    x[..., 48:56, 48:56] = 1.0
+    with GradCAM(model, model[3]) as cam:
+        m = cam(x, target=1)[0]
+    assert m.shape == (size, size)
+    for profile in (m.sum(0), m.sum(1)):  # columns and rows
+        centre = (profile * np.arange(size)).sum() / profile.sum()
+        assert abs(centre - 51.5) < 0.5, centre
+
+
 @pytest.mark.parametrize("wobble", [0.0, 1e-6])
 def test_flat_map_is_shown_flat_not_empty_or_stretched(wobble):
     # The explained layer's output is the same (to 1e-6) at every position and pushes towards the class:
