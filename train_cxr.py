@@ -114,7 +114,7 @@ PATIENCE = 6                      # early stop after this many epochs without a 
 # evaluation and explanations
 TTA = True                        # average the prediction of the image and its mirror image
 NUM_GRADCAM_IMAGES = 8            # fixed validation images explained after every epoch
-SAVE_CAM_ARRAYS = False           # also save each raw Grad-CAM map as .npy
+SAVE_CAM_ARRAYS = False           # also save each Grad-CAM map as .npy (over the central crop, as the overlay)
 BOOTSTRAP = 1000                  # resamples for the test AUC confidence interval
 THRESHOLD_POLICY = "balanced"     # balanced | accuracy | youden | sensitivity:0.95 (README, Operating point)
 OOD_QUANTILE = 0.99               # share of held-out training images the out-of-distribution guard passes
@@ -211,7 +211,8 @@ FLAGS = {
     "evaluation and explanations": [
         ("TTA", "average the prediction of the image and its mirror image"),
         ("NUM_GRADCAM_IMAGES", "fixed validation images explained after every epoch"),
-        ("SAVE_CAM_ARRAYS", "also save each raw Grad-CAM map as .npy"),
+        ("SAVE_CAM_ARRAYS", "also save each Grad-CAM map as .npy: IMG_SIZE square, scaled 0-1 like the overlay, "
+         "over the overlay's left panel (the file squashed square, its central crop), not the original pixels"),
         ("BOOTSTRAP", "resamples for the test AUC confidence interval"),
         ("THRESHOLD_POLICY", "how the decision threshold is chosen on validation: balanced, accuracy, youden "
                              "or sensitivity:X (README, Operating point)"),

@@ -448,6 +448,13 @@ def test_config_comes_from_the_constants_without_reading_the_source(monkeypatch)
     assert "--img-size" in train_cxr.build_parser().format_help()
 
 
+def test_help_says_what_pixels_a_saved_cam_array_covers():
+    # "each raw Grad-CAM map": the .npy is scaled 0-1 and covers the central crop of the squashed image, so a
+    # researcher resizing it onto the original X-ray placed the heat off its pixels without being told.
+    text = " ".join(train_cxr.build_parser().format_help().split())
+    assert "raw Grad-CAM" not in text and "central crop), not the original pixels" in text
+
+
 def test_help_is_grouped_modes_first_without_odd_defaults():
     text = train_cxr.build_parser().format_help()
     assert "(default: )" not in text and "(default: (" not in text and "(default: None)" not in text
