@@ -1975,14 +1975,18 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
     for text, y in (("1", 18), ("0", display - 10)):
         cv2.putText(bar, text, (20, y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
     body = np.hstack([img, np.full((display, 4, 3), 255, np.uint8), blend, bar])
-    lines = []
+    lines, too_wide = [], lambda text: cv2.getTextSize(text, font, scale, 1)[0][0] > body.shape[1] - 8
     for part in title.split("\n"):  # wrap each line at word boundaries to the tile's width
         words, line = part.split(" "), ""
         for w in words:
             trial = f"{line} {w}".strip()
-            if line and cv2.getTextSize(trial, font, scale, 1)[0][0] > body.shape[1] - 8:
+            if line and too_wide(trial):
                 lines.append(line)
                 trial = w
+            while len(trial) > 1 and too_wide(trial):  # a file name with no spaces (a DICOM UID) ran off the tile
+                k = next(k for k in range(len(trial) - 1, 0, -1) if not too_wide(trial[:k]) or k == 1)
+                lines.append(trial[:k])
+                trial = trial[k:]
             line = trial
         lines.append(line)
     strip = np.full((6 + 16 * len(lines), body.shape[1], 3), 255, np.uint8)

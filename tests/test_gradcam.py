@@ -544,6 +544,17 @@ def test_overlay_cam_bgr_with_title_strip():
     assert over(bright).mean() > over(cold).mean() + 50
 
 
+def test_overlay_title_wraps_a_name_without_spaces_inside_the_tile():
+    # --predict heads the title with the file name: a DICOM UID name (no spaces) was drawn off the tile's edge.
+    name = "CHEST_PA_20231105_1.2.840.113619.2.55.3.604688119.868.1234567890.123.4567.89012.dcm"
+    gray, cam = np.zeros((40, 40), np.uint8), np.zeros((32, 32), np.float32)
+    short = train_cxr.overlay_cam(gray, cam, "x", display=200)
+    tile = train_cxr.overlay_cam(gray, cam, name + "\npred NORMAL", display=200)
+    strip = tile[:tile.shape[0] - 200]
+    assert strip.shape[0] >= short.shape[0] - 200 + 2 * 16  # the name took two lines, the label a third
+    assert (strip[:, -4:] == 255).all()  # nothing drawn up to the right edge
+
+
 @pytest.mark.parametrize("bad", [-0.01, 1.01, 2.0])
 def test_overlay_cam_refuses_unscaled_cam(bad):
     cam = np.full((16, 16), 0.5, np.float32)
