@@ -2051,7 +2051,7 @@ def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.n
 def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict, labels=None, names=None,
                  save_arrays: bool = False) -> list:
     """One overlay PNG per image, {stem}[_true-T]_pred-P_p{prob}[_ood].png (and with save_arrays the
-    raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
+    0-1 map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
     head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
     checkpoint. Titles name the class whose probability they show, the labelling rule and the class the
     heat map explains (the label), with what its colours mean."""
