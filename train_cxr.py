@@ -2100,6 +2100,25 @@ def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     return np.array(sorted(i for _, _, i in turns[:n]), dtype=np.int64)
 
 
+def gallery_indices(labels: np.ndarray, preds: np.ndarray, paths: list, n_classes: int, per_cell: int,
+                    pattern: re.Pattern | None = None) -> np.ndarray:
+    """The test gallery: per class, per_cell right and per_cell wrong predictions, in path order but one
+    image per patient while the cell has others (a patient's films sit side by side: the demo's two right
+    PNEUMONIA examples were both person1000's)."""
+    picked = []
+    for t in range(n_classes):
+        for right in (True, False):
+            first, again, seen = [], [], set()
+            for i in np.flatnonzero((labels == t) & ((preds == t) == right)):
+                if len(first) == per_cell:
+                    break
+                pid = patient_id(str(paths[i]), pattern)
+                (again if pid in seen else first).append(int(i))
+                seen.add(pid)
+            picked += (first + again)[:per_cell]
+    return np.array(sorted(picked), np.int64)
+
+
 def lung_focus(maps: np.ndarray) -> dict:
     """Share of CAM mass inside LUNG_BOX, and the share a uniform map would have there."""
     m = lung_box_mask(*maps.shape[1:])
@@ -2279,8 +2298,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
     per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names))) if cfg.num_gradcam_images else 0
-    gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
-                              for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
+    gallery = gallery_indices(labels, preds, test.paths, len(class_names), per_cell, patient_pattern(cfg.patient_regex))
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)

@@ -669,3 +669,17 @@ def test_end_to_end_gradcam_files(synth_root, tmp_path):
     assert any(f.name != "test_summary.png" for f in gallery)
     for f in gallery:
         assert cv2.imread(str(f)) is not None
+
+
+def test_gallery_shows_right_and_wrong_of_each_class_from_different_patients():
+    # In path order a patient's films sit side by side: the demo's two right PNEUMONIA examples were
+    # person1000_bacteria_34 and _35, one patient twice.
+    paths = ["IM-0001-0001.png", "IM-0001-0002.png", "IM-0002-0001.png", "IM-0003-0001.png",
+             "person1_bacteria_1.png", "person1_bacteria_2.png", "person2_virus_3.png", "person3_virus_4.png"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    preds = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    got = train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=2)
+    assert got.tolist() == [0, 2, 3, 4, 6, 7]  # right NORMAL from two patients; one wrong of each class exists
+    # a cell with a single patient still fills up with that patient's other films
+    assert train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=3).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=0).tolist() == []
