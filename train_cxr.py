@@ -114,7 +114,7 @@ PATIENCE = 6                      # early stop after this many epochs without a 
 # evaluation and explanations
 TTA = True                        # average the prediction of the image and its mirror image
 NUM_GRADCAM_IMAGES = 8            # fixed validation images explained after every epoch
-SAVE_CAM_ARRAYS = False           # also save each raw Grad-CAM map as .npy
+SAVE_CAM_ARRAYS = False           # also save each Grad-CAM map as .npy (over the central crop, as the overlay)
 BOOTSTRAP = 1000                  # resamples for the test AUC confidence interval
 THRESHOLD_POLICY = "balanced"     # balanced | accuracy | youden | sensitivity:0.95 (README, Operating point)
 OOD_QUANTILE = 0.99               # share of held-out training images the out-of-distribution guard passes
@@ -211,7 +211,8 @@ FLAGS = {
     "evaluation and explanations": [
         ("TTA", "average the prediction of the image and its mirror image"),
         ("NUM_GRADCAM_IMAGES", "fixed validation images explained after every epoch"),
-        ("SAVE_CAM_ARRAYS", "also save each raw Grad-CAM map as .npy"),
+        ("SAVE_CAM_ARRAYS", "also save each Grad-CAM map as .npy: IMG_SIZE square, scaled 0-1 like the overlay, "
+         "over the overlay's left panel (the file squashed square, its central crop), not the original pixels"),
         ("BOOTSTRAP", "resamples for the test AUC confidence interval"),
         ("THRESHOLD_POLICY", "how the decision threshold is chosen on validation: balanced, accuracy, youden "
                              "or sensitivity:X (README, Operating point)"),
@@ -1886,7 +1887,8 @@ class GradCAM:
             maps = cam(x, target=1)        # or one class index per image
 
     CAM = ReLU(sum_k mean_ij(d y_c / d A_k) * A_k), min-max scaled per image, bilinearly resized to
-    the input size and scaled again (the order pytorch-grad-cam uses).
+    the input pixels it covers and scaled again (the order pytorch-grad-cam uses, which stretches it over the
+    whole input: the same when the poolings divide the input size); a flat positive map is all 1.
 
     A_k are, by default, the rectified feature maps of the last conv block (its ReLU output, 1/8
     of the input size), the maps Grad-CAM is defined on. The raw conv output before batch norm
@@ -1934,13 +1936,23 @@ class GradCAM:
                 cam = F.relu((weights * self._act.detach().float()).sum(1, keepdim=True))
         finally:
             self._act = None
-        cam = F.interpolate(_minmax(cam), size=x.shape[-2:], mode="bilinear", align_corners=False)
+        # A cell covers `stride` pixels a side, a power of two (the 2x poolings before the layer), and pooling
+        # drops an odd last row and column: the map covers the top-left h*stride pixels. Stretched over the whole
+        # input (70 px: 8 cells of 8 px), the heat sat up to 5 px off its pixels; the rest repeats the edge cell.
+        (H, W), (h, w) = x.shape[-2:], cam.shape[-2:]
+        sh, sw = (2 ** int(math.log2(a / b)) for a, b in ((H, h), (W, w)))
+        cam = F.interpolate(_minmax(cam), size=(h * sh, w * sw), mode="bilinear", align_corners=False)
+        cam = F.pad(cam, (0, W - w * sw, 0, H - h * sh), mode="replicate")
         return _minmax(cam)[:, 0].cpu().numpy().astype(np.float32)
 
 
 def _minmax(cam: torch.Tensor) -> torch.Tensor:
-    cam = cam - cam.amin(dim=(2, 3), keepdim=True)
-    return cam / (1e-7 + cam.amax(dim=(2, 3), keepdim=True))  # an all-zero map stays zero
+    lo, hi = cam.amin(dim=(2, 3), keepdim=True), cam.amax(dim=(2, 3), keepdim=True)
+    # A positive map that varies by less than one step of the 256-colour scale is flat: the same evidence
+    # everywhere, shown as 1 everywhere. Stretched, an exactly flat one came out all 0 ("no positive evidence")
+    # and a 1e-6 wobble filled the scale from blue to red.
+    flat = (hi - lo) * 256 < hi
+    return torch.where(flat, torch.ones_like(cam), (cam - lo) / (1e-7 + hi - lo))  # an all-zero map stays zero
 
 
 def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 200) -> np.ndarray:
@@ -1965,14 +1977,18 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
     for text, y in (("1", 18), ("0", display - 10)):
         cv2.putText(bar, text, (20, y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
     body = np.hstack([img, np.full((display, 4, 3), 255, np.uint8), blend, bar])
-    lines = []
+    lines, too_wide = [], lambda text: cv2.getTextSize(text, font, scale, 1)[0][0] > body.shape[1] - 8
     for part in title.split("\n"):  # wrap each line at word boundaries to the tile's width
         words, line = part.split(" "), ""
         for w in words:
             trial = f"{line} {w}".strip()
-            if line and cv2.getTextSize(trial, font, scale, 1)[0][0] > body.shape[1] - 8:
+            if line and too_wide(trial):
                 lines.append(line)
                 trial = w
+            while len(trial) > 1 and too_wide(trial):  # a file name with no spaces (a DICOM UID) ran off the tile
+                k = next(k for k in range(len(trial) - 1, 0, -1) if not too_wide(trial[:k]) or k == 1)
+                lines.append(trial[:k])
+                trial = trial[k:]
             line = trial
         lines.append(line)
     strip = np.full((6 + 16 * len(lines), body.shape[1], 3), 255, np.uint8)
@@ -2037,9 +2053,10 @@ def predict_labels(probs: np.ndarray, pos: int, threshold: float | None) -> np.n
 def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict, labels=None, names=None,
                  save_arrays: bool = False) -> list:
     """One overlay PNG per image, {stem}[_true-T]_pred-P_p{prob}[_ood].png (and with save_arrays the
-    raw map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
+    0-1 map as .npy), for the per-epoch set, the test gallery and --predict (names: file names that
     head the titles); returns the tiles. sc: probs, preds (and in_distribution) per image; ck: the
-    checkpoint. Titles name the class whose probability they show and the labelling rule."""
+    checkpoint. Titles name the class whose probability they show, the labelling rule and the class the
+    heat map explains (the label), with what its colours mean."""
     classes, pos = ck["class_names"], ck["positive_class"]
     crops = center_crop(images_u8, ck["img_size"]).cpu().numpy()
     tiles = []
@@ -2053,7 +2070,9 @@ def save_cam_set(folder: Path, stems: list, images_u8, maps, sc: dict, ck: dict,
         stem = stems[i] + (f"_true-{true}" if true else "") + f"_pred-{p}_p{prob:.{d}f}" + ("_ood" if ood else "")
         title = (("UNLIKE TRAINING | " if ood else "") + (f"{names[i]}\n" if names is not None else "")
                  + (f"true {true} | " if true else "") + f"pred {p} | P({shown})={prob:.{d}f}\n"
-                 + label_rule(ck, d))
+                 + label_rule(ck, d)
+                 # the map explains the label, which for NORMAL is not the class whose P the title gives
+                 + f"\nheat: evidence for {p} (red: the most in this image, blue: none)")
         tile = overlay_cam(crop, cam, title)
         save_image(folder / f"{stem}.png", tile)
         if save_arrays:
@@ -2081,6 +2100,25 @@ def pick_gradcam_images(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     pools = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
     turns = sorted((r, k, i) for k, pool in enumerate(pools) for r, i in enumerate(pool))  # round r, class k
     return np.array(sorted(i for _, _, i in turns[:n]), dtype=np.int64)
+
+
+def gallery_indices(labels: np.ndarray, preds: np.ndarray, paths: list, n_classes: int, per_cell: int,
+                    pattern: re.Pattern | None = None) -> np.ndarray:
+    """The test gallery: per class, per_cell right and per_cell wrong predictions, in path order but one
+    image per patient while the cell has others (a patient's films sit side by side: the demo's two right
+    PNEUMONIA examples were both person1000's)."""
+    picked = []
+    for t in range(n_classes):
+        for right in (True, False):
+            first, again, seen = [], [], set()
+            for i in np.flatnonzero((labels == t) & ((preds == t) == right)):
+                if len(first) == per_cell:
+                    break
+                pid = patient_id(str(paths[i]), pattern)
+                (again if pid in seen else first).append(int(i))
+                seen.add(pid)
+            picked += (first + again)[:per_cell]
+    return np.array(sorted(picked), np.int64)
 
 
 def lung_focus(maps: np.ndarray) -> dict:
@@ -2264,8 +2302,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     maps_all = gradcam_maps(model, test.images, preds, ckpt, rt)
     res["gradcam"] = lung_focus(maps_all)
     per_cell = max(1, cfg.num_gradcam_images // (2 * len(class_names))) if cfg.num_gradcam_images else 0
-    gallery = np.array(sorted(i for t in range(len(class_names)) for right in (True, False)
-                              for i in np.flatnonzero((labels == t) & ((preds == t) == right))[:per_cell]), np.int64)
+    gallery = gallery_indices(labels, preds, test.paths, len(class_names), per_cell, patient_pattern(cfg.patient_regex))
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)

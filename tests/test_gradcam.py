@@ -327,6 +327,46 @@ def test_all_zero_map_has_no_nan(how):
     assert (maps == 0).all()
 
 
+@pytest.mark.parametrize("size", [64, 70, 100])
+def test_heat_lines_up_with_the_pixels_at_a_size_pooling_does_not_divide(size):
+    # Three 2x poolings keep the top-left 64 x 64 pixels of a 70 px input (8 cells of 8 px); stretched
+    # over all 70 px, the heat of a bright 8 px square at pixels 48-55 came out centred on 56.4, not 51.5.
+    pools = [torch.nn.MaxPool2d(2) for _ in range(3)]
+    model = torch.nn.Sequential(*pools, torch.nn.Identity(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(1, 2))
+    with torch.no_grad():
+        model[-1].weight.fill_(1.0)  # the gradient is positive: the map is the pooled input itself
+    x = torch.zeros(1, 1, size, size)
+    x[..., 48:56, 48:56] = 1.0
+    with GradCAM(model, model[3]) as cam:
+        m = cam(x, target=1)[0]
+    assert m.shape == (size, size)
+    for profile in (m.sum(0), m.sum(1)):  # columns and rows
+        centre = (profile * np.arange(size)).sum() / profile.sum()
+        assert abs(centre - 51.5) < 0.5, centre
+
+
+@pytest.mark.parametrize("wobble", [0.0, 1e-6])
+def test_flat_map_is_shown_flat_not_empty_or_stretched(wobble):
+    # The explained layer's output is the same (to 1e-6) at every position and pushes towards the class:
+    # evidence everywhere alike. Min-max scaling made an exactly flat map all 0 ("no positive evidence"),
+    # and stretched a 1e-6 wobble over the whole colour scale, red to blue.
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(1, 4, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.fill_(wobble)
+        conv.bias.fill_(1.0)
+    model = torch.nn.Sequential(conv, torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 2))
+    with torch.no_grad():
+        model[-1].weight.fill_(1.0)
+    with GradCAM(model, model[1]) as cam:
+        maps = cam(batch(2, 32), target=1)
+    assert maps.shape == (2, 32, 32)
+    assert (maps > 0.99).all()
+    assert train_cxr.lung_focus(maps)["n_empty_maps"] == 0
+
+
 def test_targets_none_int_and_sequences():
     model = small_model(seed=5, num_classes=3).eval()
     x = batch(12, seed=5)
@@ -504,6 +544,17 @@ def test_overlay_cam_bgr_with_title_strip():
     assert over(bright).mean() > over(cold).mean() + 50
 
 
+def test_overlay_title_wraps_a_name_without_spaces_inside_the_tile():
+    # --predict heads the title with the file name: a DICOM UID name (no spaces) was drawn off the tile's edge.
+    name = "CHEST_PA_20231105_1.2.840.113619.2.55.3.604688119.868.1234567890.123.4567.89012.dcm"
+    gray, cam = np.zeros((40, 40), np.uint8), np.zeros((32, 32), np.float32)
+    short = train_cxr.overlay_cam(gray, cam, "x", display=200)
+    tile = train_cxr.overlay_cam(gray, cam, name + "\npred NORMAL", display=200)
+    strip = tile[:tile.shape[0] - 200]
+    assert strip.shape[0] >= short.shape[0] - 200 + 2 * 16  # the name took two lines, the label a third
+    assert (strip[:, -4:] == 255).all()  # nothing drawn up to the right edge
+
+
 @pytest.mark.parametrize("bad", [-0.01, 1.01, 2.0])
 def test_overlay_cam_refuses_unscaled_cam(bad):
     cam = np.full((16, 16), 0.5, np.float32)
@@ -618,3 +669,17 @@ def test_end_to_end_gradcam_files(synth_root, tmp_path):
     assert any(f.name != "test_summary.png" for f in gallery)
     for f in gallery:
         assert cv2.imread(str(f)) is not None
+
+
+def test_gallery_shows_right_and_wrong_of_each_class_from_different_patients():
+    # In path order a patient's films sit side by side: the demo's two right PNEUMONIA examples were
+    # person1000_bacteria_34 and _35, one patient twice.
+    paths = ["IM-0001-0001.png", "IM-0001-0002.png", "IM-0002-0001.png", "IM-0003-0001.png",
+             "person1_bacteria_1.png", "person1_bacteria_2.png", "person2_virus_3.png", "person3_virus_4.png"]
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    preds = np.array([0, 0, 0, 1, 1, 1, 1, 0])
+    got = train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=2)
+    assert got.tolist() == [0, 2, 3, 4, 6, 7]  # right NORMAL from two patients; one wrong of each class exists
+    # a cell with a single patient still fills up with that patient's other films
+    assert train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=3).tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert train_cxr.gallery_indices(labels, preds, paths, 2, per_cell=0).tolist() == []

@@ -448,6 +448,13 @@ def test_config_comes_from_the_constants_without_reading_the_source(monkeypatch)
     assert "--img-size" in train_cxr.build_parser().format_help()
 
 
+def test_help_says_what_pixels_a_saved_cam_array_covers():
+    # "each raw Grad-CAM map": the .npy is scaled 0-1 and covers the central crop of the squashed image, so a
+    # researcher resizing it onto the original X-ray placed the heat off its pixels without being told.
+    text = " ".join(train_cxr.build_parser().format_help().split())
+    assert "raw Grad-CAM" not in text and "central crop), not the original pixels" in text
+
+
 def test_help_is_grouped_modes_first_without_odd_defaults():
     text = train_cxr.build_parser().format_help()
     assert "(default: )" not in text and "(default: (" not in text and "(default: None)" not in text
@@ -626,6 +633,10 @@ def test_overlay_titles_name_the_class_and_the_rule(monkeypatch, tmp_path):
     assert "pred NORMAL | P(PNEUMONIA)=0.66" in titles[0] and "argmax" in titles[0]
     assert "P(PNEUMONIA) >= 0.60 (threshold chosen on validation)" in titles[2]
     assert titles[4].startswith("scan_a.png\n") and "true" not in titles[4]
+    # Which class the heat explains, and what red means, on the figure itself: under "P(PNEUMONIA)=0.66"
+    # a NORMAL prediction's map (evidence for NORMAL) was easily read as evidence for PNEUMONIA.
+    assert titles[0].endswith("\nheat: evidence for NORMAL (red: the most in this image, blue: none)")
+    assert "heat: evidence for PNEUMONIA (red" in titles[2] and "heat: evidence for NORMAL (red" in titles[3]
 
 
 def test_overlay_titles_print_p_and_the_threshold_on_the_side_the_label_is(monkeypatch, tmp_path):
