@@ -347,7 +347,7 @@ def parse_config(argv=None) -> tuple:
     demo = {k: tuple(v) if isinstance(v, list) else v  # channels=[...], as CHANNELS may be a list
             for k, v in DEMO_OVERRIDES.items() if k not in args.given} if args.demo else {}
     for k, v in demo.items():
-        if isinstance(v, str) != (Config.__dataclass_fields__[k].type is str):
+        if isinstance(v, str) != (k in TEXT_FLAGS):
             raise CXRError(f"DEMO_OVERRIDES[{k!r}] = {v!r} at the top of train_cxr.py has the wrong type "
                            f"({type(v).__name__}): write it as {k.upper()} = {globals()[k.upper()]!r} is written")
     values = {**demo, **{n: getattr(args, n) for n in args.given}}
