@@ -2572,11 +2572,11 @@ def check_same_classes(root: Path, name: str, classes: list, found: list) -> Non
 TWO_CLASS_FLAGS = ("threshold_policy", "positive_class")
 
 
-def check_two_class_flags(args, classes: list) -> None:
+def check_two_class_flags(given: set, classes: list) -> None:
     """A threshold policy picks a cut on P(positive), and the positive class is the one sensitivity, AUC
     and threshold refer to; with more classes labels are the argmax and the AUC the mean over classes,
-    so either flag typed would be ignored: refused instead."""
-    typed = [k for k in TWO_CLASS_FLAGS if k in args.given]
+    so either flag typed (in given) would be ignored: refused instead."""
+    typed = [k for k in TWO_CLASS_FLAGS if k in given]
     if len(classes) > 2 and typed:
         raise CXRError(f"--{typed[0].replace('_', '-')} needs two classes, and there are {len(classes)} "
                        f"({', '.join(classes)}): labels are the most probable class and the AUC is the mean "
@@ -2656,6 +2656,9 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
+    # Refused from the class folders, before the images are decoded; here, where train/ is listed once: listed
+    # again for it, a sub-folder that cannot be read was warned about twice.
+    check_two_class_flags(typed, classes)
     test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
     check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
@@ -3172,8 +3175,6 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
     with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
-        if args.given & set(TWO_CLASS_FLAGS):  # refused from the class folders, before the images are decoded
-            check_two_class_flags(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
         rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
         data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
@@ -3447,7 +3448,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
-    check_two_class_flags(args, classes)
+    check_two_class_flags(args.given, classes)
     if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
