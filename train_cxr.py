@@ -2794,10 +2794,23 @@ def check_run_dir_free(cfg: Config) -> None:
     """--output-dir is a folder (or missing) and --run-name is free: main asks before any work, as a taken
     name was refused only once the images had been decoded (every scan of a --predict folder, too)."""
     base = Path(cfg.output_dir)
-    if base.exists() and not base.is_dir():
-        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if cfg.run_name and os.path.lexists(base / cfg.run_name):
-        raise run_dir_taken(base / cfg.run_name)
+    try:  # a name too long for the file system is said now, not once the images are decoded
+        if base.exists() and not base.is_dir():
+            raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
+        if cfg.run_name:
+            os.lstat(base / cfg.run_name)  # found, even as a broken link: taken
+            raise run_dir_taken(base / cfg.run_name)
+    except OSError as e:  # not found: free. A long --output-dir's ENAMETOOLONG was a traceback from exists()
+        if e.errno == errno.ENAMETOOLONG:
+            raise run_dir_error(base / cfg.run_name, e)
+
+
+def run_dir_error(run_dir: Path, e: OSError) -> CXRError:
+    """Why a run folder cannot be made, with the fix for that reason."""
+    if e.errno == errno.ENAMETOOLONG:  # "choose a writable --output-dir" was no help for a 300-letter --run-name
+        return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): shorten --run-name or --output-dir "
+                        "(most file systems allow 255 bytes a folder name)")
+    return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
 
 
 def run_dir_taken(run_dir: Path) -> CXRError:
@@ -2828,7 +2841,7 @@ def make_run_dir(cfg: Config, cam: bool = True) -> Path:
         if cam:
             (run_dir / "grad_cam").mkdir()
     except OSError as e:
-        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
+        raise run_dir_error(run_dir, e)
     attach_log_file(run_dir / "train.log")
     return run_dir
 
