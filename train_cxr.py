@@ -2357,6 +2357,14 @@ REPORT_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-wid
               ".headline{font-size:17px;background:#f6f8fa;padding:8px 12px}")
 
 
+def report_outdated(folder: Path) -> bool:
+    """folder/report.html is missing, or older than its test_metrics.json, the last file a run writes before
+    its page: a run stopped between the two kept the last epoch's page, without the test set. (Not against
+    every file it shows: a config.json edited by hand since is no unfinished run.)"""
+    page, metrics = folder / "report.html", folder / "test_metrics.json"
+    return not page.is_file() or (metrics.is_file() and metrics.stat().st_mtime > page.stat().st_mtime)
+
+
 def _fmt(v) -> str:
     """A value as the page shows it; floats with 4 decimals, or 4 significant digits when tiny or huge."""
     if v is None:
@@ -3172,6 +3180,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
         if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
                 best_path.is_file() and "calibration" in load_checkpoint(best_path))):
+            if report_outdated(run_dir):  # stopped (Ctrl-C, a crash) after the test report, before its page
+                page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+                log.info(f"{run_dir} had finished, but its report page was missing or older than its "
+                         f"test_metrics.json (the run stopped before writing it): written again, {page}")
+                return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
     if args.demo and rt.world > 1:
