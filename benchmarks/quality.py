@@ -91,7 +91,7 @@ def earlier_run(run: Path, argv: list) -> str:
     if not (run / "last.pt").is_file():
         if (run / "best_model.pt").exists():  # every epoch writes best_model.pt before last.pt
             raise SystemExit(f"error: {run} has a best_model.pt but no last.pt, so it cannot be resumed or judged: "
-                             "pass another --out")
+                             "delete it to train it again, or pass another --out")
         shutil.rmtree(run)
         return "redo"
     _, args = train_cxr.parse_config(["--resume", str(run), *argv])

@@ -930,6 +930,10 @@ def test_quality_benchmark_goes_on_after_a_stop_with_the_same_out(tmp_path, monk
     with pytest.raises(SystemExit, match="holds another fold"):
         quality.main()
     assert sorted(fold.iterdir()) == [fold / "data", run_dir]
+    (run_dir / "last.pt").unlink()  # not what a stop leaves (best_model.pt is written first): kept, and said
+    with pytest.raises(SystemExit, match="has a best_model.pt but no last.pt.*delete it to train it again"):
+        quality.earlier_run(run_dir, [])
+    assert (run_dir / "best_model.pt").is_file()
 
 
 def test_train_log_ends_with_the_time_per_phase(trained):
