@@ -2357,6 +2357,14 @@ REPORT_CSS = ("body{font:14px/1.45 system-ui,sans-serif;margin:24px auto;max-wid
               ".headline{font-size:17px;background:#f6f8fa;padding:8px 12px}")
 
 
+def report_outdated(folder: Path) -> bool:
+    """folder/report.html is missing, or older than its test_metrics.json, the last file a run writes before
+    its page: a run stopped between the two kept the last epoch's page, without the test set. (Not against
+    every file it shows: a config.json edited by hand since is no unfinished run.)"""
+    page, metrics = folder / "report.html", folder / "test_metrics.json"
+    return not page.is_file() or (metrics.is_file() and metrics.stat().st_mtime > page.stat().st_mtime)
+
+
 def _fmt(v) -> str:
     """A value as the page shows it; floats with 4 decimals, or 4 significant digits when tiny or huge."""
     if v is None:
@@ -2572,11 +2580,11 @@ def check_same_classes(root: Path, name: str, classes: list, found: list) -> Non
 TWO_CLASS_FLAGS = ("threshold_policy", "positive_class")
 
 
-def check_two_class_flags(args, classes: list) -> None:
+def check_two_class_flags(given: set, classes: list) -> None:
     """A threshold policy picks a cut on P(positive), and the positive class is the one sensitivity, AUC
     and threshold refer to; with more classes labels are the argmax and the AUC the mean over classes,
-    so either flag typed would be ignored: refused instead."""
-    typed = [k for k in TWO_CLASS_FLAGS if k in args.given]
+    so either flag typed (in given) would be ignored: refused instead."""
+    typed = [k for k in TWO_CLASS_FLAGS if k in given]
     if len(classes) > 2 and typed:
         raise CXRError(f"--{typed[0].replace('_', '-')} needs two classes, and there are {len(classes)} "
                        f"({', '.join(classes)}): labels are the most probable class and the AUC is the mean "
@@ -2656,6 +2664,9 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
+    # Refused from the class folders, before the images are decoded; here, where train/ is listed once: listed
+    # again for it, a sub-folder that cannot be read was warned about twice.
+    check_two_class_flags(typed, classes)
     test_classes, test_samples = check_split_dir(root / "test", "test") if (root / "test").is_dir() else (classes, [])
     check_same_classes(root, "test", classes, test_classes)
     pos = positive_index(classes, cfg.positive_class)
@@ -2791,10 +2802,23 @@ def check_run_dir_free(cfg: Config) -> None:
     """--output-dir is a folder (or missing) and --run-name is free: main asks before any work, as a taken
     name was refused only once the images had been decoded (every scan of a --predict folder, too)."""
     base = Path(cfg.output_dir)
-    if base.exists() and not base.is_dir():
-        raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
-    if cfg.run_name and os.path.lexists(base / cfg.run_name):
-        raise run_dir_taken(base / cfg.run_name)
+    try:  # a name too long for the file system is said now, not once the images are decoded
+        if base.exists() and not base.is_dir():
+            raise CXRError(f"--output-dir {base} is a file, not a folder: pass a folder (it is created if missing)")
+        if cfg.run_name:
+            os.lstat(base / cfg.run_name)  # found, even as a broken link: taken
+            raise run_dir_taken(base / cfg.run_name)
+    except OSError as e:  # not found: free. A long --output-dir's ENAMETOOLONG was a traceback from exists()
+        if e.errno == errno.ENAMETOOLONG:
+            raise run_dir_error(base / cfg.run_name, e)
+
+
+def run_dir_error(run_dir: Path, e: OSError) -> CXRError:
+    """Why a run folder cannot be made, with the fix for that reason."""
+    if e.errno == errno.ENAMETOOLONG:  # "choose a writable --output-dir" was no help for a 300-letter --run-name
+        return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): shorten --run-name or --output-dir "
+                        "(most file systems allow 255 bytes a folder name)")
+    return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
 
 
 def run_dir_taken(run_dir: Path) -> CXRError:
@@ -2825,7 +2849,7 @@ def make_run_dir(cfg: Config, cam: bool = True) -> Path:
         if cam:
             (run_dir / "grad_cam").mkdir()
     except OSError as e:
-        raise CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): choose a writable --output-dir")
+        raise run_dir_error(run_dir, e)
     attach_log_file(run_dir / "train.log")
     return run_dir
 
@@ -3156,6 +3180,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
         if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
                 best_path.is_file() and "calibration" in load_checkpoint(best_path))):
+            if report_outdated(run_dir):  # stopped (Ctrl-C, a crash) after the test report, before its page
+                page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+                log.info(f"{run_dir} had finished, but its report page was missing or older than its "
+                         f"test_metrics.json (the run stopped before writing it): written again, {page}")
+                return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
     if args.demo and rt.world > 1:
@@ -3172,8 +3201,6 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     PHASES["start-up"] = time.perf_counter() - _STARTED
     # The demo made its folder to write its data in: an input error found now removes it again.
     with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
-        if args.given & set(TWO_CLASS_FLAGS):  # refused from the class folders, before the images are decoded
-            check_two_class_flags(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
         rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
         data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
@@ -3447,7 +3474,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     ckpt, model = checkpoint_model(args, rt)
     folder, guard = Path(args.recalibrate), ckpt.get("ood")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
-    check_two_class_flags(args, classes)
+    check_two_class_flags(args.given, classes)
     if "ood_quantile" in args.given and not guard:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")

@@ -13,7 +13,10 @@ and its "test" report is the held-out fold. The figures printed are mean +- std 
 AUC, accuracy, sensitivity and specificity at the threshold the script chose, the calibration
 error (ECE, 15 bins), the share of the held-out fold that the out-of-distribution guard flags,
 and the threshold. With --train-seeds, every fold is trained once per seed and the spread of
-the threshold each policy would choose is printed.
+the threshold each policy would choose is printed. Run again with the same --out after a stop
+(Ctrl-C, a crash), it goes on where it stopped, saying so: a fold's links left half-made are
+completed, a run stopped in training is resumed (or trained again if no epoch had ended) and a
+finished run's results are reused; a fold or run of other settings there is refused.
 
 Recipes: "default" is the script's constants; "baseline" is the original notebook recipe
 (224 px, 3x identical channels averaged to gray, 32-64-128-256 channels, FC 512, Adam 1e-3,
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -61,14 +65,48 @@ def link_fold(root: Path, samples: list, classes: list, train_idx, test_idx) -> 
         # The same --out again (more --train-seeds, or a fold run before): the fold's links are reused. They
         # stopped it with a FileExistsError traceback; and a fold made with other --folds, --seed or --data,
         # merged with this one, would put held-out patients into training: refused.
-        if {p: p.resolve() for p in root.rglob("*") if p.is_symlink()} != links:
+        have = {p: p.resolve() for p in root.rglob("*") if p.is_symlink()}
+        if any(links.get(p) != target for p, target in have.items()):
             raise SystemExit(f"error: {root} holds another fold (other --data, --folds or --seed): pass another --out")
-        return
+        if len(have) == len(links):
+            return
+        # Some of this fold's links and no other: an earlier run stopped while making them (it was refused
+        # as another fold). The missing ones are made.
+        print(f"{root}: this fold, left half-made by an interrupted run ({len(have)} of {len(links)} links): "
+              "completing it")
     for split in ("train", "test"):
         for c in classes:
             (root / split / c).mkdir(parents=True, exist_ok=True)
     for link, target in links.items():
-        link.symlink_to(target)
+        if not link.is_symlink():
+            link.symlink_to(target)
+
+
+def earlier_run(run: Path, argv: list) -> str:
+    """What an earlier quality.py with this --out left at run: "new" (nothing), "redo" (stopped before its first
+    epoch ended, so nothing to keep: removed), "resume" (stopped later) or "finished". A run of other settings
+    (train_cxr.py's --resume check: other --epochs or extra flags) is refused: its figures are not these."""
+    if not run.exists():
+        return "new"
+    if not (run / "last.pt").is_file():
+        if (run / "best_model.pt").exists():  # every epoch writes best_model.pt before last.pt
+            raise SystemExit(f"error: {run} has a best_model.pt but no last.pt, so it cannot be resumed or judged: "
+                             "delete it to train it again, or pass another --out")
+        shutil.rmtree(run)
+        return "redo"
+    _, args = train_cxr.parse_config(["--resume", str(run), *argv])
+    cfg = train_cxr.Config.from_dict(train_cxr.load_checkpoint(run, "last.pt")["config"])
+    try:
+        train_cxr.check_resume_flags(args, cfg, run)
+    except train_cxr.CXRError as e:  # its list of differences, without the advice meant for a resume
+        raise SystemExit(f"error: {run} was made with other settings: {str(e).split(': --resume continues')[0]}; "
+                         "pass another --out")
+    return "finished" if (run / "test_metrics.json").is_file() else "resume"
+
+
+EARLIER = {"redo": "stopped before its first epoch ended in an earlier run: trained again from the start",
+           "resume": "stopped in an earlier run of these settings: resumed",
+           "finished": "finished by an earlier run of these settings: its results are reused (minutes nan)"}
 
 
 def main() -> int:
@@ -83,7 +121,8 @@ def main() -> int:
                    help="run only these folds (0-based; the folds do not change): for recipes too slow for all")
     p.add_argument("--train-seeds", type=int, nargs="+", default=None, metavar="S",
                    help="train each fold once per seed (same folds): the spread of the chosen threshold")
-    p.add_argument("--out", default=None, help="keep the fold runs here (default: a temp folder)")
+    p.add_argument("--out", default=None, help="keep the fold runs here (default: a temp folder); "
+                   "the same --out again goes on after a stop")
     p.add_argument("extra", nargs="*", help="extra train_cxr.py flags after --")
     a = p.parse_args()
     classes, samples = train_cxr.list_image_folder(Path(a.data))
@@ -106,9 +145,15 @@ def main() -> int:
         link_fold(root / "data", samples, classes, train_idx, test_idx)
         for seed in a.train_seeds or [None]:
             name = "run" if seed is None else f"run_seed{seed}"
+            argv = ["--data-dir", str(root / "data"), "--output-dir", str(root), "--run-name", name,
+                    *flags, *(["--seed", str(seed)] if seed is not None else [])]
+            # The same --out again after a stop (Ctrl-C, a crash): train_cxr.py refused the run folder as taken.
+            earlier = earlier_run(root / name, argv)
+            if earlier != "new":
+                print(f"fold {k}{'' if seed is None else f' seed {seed}'}: {root / name} {EARLIER[earlier]}")
             t0 = time.time()
-            rc = train_cxr.main(["--data-dir", str(root / "data"), "--output-dir", str(root), "--run-name", name,
-                                 *flags, *(["--seed", str(seed)] if seed is not None else [])])
+            rc = 0 if earlier == "finished" else train_cxr.main(
+                (["--resume", str(root / name)] if earlier == "resume" else []) + argv)
             if rc != 0:
                 print(f"fold {k}: train_cxr.py exited {rc}")
                 return rc
@@ -116,7 +161,7 @@ def main() -> int:
             rows.append({"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                          "specificity": m["specificity"], "ece": m["ece"],
                          "flagged": m["ood"]["share_flagged"], "threshold": m["threshold"],
-                         "minutes": (time.time() - t0) / 60})
+                         "minutes": float("nan") if earlier == "finished" else (time.time() - t0) / 60})
             thresholds.append(m["thresholds_by_policy"])
             print(f"fold {k}{'' if seed is None else f' seed {seed}'}: "
                   + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items()), flush=True)
@@ -124,6 +169,8 @@ def main() -> int:
     print(f"\n{a.recipe} recipe, {ran}{a.folds}-fold patient-grouped CV on {a.data} ({len(samples)} images)")
     for key in rows[0]:
         v = np.array([r[key] for r in rows])
+        if key == "minutes" and np.isnan(v).any():  # a reused run's time is not known: those trained now
+            v = v[~np.isnan(v)] if (~np.isnan(v)).any() else v
         print(f"{key}: {v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
     if len(thresholds) > 1:
         print("threshold chosen on validation, spread (max - min) over the runs above, per policy:")

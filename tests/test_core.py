@@ -2,6 +2,7 @@
 one end-to-end run with every artifact, input errors, 3 classes, and a real-data smoke test."""
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -560,6 +561,31 @@ def test_output_dir_not_writable(synth_root, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(out) in err
     assert blocker.is_file() and blocker.read_text() == "I am a file, not a folder"
+
+
+def test_a_run_folder_name_too_long_says_shorten_it(synth_root, tmp_path, monkeypatch, capsys):
+    # ENAMETOOLONG was told "choose a writable --output-dir" (a long --run-name), or (a long --output-dir) was
+    # an OSError traceback from check_run_dir_free. Real names, too long for this file system (255 bytes).
+    decoded, real = [], train_cxr.decode_all
+    monkeypatch.setattr(train_cxr, "decode_all", lambda *a, **k: decoded.append(a) or real(*a, **k))
+    for out, name in ((tmp_path, "x" * 300), (tmp_path / ("y" * 300), "r")):
+        capsys.readouterr()
+        assert run([*TINY, "--data-dir", synth_root, "--output-dir", out, "--run-name", name]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "(File name too long): shorten --run-name or --output-dir" in err, err
+    assert not decoded and os.listdir(tmp_path) == []  # said before decoding, nothing made
+    # Under an --output-dir not made yet, it is mkdir that meets the long name: the same advice.
+    try:
+        with pytest.raises(train_cxr.CXRError, match=r"\(File name too long\): shorten --run-name or --output-dir"):
+            train_cxr.make_run_dir(train_cxr.Config(output_dir=str(tmp_path / "new"), run_name="x" * 300))
+        # A folder that may not be written keeps its advice (root writes anywhere, so the refusal is made here).
+        def refuse(self, *a, **k):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self))
+        monkeypatch.setattr(Path, "mkdir", refuse)
+        with pytest.raises(train_cxr.CXRError, match=r"\(Permission denied\): choose a writable --output-dir$"):
+            train_cxr.make_run_dir(train_cxr.Config(output_dir=str(tmp_path / "ro"), run_name="r"))
+    finally:
+        train_cxr.setup_console_logging()  # closes any train.log handler
 
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):

@@ -472,6 +472,37 @@ def test_resume_refuses_what_would_make_it_another_run(synth_root, tmp_path, mon
     assert "already finished" in one_error_line(capsys)
 
 
+def test_a_run_stopped_between_its_test_report_and_its_page_is_finished_by_resume(synth_root, tmp_path,
+                                                                                  monkeypatch, capsys):
+    # A Ctrl-C (or a crash) after test_metrics.json, before report.html: --resume said "already finished",
+    # and the page stayed the last epoch's, without the test set (or missing).
+    out, real = tmp_path / "runs", T.write_report
+
+    def stop_at_the_final_page(folder, *a, **k):
+        if (Path(folder) / "test_metrics.json").exists():
+            raise KeyboardInterrupt()
+        return real(folder, *a, **k)
+    with monkeypatch.context() as m:
+        m.setattr(T, "write_report", stop_at_the_final_page)
+        assert run([*FAST, "--epochs", "1", "--data-dir", synth_root, "--output-dir", out, "--run-name", "r"]) == 130
+    rd = out / "r"
+    assert "Test set" not in (rd / "report.html").read_text()  # the epoch's page
+    capsys.readouterr()
+    assert run(["--resume", rd]) == 0
+    assert "written again" in capsys.readouterr().out
+    page = (rd / "report.html").read_text()
+    assert "<h2>Test set</h2>" in page
+    assert run(["--resume", rd]) == 2  # up to date now: refused as before
+    assert "already finished" in one_error_line(capsys)
+    # The page deleted, or older than the metrics it shows: written again, the same page.
+    (rd / "report.html").unlink()
+    assert run(["--resume", rd]) == 0 and (rd / "report.html").read_text() == page
+    when = (rd / "test_metrics.json").stat().st_mtime
+    os.utime(rd / "report.html", (when - 10, when - 10))
+    assert run(["--resume", rd]) == 0 and (rd / "report.html").read_text() == page
+    assert run(["--resume", rd]) == 2
+
+
 def test_resume_with_an_unreadable_config_json_is_one_line(tmp_path, capsys):
     # A config.json edited by hand into invalid JSON (or cut short) stopped --resume with a JSONDecodeError traceback.
     run_dir, data = tmp_path / "runs" / "r", tmp_path / "data"

@@ -265,6 +265,26 @@ def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, 
         train_cxr.check_image_tree(sub)
 
 
+@pytest.mark.parametrize("flag", [["--positive-class", "PNEUMONIA"], ["--threshold-policy", "youden"]])
+def test_a_folder_that_cannot_be_read_is_warned_about_once_with_a_two_class_flag(data_copy, tmp_path, monkeypatch,
+                                                                                capsys, flag):
+    # A typed two-class flag listed train/ for its check, and prepare_data listed it again: the warning twice.
+    sub = data_copy / "train" / "NORMAL" / "site2"
+    sub.mkdir()
+    real = os.scandir
+
+    def scandir(path="."):  # root here, so the refusal is made by os.scandir, as without rights
+        if Path(path).name == "site2":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path)
+    monkeypatch.setattr(os, "scandir", scandir)
+    # Stopped at the first decode: the data checks, which warn, have all run by then.
+    monkeypatch.setattr(train_cxr, "load_split", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    capsys.readouterr()
+    assert run([*FAST, "--data-dir", data_copy, "--output-dir", tmp_path / "runs", *flag]) == 130
+    assert capsys.readouterr().out.count("folder(s) that cannot be read") == 1
+
+
 def test_a_test_class_with_no_readable_file_is_refused(data_copy):
     for f in (data_copy / "test" / "NORMAL").glob("*.png"):
         f.write_bytes(b"")  # all skipped: the report would be one class, AUC nan, exit 0

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import types
 from pathlib import Path
 
@@ -874,6 +875,65 @@ def test_quality_benchmark_reuses_a_fold_it_made_and_refuses_another_in_its_plac
     with pytest.raises(SystemExit, match="holds another fold.*pass another --out"):
         quality.link_fold(fold, samples, ["A", "B"], [0, 1, 4, 5], [2, 3])
     assert not (fold / "train" / "A" / "4.png").exists()
+
+
+def test_quality_benchmark_goes_on_after_a_stop_with_the_same_out(tmp_path, monkeypatch, capsys):
+    # Stopped while making a fold's links, the same --out again was refused as "another fold"; stopped in
+    # training (or finished), its run folder was refused by train_cxr.py as taken.
+    T.write_synthetic_dataset(tmp_path / "d", {"NORMAL": 40, "PNEUMONIA": 60}, {}, size=40, seed=3)
+    quality = load_benchmark("quality")
+    argv = ["quality.py", "--data", str(tmp_path / "d" / "train"), "--folds", "3", "--only", "0",
+            "--out", str(tmp_path / "cv"), "--", *TINY, "--epochs", "2", *ONE_THREAD]
+    monkeypatch.setattr("sys.argv", argv)
+    fold, run_dir, real = tmp_path / "cv" / "fold0", tmp_path / "cv" / "fold0" / "run", Path.symlink_to
+    made = []
+
+    def stop_at_link_5(self, *a, **k):
+        if len(made) == 5:
+            raise KeyboardInterrupt()
+        made.append(self)
+        return real(self, *a, **k)
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):
+        m.setattr(Path, "symlink_to", stop_at_link_5)
+        quality.main()
+    capsys.readouterr()
+    # Again: the links completed, then a Ctrl-C in epoch 1 (nothing to resume), then one in epoch 2.
+    train_one_epoch = T.train_one_epoch
+    for stop in (1, 2):
+        def ctrl_c_in(st, train, epoch, stop=stop):
+            if epoch == stop:
+                T._STOP["signal"] = signal.SIGINT
+            return train_one_epoch(st, train, epoch)
+        with monkeypatch.context() as m:
+            m.setitem(T._STOP, "signal", None)
+            m.setattr(T, "train_one_epoch", ctrl_c_in)
+            assert quality.main() == 130
+    out = capsys.readouterr().out
+    assert re.search(r"fold0/data: this fold, left half-made by an interrupted run \(5 of \d+ links\): completing", out)
+    assert f"fold 0: {run_dir} stopped before its first epoch ended in an earlier run: trained again" in out
+    assert (run_dir / "last.pt").is_file() and not (run_dir / "test_metrics.json").exists()
+    assert quality.main() == 0
+    out = capsys.readouterr().out
+    assert f"fold 0: {run_dir} stopped in an earlier run of these settings: resumed" in out
+    assert [r["epoch"] for r in read_csv(run_dir / "history.csv")] == ["1", "2"]
+    line = [ln for ln in out.splitlines() if ln.startswith("fold 0: auc")][0]
+    assert quality.main() == 0  # finished: its figures again, without training
+    out = capsys.readouterr().out
+    assert f"fold 0: {run_dir} finished by an earlier run of these settings: its results are reused" in out
+    again = [ln for ln in out.splitlines() if ln.startswith("fold 0: auc")][0]
+    assert again.split(" minutes ")[0] == line.split(" minutes ")[0] and again.endswith("minutes nan")
+    # Other settings in the same place are still refused: another --epochs, another fold (--seed).
+    monkeypatch.setattr("sys.argv", [*argv[:-len(ONE_THREAD) - 2], "--epochs", "3", *ONE_THREAD])
+    with pytest.raises(SystemExit, match=r"run was made with other settings: --epochs 3 \(the run's: 2\); pass"):
+        quality.main()
+    monkeypatch.setattr("sys.argv", [*argv[:3], "--seed", "5", *argv[3:]])
+    with pytest.raises(SystemExit, match="holds another fold"):
+        quality.main()
+    assert sorted(fold.iterdir()) == [fold / "data", run_dir]
+    (run_dir / "last.pt").unlink()  # not what a stop leaves (best_model.pt is written first): kept, and said
+    with pytest.raises(SystemExit, match="has a best_model.pt but no last.pt.*delete it to train it again"):
+        quality.earlier_run(run_dir, [])
+    assert (run_dir / "best_model.pt").is_file()
 
 
 def test_train_log_ends_with_the_time_per_phase(trained):
