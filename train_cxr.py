@@ -3143,9 +3143,17 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
             raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
                            "start) to resume with the precision and process count it started with")
-        if cfg.amp == "auto" and saved.get("precision"):  # auto chose on the machine that started it (absent:
-            cfg.amp = "off" if saved["precision"] == "fp32" else "on"  # edited by hand; auto chooses again)
+        if cfg.amp == "auto" and "amp" not in args.given and saved.get("precision"):  # auto chose on the machine
+            cfg.amp = "off" if saved["precision"] == "fp32" else "on"  # that started it (absent: edited by hand)
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+        # --amp auto typed: auto chooses for this machine, as --amp on/off would change it (precision changes the
+        # speed, not the recipe); kept as chosen, so that a later resume continues in it (it kept the start's).
+        if cfg.amp == "auto":
+            cfg.amp = "on" if rt.amp_dtype else "off"
+            was, now = (saved.get("resumed") or [saved])[-1].get("precision"), str(rt.amp_dtype or "fp32")
+            if "amp" in args.given and was and was != now:
+                log.info(f"note: --amp auto chose {now} for this machine: {run_dir} trained in {was} until now "
+                         f"(--amp {'off' if now != 'fp32' else 'on'} keeps {was})")
         started = saved.get("world_size", rt.world)
         if started != rt.world:  # steps per epoch (the schedule's clock) and each process's shard depend on it
             raise CXRError(f"{run_dir} was trained by {started} process(es) and this resume has {rt.world}: its "

@@ -609,6 +609,25 @@ def test_resume_keeps_the_precision_amp_auto_chose(synth_root, tmp_path, monkeyp
         assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
 
 
+def test_amp_auto_typed_on_resume_chooses_again_for_this_machine(synth_root, tmp_path, monkeypatch, capsys):
+    # Typed, --amp auto was turned back into the start's precision, so a run begun in fp32 stayed fp32 on a CPU
+    # with AMX although the user had asked auto to choose (--amp on/off may change it: precision is no recipe).
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: False)
+    out = tmp_path / "runs"
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--amp", "auto", "--epochs", "2", "--data-dir", synth_root,
+                                            "--output-dir", out, "--run-name", "r"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: True)
+    assert run(["--resume", out / "r", "--amp", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert re.findall(r"precision: (\S+)", said) == ["torch.bfloat16"]
+    assert (f"note: --amp auto chose torch.bfloat16 for this machine: {out / 'r'} trained in fp32 until now "
+            "(--amp off keeps fp32)") in said
+    assert T.load_checkpoint(out / "r" / "last.pt")["config"]["amp"] == "on"  # a later resume continues in bf16
+    resumed = json.loads((out / "r" / "config.json").read_text())["resumed"]
+    assert [r["precision"] for r in resumed] == ["torch.bfloat16"]
+
+
 def test_split_fingerprint_sees_moves_between_classes_and_splits(tmp_path):
     s = lambda *paths: T.Split(torch.zeros(len(paths), 1, 1, dtype=torch.uint8), torch.zeros(len(paths)),
                                [str(tmp_path / p) for p in paths])
