@@ -368,6 +368,10 @@ def parse_config(argv=None) -> tuple:
 
 # Typed flags a mode reads; every other setting of --predict, --evaluate and --recalibrate is the
 # checkpoint's, so typing it would change nothing: refused rather than ignored (--amp too: scoring is fp32).
+# The settings a mode reads shape only how this command runs and what it writes, so each is this command's: the
+# flag if typed, else the constant at the top as edited now (an edited BOOTSTRAP counts with --evaluate, as an
+# edited SAVE_CAM_ARRAYS does with --predict). --recalibrate's two are the exception: they make the new model's
+# threshold and guard, so untyped they stay the checkpoint's, as the rest of the model does.
 RUN_FLAGS = {"device", "deterministic", "num_threads", "num_workers", "strict", "output_dir", "run_name"}
 MODE_FLAGS = {"predict": RUN_FLAGS | {"save_cam_arrays"},
               "evaluate": RUN_FLAGS | {"data_dir", "bootstrap", "num_gradcam_images", "save_cam_arrays"},
@@ -2237,7 +2241,7 @@ def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
 
 def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
-    checkpoint, with the bootstrap and gallery settings of the run that made it."""
+    checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own."""
     cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
@@ -3427,9 +3431,10 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
                        "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
-    # The report settings typed here (--bootstrap, --num-gradcam-images, --save-cam-arrays) replace the run's.
-    typed = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays") if k in args.given}
-    ckpt = {**ckpt, "config": {**ckpt["config"], **typed}}  # and the report page shows the settings used
+    # The report settings (--bootstrap, --num-gradcam-images, --save-cam-arrays) are this command's, typed or edited
+    # at the top (MODE_FLAGS): the run's used to win over an edited constant, while --predict took its edit.
+    mine = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays")}
+    ckpt = {**ckpt, "config": {**ckpt["config"], **mine}}  # and the report page shows the settings used
     res = test_report(model, ckpt, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     mode_report(run_dir, "evaluation", args, ckpt, str(folder))
