@@ -782,6 +782,25 @@ def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(tra
     assert not (tmp_path / "rc" / "history.csv").exists()
 
 
+def test_recalibrating_a_checkpoint_older_than_the_policy_setting_keeps_youden_not_the_edited_constant(
+        trained, tmp_path, capsys):
+    # A checkpoint made before --threshold-policy existed (its run's threshold was Youden's J) was given the
+    # constant as edited today, THRESHOLD_POLICY = "accuracy" below, without a word.
+    last = T.load_checkpoint(trained / "last.pt")
+    del last["config"]["threshold_policy"], last["config"]["ood_quantile"]
+    T.save_checkpoint(tmp_path / "old.pt", last)
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 10, "PNEUMONIA": 10}, {}, size=40, seed=7)
+    cfg, args = T.parse_config([str(a) for a in ["--recalibrate", site / "train", "--checkpoint", tmp_path / "old.pt",
+                                                 "--output-dir", tmp_path, "--run-name", "rc", "--num-workers", 0,
+                                                 *ONE_THREAD]])
+    capsys.readouterr()
+    assert T.main(parsed=(dataclasses.replace(cfg, threshold_policy="accuracy"), args)) == 0
+    assert T.load_checkpoint(tmp_path / "rc" / "recalibrated_model.pt")["threshold_policy"] == "youden"
+    assert (f"note: {tmp_path / 'old.pt'} was made before these settings existed, so they are read as its run had "
+            "them: --threshold-policy youden, --ood-quantile 0.99\n") in capsys.readouterr().out
+
+
 def test_resume_of_a_recalibrate_folder_names_it(tmp_path):
     # "run folder X has no last.pt" and no more, where its recalibrated_model.pt given itself names the run to resume.
     (tmp_path / "recalibrated_model.pt").write_bytes(b"")
