@@ -802,10 +802,11 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
                        "pass the best_model.pt or last.pt that train_cxr.py wrote")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CXRError(f"{path} is not a train_cxr.py checkpoint (format {CKPT_FORMAT} expected)")
-    try:  # a setting no checkpoint lacks, missing: refused here, naming the file, not where it is first read
-        Config.from_dict(ckpt.get("config", {}))
-    except CXRError as e:
-        raise CXRError(f"{path}: {e}") from None
+    if "config" in ckpt:  # a setting no checkpoint lacks, missing: refused here, naming the file, not later
+        try:
+            Config.from_dict(ckpt["config"])
+        except CXRError as e:
+            raise CXRError(f"{path}: {e}") from None
     return ckpt
 
 
