@@ -231,17 +231,45 @@ TEXT_FLAGS = ("data_dir", "output_dir", "run_name", "normalize", "patient_regex"
 # command with a dataclass traceback ("mutable default").
 CHANNELS = tuple(CHANNELS)
 
+# The settings added to Config after the first checkpoint format, each with the value that does what a run made
+# before it did (Youden's J was the threshold; no guard, blanking or --deterministic; Kermany patient names; the
+# PNEUMONIA rule). A checkpoint without one was made so: filling it from the constant, as edited today, made a
+# resume of such a run blank lungs or pick its threshold the new way, unsaid.
+ABSENT_MEANS = {"threshold_policy": "youden", "ood_quantile": 0.99, "patient_regex": "", "positive_class": "",
+                "deterministic": False, "aug_blank_outside_lungs": 0.0}
+
+
+def _config_from_dict(cls, d: dict):
+    """Config of stored settings (a checkpoint's, config.json's): lists back to tuples, unknown keys (a newer
+    or older version's) ignored, a setting it predates as ABSENT_MEANS says, never from today's constants."""
+    lost = sorted(set(cls.__dataclass_fields__) - set(d) - set(ABSENT_MEANS))
+    if lost:  # every checkpoint since the first holds these: guessing them would mislabel the model
+        raise CXRError(f"the stored settings lack {', '.join(lost)}, which every checkpoint of train_cxr.py holds: "
+                       "they were edited or made by another program; use the run's own best_model.pt or last.pt")
+    d = {**ABSENT_MEANS, **d}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def absent_settings(d: dict, skip=()) -> str:
+    """'--x 0.0, --y youden' for the settings of ABSENT_MEANS that stored settings d predate, less those in skip
+    (typed now): what Config.from_dict assumed, for a one-line note; '' when it predates none."""
+    def said(k, v):  # as typed: --no-deterministic, --patient-regex ''
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            return flag if v else "--no-" + flag[2:]
+        return f"{flag} {v}" if v != "" else f"{flag} ''"
+    return ", ".join(said(k, v) for k, v in ABSENT_MEANS.items() if k not in d and k not in skip)
+
+
 # The resolved settings of a run: one field per constant in FLAGS (IMG_SIZE -> cfg.img_size),
 # defaulting to the constant's value. Saved in config.json and in every checkpoint, with the
-# tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back and ignores unknown keys.
+# tuple CHANNELS as a list (JSON has no tuple); from_dict turns it back (_config_from_dict).
 Config = dataclasses.make_dataclass(
     "Config", [(name.lower(), type(globals()[name]), globals()[name]) for group in FLAGS.values() for name, _ in group],
     namespace={"work_size": property(lambda c: max(c.img_size, int(round(c.img_size * c.work_scale)))),
                "to_dict": lambda c: {k: list(v) if isinstance(v, tuple) else v
                                      for k, v in dataclasses.asdict(c).items()},
-               "from_dict": classmethod(lambda cls, d: cls(**{k: tuple(v) if isinstance(v, list) else v
-                                                              for k, v in d.items()
-                                                              if k in cls.__dataclass_fields__}))})
+               "from_dict": classmethod(_config_from_dict)})
 
 
 def _int_tuple(text: str) -> tuple:
@@ -368,6 +396,10 @@ def parse_config(argv=None) -> tuple:
 
 # Typed flags a mode reads; every other setting of --predict, --evaluate and --recalibrate is the
 # checkpoint's, so typing it would change nothing: refused rather than ignored (--amp too: scoring is fp32).
+# The settings a mode reads shape only how this command runs and what it writes, so each is this command's: the
+# flag if typed, else the constant at the top as edited now (an edited BOOTSTRAP counts with --evaluate, as an
+# edited SAVE_CAM_ARRAYS does with --predict). --recalibrate's two are the exception: they make the new model's
+# threshold and guard, so untyped they stay the checkpoint's, as the rest of the model does.
 RUN_FLAGS = {"device", "deterministic", "num_threads", "num_workers", "strict", "output_dir", "run_name"}
 MODE_FLAGS = {"predict": RUN_FLAGS | {"save_cam_arrays"},
               "evaluate": RUN_FLAGS | {"data_dir", "bootstrap", "num_gradcam_images", "save_cam_arrays"},
@@ -770,6 +802,11 @@ def load_checkpoint(path, in_folder: str = "best_model.pt") -> dict:
                        "pass the best_model.pt or last.pt that train_cxr.py wrote")
     if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
         raise CXRError(f"{path} is not a train_cxr.py checkpoint (format {CKPT_FORMAT} expected)")
+    if "config" in ckpt:  # a setting no checkpoint lacks, missing: refused here, naming the file, not later
+        try:
+            Config.from_dict(ckpt["config"])
+        except CXRError as e:
+            raise CXRError(f"{path}: {e}") from None
     return ckpt
 
 
@@ -2237,7 +2274,7 @@ def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
 
 def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
-    checkpoint, with the bootstrap and gallery settings of the run that made it."""
+    checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own."""
     cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
@@ -3155,6 +3192,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                            f"the folder of {resume['recalibration']['from_checkpoint']}")
         cfg = Config.from_dict(resume["config"])
         run_dir = Path(args.resume) if Path(args.resume).is_dir() else Path(args.resume).parent
+        if absent := absent_settings(resume["config"], RESUME_FLAGS & args.given):  # not today's constants
+            log.info(f"note: {run_dir} was made before these settings existed, so it continues as its run did: "
+                     f"{absent}")
         check_edit_only(resume, run_dir)
         moved = check_resume_flags(args, cfg, run_dir)
         for key in RESUME_FLAGS & args.given:  # how to run, not what is trained: may change on a resume
@@ -3167,9 +3207,17 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         except (ValueError, OSError) as e:  # a JSONDecodeError traceback, for a file edited by hand or cut short
             raise CXRError(f"{run_dir / 'config.json'} cannot be read ({e}): restore it (the run wrote it at its "
                            "start) to resume with the precision and process count it started with")
-        if cfg.amp == "auto" and saved.get("precision"):  # auto chose on the machine that started it (absent:
-            cfg.amp = "off" if saved["precision"] == "fp32" else "on"  # edited by hand; auto chooses again)
+        if cfg.amp == "auto" and "amp" not in args.given and saved.get("precision"):  # auto chose on the machine
+            cfg.amp = "off" if saved["precision"] == "fp32" else "on"  # that started it (absent: edited by hand)
         rt = setup_runtime(cfg)  # the run's own precision and device, or a resume would diverge
+        # --amp auto typed: auto chooses for this machine, as --amp on/off would change it (precision changes the
+        # speed, not the recipe); kept as chosen, so that a later resume continues in it (it kept the start's).
+        if cfg.amp == "auto":
+            cfg.amp = "on" if rt.amp_dtype else "off"
+            was, now = (saved.get("resumed") or [saved])[-1].get("precision"), str(rt.amp_dtype or "fp32")
+            if "amp" in args.given and was and was != now:
+                log.info(f"note: --amp auto chose {now} for this machine: {run_dir} trained in {was} until now "
+                         f"(--amp {'off' if now != 'fp32' else 'on'} keeps {was})")
         started = saved.get("world_size", rt.world)
         if started != rt.world:  # steps per epoch (the schedule's clock) and each process's shard depend on it
             raise CXRError(f"{run_dir} was trained by {started} process(es) and this resume has {rt.world}: its "
@@ -3318,6 +3366,11 @@ def checkpoint_model(args, rt: Runtime) -> tuple[dict, nn.Module]:
         raise CXRError("--predict, --evaluate and --recalibrate need --checkpoint runs/RUN (or its best_model.pt)")
     ckpt = load_checkpoint(args.checkpoint)
     check_edit_only(ckpt, args.checkpoint)
+    # A setting the checkpoint predates is read as its run had it, not as the constant says today; how this
+    # command runs (RUN_FLAGS) is today's anyway.
+    if absent := absent_settings(ckpt["config"], RUN_FLAGS | args.given):
+        log.info(f"note: {args.checkpoint} was made before these settings existed, so they are read as its run "
+                 f"had them: {absent}")
     if "positive_class" not in ckpt:  # only then: for ABNORMAL/NORMAL the rule stops rather than guess
         ckpt["positive_class"] = positive_index(ckpt["class_names"], ckpt["config"].get("positive_class", ""))
     if ckpt.get("calibration") is None:
@@ -3446,9 +3499,10 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
                        "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
     run_dir = make_run_dir(cfg)
-    # The report settings typed here (--bootstrap, --num-gradcam-images, --save-cam-arrays) replace the run's.
-    typed = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays") if k in args.given}
-    ckpt = {**ckpt, "config": {**ckpt["config"], **typed}}  # and the report page shows the settings used
+    # The report settings (--bootstrap, --num-gradcam-images, --save-cam-arrays) are this command's, typed or edited
+    # at the top (MODE_FLAGS): the run's used to win over an edited constant, while --predict took its edit.
+    mine = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays")}
+    ckpt = {**ckpt, "config": {**ckpt["config"], **mine}}  # and the report page shows the settings used
     res = test_report(model, ckpt, split, rt, run_dir)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     mode_report(run_dir, "evaluation", args, ckpt, str(folder))
@@ -3480,8 +3534,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
     # The checkpoint's fitted policy; one without (last.pt, a stopped run) has its run's --threshold-policy.
+    # Its run's: a checkpoint made before the setting was (Youden's J) is not given today's constant.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
-              else ckpt.get("threshold_policy") or ckpt["config"].get("threshold_policy", cfg.threshold_policy))
+              else ckpt.get("threshold_policy") or Config.from_dict(ckpt["config"]).threshold_policy)
     new = fit_operating_point(model, ckpt, split, policy, rt)
     before = score_images(model, ckpt, split.images, rt)
     warn_if_unlike_training(before["in_distribution"], str(folder))

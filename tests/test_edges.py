@@ -1,6 +1,7 @@
 """Corner cases of issue 12: the positive class, patient overlap, --deterministic, --resume with
 other settings or images, the EMA's batch-norm statistics, and decisions every DDP process takes together."""
 import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -620,10 +621,15 @@ def test_resume_of_a_run_older_than_the_split_check(synth_root, tmp_path, monkey
                                             "--run-name", "old"]) == 130
     ck = T.load_checkpoint(out / "old" / "last.pt")
     del ck["split_sha256"]
+    del ck["config"]["aug_blank_outside_lungs"], ck["config"]["deterministic"]  # older still: made before these
     T.save_checkpoint(out / "old" / "last.pt", ck)
     capsys.readouterr()
-    assert run(["--resume", out / "old"]) == 0
-    assert "predates the split check" in capsys.readouterr().out
+    assert run(["--resume", out / "old", "--no-deterministic"]) == 0
+    said = capsys.readouterr().out
+    assert "predates the split check" in said
+    # What it assumed is said once; --deterministic, typed, is no assumption.
+    assert said.count(f"note: {out / 'old'} was made before these settings existed, so it continues as its run "
+                      "did: --aug-blank-outside-lungs 0.0\n") == 1
     assert len(T.load_checkpoint(out / "old" / "best_model.pt")["split_sha256"]) == 64
 
 
@@ -638,6 +644,76 @@ def test_resume_keeps_the_precision_amp_auto_chose(synth_root, tmp_path, monkeyp
         monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: later)
         assert run(["--resume", out / name]) == 0
         assert re.findall(r"precision: (\S+)", capsys.readouterr().out) == [want]
+
+
+def _edited_script(tmp_path, monkeypatch, **constants):
+    """train_cxr.py imported with constants edited at its top, as a user edits them (a module of its own: its
+    Config takes its defaults from the edited values, as a monkeypatched constant would not)."""
+    src = (ROOT / "train_cxr.py").read_text()
+    for const, value in constants.items():
+        src, n = re.subn(rf"^{const} = .*$", lambda m: f"{const} = {value!r}", src, count=1, flags=re.M)
+        assert n == 1, const
+    path = tmp_path / "train_cxr_edited.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location("train_cxr_edited", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # where its dataclasses look themselves up
+    spec.loader.exec_module(module)
+    T.log.removeFilter(module._escape_names)  # it shares the "train_cxr" logger
+    return module
+
+
+def test_settings_a_checkpoint_predates_are_its_runs_not_todays_edited_constants(tmp_path, monkeypatch):
+    # A checkpoint made before --aug-blank-outside-lungs or --threshold-policy existed was filled in from the
+    # constants as edited today: a resume of it blanked lungs, and chose its threshold, as it never had.
+    E = _edited_script(tmp_path, monkeypatch, AUG_BLANK_OUTSIDE_LUNGS=0.5, THRESHOLD_POLICY="accuracy",
+                       PATIENT_REGEX=r"^(P\d+)")
+    assert E.Config().aug_blank_outside_lungs == 0.5  # the edit took: a new run uses it
+    later = ("threshold_policy", "ood_quantile", "patient_regex", "positive_class", "deterministic",
+             "aug_blank_outside_lungs")  # the settings added after the first checkpoint format
+    old = {k: v for k, v in E.Config().to_dict().items() if k not in later}
+    cfg = E.Config.from_dict(old)
+    assert (cfg.aug_blank_outside_lungs, cfg.threshold_policy, cfg.patient_regex) == (0.0, "youden", "")
+    assert (cfg.ood_quantile, cfg.positive_class, cfg.deterministic) == (0.99, "", False)
+    assert E.Config.from_dict({**old, "patient_regex": "x"}).patient_regex == "x"  # stored: kept
+    assert E.absent_settings(old, {"deterministic"}) == ("--threshold-policy youden, --ood-quantile 0.99, "
+                                                         "--patient-regex '', --positive-class '', "
+                                                         "--aug-blank-outside-lungs 0.0")
+    assert E.absent_settings(E.Config().to_dict()) == ""
+    # Every other setting is in every checkpoint since the first format: one without it is not guessed.
+    with pytest.raises(E.CXRError, match=r"^the stored settings lack img_size, lr, which every checkpoint of "
+                                         r"train_cxr.py holds: .*use the run's own best_model.pt or last.pt$"):
+        E.Config.from_dict({k: v for k, v in old.items() if k not in ("lr", "img_size")})
+    torch.save({"format": T.CKPT_FORMAT, "config": {k: v for k, v in old.items() if k != "lr"}}, tmp_path / "x.pt")
+    with pytest.raises(T.CXRError, match=f"^{re.escape(str(tmp_path / 'x.pt'))}: the stored settings lack lr, "):
+        T.load_checkpoint(tmp_path / "x.pt")  # named at once, with its file
+    # The settings the first checkpoint format held, and ABSENT_MEANS, are all there is: a setting added later
+    # needs its entry there (the value that does what a run made before it did).
+    first = {"data_dir", "output_dir", "run_name", "img_size", "work_scale", "val_fraction", "min_val_per_class",
+             "normalize", "num_workers", "aug_scale_min", "aug_rotate_deg", "aug_shift", "aug_hflip", "aug_brightness",
+             "aug_contrast", "aug_gamma", "channels", "fc_hidden", "dropout", "epochs", "batch_size", "lr",
+             "warmup_epochs", "weight_decay", "label_smoothing", "ema_decay", "patience", "tta", "num_gradcam_images",
+             "save_cam_arrays", "bootstrap", "seed", "device", "amp", "num_threads", "strict"}
+    assert set(T.ABSENT_MEANS) == set(later) and set(T.Config.__dataclass_fields__) == first | set(later)
+
+
+def test_amp_auto_typed_on_resume_chooses_again_for_this_machine(synth_root, tmp_path, monkeypatch, capsys):
+    # Typed, --amp auto was turned back into the start's precision, so a run begun in fp32 stayed fp32 on a CPU
+    # with AMX although the user had asked auto to choose (--amp on/off may change it: precision is no recipe).
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: False)
+    out = tmp_path / "runs"
+    assert stopped_in_epoch_2(monkeypatch, [*FAST, "--amp", "auto", "--epochs", "2", "--data-dir", synth_root,
+                                            "--output-dir", out, "--run-name", "r"]) == 130
+    capsys.readouterr()
+    monkeypatch.setattr(T, "cpu_has_fast_bf16", lambda: True)
+    assert run(["--resume", out / "r", "--amp", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert re.findall(r"precision: (\S+)", said) == ["torch.bfloat16"]
+    assert (f"note: --amp auto chose torch.bfloat16 for this machine: {out / 'r'} trained in fp32 until now "
+            "(--amp off keeps fp32)") in said
+    assert T.load_checkpoint(out / "r" / "last.pt")["config"]["amp"] == "on"  # a later resume continues in bf16
+    resumed = json.loads((out / "r" / "config.json").read_text())["resumed"]
+    assert [r["precision"] for r in resumed] == ["torch.bfloat16"]
 
 
 def test_split_fingerprint_sees_moves_between_classes_and_splits(tmp_path):

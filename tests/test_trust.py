@@ -741,6 +741,28 @@ def test_recalibrate_refits_everything_but_the_weights(trained, synth_root, tmp_
     assert twice["before"]["threshold"] == after["threshold"] and twice["policy"] == "sensitivity:0.9"
 
 
+def test_report_settings_of_predict_and_evaluate_follow_an_edited_constant_as_a_typed_flag(trained, tmp_path):
+    # One rule for both modes: the settings a mode reads are this command's. --predict took an edited
+    # SAVE_CAM_ARRAYS, while --evaluate kept the run's bootstrap and gallery unless the flag was typed.
+    assert T.load_checkpoint(trained / "best_model.pt")["config"]["bootstrap"] == 50  # TINY's, the run's
+    img = sorted((Path(T.load_checkpoint(trained / "best_model.pt")["config"]["data_dir"]) / "test" / "NORMAL")
+                 .glob("*.png"))[0]
+    common = ["--checkpoint", trained, "--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD]
+
+    def edited(argv, **constants):  # the command run as if those constants were edited at the top
+        cfg, args = T.parse_config([str(a) for a in argv])
+        return T.main(parsed=(dataclasses.replace(cfg, **constants), args))
+    assert edited(["--predict", img, "--run-name", "p", *common], save_cam_arrays=True) == 0
+    assert list((tmp_path / "p" / "grad_cam").glob("*.npy"))
+    assert edited(["--evaluate", "--data-dir", img.parents[2], "--run-name", "e", *common], bootstrap=0,
+                  num_gradcam_images=0, save_cam_arrays=True) == 0
+    m = json.loads((tmp_path / "e" / "test_metrics.json").read_text())
+    assert m["auc_ci95"] == [None, None] and "gallery_files" not in m  # BOOTSTRAP = 0, NUM_GRADCAM_IMAGES = 0
+    page = (tmp_path / "e" / "report.html").read_text()
+    for k in ("bootstrap", "num_gradcam_images"):  # the report page shows the ones used
+        assert f"<td>config.{k}</td><td>0</td>" in page
+
+
 def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(trained, tmp_path, capsys):
     # last.pt (or the best_model.pt of a stopped run) has no fitted policy: its run's --threshold-policy is in
     # its config. The constant's "balanced" was used instead, so a screening run's threshold lost its sensitivity.
@@ -759,6 +781,25 @@ def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(tra
     assert f"is a --recalibrate checkpoint: resume the training run it was made from, the folder of " \
            f"{tmp_path / 'last.pt'}" in capsys.readouterr().err
     assert not (tmp_path / "rc" / "history.csv").exists()
+
+
+def test_recalibrating_a_checkpoint_older_than_the_policy_setting_keeps_youden_not_the_edited_constant(
+        trained, tmp_path, capsys):
+    # A checkpoint made before --threshold-policy existed (its run's threshold was Youden's J) was given the
+    # constant as edited today, THRESHOLD_POLICY = "accuracy" below, without a word.
+    last = T.load_checkpoint(trained / "last.pt")
+    del last["config"]["threshold_policy"], last["config"]["ood_quantile"]
+    T.save_checkpoint(tmp_path / "old.pt", last)
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 10, "PNEUMONIA": 10}, {}, size=40, seed=7)
+    cfg, args = T.parse_config([str(a) for a in ["--recalibrate", site / "train", "--checkpoint", tmp_path / "old.pt",
+                                                 "--output-dir", tmp_path, "--run-name", "rc", "--num-workers", 0,
+                                                 *ONE_THREAD]])
+    capsys.readouterr()
+    assert T.main(parsed=(dataclasses.replace(cfg, threshold_policy="accuracy"), args)) == 0
+    assert T.load_checkpoint(tmp_path / "rc" / "recalibrated_model.pt")["threshold_policy"] == "youden"
+    assert (f"note: {tmp_path / 'old.pt'} was made before these settings existed, so they are read as its run had "
+            "them: --threshold-policy youden, --ood-quantile 0.99\n") in capsys.readouterr().out
 
 
 def test_resume_of_a_recalibrate_folder_names_it(tmp_path):

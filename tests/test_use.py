@@ -187,8 +187,11 @@ def test_predict_bad_arguments_exit_2(trained, scans, tmp_path, capsys, case):
 def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
     data = synth_root if where == "root" else synth_root / "test"
     out = tmp_path / "ev"
+    # The report settings are this command's (BOOTSTRAP and NUM_GRADCAM_IMAGES at the top, 1000 and 8): the run's
+    # (TINY's 50 and 4) are typed to get its interval and gallery back.
     assert run(["--evaluate", "--checkpoint", trained / "best_model.pt", "--data-dir", data, "--output-dir", out,
-                "--run-name", "e", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+                "--run-name", "e", "--num-workers", 0, "--bootstrap", 50, "--num-gradcam-images", 4,
+                *ONE_THREAD, *CPU]) == 0
     want = json.loads((trained / "test_metrics.json").read_text())
     got = json.loads((out / "e" / "test_metrics.json").read_text())
     assert want["n"] == got["n"] == 50
