@@ -2191,8 +2191,14 @@ def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runt
             "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
 
 
+def share_flagged(in_distribution: np.ndarray) -> float:
+    """The share of images the guard flags, one formula for every file: test_metrics.json's (flagged / n)
+    and recalibration.json's (1 - in-distribution share) differed in the last digits for the same images."""
+    return float(np.mean(~np.asarray(in_distribution, bool))) if len(in_distribution) else 0.0
+
+
 def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
-    share = 1 - float(np.mean(in_distribution)) if len(in_distribution) else 0.0
+    share = share_flagged(in_distribution)
     if share > 0.10:
         log.warning(f"WARNING: {share:.0%} of the images in {where} do not look like the training data "
                     "(ood_score above the cutoff): predictions on them are unreliable")
@@ -2289,7 +2295,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if ckpt.get("ood"):
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "quantile": ckpt["ood"].get("quantile"),  # as for the threshold:
                       "cutoff_fitted_on": ckpt["ood"].get("cutoff_fitted_on") or "validation",  # where it came from
-                      "flagged": int((~inside).sum()), "share_flagged": float((~inside).mean())}
+                      "flagged": int((~inside).sum()), "share_flagged": share_flagged(inside)}
         if inside.any():
             res["ood"]["in_distribution_only"] = (at_thr(y[inside], s[inside]) if binary
                                                   else at_thr(labels[inside], probs[inside]))
@@ -3479,7 +3485,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         cut = decision_threshold(ck)
         at = binary_metrics(labels == pos, sc["probs"][:, pos], cut) if cut is not None else {}
         measured[name] = {"ece": report_ece(labels, sc["probs"], pos), "threshold": ck.get("threshold"),
-                          "share_flagged": float(1 - sc["in_distribution"].mean()),
+                          "share_flagged": share_flagged(sc["in_distribution"]),
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")
