@@ -2159,6 +2159,12 @@ def plot_history(history: list, path: Path, best: int) -> None:
     _savefig(fig, path)
 
 
+def threshold_text(threshold: float) -> str:
+    """The decision threshold as the printed summary and the ROC legend give it, to the 4 decimals of the
+    page and the figure titles: the legend's 2 read 0.61 where the summary said 0.6087."""
+    return f"{threshold:.4f}"
+
+
 def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -> None:
     """ROC curves [(fpr, tpr, label)], and the operating point (1 - specificity, sensitivity) if given."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
@@ -2166,7 +2172,8 @@ def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -
         ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     if point is not None:
-        ax.plot(*point, "ro", label="operating threshold" + (f" {threshold:.2f}" if threshold is not None else ""))
+        shown = f" {threshold_text(threshold)}" if threshold is not None else ""
+        ax.plot(*point, "ro", label="operating threshold" + shown)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
@@ -2330,7 +2337,7 @@ def summary_table(res: dict) -> str:
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
                  else "none (--bootstrap 0, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
-        rows.append(("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})"))
+        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({res['threshold_policy']})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))

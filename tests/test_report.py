@@ -251,3 +251,18 @@ def test_config_json_resumes_show_as_json_on_the_page(tmp_path):
     assert html.escape(json.dumps(resumed[0])) in page and "&#x27;after_epoch&#x27;" not in page
     assert train_cxr._fmt([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]"  # as before
     assert train_cxr._fmt([0.5, 2]) == "0.5000, 2"
+
+
+def test_roc_legend_gives_the_threshold_as_the_summary_does(tmp_path, monkeypatch):
+    # The legend gave 2 decimals (0.61) where the printed summary and the page gave 4 (0.6087).
+    legends = []
+    monkeypatch.setattr(train_cxr, "_savefig", lambda fig, path: (
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()),
+        train_cxr.plt.close(fig)))
+    train_cxr.plot_roc([([0, 0.2, 1], [0, 0.8, 1], "AUC 0.900")], tmp_path / "roc.png", "test ROC", (0.2, 0.8), 0.60874)
+    at = {k: 0.5 for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")}
+    res = {"n": 10, "auc": 0.9, "auc_ci95": [0.8, 0.95], "threshold": 0.60874, "threshold_policy": "youden",
+           **at, "at_0.5": at, "ece": 0.05, "ece_uncalibrated": 0.1, "calibrated": True,
+           "gradcam": {"mean_share_in_box": 0.7, "uniform_share": 0.6}}
+    shown = re.search(r"^ +threshold +(\S+) \(youden\)$", train_cxr.summary_table(res), re.M)[1]
+    assert shown == "0.6087" and f"operating threshold {shown}" in legends
