@@ -2383,6 +2383,19 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _no_threshold(n_classes: int) -> str:
+    """What the page shows for the threshold of a run with more than two classes: it has none (labels are
+    the argmax), which "–", the page's sign for a NaN metric, did not say."""
+    return f"n/a ({n_classes} classes: argmax)"
+
+
+def _cell(key: str, v, n_classes: int) -> str:
+    """_fmt, but a null threshold (or thresholds_by_policy) of a run with more than two classes says why."""
+    if v is None and n_classes > 2 and key.rsplit(".", 1)[-1] in ("threshold", "thresholds_by_policy"):
+        return _no_threshold(n_classes)
+    return _fmt(v)
+
+
 def _csv_cell(text: str) -> str:
     with contextlib.suppress(ValueError):
         return str(int(text))
@@ -2438,16 +2451,19 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
-                  _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
+                  _table("test-metrics", ["metric", "value"],
+                         [(k, _cell(k, v, len(m.get("class_names") or []))) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
     if (folder / "recalibration.json").is_file():
         m = json.loads((folder / "recalibration.json").read_text(encoding="utf-8"))
         keys = list(dict.fromkeys([*m["before"], *m["after"]]))  # a checkpoint without a threshold has fewer
+        n_classes = len(m["images"])  # the classes, each with its count
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
                   "measured on the same images: judge it on other images of that site with --evaluate</p>",
                   _table("recalibration", ["measure", "before", "after"],
-                         [(k, _fmt(m["before"].get(k)), _fmt(m["after"].get(k))) for k in keys])]
+                         [(k, _cell(k, m["before"].get(k), n_classes), _cell(k, m["after"].get(k), n_classes))
+                          for k in keys])]
     if (folder / "history.csv").is_file():
         with open(folder / "history.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -3336,9 +3352,11 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
 def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> None:
     """The report page of --predict/--evaluate/--recalibrate: its configuration is the checkpoint's, and the
     flags typed."""
+    n = len(ckpt["class_names"])
     config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
               "flags": {k: v for k, v in sorted(vars(args).items()) if k in args.given},
-              "threshold": ckpt.get("threshold"), "config": ckpt["config"], "versions": library_versions()}
+              "threshold": ckpt.get("threshold") if n == 2 else _no_threshold(n),
+              "config": ckpt["config"], "versions": library_versions()}
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
 

@@ -266,3 +266,25 @@ def test_roc_legend_gives_the_threshold_as_the_summary_does(tmp_path, monkeypatc
            "gradcam": {"mean_share_in_box": 0.7, "uniform_share": 0.6}}
     shown = re.search(r"^ +threshold +(\S+) \(youden\)$", train_cxr.summary_table(res), re.M)[1]
     assert shown == "0.6087" and f"operating threshold {shown}" in legends
+
+
+def test_three_class_page_says_there_is_no_threshold_and_keeps_the_nan_sign(tmp_path):
+    # A 3-class run's null threshold showed "–", the sign of a NaN metric (json writes nan as null).
+    metrics = {"n": 70, "class_names": ["NORMAL", "PNEUMONIA", "VIRAL"], "auc": 0.9, "auc_ci95": [None, None],
+               "threshold_policy": "argmax (more than two classes)", "thresholds_by_policy": None,
+               "threshold": None, "ece": None}
+    (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "recalibration.json").write_text(json.dumps({
+        "images": {"NORMAL": 20, "PNEUMONIA": 30, "VIRAL": 20},
+        "before": {"ece": None, "threshold": None, "share_flagged": 0.1},
+        "after": {"ece": 0.02, "threshold": None, "share_flagged": 0.1}}))
+    page = Page(train_cxr.write_report(tmp_path, "run"))
+    shown = page.pairs("test-metrics")
+    assert shown["threshold"] == shown["thresholds_by_policy"] == "n/a (3 classes: argmax)"
+    assert shown["ece"] == "–" and shown["auc_ci95"] == "–, –"  # NaN metrics keep their sign
+    rows = {r[0]: r[1:] for r in page.tables["recalibration"][1:]}
+    assert rows["threshold"] == ["n/a (3 classes: argmax)"] * 2 and rows["ece"] == ["–", "0.0200"]
+    # Two classes: a null is still a NaN metric's "–".
+    metrics["class_names"] = ["NORMAL", "PNEUMONIA"]
+    (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
+    assert Page(train_cxr.write_report(tmp_path, "run")).pairs("test-metrics")["threshold"] == "–"
