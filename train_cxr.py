@@ -2204,6 +2204,13 @@ def share_flagged(in_distribution: np.ndarray) -> float:
     return float(np.mean(~np.asarray(in_distribution, bool))) if len(in_distribution) else 0.0
 
 
+def numbered_stems(prefix: str, n: int, least: int = 2) -> list:
+    """prefix + each index 0..n-1, zero-padded to the digits the last one needs (`least` or more): test_00 ...
+    test_99, but test_000 ... test_100, as with a fixed 2 digits test_100 sorted before test_11 as text."""
+    width = max(least, len(str(max(n - 1, 0))))
+    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+
+
 def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
     share = share_flagged(in_distribution)
     if share > 0.10:
@@ -2319,7 +2326,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
-        tiles = save_cam_set(folder, [f"test_{i:02d}" for i in range(len(gallery))], test.images[gallery],
+        tiles = save_cam_set(folder, numbered_stems("test_", len(gallery)), test.images[gallery],
                              maps_all[gallery], {k: v[gallery] for k, v in sc.items()},
                              ckpt, labels[gallery], save_arrays=cfg.save_cam_arrays)
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
@@ -2483,7 +2490,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "predictions.csv").is_file():
         with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
-        # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
+        # --predict's overlays are named {k:05d}_<file>: five digits or more (100,001 images or more: six each)
         overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
         # As the CSV has them (in full): rounded to 4, P and threshold could read alike under other labels.
         body = [[*r, _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
@@ -2993,7 +3000,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         draw_history()
                         if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                             images = val_s.images[cam_idx]
-                            stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
+                            stems = numbered_stems(f"epoch_{epoch:03d}_", len(cam_idx))
                             probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
                             # the threshold comes after the last epoch: until then P >= 0.5, as label_rule(meta) says
                             sc = {"probs": probs, "preds": predict_labels(probs, meta["positive_class"], None)}
@@ -3407,9 +3414,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     # The overlay's name holds the file's stem cut to 100 bytes: a long name (a non-ASCII character takes
     # 2-4 bytes) plus the label part passed the file system's 255 and stopped the run before the CSV.
     stem = lambda f: os.fsencode(Path(f).stem)[:100].decode(errors="ignore")
+    numbers = numbered_stems("", len(files), least=5)  # the page finds overlays by 5 or more leading digits
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
         part = slice(i, i + 64)
-        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
+        save_cam_set(run_dir / "grad_cam", [f"{k}_{stem(f)}" for k, f in zip(numbers[part], files[part])],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
                      names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)

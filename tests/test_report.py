@@ -288,3 +288,16 @@ def test_three_class_page_says_there_is_no_threshold_and_keeps_the_nan_sign(tmp_
     metrics["class_names"] = ["NORMAL", "PNEUMONIA"]
     (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
     assert Page(train_cxr.write_report(tmp_path, "run")).pairs("test-metrics")["threshold"] == "–"
+
+
+def test_overlay_names_are_padded_to_the_digits_the_count_needs():
+    # With 2 digits the 101st gallery image was test_100, which sorts before test_11 as text.
+    assert train_cxr.numbered_stems("test_", 3) == ["test_00", "test_01", "test_02"]  # the default names stay
+    assert train_cxr.numbered_stems("test_", 100)[-1] == "test_99"
+    for n in (101, 250, 1001):
+        names = train_cxr.numbered_stems("epoch_012_", n)
+        assert sorted(names) == names and len(set(map(len, names))) == 1 and names[-1] == f"epoch_012_{n - 1}"
+    # --predict: 5 digits, the page's lookup, up to image 99,999; six for all from 100,001 images on
+    assert train_cxr.numbered_stems("", 100_000, least=5)[::99_999] == ["00000", "99999"]
+    assert train_cxr.numbered_stems("", 100_001, least=5)[::100_000] == ["000000", "100000"]
+    assert train_cxr.numbered_stems("", 0) == []
