@@ -2196,6 +2196,12 @@ def plot_history(history: list, path: Path, best: int) -> None:
     _savefig(fig, path)
 
 
+def threshold_text(threshold: float) -> str:
+    """The decision threshold as the printed summary and the ROC legend give it, to the 4 decimals of the
+    page and the figure titles: the legend's 2 read 0.61 where the summary said 0.6087."""
+    return f"{threshold:.4f}"
+
+
 def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -> None:
     """ROC curves [(fpr, tpr, label)], and the operating point (1 - specificity, sensitivity) if given."""
     fig, ax = plt.subplots(figsize=(4.6, 4.4))
@@ -2203,7 +2209,8 @@ def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -
         ax.plot(fpr, tpr, lw=2, label=label)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     if point is not None:
-        ax.plot(*point, "ro", label="operating threshold" + (f" {threshold:.2f}" if threshold is not None else ""))
+        shown = f" {threshold_text(threshold)}" if threshold is not None else ""
+        ax.plot(*point, "ro", label="operating threshold" + shown)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
     ax.set_title(title)
@@ -2228,8 +2235,21 @@ def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runt
             "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
 
 
+def share_flagged(in_distribution: np.ndarray) -> float:
+    """The share of images the guard flags, one formula for every file: test_metrics.json's (flagged / n)
+    and recalibration.json's (1 - in-distribution share) differed in the last digits for the same images."""
+    return float(np.mean(~np.asarray(in_distribution, bool))) if len(in_distribution) else 0.0
+
+
+def numbered_stems(prefix: str, n: int, least: int = 2) -> list:
+    """prefix + each index 0..n-1, zero-padded to the digits the last one needs (`least` or more): test_00 ...
+    test_99, but test_000 ... test_100, as with a fixed 2 digits test_100 sorted before test_11 as text."""
+    width = max(least, len(str(max(n - 1, 0))))
+    return [f"{prefix}{i:0{width}d}" for i in range(n)]
+
+
 def warn_if_unlike_training(in_distribution: np.ndarray, where: str) -> None:
-    share = 1 - float(np.mean(in_distribution)) if len(in_distribution) else 0.0
+    share = share_flagged(in_distribution)
     if share > 0.10:
         log.warning(f"WARNING: {share:.0%} of the images in {where} do not look like the training data "
                     "(ood_score above the cutoff): predictions on them are unreliable")
@@ -2326,7 +2346,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if ckpt.get("ood"):
         res["ood"] = {"cutoff": ckpt["ood"]["cutoff"], "quantile": ckpt["ood"].get("quantile"),  # as for the threshold:
                       "cutoff_fitted_on": ckpt["ood"].get("cutoff_fitted_on") or "validation",  # where it came from
-                      "flagged": int((~inside).sum()), "share_flagged": float((~inside).mean())}
+                      "flagged": int((~inside).sum()), "share_flagged": share_flagged(inside)}
         if inside.any():
             res["ood"]["in_distribution_only"] = (at_thr(y[inside], s[inside]) if binary
                                                   else at_thr(labels[inside], probs[inside]))
@@ -2343,7 +2363,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
     if len(gallery):
         folder = run_dir / "grad_cam"
         folder.mkdir(exist_ok=True)
-        tiles = save_cam_set(folder, [f"test_{i:02d}" for i in range(len(gallery))], test.images[gallery],
+        tiles = save_cam_set(folder, numbered_stems("test_", len(gallery)), test.images[gallery],
                              maps_all[gallery], {k: v[gallery] for k, v in sc.items()},
                              ckpt, labels[gallery], save_arrays=cfg.save_cam_arrays)
         save_grid(folder / "test_summary.png", tiles, "test gallery: right and wrong predictions | "
@@ -2361,7 +2381,7 @@ def summary_table(res: dict) -> str:
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
                  else "none (--bootstrap 0, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
-        rows.append(("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})"))
+        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({res['threshold_policy']})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
@@ -2413,6 +2433,19 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4f}" if v == 0 or 1e-3 <= abs(v) < 1e6 else f"{v:.3e}"
     return str(v)
+
+
+def _no_threshold(n_classes: int) -> str:
+    """What the page shows for the threshold of a run with more than two classes: it has none (labels are
+    the argmax), which "–", the page's sign for a NaN metric, did not say."""
+    return f"n/a ({n_classes} classes: argmax)"
+
+
+def _cell(key: str, v, n_classes: int) -> str:
+    """_fmt, but a null threshold (or thresholds_by_policy) of a run with more than two classes says why."""
+    if v is None and n_classes > 2 and key.rsplit(".", 1)[-1] in ("threshold", "thresholds_by_policy"):
+        return _no_threshold(n_classes)
+    return _fmt(v)
 
 
 def _csv_cell(text: str) -> str:
@@ -2470,16 +2503,19 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
-                  _table("test-metrics", ["metric", "value"], [(k, _fmt(v)) for k, v in _flatten(m)])]
+                  _table("test-metrics", ["metric", "value"],
+                         [(k, _cell(k, v, len(m.get("class_names") or []))) for k, v in _flatten(m)])]
         parts += [_img(p, p) for p in REPORT_PNGS if (folder / p).is_file()]
     if (folder / "recalibration.json").is_file():
         m = json.loads((folder / "recalibration.json").read_text(encoding="utf-8"))
         keys = list(dict.fromkeys([*m["before"], *m["after"]]))  # a checkpoint without a threshold has fewer
+        n_classes = len(m["images"])  # the classes, each with its count
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
                   "measured on the same images: judge it on other images of that site with --evaluate</p>",
                   _table("recalibration", ["measure", "before", "after"],
-                         [(k, _fmt(m["before"].get(k)), _fmt(m["after"].get(k))) for k in keys])]
+                         [(k, _cell(k, m["before"].get(k), n_classes), _cell(k, m["after"].get(k), n_classes))
+                          for k in keys])]
     if (folder / "history.csv").is_file():
         with open(folder / "history.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
@@ -2499,7 +2535,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
     if (folder / "predictions.csv").is_file():
         with open(folder / "predictions.csv", newline="", encoding="utf-8") as f:
             rows = list(csv.reader(f))
-        # --predict's overlays are named {k:05d}_<file>: five digits or more (image 100,000 has six)
+        # --predict's overlays are named {k:05d}_<file>: five digits or more (100,001 images or more: six each)
         overlays = {int(m[1]): p.name for p in cam.glob("*.png") if (m := re.match(r"(\d{5,})_", p.name))}
         # As the CSV has them (in full): rounded to 4, P and threshold could read alike under other labels.
         body = [[*r, _img(f"grad_cam/{overlays[k]}", overlays[k], 128) if k in overlays else ""]
@@ -3025,7 +3061,7 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
                         draw_history()
                         if len(cam_idx):  # Grad-CAM of the fixed validation images: one overlay each, a summary grid
                             images = val_s.images[cam_idx]
-                            stems = [f"epoch_{epoch:03d}_{i:02d}" for i in range(len(cam_idx))]
+                            stems = numbered_stems(f"epoch_{epoch:03d}_", len(cam_idx))
                             probs = predict_probs(st.eval_model, images, cfg.img_size, st.norm, rt, tta=cfg.tta)
                             # the threshold comes after the last epoch: until then P >= 0.5, as label_rule(meta) says
                             sc = {"probs": probs, "preds": predict_labels(probs, meta["positive_class"], None)}
@@ -3403,9 +3439,11 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
 def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> None:
     """The report page of --predict/--evaluate/--recalibrate: its configuration is the checkpoint's, and the
     flags typed."""
+    n = len(ckpt["class_names"])
     config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
               "flags": {k: v for k, v in sorted(vars(args).items()) if k in args.given},
-              "threshold": ckpt.get("threshold"), "config": ckpt["config"], "versions": library_versions()}
+              "threshold": ckpt.get("threshold") if n == 2 else _no_threshold(n),
+              "config": ckpt["config"], "versions": library_versions()}
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 
 
@@ -3456,9 +3494,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     # The overlay's name holds the file's stem cut to 100 bytes: a long name (a non-ASCII character takes
     # 2-4 bytes) plus the label part passed the file system's 255 and stopped the run before the CSV.
     stem = lambda f: os.fsencode(Path(f).stem)[:100].decode(errors="ignore")
+    numbers = numbered_stems("", len(files), least=5)  # the page finds overlays by 5 or more leading digits
     for i in tqdm(range(0, len(files), 64), desc="grad-cam", leave=False, disable=None):  # 64: bounded memory
         part = slice(i, i + 64)
-        save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
+        save_cam_set(run_dir / "grad_cam", [f"{k}_{stem(f)}" for k, f in zip(numbers[part], files[part])],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
                      names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)
@@ -3561,7 +3600,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         cut = decision_threshold(ck)
         at = binary_metrics(labels == pos, sc["probs"][:, pos], cut) if cut is not None else {}
         measured[name] = {"ece": report_ece(labels, sc["probs"], pos), "threshold": ck.get("threshold"),
-                          "share_flagged": float(1 - sc["in_distribution"].mean()),
+                          "share_flagged": share_flagged(sc["in_distribution"]),
                           **{k: v for k, v in at.items() if k != "threshold"}}
     save_json(run_dir / "recalibration.json", measured)
     log.info(f"recalibrated on {folder} ({', '.join(f'{c} {n}' for c, n in counts.items())}); weights unchanged")

@@ -61,7 +61,7 @@ def main(argv=None) -> int:
                     ("lung box blanked", mask_box(images, img, keep_inside=False))]:
         res = T.score_images(model, ckpt, torch.from_numpy(np.ascontiguousarray(x)), rt)
         aucs[name] = roc_auc_score(labels == pos, res["probs"][:, pos])
-        print(f"{name:<18} AUC {aucs[name]:.4f}   flagged by the guard {1 - res['in_distribution'].mean():6.1%}")
+        print(f"{name:<18} AUC {aucs[name]:.4f}   flagged by the guard {T.share_flagged(res['in_distribution']):6.1%}")
     return 0
 
 

@@ -665,6 +665,12 @@ def test_three_classes(data_copy, tmp_path, capsys, monkeypatch):
                 "--run-name", "rc", "--num-workers", 0, "--device", "cpu"]) == 0
     fit = json.loads((tmp_path / "runs" / "rc" / "recalibration.json").read_text())
     assert fit["before"]["ece"] == pytest.approx(m["ece"], abs=1e-12) and fit["after"]["ece"] < fit["before"]["ece"]
+    # and its flagged share is the report's to the last digit (1 - in-distribution share differed in the last ones)
+    assert fit["before"]["share_flagged"] == m["ood"]["share_flagged"] == m["ood"]["flagged"] / 70
+    # A 3-class run has no threshold: its pages say so, where "–" (a NaN metric's sign) stood.
+    no_threshold = "<td>n/a (3 classes: argmax)</td>"
+    assert f"<td>threshold</td>{no_threshold}" in (run_dir / "report.html").read_text()
+    assert f"<td>threshold</td>{no_threshold * 2}" in (tmp_path / "runs" / "rc" / "report.html").read_text()
     # --predict's table gives each label's own probability, as its overlay does: P(PNEUMONIA), the class
     # that only names the report's, stood beside every label, VIRAL too.
     capsys.readouterr()

@@ -702,7 +702,7 @@ def test_run_figures_say_what_they_show(synth_root, tmp_path, monkeypatch):
     roc = " ".join(figs["roc_curve.png"]["legends"])
     lo, hi = metrics["auc_ci95"]
     assert f"AUC {metrics['auc']:.3f} (95% CI {lo:.3f}-{hi:.3f})" in roc
-    assert f"operating threshold {metrics['threshold']:.2f}" in roc
+    assert f"operating threshold {metrics['threshold']:.4f}" in roc  # as the summary and the page give it
     assert f"{metrics['threshold']:.4f}" in figs["confusion_matrix.png"]["titles"][0]
     assert "argmax" in grids["summary_epoch_001.png"]
     assert f">= {metrics['threshold']:.4f} (threshold chosen on validation)" in grids["test_summary.png"]

@@ -251,3 +251,53 @@ def test_config_json_resumes_show_as_json_on_the_page(tmp_path):
     assert html.escape(json.dumps(resumed[0])) in page and "&#x27;after_epoch&#x27;" not in page
     assert train_cxr._fmt([[1, 2], [3, 4]]) == "[[1, 2], [3, 4]]"  # as before
     assert train_cxr._fmt([0.5, 2]) == "0.5000, 2"
+
+
+def test_roc_legend_gives_the_threshold_as_the_summary_does(tmp_path, monkeypatch):
+    # The legend gave 2 decimals (0.61) where the printed summary and the page gave 4 (0.6087).
+    legends = []
+    monkeypatch.setattr(train_cxr, "_savefig", lambda fig, path: (
+        legends.extend(t.get_text() for ax in fig.axes if ax.get_legend() for t in ax.get_legend().get_texts()),
+        train_cxr.plt.close(fig)))
+    train_cxr.plot_roc([([0, 0.2, 1], [0, 0.8, 1], "AUC 0.900")], tmp_path / "roc.png", "test ROC", (0.2, 0.8), 0.60874)
+    at = {k: 0.5 for k in ("accuracy", "sensitivity", "specificity", "precision", "f1")}
+    res = {"n": 10, "auc": 0.9, "auc_ci95": [0.8, 0.95], "threshold": 0.60874, "threshold_policy": "youden",
+           **at, "at_0.5": at, "ece": 0.05, "ece_uncalibrated": 0.1, "calibrated": True,
+           "gradcam": {"mean_share_in_box": 0.7, "uniform_share": 0.6}}
+    shown = re.search(r"^ +threshold +(\S+) \(youden\)$", train_cxr.summary_table(res), re.M)[1]
+    assert shown == "0.6087" and f"operating threshold {shown}" in legends
+
+
+def test_three_class_page_says_there_is_no_threshold_and_keeps_the_nan_sign(tmp_path):
+    # A 3-class run's null threshold showed "–", the sign of a NaN metric (json writes nan as null).
+    metrics = {"n": 70, "class_names": ["NORMAL", "PNEUMONIA", "VIRAL"], "auc": 0.9, "auc_ci95": [None, None],
+               "threshold_policy": "argmax (more than two classes)", "thresholds_by_policy": None,
+               "threshold": None, "ece": None}
+    (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
+    (tmp_path / "recalibration.json").write_text(json.dumps({
+        "images": {"NORMAL": 20, "PNEUMONIA": 30, "VIRAL": 20},
+        "before": {"ece": None, "threshold": None, "share_flagged": 0.1},
+        "after": {"ece": 0.02, "threshold": None, "share_flagged": 0.1}}))
+    page = Page(train_cxr.write_report(tmp_path, "run"))
+    shown = page.pairs("test-metrics")
+    assert shown["threshold"] == shown["thresholds_by_policy"] == "n/a (3 classes: argmax)"
+    assert shown["ece"] == "–" and shown["auc_ci95"] == "–, –"  # NaN metrics keep their sign
+    rows = {r[0]: r[1:] for r in page.tables["recalibration"][1:]}
+    assert rows["threshold"] == ["n/a (3 classes: argmax)"] * 2 and rows["ece"] == ["–", "0.0200"]
+    # Two classes: a null is still a NaN metric's "–".
+    metrics["class_names"] = ["NORMAL", "PNEUMONIA"]
+    (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
+    assert Page(train_cxr.write_report(tmp_path, "run")).pairs("test-metrics")["threshold"] == "–"
+
+
+def test_overlay_names_are_padded_to_the_digits_the_count_needs():
+    # With 2 digits the 101st gallery image was test_100, which sorts before test_11 as text.
+    assert train_cxr.numbered_stems("test_", 3) == ["test_00", "test_01", "test_02"]  # the default names stay
+    assert train_cxr.numbered_stems("test_", 100)[-1] == "test_99"
+    for n in (101, 250, 1001):
+        names = train_cxr.numbered_stems("epoch_012_", n)
+        assert sorted(names) == names and len(set(map(len, names))) == 1 and names[-1] == f"epoch_012_{n - 1}"
+    # --predict: 5 digits, the page's lookup, up to image 99,999; six for all from 100,001 images on
+    assert train_cxr.numbered_stems("", 100_000, least=5)[::99_999] == ["00000", "99999"]
+    assert train_cxr.numbered_stems("", 100_001, least=5)[::100_000] == ["000000", "100000"]
+    assert train_cxr.numbered_stems("", 0) == []

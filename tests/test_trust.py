@@ -831,6 +831,19 @@ def test_in_distribution_is_empty_only_without_a_guard():
                                               guarded=False)[1]] == ["", ""]
 
 
+def test_share_flagged_is_the_same_float_in_every_file():
+    # recalibration.json computed 1 - mean(in_distribution), test_metrics.json mean(~in_distribution): for
+    # 1 flagged of 3 the first gave 0.33333333333333337, the second 0.3333333333333333, for the same images.
+    one_of_three = np.array([True, False, True])
+    assert 1 - one_of_three.mean() != (~one_of_three).mean()  # the two old formulas
+    assert T.share_flagged(one_of_three) == 1 / 3
+    for n in (1, 7, 70, 101):
+        for k in range(n + 1):
+            inside = np.arange(n) >= k  # k flagged
+            assert T.share_flagged(inside) == k / n, (n, k)  # flagged / n, correctly rounded
+    assert T.share_flagged(np.array([], bool)) == 0.0
+
+
 def test_figures_say_where_the_threshold_was_chosen():
     ck = {"class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "threshold": 0.61}
     assert T.label_rule(ck).endswith("P(PNEUMONIA) >= 0.6100 (threshold chosen on validation)")
