@@ -2442,9 +2442,10 @@ def _no_threshold(n_classes: int) -> str:
 
 
 def _cell(key: str, v, n_classes: int) -> str:
-    """_fmt, but a null threshold (or thresholds_by_policy) of a run with more than two classes says why."""
-    if v is None and n_classes > 2 and key.rsplit(".", 1)[-1] in ("threshold", "thresholds_by_policy"):
-        return _no_threshold(n_classes)
+    """_fmt, but a null threshold (or thresholds_by_policy) says why: a run with more than two classes has
+    none, and a two-class checkpoint without one (a last.pt) labels at P >= 0.5, as its metrics count it."""
+    if v is None and key.rsplit(".", 1)[-1] in ("threshold", "thresholds_by_policy"):
+        return _no_threshold(n_classes) if n_classes > 2 else "none (argmax, P >= 0.5)"
     return _fmt(v)
 
 
@@ -3442,7 +3443,7 @@ def mode_report(run_dir: Path, what: str, args, ckpt: dict, data: str = "") -> N
     n = len(ckpt["class_names"])
     config = {"checkpoint": str(args.checkpoint), **({"data": data} if data else {}),
               "flags": {k: v for k, v in sorted(vars(args).items()) if k in args.given},
-              "threshold": ckpt.get("threshold") if n == 2 else _no_threshold(n),
+              "threshold": _cell("threshold", ckpt.get("threshold"), n),
               "config": ckpt["config"], "versions": library_versions()}
     log.info(f"report page: {write_report(run_dir, f'train_cxr {what} {run_dir.name}', config)}")
 

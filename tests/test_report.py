@@ -284,10 +284,17 @@ def test_three_class_page_says_there_is_no_threshold_and_keeps_the_nan_sign(tmp_
     assert shown["ece"] == "–" and shown["auc_ci95"] == "–, –"  # NaN metrics keep their sign
     rows = {r[0]: r[1:] for r in page.tables["recalibration"][1:]}
     assert rows["threshold"] == ["n/a (3 classes: argmax)"] * 2 and rows["ece"] == ["–", "0.0200"]
-    # Two classes: a null is still a NaN metric's "–".
+    # Two classes: a null threshold (--recalibrate's "before" of a last.pt) labels at P >= 0.5, as its metrics
+    # were counted; it read "–" too. A NaN metric keeps its sign.
     metrics["class_names"] = ["NORMAL", "PNEUMONIA"]
     (tmp_path / "test_metrics.json").write_text(json.dumps(metrics))
-    assert Page(train_cxr.write_report(tmp_path, "run")).pairs("test-metrics")["threshold"] == "–"
+    recal = json.loads((tmp_path / "recalibration.json").read_text())
+    recal["images"] = {"NORMAL": 20, "PNEUMONIA": 30}
+    (tmp_path / "recalibration.json").write_text(json.dumps(recal))
+    page = Page(train_cxr.write_report(tmp_path, "run"))
+    assert page.pairs("test-metrics")["threshold"] == "none (argmax, P >= 0.5)" and page.pairs("test-metrics")["ece"] == "–"
+    rows = {r[0]: r[1:] for r in page.tables["recalibration"][1:]}
+    assert rows["threshold"] == ["none (argmax, P >= 0.5)"] * 2 and rows["ece"] == ["–", "0.0200"]
 
 
 def test_overlay_names_are_padded_to_the_digits_the_count_needs():
