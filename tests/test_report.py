@@ -292,7 +292,8 @@ def test_three_class_page_says_there_is_no_threshold_and_keeps_the_nan_sign(tmp_
     recal["images"] = {"NORMAL": 20, "PNEUMONIA": 30}
     (tmp_path / "recalibration.json").write_text(json.dumps(recal))
     page = Page(train_cxr.write_report(tmp_path, "run"))
-    assert page.pairs("test-metrics")["threshold"] == "none (argmax, P >= 0.5)" and page.pairs("test-metrics")["ece"] == "–"
+    shown = page.pairs("test-metrics")
+    assert shown["threshold"] == "none (argmax, P >= 0.5)" and shown["ece"] == "–"
     rows = {r[0]: r[1:] for r in page.tables["recalibration"][1:]}
     assert rows["threshold"] == ["none (argmax, P >= 0.5)"] * 2 and rows["ece"] == ["–", "0.0200"]
 
