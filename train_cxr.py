@@ -2221,15 +2221,28 @@ def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -
 # ----------------------------------------------------------------------------------------------
 # Test report (used after training and by --evaluate)
 # ----------------------------------------------------------------------------------------------
+def network_outputs(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runtime,
+                    desc: str = "") -> tuple[np.ndarray, list | None]:
+    """The network's part of score_images: raw (uncalibrated) probabilities and, with a guard, its
+    layer features (None without). Calibration, threshold and cutoff are applied after, by scores_from."""
+    img, norm, guard = ckpt["img_size"], ckpt["normalization"], ckpt.get("ood")
+    raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
+    feats = layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1)) if guard else None
+    return raw, feats
+
+
 def score_images(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runtime, desc: str = "") -> dict:
     """What every report says about images: calibrated probabilities, the labels the checkpoint's
     threshold gives, and the out-of-distribution score (nan without a guard)."""
-    img, norm = ckpt["img_size"], ckpt["normalization"]
-    raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
+    return scores_from(ckpt, *network_outputs(model, ckpt, images_u8, rt, desc))
+
+
+def scores_from(ckpt: dict, raw: np.ndarray, feats: list | None) -> dict:
+    """score_images from network_outputs' raw probabilities and features, under ckpt's calibration,
+    threshold and guard (the guard's grid must be the one the features were taken with)."""
     probs = calibrate(raw, ckpt.get("calibration"))
     guard = ckpt.get("ood")
-    ood = (ood_scores(guard, layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1))) if guard
-           else np.full(len(raw), np.nan))
+    ood = ood_scores(guard, feats) if guard else np.full(len(raw), np.nan)
     return {"raw": raw, "probs": probs, "ood_score": ood,
             "preds": predict_labels(probs, ckpt["positive_class"], ckpt.get("threshold")),
             "in_distribution": ood <= guard["cutoff"] if guard else np.ones(len(raw), bool)}
@@ -3106,12 +3119,11 @@ def fit(st: TrainState, train_s: Split, val_s: Split, meta: dict, run_dir: Path,
     return 0
 
 
-def fit_operating_point(model: nn.Module, ckpt: dict, split: Split, policy: str, rt: Runtime) -> dict:
-    """Calibration, and for two classes the threshold of the policy, fitted on a labelled split
-    (the validation split after training, or a new site's folder for --recalibrate)."""
-    raw = predict_probs(model, split.images, ckpt["img_size"], ckpt["normalization"], rt,
-                        bool(ckpt["config"].get("tta", False)), desc="calibrate")
-    labels, pos, classes = split.labels.numpy(), ckpt["positive_class"], ckpt["class_names"]
+def fit_operating_point(ckpt: dict, raw: np.ndarray, labels: np.ndarray, policy: str) -> dict:
+    """Calibration, and for two classes the threshold of the policy, fitted on the raw probabilities
+    (predict_probs) of a labelled split: the validation split after training, or a new site's
+    folder for --recalibrate."""
+    pos, classes = ckpt["positive_class"], ckpt["class_names"]
     cal = fit_calibration(raw, labels)
     few = [f"{c} {n}" for c, n in zip(classes, np.bincount(labels, minlength=len(classes))) if n < 30]
     if few:
@@ -3140,7 +3152,9 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
         return 1
     best = load_checkpoint(run_dir / "best_model.pt")
     model = model_from_checkpoint(best, rt)
-    best.update(fit_operating_point(model, best, val_s, cfg.threshold_policy, rt))
+    raw = predict_probs(model, val_s.images, best["img_size"], best["normalization"], rt,
+                        bool(best["config"].get("tta", False)), desc="calibrate")
+    best.update(fit_operating_point(best, raw, val_s.labels.numpy(), cfg.threshold_policy))
     feats = lambda images: layer_features(model, images, cfg.img_size, best["normalization"], rt.device)
     best["ood"] = {**fit_ood_guard(feats(train_s.images), train_s.labels.numpy(), feats(val_s.images),
                                    cfg.ood_quantile, feats(zoomed_views(train_s.images, cfg.seed))), "grid": GUARD_GRID}
@@ -3577,8 +3591,11 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     # Its run's: a checkpoint made before the setting was (Youden's J) is not given today's constant.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
               else ckpt.get("threshold_policy") or Config.from_dict(ckpt["config"]).threshold_policy)
-    new = fit_operating_point(model, ckpt, split, policy, rt)
-    before = score_images(model, ckpt, split.images, rt)
+    # One pass of the network over the folder: the fit, "before" and "after" differ only in calibration,
+    # threshold and cutoff, applied to the same probabilities and features (three passes took twice the time).
+    raw, feats = network_outputs(model, ckpt, split.images, rt, desc="calibrate")
+    new = fit_operating_point(ckpt, raw, split.labels.numpy(), policy)
+    before = scores_from(ckpt, raw, feats)
     warn_if_unlike_training(before["in_distribution"], str(folder))
     counts = {c: int((split.labels == k).sum()) for k, c in enumerate(classes)}
     replaced = ("calibration", "threshold", "threshold_policy", "prevalence", "thresholds_by_policy", "recalibration")
@@ -3594,7 +3611,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     run_dir = make_run_dir(cfg, cam=False)  # no explanations: the weights, so the heat maps, are the run's
     out = {**ckpt, **new}
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
-    after = score_images(model, out, split.images, rt)
+    after = scores_from(out, raw, feats)  # the refitted guard keeps the grid its features were taken with
     labels = split.labels.numpy()
     measured = {"images": counts}
     for name, sc, ck in (("before", before, ckpt), ("after", after, out)):

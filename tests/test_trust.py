@@ -763,6 +763,26 @@ def test_report_settings_of_predict_and_evaluate_follow_an_edited_constant_as_a_
         assert f"<td>config.{k}</td><td>0</td>" in page
 
 
+def test_recalibrate_runs_the_network_once_over_its_folder(trained, tmp_path, monkeypatch):
+    # The fit, "before" and "after" differ only in calibration, threshold and cutoff: the folder went through
+    # the network three times (and through the guard's feature pass twice) for the same outputs.
+    site = tmp_path / "site"
+    T.write_synthetic_dataset(site, {"NORMAL": 10, "PNEUMONIA": 10}, {}, size=40, seed=7)
+    ck = T.load_checkpoint(trained / "best_model.pt")
+    assert ck["ood"]  # a guard: its feature pass is counted too
+    seen = []
+    real = T.CustomCNN.forward
+
+    def counted(self, x):
+        seen.append(len(x))
+        return real(self, x)
+    monkeypatch.setattr(T.CustomCNN, "forward", counted)
+    assert run(["--recalibrate", site / "train", "--checkpoint", trained, "--output-dir", tmp_path,
+                "--run-name", "rc", "--num-workers", 0, *ONE_THREAD]) == 0
+    tta = bool(ck["config"].get("tta", False))
+    assert sum(seen) == 20 * ((2 if tta else 1) + 1)  # predict_probs (flipped too with TTA), layer_features
+
+
 def test_recalibrating_a_checkpoint_without_a_threshold_uses_its_runs_policy(trained, tmp_path, capsys):
     # last.pt (or the best_model.pt of a stopped run) has no fitted policy: its run's --threshold-policy is in
     # its config. The constant's "balanced" was used instead, so a screening run's threshold lost its sensitivity.
