@@ -836,6 +836,12 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
+    # ImageFolder reads only the class folders: an image beside them (train/x.png) has no class and was left
+    # out of training or of the test report without a word.
+    loose = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.path, root))
+    if loose:
+        log.warning(f"warning: {len(loose)} image file(s) directly in {as_text(root)}, outside the class folders, "
+                    f"are left out (e.g. {as_text(loose[0])}): move each into the folder of its class")
     return classes, torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
         str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: is_image_file(p, root),
         allow_empty=True)
@@ -2645,10 +2651,11 @@ def same_group_for_copies(groups: list, digests: list) -> list:
     return [top(g) for g in groups]
 
 
-def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = True) -> dict:
+def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = True, own_in_class: bool = True) -> dict:
     """Check the data folders, decode every image once, carve the validation split. typed: the
     settings typed on the command line (a typed one this data would ignore is refused); group_copies
-    False carves as runs made before same_group_for_copies did (their --resume must see that split)."""
+    False carves as runs made before same_group_for_copies did, own_in_class False as runs made before a
+    file that names no patient was its own within its class (their --resume must see that split)."""
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
@@ -2693,8 +2700,12 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     rels = [class_relative(p, root) for p in train.paths]
     named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train.paths, rels)]  # "": none
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
-    # reading a DICOM header twice costs time).
-    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train.paths, rels)]
+    # reading a DICOM header twice costs time), within its class: without the class, 001.png of every class
+    # folder numbered alike was one "patient" counted for the first class, and a small class's share of
+    # validation was left to the draw of another's (none of 6 in validation, and the run refused).
+    in_class = lambda y: f"{classes[y]}/" if own_in_class else ""
+    train_ids = [n or in_class(y) + patient_id(p, pattern, rel=r)
+                 for n, p, r, y in zip(named, train.paths, rels, train.labels.tolist())]
     if group_copies:
         train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train.paths])
     first, clash = {}, []  # the same bytes in two class folders: one of the two labels is wrong
@@ -3175,8 +3186,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         if args.given & set(TWO_CLASS_FLAGS):  # refused from the class folders, before the images are decoded
             check_two_class_flags(args, check_split_dir(Path(cfg.data_dir) / "train", "train")[0])
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
-        rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
-        data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
+        rules = {k: resume is None or bool(resume.get(k))
+                 for k in ("copies_grouped", "warmup_capped", "own_orders", "own_in_class")}
+        # every input check before the run folder
+        data = prepare_data(cfg, args.given, rules["copies_grouped"], rules["own_in_class"])
         classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
         cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
         split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
