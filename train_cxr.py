@@ -3374,6 +3374,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         if p.is_dir():
             check_image_tree(p)
         files += images_to_predict(p) if p.is_dir() else [str(p)]
+    unique = {}
+    for f in files:  # a file given and also inside a given folder (or given twice): one row, not two
+        unique.setdefault(os.path.abspath(f), f)
+    files = list(unique.values())
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
@@ -3383,6 +3387,13 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     if not len(split):
         raise CXRError("none of the --predict files could be read")
     images, files = split.images, split.paths
+    # What the table and the overlay titles call each file: its name, or with names that repeat (img0.png of
+    # NORMAL/ and of PNEUMONIA/) its path below the folder all files share, else three rows read "img0.png".
+    shown_as = [Path(f).name for f in files]
+    if len(set(shown_as)) < len(shown_as):
+        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+        shown_as = [os.path.relpath(os.path.abspath(f), base) for f in files]
+    shown_as = [as_text(Path(n).as_posix()) for n in shown_as]
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
@@ -3394,11 +3405,11 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         save_cam_set(run_dir / "grad_cam", [f"{k:05d}_{stem(f)}" for k, f in enumerate(files[part], i)],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
-                     names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)
+                     names=shown_as[part], save_arrays=cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
                                                             bool(ckpt.get("ood"))))
     shown = 25
-    name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
+    name_w = min(40, max(len(n) for n in shown_as))
     # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
     # gives it (the positive class then only names the report's, and its P says nothing of the label).
     binary = len(classes) == 2
@@ -3412,7 +3423,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
              "in distribution")
     for k, p in enumerate(ps):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {p:>14.{d}f}  {flag}")
+        log.info(f"{shown_as[k][-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {p:>14.{d}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")

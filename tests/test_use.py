@@ -148,6 +148,23 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     assert read_csv(out / "q" / "predictions.csv") == rows
 
 
+def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, synth_root, tmp_path):
+    # img.png of A/ and of B/ were two rows "img.png" with different labels on the console and in the overlay
+    # titles; a file given and also inside a given folder was scored, and counted, twice.
+    src = sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:2]
+    for s, sub in zip(src, ("A", "B")):
+        (tmp_path / "x" / sub).mkdir(parents=True)
+        shutil.copy(s, tmp_path / "x" / sub / "img.png")
+    out = tmp_path / "pred"
+    assert run(["--predict", tmp_path / "x", tmp_path / "x" / "A" / "img.png", "--checkpoint", trained,
+                "--output-dir", out, "--run-name", "p", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    rows = read_csv(out / "p" / "predictions.csv")
+    assert [Path(r["path"]).relative_to(tmp_path).as_posix() for r in rows] == ["x/A/img.png", "x/B/img.png"]
+    table = [ln.split()[:2] for ln in (out / "p" / "train.log").read_text().splitlines() if "img.png" in ln]
+    assert table == [["A/img.png", rows[0]["predicted"]], ["B/img.png", rows[1]["predicted"]]]
+    assert len(list((out / "p" / "grad_cam").glob("*.png"))) == 2
+
+
 def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
     folder, _, _, _ = scans
     ckpt_path = trained / "best_model.pt"
