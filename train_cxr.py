@@ -2615,6 +2615,8 @@ def warn_duplicates(splits: dict) -> dict:
         for p in paths:
             try:
                 with open(p, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == 0:  # an empty file (a failed copy) is no image, nor a copy
+                        continue  # of one: decoding lists it; empty files in train and test were "copies" here
                     digest = digests[str(p)] = hashlib.file_digest(f, "sha1").hexdigest()
             except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
                 continue
