@@ -807,6 +807,20 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
+SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows into image folders: not worth a note
+
+
+def note_other_files(others: list, where: str) -> None:
+    """Says which files below a folder are not read because their extension is no image's (a .jfif saved by a
+    browser, a .jp2 export): they were left out as quietly as Thumbs.db. Hidden files are not listed."""
+    others = [p for p in others if os.path.basename(p).lower() not in SYSTEM_FILES]
+    if others:
+        kinds = collections.Counter(os.path.splitext(p)[1].lower() or "no extension" for p in others)
+        log.info(f"note: {len(others)} file(s) in {where} are not images by their extension and are left out ("
+                 + ", ".join(f"{k} {n}" for k, n in kinds.most_common(5)) + f"; e.g. {as_text(others[0])}); "
+                 f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them")
+
+
 def check_image_tree(root: str | Path) -> None:
     """Linked folders are followed (ImageFolder and --predict walk with followlinks): a link to a folder that
     holds it was walked again at every level until the OS gave up, 40 deep, each image read 40 times and
@@ -842,9 +856,18 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     if loose:
         log.warning(f"warning: {len(loose)} image file(s) directly in {as_text(root)}, outside the class folders, "
                     f"are left out (e.g. {as_text(loose[0])}): move each into the folder of its class")
-    return classes, torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
-        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: is_image_file(p, root),
-        allow_empty=True)
+    others = []
+
+    def keep(path: str) -> bool:
+        if is_image_file(path, root):
+            return True
+        if not any(p.startswith(".") for p in Path(os.path.relpath(path, root)).parts):
+            others.append(path)
+        return False
+    samples = torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=keep, allow_empty=True)
+    note_other_files(others, f"the class folders of {as_text(root)}")
+    return classes, samples
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
@@ -3348,7 +3371,7 @@ def images_to_predict(folder: Path) -> list:
     """The image files below a --predict folder, sorted, less the run folders of this script inside it
     (train.log, with grad_cam/ or report.html): --predict scans/ from inside scans/ (runs/ lands there) scored the last
     run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
-    files, runs = [], []
+    files, runs, others = [], [], []
     # Not by grad_cam/ alone: a user may delete it to save space (--resume makes it again), leaving the run's
     # plots (roc_curve.png, ...) to be scored as X-rays; every run folder with images has train.log and one of these.
     is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and any(
@@ -3360,7 +3383,12 @@ def images_to_predict(folder: Path) -> list:
             runs.append(as_text(d))
             dirs.clear()
             continue
-        files += [f for f in (os.path.join(d, n) for n in names) if is_image_file(f, folder)]
+        for f in (os.path.join(d, n) for n in names):
+            if is_image_file(f, folder):
+                files.append(f)
+            elif not any(p.startswith(".") for p in Path(os.path.relpath(f, folder)).parts):
+                others.append(f)
+    note_other_files(others, as_text(folder))
     if runs:
         log.info(f"note: skipping {len(runs)} run folder(s) of train_cxr.py under {folder} (their images are "
                  f"Grad-CAM overlays, not X-rays): {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}")

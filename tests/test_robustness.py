@@ -146,6 +146,21 @@ def test_bad_files_skipped_and_reported_once(corpus, synth_root, data_copy, tmp_
         sorted(os.path.realpath(placed[n]) for n in BAD)
 
 
+def test_files_of_other_kinds_in_the_class_folders_are_counted_in_a_note(data_copy, capsys):
+    # A .jfif (a JPEG as a browser saves it) or a .jp2 export was left out as quietly as Thumbs.db.
+    for name in ("a.jfif", "b.JFIF", "c.jp2"):
+        (data_copy / "train" / "PNEUMONIA" / name).write_bytes(b"x")
+    (data_copy / "train" / "NORMAL" / "Thumbs.db").write_bytes(b"x")
+    (data_copy / "train" / "NORMAL" / ".hidden.jp2").write_bytes(b"x")
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    train_cxr.list_image_folder(data_copy / "train")
+    out = capsys.readouterr().out
+    assert f"note: 3 file(s) in the class folders of {data_copy / 'train'} are not images by their extension and " \
+           "are left out (.jfif 2, .jp2 1; e.g. " in out
+    assert "Thumbs" not in out and "hidden" not in out
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
