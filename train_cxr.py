@@ -2587,6 +2587,14 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     odd = [c for c in classes if as_text(c) != c]  # every label, title, CSV and report holds the class name
     if odd:
         raise CXRError(f"class folder {as_text(path / odd[0])} has a name that is not UTF-8: rename it")
+    # NORMAL/ and Normal/ (two sources merged on a case-sensitive disk) are two classes to ImageFolder: a
+    # 2-class set became a 3-class model, its labels and AUC another kind, said only by the class list.
+    same = collections.defaultdict(list)
+    for c in classes:
+        same[re.sub(r"[\s_-]+", " ", c).strip().casefold()].append(c)
+    for names in (n for n in same.values() if len(n) > 1):
+        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces or "
+                    "underscores, and are different classes: if they hold one class, merge them into one folder")
     return classes, samples
 
 

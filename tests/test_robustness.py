@@ -161,6 +161,26 @@ def test_files_of_other_kinds_in_the_class_folders_are_counted_in_a_note(data_co
     assert "Thumbs" not in out and "hidden" not in out
 
 
+def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data_copy, capsys):
+    # NORMAL/ and Normal/ from two merged sources were two classes: a 3-class model, said only by the list.
+    (data_copy / "test").rename(data_copy / "held_out")  # no test/ to refuse the third class
+    moved = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:10]
+    for name in ("Normal", "pneumonia_"):
+        (data_copy / "train" / name).mkdir()
+    for p in moved:
+        p.rename(data_copy / "train" / ("Normal" if p in moved[:5] else "pneumonia_") / p.name)
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    classes, _ = train_cxr.check_split_dir(data_copy / "train", "train")
+    out = capsys.readouterr().out
+    assert classes == ["NORMAL", "Normal", "PNEUMONIA", "pneumonia_"]
+    assert "warning: the class folders NORMAL and Normal in " in out
+    assert "warning: the class folders PNEUMONIA and pneumonia_ in " in out
+    capsys.readouterr()
+    train_cxr.check_split_dir(data_copy / "held_out", "test")
+    assert "differ only" not in capsys.readouterr().out
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
