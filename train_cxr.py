@@ -896,6 +896,12 @@ def decode_xray(path: str, size: int) -> np.ndarray:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, dtype=np.float32)
+                finite = np.isfinite(arr)
+                if not finite.all():  # a float TIFF with a masked (NaN) pixel decoded to a black image, unsaid
+                    if not finite.any():
+                        raise OSError("a float image without one finite pixel value")
+                    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+                    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)  # NaN as the darkest value
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
             else:

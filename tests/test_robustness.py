@@ -181,6 +181,22 @@ def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data
     assert "differ only" not in capsys.readouterr().out
 
 
+def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture(tmp_path):
+    # One masked (NaN) pixel made min and max NaN: the float TIFF decoded to an all-black image, trained on.
+    ramp = np.tile(np.linspace(0.0, 1.0, 40, dtype=np.float32), (40, 1))
+    for bad, as_value in ((np.nan, 0.0), (np.inf, 1.0), (-np.inf, 0.0)):
+        img = ramp.copy()
+        img[5, 5], clean = bad, ramp.copy()
+        clean[5, 5] = as_value
+        Image.fromarray(img).save(tmp_path / "bad.tif")
+        Image.fromarray(clean).save(tmp_path / "clean.tif")
+        np.testing.assert_array_equal(train_cxr.decode_xray(str(tmp_path / "bad.tif"), 40),
+                                      train_cxr.decode_xray(str(tmp_path / "clean.tif"), 40))
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(tmp_path / "void.tif")
+    with pytest.raises(OSError, match="without one finite pixel"):  # listed as unreadable, not a black image
+        train_cxr.decode_xray(str(tmp_path / "void.tif"), 8)
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
