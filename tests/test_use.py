@@ -168,6 +168,19 @@ def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, sy
     assert len(list((out / "p" / "grad_cam").glob("*.png"))) == 2
 
 
+def test_evaluate_on_one_class_folder_names_the_folder_to_pass(trained, synth_root, tmp_path, capsys):
+    # D/test/NORMAL was answered "has no class folders: put the images in D/test/NORMAL/<CLASS>/", a wrong fix.
+    capsys.readouterr()
+    assert run(["--evaluate", "--checkpoint", trained, "--data-dir", synth_root / "test" / "NORMAL",
+                "--output-dir", tmp_path, *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"(NORMAL, PNEUMONIA), --data-dir {synth_root / 'test'}"), err
+    assert run(["--recalibrate", synth_root / "test" / "PNEUMONIA", "--checkpoint", trained,
+                "--output-dir", tmp_path, *CPU]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--recalibrate {synth_root / 'test'}")
+    assert not any(tmp_path.iterdir())
+
+
 def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
     folder, _, _, _ = scans
     ckpt_path = trained / "best_model.pt"
