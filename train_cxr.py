@@ -1384,6 +1384,10 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     score = np.asarray(score)
     ys, cols = (([np.asarray(y_true).astype(bool)], [score]) if score.ndim == 1 else
                 ([np.asarray(y_true) == k for k in range(score.shape[1])], list(score.T)))
+    # A class with one test image: every resample repeats that image, so the interval showed only the spread of
+    # the others (one positive scored highest: "95% CI 1.0000 - 1.0000"), a certainty the data cannot give.
+    if 1 in [int(y.sum()) for y in ys] + ([int((~ys[0]).sum())] if score.ndim == 1 else []):
+        return [float("nan")] * 2
     ranks = [np.unique(c, return_inverse=True)[1] for c in cols]  # which distinct score each image has, lowest first
     sizes = [int(r.max()) + 1 if len(r) else 0 for r in ranks]
     rng, aucs = np.random.default_rng(seed), []
@@ -2357,7 +2361,7 @@ def summary_table(res: dict) -> str:
     ood = res.get("ood", {}).get("in_distribution_only")
     lo, hi = res["auc_ci95"]  # nan without bootstrap resamples
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
-                 else "none (--bootstrap 0, or no resample kept both classes)"))
+                 else "none (--bootstrap 0, a class with a single test image, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
         rows.append(("threshold", f"{res['threshold']:.4f} ({res['threshold_policy']})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
