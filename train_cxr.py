@@ -803,11 +803,12 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
     (the folder the user gave; without root, the file's own name) starts with '.', so .DS_Store and
     .ipynb_checkpoints/x.png are skipped. Only below root: a DATA_DIR inside a hidden folder is still read."""
     below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
-    return (not any(p.startswith(".") for p in Path(below).parts)
+    # A DICOM CD's DICOMDIR, its index, starts like DICOM: it was listed as an unreadable image (refused with --strict)
+    return (not any(p.startswith(".") for p in Path(below).parts) and os.path.basename(path).upper() != "DICOMDIR"
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
-SYSTEM_FILES = ("thumbs.db", "desktop.ini")  # written by Windows into image folders: not worth a note
+SYSTEM_FILES = ("thumbs.db", "desktop.ini", "dicomdir")  # Windows' and a DICOM CD's index files: not worth a note
 
 
 def note_other_files(others: list, where: str) -> None:
