@@ -871,6 +871,29 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     return classes, samples
 
 
+RAW_TIFF_DTYPES = {"L": "u1", "I;16": "<u2", "I;16B": ">u2"}  # Pillow's raw modes of gray TIFF strips, as numpy's
+
+
+def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
+    """A gray uncompressed TIFF with an Orientation that swaps width and height (5-8), read as stored and turned
+    upright here; None for any other file. Pillow 13 turns such a file itself while loading, but reads its rows at
+    the turned width: a film scan saved rotated came out as diagonal stripes, trained on without a word
+    (compressed and RGB TIFFs are read right)."""
+    turn = im.tag_v2.get(274) if im.format == "TIFF" else None
+    if turn not in (5, 6, 7, 8) or not im.tile or any(
+            t.codec_name != "raw" or t.args[0] not in RAW_TIFF_DTYPES or t.args[1:] != (0, 1) for t in im.tile):
+        return None
+    dtype = np.dtype(RAW_TIFF_DTYPES[im.tile[0].args[0]])
+    out = np.zeros((im.tag_v2[257], im.tag_v2[256]), dtype)  # ImageLength x ImageWidth, as stored
+    for t in im.tile:
+        x0, y0, x1, y1 = t.extents
+        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=t.offset)
+        out[y0:y1, x0:x1] = strip.reshape(y1 - y0, x1 - x0)  # a truncated file raises here: listed as unreadable
+    # EXIF/TIFF Orientation: 5 transpose, 6 turn clockwise, 7 transverse, 8 turn anticlockwise
+    upright = {5: out.T, 6: np.rot90(out, -1), 7: np.rot90(out, 2).T, 8: np.rot90(out, 1)}[turn]
+    return np.ascontiguousarray(upright.astype(dtype.newbyteorder("=")))
+
+
 def decode_xray(path: str, size: int) -> np.ndarray:
     """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
     images min-max scaled to 8 bits. Raises on a broken file."""
@@ -884,7 +907,10 @@ def decode_xray(path: str, size: int) -> np.ndarray:
             # file is read by OpenCV, to gray with transparent = black, and min-max scaled below like 16-bit gray.
             deep = (im.format in ("PNG", "TIFF") and im.mode in ("RGB", "RGBA")
                     and any(";16" in str(t) for t in im.tile))  # its raw mode (RGB;16B); load() empties it
-            im.load()  # raises OSError on truncated/corrupt data
+            if (stored := stored_tiff_pixels(path, im)) is not None:
+                im = Image.fromarray(stored)  # upright already: exif_transpose below leaves it
+            else:
+                im.load()  # raises OSError on truncated/corrupt data
             if deep:
                 if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
                     raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")

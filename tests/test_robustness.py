@@ -197,6 +197,19 @@ def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture(tmp_path):
         train_cxr.decode_xray(str(tmp_path / "void.tif"), 8)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_an_uncompressed_gray_tiff_with_a_turning_orientation_is_read_upright(tmp_path, dtype):
+    # Pillow 13 turns such a file while loading but reads its rows at the turned width: the X-ray came out as
+    # diagonal stripes (LZW-compressed and RGB TIFFs were right). Each must equal the upright picture saved plainly.
+    stored = np.random.default_rng(0).integers(0, 250 if dtype == np.uint8 else 60000, (48, 32)).astype(dtype)
+    for turn, upright in ((5, stored.T), (6, np.rot90(stored, -1)), (7, np.rot90(stored, 2).T),
+                          (8, np.rot90(stored, 1)), (3, np.rot90(stored, 2))):
+        Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: turn})
+        Image.fromarray(np.ascontiguousarray(upright)).save(tmp_path / "plain.tif")
+        np.testing.assert_array_equal(train_cxr.decode_xray(str(tmp_path / "turned.tif"), 40),
+                                      train_cxr.decode_xray(str(tmp_path / "plain.tif"), 40), err_msg=str(turn))
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
