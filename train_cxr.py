@@ -3471,8 +3471,11 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     # NORMAL/ and of PNEUMONIA/) its path below the folder all files share, else three rows read "img0.png".
     shown_as = [Path(f).name for f in files]
     if len(set(shown_as)) < len(shown_as):
-        base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
-        shown_as = [os.path.relpath(os.path.abspath(f), base) for f in files]
+        try:
+            base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+            shown_as = [os.path.relpath(os.path.abspath(f), base) for f in files]
+        except ValueError:  # Windows: files on two drives (C:, D:) share no folder; their full paths then
+            shown_as = [os.path.abspath(f) for f in files]
     shown_as = [as_text(Path(n).as_posix()) for n in shown_as]
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")

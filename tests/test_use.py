@@ -151,7 +151,8 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     assert read_csv(out / "q" / "predictions.csv") == rows
 
 
-def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, synth_root, tmp_path):
+def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, synth_root, tmp_path,
+                                                                      monkeypatch):
     # img.png of A/ and of B/ were two rows "img.png" with different labels on the console and in the overlay
     # titles; a file given and also inside a given folder was scored, and counted, twice.
     src = sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:2]
@@ -166,6 +167,14 @@ def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, sy
     table = [ln.split()[:2] for ln in (out / "p" / "train.log").read_text().splitlines() if "img.png" in ln]
     assert table == [["A/img.png", rows[0]["predicted"]], ["B/img.png", rows[1]["predicted"]]]
     assert len(list((out / "p" / "grad_cam").glob("*.png"))) == 2
+    # On Windows, files on two drives share no folder (commonpath raises): their full paths, not a traceback.
+    def two_drives(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(os.path, "commonpath", two_drives)
+    assert run(["--predict", tmp_path / "x", "--checkpoint", trained, "--output-dir", out, "--run-name", "q",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    table = [ln.split()[0] for ln in (out / "q" / "train.log").read_text().splitlines() if "img.png" in ln]
+    assert table == [str(tmp_path / "x" / c / "img.png")[-40:] for c in "AB"]  # the table keeps a path's last 40
 
 
 def test_evaluate_on_one_class_folder_names_the_folder_to_pass(trained, synth_root, tmp_path, capsys):
