@@ -840,8 +840,23 @@ def is_image_file(path: str, root: str | Path | None = None) -> bool:
     (the folder the user gave; without root, the file's own name) starts with '.', so .DS_Store and
     .ipynb_checkpoints/x.png are skipped. Only below root: a DATA_DIR inside a hidden folder is still read."""
     below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
-    return (not any(p.startswith(".") for p in Path(below).parts)
+    # A DICOM CD's DICOMDIR, its index, starts like DICOM: it was listed as an unreadable image (refused with --strict)
+    return (not any(p.startswith(".") for p in Path(below).parts) and os.path.basename(path).upper() != "DICOMDIR"
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
+
+
+SYSTEM_FILES = ("thumbs.db", "desktop.ini", "dicomdir")  # Windows' and a DICOM CD's index files: not worth a note
+
+
+def note_other_files(others: list, where: str) -> None:
+    """Says which files below a folder are not read because their extension is no image's (a .jfif saved by a
+    browser, a .jp2 export): they were left out as quietly as Thumbs.db. Hidden files are not listed."""
+    others = [p for p in others if os.path.basename(p).lower() not in SYSTEM_FILES]
+    if others:
+        kinds = collections.Counter(os.path.splitext(p)[1].lower() or "no extension" for p in others)
+        log.info(f"note: {len(others)} file(s) in {where} are not images by their extension and are left out ("
+                 + ", ".join(f"{k} {n}" for k, n in kinds.most_common(5)) + f"; e.g. {as_text(others[0])}); "
+                 f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them")
 
 
 def check_image_tree(root: str | Path) -> None:
@@ -873,9 +888,47 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise FileNotFoundError(f"no class folders in {root}")
-    return classes, torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
-        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=lambda p: is_image_file(p, root),
-        allow_empty=True)
+    # ImageFolder reads only the class folders: an image beside them (train/x.png) has no class and was left
+    # out of training or of the test report without a word.
+    loose = sorted(e.name for e in os.scandir(root) if e.is_file() and is_image_file(e.path, root))
+    if loose:
+        log.warning(f"warning: {len(loose)} image file(s) directly in {as_text(root)}, outside the class folders, "
+                    f"are left out (e.g. {as_text(loose[0])}): move each into the folder of its class")
+    others = []
+
+    def keep(path: str) -> bool:
+        if is_image_file(path, root):
+            return True
+        if not any(p.startswith(".") for p in Path(os.path.relpath(path, root)).parts):
+            others.append(path)
+        return False
+    samples = torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
+        str(root), {c: i for i, c in enumerate(classes)}, is_valid_file=keep, allow_empty=True)
+    note_other_files(others, f"the class folders of {as_text(root)}")
+    return classes, samples
+
+
+RAW_TIFF_DTYPES = {"L": "u1", "I;16": "<u2", "I;16B": ">u2"}  # Pillow's raw modes of gray TIFF strips, as numpy's
+
+
+def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
+    """A gray uncompressed TIFF with an Orientation that swaps width and height (5-8), read as stored and turned
+    upright here; None for any other file. Pillow 13 turns such a file itself while loading, but reads its rows at
+    the turned width: a film scan saved rotated came out as diagonal stripes, trained on without a word
+    (compressed and RGB TIFFs are read right)."""
+    turn = im.tag_v2.get(274) if im.format == "TIFF" else None
+    if turn not in (5, 6, 7, 8) or not im.tile or any(
+            t.codec_name != "raw" or t.args[0] not in RAW_TIFF_DTYPES or t.args[1:] != (0, 1) for t in im.tile):
+        return None
+    dtype = np.dtype(RAW_TIFF_DTYPES[im.tile[0].args[0]])
+    out = np.zeros((im.tag_v2[257], im.tag_v2[256]), dtype)  # ImageLength x ImageWidth, as stored
+    for t in im.tile:
+        x0, y0, x1, y1 = t.extents
+        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=t.offset)
+        out[y0:y1, x0:x1] = strip.reshape(y1 - y0, x1 - x0)  # a truncated file raises here: listed as unreadable
+    # EXIF/TIFF Orientation: 5 transpose, 6 turn clockwise, 7 transverse, 8 turn anticlockwise
+    upright = {5: out.T, 6: np.rot90(out, -1), 7: np.rot90(out, 2).T, 8: np.rot90(out, 1)}[turn]
+    return np.ascontiguousarray(upright.astype(dtype.newbyteorder("=")))
 
 
 def decode_xray(path: str, size: int) -> np.ndarray:
@@ -891,7 +944,10 @@ def decode_xray(path: str, size: int) -> np.ndarray:
             # file is read by OpenCV, to gray with transparent = black, and min-max scaled below like 16-bit gray.
             deep = (im.format in ("PNG", "TIFF") and im.mode in ("RGB", "RGBA")
                     and any(";16" in str(t) for t in im.tile))  # its raw mode (RGB;16B); load() empties it
-            im.load()  # raises OSError on truncated/corrupt data
+            if (stored := stored_tiff_pixels(path, im)) is not None:
+                im = Image.fromarray(stored)  # upright already: exif_transpose below leaves it
+            else:
+                im.load()  # raises OSError on truncated/corrupt data
             if deep:
                 if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
                     raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
@@ -904,6 +960,12 @@ def decode_xray(path: str, size: int) -> np.ndarray:
                 im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im.convert("RGBA"))
             if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
                 arr = np.asarray(im, dtype=np.float32)
+                finite = np.isfinite(arr)
+                if not finite.all():  # a float TIFF with a masked (NaN) pixel decoded to a black image, unsaid
+                    if not finite.any():
+                        raise OSError("a float image without one finite pixel value")
+                    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+                    arr = np.nan_to_num(arr, nan=lo, posinf=hi, neginf=lo)  # NaN as the darkest value
                 lo, hi = float(arr.min()), float(arr.max())
                 arr = ((arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)).astype(np.uint8)
             else:
@@ -1386,6 +1448,10 @@ def bootstrap_auc_ci(y_true, score, n: int, seed: int) -> list:
     score = np.asarray(score)
     ys, cols = (([np.asarray(y_true).astype(bool)], [score]) if score.ndim == 1 else
                 ([np.asarray(y_true) == k for k in range(score.shape[1])], list(score.T)))
+    # A class with one test image: every resample repeats that image, so the interval showed only the spread of
+    # the others (one positive scored highest: "95% CI 1.0000 - 1.0000"), a certainty the data cannot give.
+    if 1 in [int(y.sum()) for y in ys] + ([int((~ys[0]).sum())] if score.ndim == 1 else []):
+        return [float("nan")] * 2
     ranks = [np.unique(c, return_inverse=True)[1] for c in cols]  # which distinct score each image has, lowest first
     sizes = [int(r.max()) + 1 if len(r) else 0 for r in ranks]
     rng, aucs = np.random.default_rng(seed), []
@@ -2392,7 +2458,7 @@ def summary_table(res: dict) -> str:
     ood = res.get("ood", {}).get("in_distribution_only")
     lo, hi = res["auc_ci95"]  # nan without bootstrap resamples
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
-                 else "none (--bootstrap 0, or no resample kept both classes)"))
+                 else "none (--bootstrap 0, a class with a single test image, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
         rows.append(("threshold", f"{threshold_text(res['threshold'])} ({res['threshold_policy']})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
@@ -2653,6 +2719,14 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     odd = [c for c in classes if as_text(c) != c]  # every label, title, CSV and report holds the class name
     if odd:
         raise CXRError(f"class folder {as_text(path / odd[0])} has a name that is not UTF-8: rename it")
+    # NORMAL/ and Normal/ (two sources merged on a case-sensitive disk) are two classes to ImageFolder: a
+    # 2-class set became a 3-class model, its labels and AUC another kind, said only by the class list.
+    same = collections.defaultdict(list)
+    for c in classes:
+        same[re.sub(r"[\s_-]+", " ", c).strip().casefold()].append(c)
+    for names in (n for n in same.values() if len(n) > 1):
+        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces or "
+                    "underscores, and are different classes: if they hold one class, merge them into one folder")
     return classes, samples
 
 
@@ -2704,6 +2778,8 @@ def warn_duplicates(splits: dict) -> dict:
         for p in paths:
             try:
                 with open(p, "rb") as f:
+                    if os.fstat(f.fileno()).st_size == 0:  # an empty file (a failed copy) is no image, nor a copy
+                        continue  # of one: decoding lists it; empty files in train and test were "copies" here
                     digest = digests[str(p)] = hashlib.file_digest(f, "sha1").hexdigest()
             except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
                 continue
@@ -2740,10 +2816,11 @@ def same_group_for_copies(groups: list, digests: list) -> list:
     return [top(g) for g in groups]
 
 
-def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = True) -> dict:
+def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = True, own_in_class: bool = True) -> dict:
     """Check the data folders, decode every image once, carve the validation split. typed: the
     settings typed on the command line (a typed one this data would ignore is refused); group_copies
-    False carves as runs made before same_group_for_copies did (their --resume must see that split)."""
+    False carves as runs made before same_group_for_copies did, own_in_class False as runs made before a
+    file that names no patient was its own within its class (their --resume must see that split)."""
     root = Path(cfg.data_dir)
     if not root.is_dir():
         raise CXRError(f"DATA_DIR {root} not found: edit DATA_DIR in train_cxr.py or pass --data-dir "
@@ -2791,8 +2868,12 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
     rels = [class_relative(p, root) for p in train.paths]
     named = [patient_id(p, pattern, stem=False, rel=r) for p, r in zip(train.paths, rels)]  # "": none
     # A file that names no patient is its own: patient_id's fallback (read only for those files, since
-    # reading a DICOM header twice costs time).
-    train_ids = [n or patient_id(p, pattern, rel=r) for n, p, r in zip(named, train.paths, rels)]
+    # reading a DICOM header twice costs time), within its class: without the class, 001.png of every class
+    # folder numbered alike was one "patient" counted for the first class, and a small class's share of
+    # validation was left to the draw of another's (none of 6 in validation, and the run refused).
+    in_class = lambda y: f"{classes[y]}/" if own_in_class else ""
+    train_ids = [n or in_class(y) + patient_id(p, pattern, rel=r)
+                 for n, p, r, y in zip(named, train.paths, rels, train.labels.tolist())]
     if group_copies:
         train_ids = same_group_for_copies(train_ids, [digests.get(str(p)) for p in train.paths])
     first, clash = {}, []  # the same bytes in two class folders: one of the two labels is wrong
@@ -3301,8 +3382,10 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     # The demo made its folder to write its data in: an input error found now removes it again.
     with phase("decode and data checks"), removed_on_input_error(run_dir if args.demo else None):
         # A run made before a rule keeps it on --resume: the same split, the same schedule.
-        rules = {k: resume is None or bool(resume.get(k)) for k in ("copies_grouped", "warmup_capped", "own_orders")}
-        data = prepare_data(cfg, args.given, rules["copies_grouped"])  # every input check before the run folder
+        rules = {k: resume is None or bool(resume.get(k))
+                 for k in ("copies_grouped", "warmup_capped", "own_orders", "own_in_class")}
+        # every input check before the run folder
+        data = prepare_data(cfg, args.given, rules["copies_grouped"], rules["own_in_class"])
         classes, train_s, val_s, test_s = data["classes"], data["train"], data["val"], data["test"]
         cfg.positive_class = classes[data["pos"]]  # resolved: config.json and the checkpoints name it
         split_sha = split_fingerprint(cfg.data_dir, train_s, val_s)
@@ -3441,6 +3524,11 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     if what == "recalibration" and not folder.is_dir():
         raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
                        f"labelled images per class ({', '.join(ckpt['class_names'])})")
+    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(e.is_dir() for e in os.scandir(folder)):
+        # --data-dir D/test/NORMAL: the error asked for D/test/NORMAL/<CLASS>/ folders, a wrong fix
+        flag = "--data-dir" if what == "test" else "--recalibrate"
+        raise CXRError(f"{folder} is the class folder of {folder.name}: pass the folder that holds every class "
+                       f"folder ({', '.join(ckpt['class_names'])}), {flag} {folder.parent}")
     classes, samples = check_split_dir(folder, what)
     if classes != ckpt["class_names"]:
         raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
@@ -3466,7 +3554,7 @@ def images_to_predict(folder: Path) -> list:
     """The image files below a --predict folder, sorted, less the run folders of this script inside it
     (train.log, with grad_cam/ or report.html): --predict scans/ from inside scans/ (runs/ lands there) scored the last
     run's Grad-CAM overlays as X-rays, 20 scans counted as 40 the second time, 60 the third."""
-    files, runs = [], []
+    files, runs, others = [], [], []
     # Not by grad_cam/ alone: a user may delete it to save space (--resume makes it again), leaving the run's
     # plots (roc_curve.png, ...) to be scored as X-rays; every run folder with images has train.log and one of these.
     is_run = lambda d: os.path.isfile(os.path.join(d, "train.log")) and any(
@@ -3478,7 +3566,12 @@ def images_to_predict(folder: Path) -> list:
             runs.append(as_text(d))
             dirs.clear()
             continue
-        files += [f for f in (os.path.join(d, n) for n in names) if is_image_file(f, folder)]
+        for f in (os.path.join(d, n) for n in names):
+            if is_image_file(f, folder):
+                files.append(f)
+            elif not any(p.startswith(".") for p in Path(os.path.relpath(f, folder)).parts):
+                others.append(f)
+    note_other_files(others, as_text(folder))
     if runs:
         log.info(f"note: skipping {len(runs)} run folder(s) of train_cxr.py under {folder} (their images are "
                  f"Grad-CAM overlays, not X-rays): {', '.join(runs[:3])}{' ...' if len(runs) > 3 else ''}")
@@ -3494,6 +3587,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         if p.is_dir():
             check_image_tree(p)
         files += images_to_predict(p) if p.is_dir() else [str(p)]
+    unique = {}
+    for f in files:  # a file given and also inside a given folder (or given twice): one row, not two
+        unique.setdefault(os.path.abspath(f), f)
+    files = list(unique.values())
     if not files:
         raise CXRError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {', '.join(args.predict)}")
     classes, pos = ckpt["class_names"], ckpt["positive_class"]
@@ -3503,6 +3600,16 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     if not len(split):
         raise CXRError("none of the --predict files could be read")
     images, files = split.images, split.paths
+    # What the table and the overlay titles call each file: its name, or with names that repeat (img0.png of
+    # NORMAL/ and of PNEUMONIA/) its path below the folder all files share, else three rows read "img0.png".
+    shown_as = [Path(f).name for f in files]
+    if len(set(shown_as)) < len(shown_as):
+        try:
+            base = os.path.commonpath([os.path.dirname(os.path.abspath(f)) for f in files])
+            shown_as = [os.path.relpath(os.path.abspath(f), base) for f in files]
+        except ValueError:  # Windows: files on two drives (C:, D:) share no folder; their full paths then
+            shown_as = [os.path.abspath(f) for f in files]
+    shown_as = [as_text(Path(n).as_posix()) for n in shown_as]
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
@@ -3515,11 +3622,11 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         save_cam_set(run_dir / "grad_cam", [f"{k}_{stem(f)}" for k, f in zip(numbers[part], files[part])],
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
-                     names=[as_text(Path(f).name) for f in files[part]], save_arrays=cfg.save_cam_arrays)
+                     names=shown_as[part], save_arrays=cfg.save_cam_arrays)
     write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
                                                             bool(ckpt.get("ood"))))
     shown = 25
-    name_w = min(40, max(len(as_text(Path(f).name)) for f in files))
+    name_w = min(40, max(len(n) for n in shown_as))
     # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
     # gives it (the positive class then only names the report's, and its P says nothing of the label).
     binary = len(classes) == 2
@@ -3533,7 +3640,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
              "in distribution")
     for k, p in enumerate(ps):
         flag = "no  (unlike the training images)" if not inside[k] else "yes" if ckpt.get("ood") else "?"
-        log.info(f"{as_text(Path(files[k]).name)[-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {p:>14.{d}f}  {flag}")
+        log.info(f"{shown_as[k][-name_w:]:<{name_w}}  {classes[preds[k]]:<12} {p:>14.{d}f}  {flag}")
     if len(files) > shown:
         log.info(f"... and {len(files) - shown} more in predictions.csv")
     warn_if_unlike_training(inside, "--predict")

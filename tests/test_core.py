@@ -306,6 +306,19 @@ def test_bootstrap_ci():
                                                                                abs=1e-12)
 
 
+def test_bootstrap_ci_needs_two_images_of_each_class():
+    # One positive among 10 negatives, scored highest: every resample that held it gave AUC 1, and the report
+    # said "AUC 95% CI 1.0000 - 1.0000" on a single positive image. No interval, as for --bootstrap 0.
+    y, s = np.r_[True, np.zeros(10, bool)], np.r_[0.9, np.linspace(0.1, 0.5, 10)]
+    assert np.isnan(train_cxr.bootstrap_auc_ci(y, s, 200, 0)).all()
+    assert np.isnan(train_cxr.bootstrap_auc_ci(~y, s, 200, 0)).all()  # one negative, the same
+    labels, probs = np.r_[0, 0, 0, 1, 1, 1, 2], np.random.default_rng(0).dirichlet([1, 1, 1], 7)
+    assert np.isnan(train_cxr.bootstrap_auc_ci(labels, probs, 200, 0)).all()
+    y[1] = True  # two positives: an interval again
+    lo, hi = train_cxr.bootstrap_auc_ci(y, s, 200, 0)
+    assert 0 <= lo < hi <= 1
+
+
 # ----------------------------------------------------------------------------------------------
 # 6. One-epoch end-to-end run
 # ----------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import shutil
 import cv2
 import numpy as np
 import pydicom
+import pydicom.data
 import pytest
 
 import train_cxr
@@ -134,6 +135,21 @@ def test_dicom_without_extension_is_found_read_and_grouped(source, tmp_path):
     assert found == ["1.2.840.10008.1", "IM000001"]
     np.testing.assert_array_equal(decoded(folder / "IM000001"), percentile_window(img))
     assert train_cxr.patient_id(str(folder / "IM000001")) == "dicom:P7"
+
+
+def test_a_dicom_cds_dicomdir_is_not_an_image(source, tmp_path, capsys):
+    # The index of a DICOM CD starts like DICOM: --predict on a CD's copy listed it as an unreadable image,
+    # and with --strict refused the folder.
+    _, img = source
+    folder = tmp_path / "cd"
+    folder.mkdir()
+    write_dicom(tmp_path / "a.dcm", img, PatientID="P7").rename(folder / "IM000001")
+    shutil.copy(pydicom.data.get_testdata_file("DICOMDIR"), folder / "DICOMDIR")
+    assert train_cxr.is_dicom(str(folder / "DICOMDIR"))  # by its preamble, as IM000001
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    assert [p.rsplit("/", 1)[-1] for p in train_cxr.images_to_predict(folder)] == ["IM000001"]
+    assert "DICOMDIR" not in capsys.readouterr().out  # not in the note of files left out either
 
 
 @pytest.mark.parametrize("layout", ["implicit", "explicit", "meta_without_preamble"])

@@ -118,6 +118,58 @@ def _copy_as(src: Path, dst_dir: Path, name: str) -> None:
     shutil.copy(src, dst_dir / name)
 
 
+def _numbered_per_class(root: Path, counts: dict) -> None:
+    """root/train/<CLASS>/001.png ...: every class folder numbered alike, as exports and hand-made sets often
+    are; each file a different noise image (no copies, which are grouped on purpose)."""
+    rng = np.random.default_rng(0)
+    for c, n in counts.items():
+        (root / "train" / c).mkdir(parents=True)
+        for k in range(n):
+            cv2.imwrite(str(root / "train" / c / f"{k + 1:03d}.png"), rng.integers(0, 256, (12, 12), np.uint8))
+
+
+def test_files_that_name_no_patient_are_their_own_within_their_class(tmp_path, capsys):
+    # 001.png of A, of B and of C were one "patient", counted for A: C's share of validation was left to A's
+    # draw (seed 2: none of its 6 images; the run refused with "6 patient(s)... raise --val-fraction").
+    _numbered_per_class(tmp_path, {"A": 30, "B": 30, "C": 6})
+    for seed in range(1, 7):
+        data, _ = _prepare(capsys, data_dir=str(tmp_path), seed=seed)
+        assert [int((data["val"].labels == k).sum()) for k in range(3)] == [5, 5, 1]
+    cfg = T.Config(data_dir=str(tmp_path), num_workers=0, img_size=32, seed=2)
+    with pytest.raises(T.CXRError, match="class C is too small"):  # the rule of runs made before, for --resume
+        T.prepare_data(cfg, own_in_class=False)
+
+
+def test_resume_of_a_run_made_when_files_were_their_own_across_classes(tmp_path, monkeypatch):
+    _numbered_per_class(tmp_path / "data", {"NORMAL": 40, "PNEUMONIA": 24})
+    out, real = tmp_path / "runs", T.prepare_data
+    monkeypatch.setattr(T, "prepare_data", lambda cfg, typed, copies, own: real(cfg, typed, copies, False))
+    argv = [*FAST, "--epochs", "2", "--data-dir", tmp_path / "data", "--output-dir", out, "--run-name", "old"]
+    assert stopped_in_epoch_2(monkeypatch, argv) == 130
+    monkeypatch.setattr(T, "prepare_data", real)
+    last = T.load_checkpoint(out / "old" / "last.pt")
+    assert last.pop("own_in_class") is True  # what the run recorded; an older last.pt has no such entry
+    old_sizes = json.loads((out / "old" / "config.json").read_text())["split_sizes"]
+    T.save_checkpoint(out / "old" / "last.pt", last)
+    assert run(["--resume", out / "old", "--num-threads", "1"]) == 0  # its own split: not refused as other images
+    assert T.load_checkpoint(out / "old" / "best_model.pt")["split_sha256"] == last["split_sha256"]
+    cfg = T.Config(data_dir=str(tmp_path / "data"), num_workers=0, img_size=32)
+    assert real(cfg)["val"].paths != real(cfg, own_in_class=False)["val"].paths  # the rule changes this split
+    assert old_sizes == json.loads((out / "old" / "config.json").read_text())["split_sizes"]
+
+
+def test_images_beside_the_class_folders_are_named_as_left_out(data_copy, capsys):
+    # train/x.png has no class: ImageFolder skipped it, and a test image put there left the report unsaid.
+    shutil.copy(next((data_copy / "train" / "NORMAL").glob("*.png")), data_copy / "train" / "stray.png")
+    shutil.copy(next((data_copy / "test" / "NORMAL").glob("*.png")), data_copy / "test" / "Stray.PNG")
+    (data_copy / "test" / "notes.txt").write_text("not an image")
+    data, out = _prepare(capsys, data_dir=str(data_copy))
+    assert len(data["train"]) + len(data["val"]) == 150 and len(data["test"]) == 50
+    assert f"1 image file(s) directly in {data_copy / 'train'}, outside the class folders, are left out " \
+           "(e.g. stray.png)" in out
+    assert f"directly in {data_copy / 'test'}, outside the class folders, are left out (e.g. Stray.PNG)" in out
+
+
 def test_patient_overlap_with_test_is_reported(data_copy, capsys):
     data, out = _prepare(capsys, data_dir=str(data_copy))
     assert "both train and" not in out

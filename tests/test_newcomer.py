@@ -509,6 +509,18 @@ def test_no_duplicate_warning_for_distinct_files(synth_root, tmp_path, capsys):
     assert "byte-identical" not in capsys.readouterr().out
 
 
+def test_empty_files_in_two_splits_are_not_called_copies(synth_root, tmp_path, capsys):
+    # Zero-byte files (a failed copy) in train and test were "byte-identical copies across train/val/test",
+    # a warning that the figures would be optimistic; they are unreadable files, listed as such.
+    files = {k: sorted(map(str, (synth_root / k).rglob("*.png")))[:3] for k in ("train", "test")}
+    for k in files:
+        (tmp_path / k).mkdir()
+        (tmp_path / k / "empty.png").write_bytes(b"")
+        files[k].append(str(tmp_path / k / "empty.png"))
+    digests = train_cxr.warn_duplicates(files)
+    assert "byte-identical" not in capsys.readouterr().out and len(digests) == 6
+
+
 def test_copies_within_train_stay_on_one_side_of_the_validation_split(data_copy, monkeypatch):
     # Copies under other names (other "patients") were carved into both train and validation.
     originals = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:12]

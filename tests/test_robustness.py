@@ -146,6 +146,70 @@ def test_bad_files_skipped_and_reported_once(corpus, synth_root, data_copy, tmp_
         sorted(os.path.realpath(placed[n]) for n in BAD)
 
 
+def test_files_of_other_kinds_in_the_class_folders_are_counted_in_a_note(data_copy, capsys):
+    # A .jfif (a JPEG as a browser saves it) or a .jp2 export was left out as quietly as Thumbs.db.
+    for name in ("a.jfif", "b.JFIF", "c.jp2"):
+        (data_copy / "train" / "PNEUMONIA" / name).write_bytes(b"x")
+    (data_copy / "train" / "NORMAL" / "Thumbs.db").write_bytes(b"x")
+    (data_copy / "train" / "NORMAL" / ".hidden.jp2").write_bytes(b"x")
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    train_cxr.list_image_folder(data_copy / "train")
+    out = capsys.readouterr().out
+    assert f"note: 3 file(s) in the class folders of {data_copy / 'train'} are not images by their extension and " \
+           "are left out (.jfif 2, .jp2 1; e.g. " in out
+    assert "Thumbs" not in out and "hidden" not in out
+
+
+def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data_copy, capsys):
+    # NORMAL/ and Normal/ from two merged sources were two classes: a 3-class model, said only by the list.
+    (data_copy / "test").rename(data_copy / "held_out")  # no test/ to refuse the third class
+    moved = sorted((data_copy / "train" / "NORMAL").glob("*.png"))[:10]
+    for name in ("Normal", "pneumonia_"):
+        (data_copy / "train" / name).mkdir()
+    for p in moved:
+        p.rename(data_copy / "train" / ("Normal" if p in moved[:5] else "pneumonia_") / p.name)
+    train_cxr.setup_console_logging()
+    capsys.readouterr()
+    classes, _ = train_cxr.check_split_dir(data_copy / "train", "train")
+    out = capsys.readouterr().out
+    assert classes == ["NORMAL", "Normal", "PNEUMONIA", "pneumonia_"]
+    assert "warning: the class folders NORMAL and Normal in " in out
+    assert "warning: the class folders PNEUMONIA and pneumonia_ in " in out
+    capsys.readouterr()
+    train_cxr.check_split_dir(data_copy / "held_out", "test")
+    assert "differ only" not in capsys.readouterr().out
+
+
+def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture(tmp_path):
+    # One masked (NaN) pixel made min and max NaN: the float TIFF decoded to an all-black image, trained on.
+    ramp = np.tile(np.linspace(0.0, 1.0, 40, dtype=np.float32), (40, 1))
+    for bad, as_value in ((np.nan, 0.0), (np.inf, 1.0), (-np.inf, 0.0)):
+        img = ramp.copy()
+        img[5, 5], clean = bad, ramp.copy()
+        clean[5, 5] = as_value
+        Image.fromarray(img).save(tmp_path / "bad.tif")
+        Image.fromarray(clean).save(tmp_path / "clean.tif")
+        np.testing.assert_array_equal(train_cxr.decode_xray(str(tmp_path / "bad.tif"), 40),
+                                      train_cxr.decode_xray(str(tmp_path / "clean.tif"), 40))
+    Image.fromarray(np.full((8, 8), np.nan, np.float32)).save(tmp_path / "void.tif")
+    with pytest.raises(OSError, match="without one finite pixel"):  # listed as unreadable, not a black image
+        train_cxr.decode_xray(str(tmp_path / "void.tif"), 8)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_an_uncompressed_gray_tiff_with_a_turning_orientation_is_read_upright(tmp_path, dtype):
+    # Pillow 13 turns such a file while loading but reads its rows at the turned width: the X-ray came out as
+    # diagonal stripes (LZW-compressed and RGB TIFFs were right). Each must equal the upright picture saved plainly.
+    stored = np.random.default_rng(0).integers(0, 250 if dtype == np.uint8 else 60000, (48, 32)).astype(dtype)
+    for turn, upright in ((5, stored.T), (6, np.rot90(stored, -1)), (7, np.rot90(stored, 2).T),
+                          (8, np.rot90(stored, 1)), (3, np.rot90(stored, 2))):
+        Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: turn})
+        Image.fromarray(np.ascontiguousarray(upright)).save(tmp_path / "plain.tif")
+        np.testing.assert_array_equal(train_cxr.decode_xray(str(tmp_path / "turned.tif"), 40),
+                                      train_cxr.decode_xray(str(tmp_path / "plain.tif"), 40), err_msg=str(turn))
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.

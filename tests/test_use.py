@@ -100,7 +100,10 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     # The broken file is reported as skipped (console log replayed into the run's train.log).
     log_text = (pdir / "train.log").read_text()
     assert "skipping 1 unreadable image file" in log_text and str(broken) in log_text
-    assert "notes.txt" not in log_text
+    unreadable = [ln for ln in log_text.splitlines() if "unreadable" in ln]
+    assert "notes.txt" not in unreadable[0]  # not an image file: a note says it is left out (below), not broken
+    assert f"note: 1 file(s) in {folder} are not images by their extension and are left out (.txt 1; " \
+           f"e.g. {folder / 'notes.txt'})" in log_text
 
     # The console table says how labels are made, and each P to the digits that tell it from the threshold.
     d = train_cxr.telling_digits([float(r["prob_PNEUMONIA"]) for r in rows], thr, 4)  # the same for all
@@ -146,6 +149,45 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     assert run(["--predict", folder, single, "--checkpoint", ckpt_path, "--output-dir", out, "--run-name", "q",
                 "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
     assert read_csv(out / "q" / "predictions.csv") == rows
+
+
+def test_predict_tells_same_named_files_apart_and_scores_a_file_once(trained, synth_root, tmp_path,
+                                                                      monkeypatch):
+    # img.png of A/ and of B/ were two rows "img.png" with different labels on the console and in the overlay
+    # titles; a file given and also inside a given folder was scored, and counted, twice.
+    src = sorted((synth_root / "test" / "PNEUMONIA").glob("*.png"))[:2]
+    for s, sub in zip(src, ("A", "B")):
+        (tmp_path / "x" / sub).mkdir(parents=True)
+        shutil.copy(s, tmp_path / "x" / sub / "img.png")
+    out = tmp_path / "pred"
+    assert run(["--predict", tmp_path / "x", tmp_path / "x" / "A" / "img.png", "--checkpoint", trained,
+                "--output-dir", out, "--run-name", "p", "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    rows = read_csv(out / "p" / "predictions.csv")
+    assert [Path(r["path"]).relative_to(tmp_path).as_posix() for r in rows] == ["x/A/img.png", "x/B/img.png"]
+    table = [ln.split()[:2] for ln in (out / "p" / "train.log").read_text().splitlines() if "img.png" in ln]
+    assert table == [["A/img.png", rows[0]["predicted"]], ["B/img.png", rows[1]["predicted"]]]
+    assert len(list((out / "p" / "grad_cam").glob("*.png"))) == 2
+    # On Windows, files on two drives share no folder (commonpath raises): their full paths, not a traceback.
+    def two_drives(paths):
+        raise ValueError("Paths don't have the same drive")
+    monkeypatch.setattr(os.path, "commonpath", two_drives)
+    assert run(["--predict", tmp_path / "x", "--checkpoint", trained, "--output-dir", out, "--run-name", "q",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    table = [ln.split()[0] for ln in (out / "q" / "train.log").read_text().splitlines() if "img.png" in ln]
+    assert table == [str(tmp_path / "x" / c / "img.png")[-40:] for c in "AB"]  # the table keeps a path's last 40
+
+
+def test_evaluate_on_one_class_folder_names_the_folder_to_pass(trained, synth_root, tmp_path, capsys):
+    # D/test/NORMAL was answered "has no class folders: put the images in D/test/NORMAL/<CLASS>/", a wrong fix.
+    capsys.readouterr()
+    assert run(["--evaluate", "--checkpoint", trained, "--data-dir", synth_root / "test" / "NORMAL",
+                "--output-dir", tmp_path, *CPU]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].endswith(f"(NORMAL, PNEUMONIA), --data-dir {synth_root / 'test'}"), err
+    assert run(["--recalibrate", synth_root / "test" / "PNEUMONIA", "--checkpoint", trained,
+                "--output-dir", tmp_path, *CPU]) == 2
+    assert capsys.readouterr().err.strip().endswith(f"--recalibrate {synth_root / 'test'}")
+    assert not any(tmp_path.iterdir())
 
 
 def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
