@@ -2371,16 +2371,18 @@ def plot_reliability(y, prob, ece: float, path: Path, title: str) -> None:
     _savefig(fig, path)
 
 
-def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path) -> dict:
+def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir: Path,
+                checks: dict | None = None) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
-    checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own."""
+    checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own.
+    checks: what --evaluate found about the folder (copies_of_training_images), kept beside n."""
     cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
     labels, binary, threshold = test.labels.numpy(), len(class_names) == 2, ckpt.get("threshold")
     ece = {"ece": report_ece(labels, probs, pos), "ece_uncalibrated": report_ece(labels, sc["raw"], pos)}  # 15 bins
-    res = {"n": int(len(labels)), "class_names": class_names, "positive_class": class_names[pos],
+    res = {"n": int(len(labels)), **(checks or {}), "class_names": class_names, "positive_class": class_names[pos],
            "tta": bool(ckpt["config"].get("tta", False)), "calibrated": ckpt.get("calibration") is not None,
            "threshold_policy": ckpt.get("threshold_policy") if threshold is not None else
            "none in the checkpoint: labels are P >= 0.5" if binary else "argmax (more than two classes)",
@@ -2582,6 +2584,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                      f"({m.get('threshold_policy') or 'policy not recorded'})")
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
+        if m.get("copies_of_training_images"):  # --evaluate's count; absent in a training run's report
+            line += (f"; {m['copies_of_training_images']} of the {m['n']} images are copies of images the model was "
+                     "trained or validated on: optimistic for them")
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
                   _table("test-metrics", ["metric", "value"],
                          [(k, _cell(k, v, len(m.get("class_names") or []))) for k, v in _flatten(m)])]
@@ -2592,7 +2597,10 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         n_classes = len(m["images"])  # the classes, each with its count
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
-                  "measured on the same images: judge it on other images of that site with --evaluate</p>",
+                  "measured on the same images: judge it on other images of that site with --evaluate"
+                  + (f"; {m['copies_of_training_images']} of them are copies of images the model was trained or "
+                     "validated on: both figures are optimistic for them" if m.get("copies_of_training_images")
+                     else "") + "</p>",
                   _table("recalibration", ["measure", "before", "after"],
                          [(k, _cell(k, m["before"].get(k), n_classes), _cell(k, m["after"].get(k), n_classes))
                           for k in keys])]
@@ -2770,19 +2778,27 @@ def report_bad_files(bad: list, strict: bool) -> None:
     log.warning(f"warning: skipping {len(bad)} unreadable image file(s): {listing}")
 
 
+def file_sha1(path) -> str | None:
+    """The sha1 of a file's bytes (hex), or None for an empty or unreadable file."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:  # an empty file (a failed copy) is no image, nor a copy
+                return None  # of one: decoding lists it; empty files in train and test were "copies" here
+            return hashlib.file_digest(f, "sha1").hexdigest()
+    except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
+        return None
+
+
 def warn_duplicates(splits: dict) -> dict:
     """Warn about byte-identical files in two splits ({name: [paths]}): a test image that is also a
     training image makes the test figures optimistic. Returns each readable file's sha1 by path."""
     first, dups, digests = {}, [], {}
     for name, paths in splits.items():
         for p in paths:
-            try:
-                with open(p, "rb") as f:
-                    if os.fstat(f.fileno()).st_size == 0:  # an empty file (a failed copy) is no image, nor a copy
-                        continue  # of one: decoding lists it; empty files in train and test were "copies" here
-                    digest = digests[str(p)] = hashlib.file_digest(f, "sha1").hexdigest()
-            except OSError:  # a broken link or an unreadable file: decoding lists it with the reason
+            digest = file_sha1(p)
+            if digest is None:
                 continue
+            digests[str(p)] = digest
             seen = first.setdefault(digest, (name, p))
             if seen[0] != name:
                 dups.append(f"{seen[1]} = {p}")
@@ -2791,6 +2807,31 @@ def warn_duplicates(splits: dict) -> dict:
                     f"e.g. {'; '.join(dups[:3])}: remove the copies, or the test and validation "
                     "figures will be optimistic")
     return digests
+
+
+def digest_table(digests) -> torch.Tensor:
+    """sha1 digests (hex) as one sorted (N, 20) uint8 tensor, a row per distinct content: what a checkpoint
+    keeps of its training and validation files (20 bytes each; plain data, so weights_only loads it)."""
+    rows = sorted({bytes.fromhex(d) for d in digests if d})
+    return torch.from_numpy(np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 20).copy())
+
+
+def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source) -> int | None:
+    """How many of `paths` are byte-identical copies of files the checkpoint's model was trained or validated
+    on (its trained_on_sha1), warned in one line; None, said once, for a checkpoint made before it kept them.
+    Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file here."""
+    known = ckpt.get("trained_on_sha1")
+    if known is None:
+        log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
+                    f"whether {folder} holds copies of them cannot be checked")
+        return None
+    known = {row.tobytes() for row in known.numpy()}
+    copies = [p for p in paths if (d := file_sha1(p)) is not None and bytes.fromhex(d) in known]
+    if copies:
+        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {folder} are byte-identical copies of "
+                    f"images {source} was trained or validated on (e.g. {as_text(copies[0])}): the figures are "
+                    "optimistic for them; remove them to measure the model on images it has not seen")
+    return len(copies)
 
 
 def same_group_for_copies(groups: list, digests: list) -> list:
@@ -3427,7 +3468,9 @@ def train(cfg: Config, args, rt: Runtime) -> int:
     meta = {"model_kwargs": model_kwargs(cfg, len(classes)), "class_names": classes, **rules,  # what checkpoints say
             "positive_class": st.pos, "img_size": cfg.img_size, "work_size": cfg.work_size,
             "threshold": None, "normalization": norm, "split_sha256": split_sha, "content_sha256": content_sha,
-            "edit_only": {n.lower(): list(globals()[n]) for n in EDIT_ONLY_STORED}}
+            "edit_only": {n.lower(): list(globals()[n]) for n in EDIT_ONLY_STORED},
+            # --evaluate and --recalibrate find copies of these files in their folders (~20 bytes an image)
+            "trained_on_sha1": digest_table(data["digests"].get(str(p)) for p in [*train_s.paths, *val_s.paths])}
     counts = lambda s: ", ".join(f"{c} {int((s.labels == k).sum())}" for k, c in enumerate(classes))
     log.info(f"run folder: {run_dir}")
     log.info(f"device: {rt.device} | precision: {rt.amp_dtype or 'fp32'} | processes: {rt.world} | "
@@ -3659,12 +3702,14 @@ def evaluate_mode(cfg: Config, args, rt: Runtime) -> int:
                        f"{'/, '.join(splits)}/: add a test/ folder, or pass --data-dir {root / splits[0]} "
                        "(its images may have been trained on)")
     split = split_from_folder(folder, ckpt, cfg, "test")
+    # null: a checkpoint made before it kept its training files' digests, so nothing could be checked
+    checks = {"copies_of_training_images": copies_of_training_images(ckpt, split.paths, folder, args.checkpoint)}
     run_dir = make_run_dir(cfg)
     # The report settings (--bootstrap, --num-gradcam-images, --save-cam-arrays) are this command's, typed or edited
     # at the top (MODE_FLAGS): the run's used to win over an edited constant, while --predict took its edit.
     mine = {k: getattr(cfg, k) for k in ("bootstrap", "num_gradcam_images", "save_cam_arrays")}
     ckpt = {**ckpt, "config": {**ckpt["config"], **mine}}  # and the report page shows the settings used
-    res = test_report(model, ckpt, split, rt, run_dir)
+    res = test_report(model, ckpt, split, rt, run_dir, checks)
     log.info(f"evaluation of {args.checkpoint} on {folder}:\n{summary_table(res)}\neverything is in {run_dir}")
     mode_report(run_dir, "evaluation", args, ckpt, str(folder))
     return 0
@@ -3694,6 +3739,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
+    copies = copies_of_training_images(ckpt, split.paths, folder, args.checkpoint)  # "before" and "after" alike
     # The checkpoint's fitted policy; one without (last.pt, a stopped run) has its run's --threshold-policy.
     # Its run's: a checkpoint made before the setting was (Youden's J) is not given today's constant.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
@@ -3720,7 +3766,7 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     save_checkpoint(run_dir / "recalibrated_model.pt", out)
     after = scores_from(out, raw, feats)  # the refitted guard keeps the grid its features were taken with
     labels = split.labels.numpy()
-    measured = {"images": counts}
+    measured = {"images": counts, "copies_of_training_images": copies}
     for name, sc, ck in (("before", before, ckpt), ("after", after, out)):
         cut = decision_threshold(ck)
         at = binary_metrics(labels == pos, sc["probs"][:, pos], cut) if cut is not None else {}

@@ -246,6 +246,65 @@ def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
     assert (out / "e" / "roc_curve.png").is_file() and (out / "e" / "confusion_matrix.png").is_file()
 
 
+@pytest.fixture
+def with_copies(synth_root, tmp_path) -> Path:
+    """The synthetic test folder plus 3 byte-identical copies of training images, renamed (bytes, not names)."""
+    data = tmp_path / "with_copies"
+    shutil.copytree(synth_root / "test", data)
+    for k, src in enumerate([*sorted((synth_root / "train" / "NORMAL").iterdir())[:2],
+                             sorted((synth_root / "train" / "PNEUMONIA").iterdir())[0]]):
+        shutil.copyfile(src, data / src.parent.name / f"site_{k}.png")
+    return data
+
+
+def test_evaluate_counts_copies_of_training_images(trained, synth_root, with_copies, tmp_path):
+    # --evaluate on a folder holding training images gave optimistic figures without a word.
+    common = ["--checkpoint", trained, "--output-dir", tmp_path, "--num-workers", 0, "--bootstrap", 0,
+              "--num-gradcam-images", 0, *ONE_THREAD, *CPU]
+    assert run(["--evaluate", "--data-dir", with_copies, "--run-name", "e", *common]) == 0
+    warned = [ln for ln in (tmp_path / "e" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: 3 of the 53 images in {with_copies} "), warned
+    assert "site_" in warned[0] and "optimistic" in warned[0]
+    metrics = json.loads((tmp_path / "e" / "test_metrics.json").read_text())
+    assert metrics["n"] == 53 and metrics["copies_of_training_images"] == 3
+    assert "3 of the 53 images are copies" in (tmp_path / "e" / "report.html").read_text()
+    # A folder without copies: no warning, and a count of 0.
+    assert run(["--evaluate", "--data-dir", synth_root, "--run-name", "clean", *common]) == 0
+    assert "byte-identical" not in (tmp_path / "clean" / "train.log").read_text()
+    assert json.loads((tmp_path / "clean" / "test_metrics.json").read_text())["copies_of_training_images"] == 0
+
+
+def test_evaluate_of_a_checkpoint_without_digests_says_it_cannot_check(trained, with_copies, tmp_path):
+    ckpt = torch.load(trained / "best_model.pt", weights_only=True)
+    ckpt.pop("trained_on_sha1", None)  # as a checkpoint made before they were kept
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert run(["--evaluate", "--checkpoint", tmp_path / "old.pt", "--data-dir", with_copies, "--output-dir", tmp_path,
+                "--run-name", "e", "--num-workers", 0, "--bootstrap", 0, "--num-gradcam-images", 0,
+                *ONE_THREAD, *CPU]) == 0
+    notes = [ln for ln in (tmp_path / "e" / "train.log").read_text().splitlines() if "cannot be checked" in ln]
+    assert notes == [f"note: {tmp_path / 'old.pt'} was made before checkpoints kept the digests of their training "
+                     f"images, so whether {with_copies} holds copies of them cannot be checked"]
+    assert json.loads((tmp_path / "e" / "test_metrics.json").read_text())["copies_of_training_images"] is None
+
+
+def test_checkpoint_keeps_the_digests_of_train_and_validation_files(trained, synth_root):
+    # One sorted row of 20 bytes per distinct training or validation file: the 150 files of train/.
+    digests = train_cxr.load_checkpoint(trained / "best_model.pt")["trained_on_sha1"]
+    files = sorted((synth_root / "train").rglob("*.png"))
+    want = sorted({bytes.fromhex(train_cxr.file_sha1(p)) for p in files})
+    assert digests.dtype == torch.uint8 and [r.tobytes() for r in digests.numpy()] == want and len(want) == 150
+    assert torch.equal(train_cxr.load_checkpoint(trained / "last.pt")["trained_on_sha1"], digests)
+
+
+def test_recalibrate_counts_copies_of_training_images(trained, with_copies, tmp_path):
+    assert run(["--recalibrate", with_copies, "--checkpoint", trained, "--output-dir", tmp_path, "--run-name", "r",
+                "--num-workers", 0, *ONE_THREAD, *CPU]) == 0
+    log_text = (tmp_path / "r" / "train.log").read_text()
+    assert f"warning: 3 of the 53 images in {with_copies} are byte-identical copies" in log_text
+    assert json.loads((tmp_path / "r" / "recalibration.json").read_text())["copies_of_training_images"] == 3
+    assert "3 of them are copies of images the model was trained" in (tmp_path / "r" / "report.html").read_text()
+
+
 # ----------------------------------------------------------------------------------------------
 # Distributed: torchrun, 2 processes, gloo on CPU
 # ----------------------------------------------------------------------------------------------
