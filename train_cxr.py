@@ -320,8 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "flag wins)")
     modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
     modes.add_argument("--evaluate", action="store_true", default=False,
-                       help="test report of --checkpoint on --data-dir; counts the folder's byte-identical copies of the "
-                            "model's training images")
+                       help="test report of --checkpoint on --data-dir; counts the folder's byte-identical "
+                            "copies of the model's training images")
     modes.add_argument("--recalibrate", metavar="DIR", default=None,
                        help="refit calibration, threshold and the guard's cutoff of --checkpoint on a labelled "
                             "folder from a new site (DIR/<CLASS>/*); weights unchanged")
