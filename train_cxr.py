@@ -3524,7 +3524,9 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     if what == "recalibration" and not folder.is_dir():
         raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
                        f"labelled images per class ({', '.join(ckpt['class_names'])})")
-    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(e.is_dir() for e in os.scandir(folder)):
+    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class
+    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(
+            e.is_dir() and e.name in ckpt["class_names"] for e in os.scandir(folder)):
         # --data-dir D/test/NORMAL: the error asked for D/test/NORMAL/<CLASS>/ folders, a wrong fix
         flag = "--data-dir" if what == "test" else "--recalibrate"
         raise CXRError(f"{folder} is the class folder of {folder.name}: pass the folder that holds every class "
