@@ -917,14 +917,15 @@ def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
     the turned width: a film scan saved rotated came out as diagonal stripes, trained on without a word
     (compressed and RGB TIFFs are read right)."""
     turn = im.tag_v2.get(274) if im.format == "TIFF" else None
-    if turn not in (5, 6, 7, 8) or not im.tile or any(
-            t.codec_name != "raw" or t.args[0] not in RAW_TIFF_DTYPES or t.args[1:] != (0, 1) for t in im.tile):
+    # (codec, extents, offset, args) by position: Pillow 10 lists them as plain tuples, 13 as named ones
+    tiles = [tuple(t) for t in im.tile]
+    if turn not in (5, 6, 7, 8) or not tiles or any(
+            codec != "raw" or args[0] not in RAW_TIFF_DTYPES or args[1:] != (0, 1) for codec, _, _, args in tiles):
         return None
-    dtype = np.dtype(RAW_TIFF_DTYPES[im.tile[0].args[0]])
+    dtype = np.dtype(RAW_TIFF_DTYPES[tiles[0][3][0]])
     out = np.zeros((im.tag_v2[257], im.tag_v2[256]), dtype)  # ImageLength x ImageWidth, as stored
-    for t in im.tile:
-        x0, y0, x1, y1 = t.extents
-        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=t.offset)
+    for _, (x0, y0, x1, y1), offset, _ in tiles:
+        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=offset)
         out[y0:y1, x0:x1] = strip.reshape(y1 - y0, x1 - x0)  # a truncated file raises here: listed as unreadable
     # EXIF/TIFF Orientation: 5 transpose, 6 turn clockwise, 7 transverse, 8 turn anticlockwise
     upright = {5: out.T, 6: np.rot90(out, -1), 7: np.rot90(out, 2).T, 8: np.rot90(out, 1)}[turn]

@@ -329,6 +329,17 @@ def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, 
         train_cxr.check_image_tree(sub)
 
 
+def test_a_turned_tiff_is_read_with_the_plain_tile_tuples_of_pillow_10(tmp_path):
+    # requirements.txt allows pillow>=10, whose TIFF tiles are plain tuples (no .codec_name): every gray
+    # uncompressed TIFF with an Orientation of 5-8 raised AttributeError there and was listed as unreadable.
+    stored = np.random.default_rng(0).integers(0, 250, (48, 32)).astype(np.uint8)
+    Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: 6})
+    with Image.open(tmp_path / "turned.tif") as im:
+        im.tile = [tuple(t) for t in im.tile]  # as Pillow 10 lists them
+        np.testing.assert_array_equal(train_cxr.stored_tiff_pixels(str(tmp_path / "turned.tif"), im),
+                                      np.rot90(stored, -1))
+
+
 @pytest.mark.parametrize("flag", [["--positive-class", "PNEUMONIA"], ["--threshold-policy", "youden"]])
 def test_a_folder_that_cannot_be_read_is_warned_about_once_with_a_two_class_flag(data_copy, tmp_path, monkeypatch,
                                                                                 capsys, flag):
