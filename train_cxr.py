@@ -2726,8 +2726,9 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     for c in classes:
         same[re.sub(r"[\s_-]+", " ", c).strip().casefold()].append(c)
     for names in (n for n in same.values() if len(n) > 1):
-        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces or "
-                    "underscores, and are different classes: if they hold one class, merge them into one folder")
+        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces, "
+                    "underscores or hyphens, and are different classes: if they hold one class, merge them into one "
+                    "folder")
     return classes, samples
 
 

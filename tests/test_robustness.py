@@ -179,6 +179,14 @@ def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data
     capsys.readouterr()
     train_cxr.check_split_dir(data_copy / "held_out", "test")
     assert "differ only" not in capsys.readouterr().out
+    # Hyphens are folded too (COVID-19 and COVID 19): the warning named only case, spaces and underscores.
+    for name in ("COVID-19", "COVID 19"):
+        (data_copy / "hyphen" / name).mkdir(parents=True)
+        shutil.copy(data_copy / "train" / "Normal" / moved[0].name, data_copy / "hyphen" / name / "a.png")
+    capsys.readouterr()
+    train_cxr.check_split_dir(data_copy / "hyphen", "train")
+    said = capsys.readouterr()
+    assert "COVID 19 and COVID-19 in " in said.out and "hyphens" in said.out, said
 
 
 def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture(tmp_path):
