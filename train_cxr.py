@@ -3362,10 +3362,14 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
         if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
                 best_path.is_file() and "calibration" in load_checkpoint(best_path))):
-            if report_outdated(run_dir):  # stopped (Ctrl-C, a crash) after the test report, before its page
-                page = write_report(run_dir, f"train_cxr run {run_dir.name}")
-                log.info(f"{run_dir} had finished, but its report page was missing or older than its "
-                         f"test_metrics.json (the run stopped before writing it): written again, {page}")
+            outdated = [report_outdated(run_dir)]  # stopped (Ctrl-C, a crash) after the test report, before its page
+            if rt.world > 1:  # rank 0's look for all: one taken after rank 0 rewrote the page said "finished", exit 2
+                torch.distributed.broadcast_object_list(outdated)
+            if outdated[0]:
+                if rt.is_main:
+                    page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+                    log.info(f"{run_dir} had finished, but its report page was missing or older than its "
+                             f"test_metrics.json (the run stopped before writing it): written again, {page}")
                 return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
