@@ -918,14 +918,15 @@ def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
     the turned width: a film scan saved rotated came out as diagonal stripes, trained on without a word
     (compressed and RGB TIFFs are read right)."""
     turn = im.tag_v2.get(274) if im.format == "TIFF" else None
-    if turn not in (5, 6, 7, 8) or not im.tile or any(
-            t.codec_name != "raw" or t.args[0] not in RAW_TIFF_DTYPES or t.args[1:] != (0, 1) for t in im.tile):
+    # (codec, extents, offset, args) by position: Pillow 10 lists them as plain tuples, 13 as named ones
+    tiles = [tuple(t) for t in im.tile]
+    if turn not in (5, 6, 7, 8) or not tiles or any(
+            codec != "raw" or args[0] not in RAW_TIFF_DTYPES or args[1:] != (0, 1) for codec, _, _, args in tiles):
         return None
-    dtype = np.dtype(RAW_TIFF_DTYPES[im.tile[0].args[0]])
+    dtype = np.dtype(RAW_TIFF_DTYPES[tiles[0][3][0]])
     out = np.zeros((im.tag_v2[257], im.tag_v2[256]), dtype)  # ImageLength x ImageWidth, as stored
-    for t in im.tile:
-        x0, y0, x1, y1 = t.extents
-        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=t.offset)
+    for _, (x0, y0, x1, y1), offset, _ in tiles:
+        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=offset)
         out[y0:y1, x0:x1] = strip.reshape(y1 - y0, x1 - x0)  # a truncated file raises here: listed as unreadable
     # EXIF/TIFF Orientation: 5 transpose, 6 turn clockwise, 7 transverse, 8 turn anticlockwise
     upright = {5: out.T, 6: np.rot90(out, -1), 7: np.rot90(out, 2).T, 8: np.rot90(out, 1)}[turn]
@@ -2734,8 +2735,9 @@ def check_split_dir(path: Path, name: str) -> tuple[list, list]:
     for c in classes:
         same[re.sub(r"[\s_-]+", " ", c).strip().casefold()].append(c)
     for names in (n for n in same.values() if len(n) > 1):
-        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces or "
-                    "underscores, and are different classes: if they hold one class, merge them into one folder")
+        log.warning(f"warning: the class folders {' and '.join(names)} in {path} differ only in case, spaces, "
+                    "underscores or hyphens, and are different classes: if they hold one class, merge them into one "
+                    "folder")
     return classes, samples
 
 
@@ -3402,10 +3404,14 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         # stopped during its test report (best_model.pt calibrated just before it) finishes the report.
         if (run_dir / "test_metrics.json").exists() or (not (Path(cfg.data_dir) / "test").is_dir() and (
                 best_path.is_file() and "calibration" in load_checkpoint(best_path))):
-            if report_outdated(run_dir):  # stopped (Ctrl-C, a crash) after the test report, before its page
-                page = write_report(run_dir, f"train_cxr run {run_dir.name}")
-                log.info(f"{run_dir} had finished, but its report page was missing or older than its "
-                         f"test_metrics.json (the run stopped before writing it): written again, {page}")
+            outdated = [report_outdated(run_dir)]  # stopped (Ctrl-C, a crash) after the test report, before its page
+            if rt.world > 1:  # rank 0's look for all: one taken after rank 0 rewrote the page said "finished", exit 2
+                torch.distributed.broadcast_object_list(outdated)
+            if outdated[0]:
+                if rt.is_main:
+                    page = write_report(run_dir, f"train_cxr run {run_dir.name}")
+                    log.info(f"{run_dir} had finished, but its report page was missing or older than its "
+                             f"test_metrics.json (the run stopped before writing it): written again, {page}")
                 return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
@@ -3568,7 +3574,9 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     if what == "recalibration" and not folder.is_dir():
         raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
                        f"labelled images per class ({', '.join(ckpt['class_names'])})")
-    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(e.is_dir() for e in os.scandir(folder)):
+    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class
+    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(
+            e.is_dir() and e.name in ckpt["class_names"] for e in os.scandir(folder)):
         # --data-dir D/test/NORMAL: the error asked for D/test/NORMAL/<CLASS>/ folders, a wrong fix
         flag = "--data-dir" if what == "test" else "--recalibrate"
         raise CXRError(f"{folder} is the class folder of {folder.name}: pass the folder that holds every class "

@@ -30,7 +30,9 @@ def raw_probs(fold: Path, run: str = "run") -> tuple:
     ckpt = T.load_checkpoint(fold / run / "best_model.pt")
     cfg = T.Config.from_dict(ckpt["config"])
     cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
-    data = T.prepare_data(cfg, group_copies=bool(ckpt.get("copies_grouped")))  # the run's own split
+    # the run's own split: carved under the rules it was made with (absent: made before the rule)
+    data = T.prepare_data(cfg, group_copies=bool(ckpt.get("copies_grouped")),
+                          own_in_class=bool(ckpt.get("own_in_class")))
     model, rt = T.model_from_checkpoint(ckpt), T.setup_runtime(T.Config(device="cpu", amp="off"))
     probs = lambda s: T.predict_probs(model, s.images, ckpt["img_size"], ckpt["normalization"], rt, cfg.tta)
     return [(probs(data[k]), data[k].labels.numpy()) for k in ("val", "test")], ckpt["positive_class"]

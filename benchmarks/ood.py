@@ -165,7 +165,9 @@ def main() -> int:
     if a.compare or refit:
         cfg = T.Config.from_dict(ckpt["config"])
         cfg.data_dir, cfg.num_workers = str(fold / "data"), 0
-        data = T.prepare_data(cfg, group_copies=bool(ckpt.get("copies_grouped")))  # the run's own split
+        # the run's own split: carved under the rules it was made with (absent: made before the rule)
+        data = T.prepare_data(cfg, group_copies=bool(ckpt.get("copies_grouped")),
+                              own_in_class=bool(ckpt.get("own_in_class")))
         ft = T.layer_features(model, data["train"].images, img, norm, "cpu", grid)
         fv = T.layer_features(model, data["val"].images, img, norm, "cpu", grid)
         fz = T.layer_features(model, T.zoomed_views(data["train"].images, cfg.seed), img, norm, "cpu", grid)

@@ -556,6 +556,32 @@ def test_a_run_stopped_between_its_test_report_and_its_page_is_finished_by_resum
     assert run(["--resume", rd]) == 2
 
 
+def test_under_torchrun_rank_0_decides_whether_a_finished_runs_page_is_rewritten(synth_root, tmp_path, monkeypatch):
+    # Each process looked at the page itself: one that looked after rank 0 had rewritten it found it up to date,
+    # called the run finished and exited 2, failing the torchrun command that had done its work.
+    out = tmp_path / "runs"
+    assert run([*FAST, "--epochs", "1", "--data-dir", synth_root, "--output-dir", out, "--run-name", "r"]) == 0
+    rd = out / "r"
+    config = json.loads((rd / "config.json").read_text())
+    (rd / "config.json").write_text(json.dumps({**config, "world_size": 2}))  # as a 2-process run wrote it
+    page, when = (rd / "report.html").read_text(), (rd / "report.html").stat().st_mtime_ns
+    # Rank 1 of 2, after rank 0 found the page outdated (and rewrote it): the broadcast carries rank 0's finding.
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "destroy_process_group", lambda: None)
+    sent = []
+
+    def from_rank_0(box, src=0):
+        sent.append(box[0])
+        box[0] = True
+    monkeypatch.setattr(torch.distributed, "broadcast_object_list", from_rank_0)
+    assert run(["--resume", rd]) == 0  # not "already finished"
+    assert sent == [False]  # its own look, replaced by rank 0's
+    assert (rd / "report.html").stat().st_mtime_ns == when and (rd / "report.html").read_text() == page  # rank 0's
+
+
+
 def test_resume_with_an_unreadable_config_json_is_one_line(tmp_path, capsys):
     # A config.json edited by hand into invalid JSON (or cut short) stopped --resume with a JSONDecodeError traceback.
     run_dir, data = tmp_path / "runs" / "r", tmp_path / "data"

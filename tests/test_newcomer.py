@@ -517,8 +517,11 @@ def test_empty_files_in_two_splits_are_not_called_copies(synth_root, tmp_path, c
         (tmp_path / k).mkdir()
         (tmp_path / k / "empty.png").write_bytes(b"")
         files[k].append(str(tmp_path / k / "empty.png"))
+    train_cxr.setup_console_logging()  # the warning goes to this test's stdout: without it, nothing was seen
+    capsys.readouterr()
     digests = train_cxr.warn_duplicates(files)
-    assert "byte-identical" not in capsys.readouterr().out and len(digests) == 6
+    assert "byte-identical" not in capsys.readouterr().out
+    assert len(digests) == 6
 
 
 def test_copies_within_train_stay_on_one_side_of_the_validation_split(data_copy, monkeypatch):

@@ -179,6 +179,14 @@ def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data
     capsys.readouterr()
     train_cxr.check_split_dir(data_copy / "held_out", "test")
     assert "differ only" not in capsys.readouterr().out
+    # Hyphens are folded too (COVID-19 and COVID 19): the warning named only case, spaces and underscores.
+    for name in ("COVID-19", "COVID 19"):
+        (data_copy / "hyphen" / name).mkdir(parents=True)
+        shutil.copy(data_copy / "train" / "Normal" / moved[0].name, data_copy / "hyphen" / name / "a.png")
+    capsys.readouterr()
+    train_cxr.check_split_dir(data_copy / "hyphen", "train")
+    said = capsys.readouterr()
+    assert "COVID 19 and COVID-19 in " in said.out and "hyphens" in said.out, said
 
 
 def test_a_float_image_with_a_nan_or_inf_pixel_keeps_its_picture(tmp_path):
@@ -327,6 +335,17 @@ def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, 
     assert len(samples) == 145
     with pytest.raises(train_cxr.CXRError, match=f"^cannot read the folder {re.escape(str(sub))} \\(Permission"):
         train_cxr.check_image_tree(sub)
+
+
+def test_a_turned_tiff_is_read_with_the_plain_tile_tuples_of_pillow_10(tmp_path):
+    # requirements.txt allows pillow>=10, whose TIFF tiles are plain tuples (no .codec_name): every gray
+    # uncompressed TIFF with an Orientation of 5-8 raised AttributeError there and was listed as unreadable.
+    stored = np.random.default_rng(0).integers(0, 250, (48, 32)).astype(np.uint8)
+    Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: 6})
+    with Image.open(tmp_path / "turned.tif") as im:
+        im.tile = [tuple(t) for t in im.tile]  # as Pillow 10 lists them
+        np.testing.assert_array_equal(train_cxr.stored_tiff_pixels(str(tmp_path / "turned.tif"), im),
+                                      np.rot90(stored, -1))
 
 
 @pytest.mark.parametrize("flag", [["--positive-class", "PNEUMONIA"], ["--threshold-policy", "youden"]])

@@ -931,6 +931,32 @@ def test_quality_benchmark_prints_ece_flagged_and_threshold_spread(tmp_path, mon
     assert float(full["jeffreys"][-2]) == pytest.approx(float(stored["temperature"]), abs=1e-4)  # the run's own fit
 
 
+@pytest.mark.parametrize("name", ["calibration", "ood"])
+def test_benchmarks_carve_a_runs_own_split_under_every_rule_it_was_made_with(tmp_path, monkeypatch, name):
+    # calibration.py and ood.py passed the run's copies rule to prepare_data but not own_in_class: a fold run
+    # made before that rule was re-carved under it, so "its" validation split held some of its training images.
+    monkeypatch.syspath_prepend(str(Path(T.__file__).parent / "benchmarks"))  # ood.py imports ood_cutoff beside it
+    bench = load_benchmark(name)
+    for own in (False, True):
+        ckpt = {"config": T.Config().to_dict(), "copies_grouped": True, "ood": None, "normalization": {},
+                "img_size": 8, "work_size": 8, **({"own_in_class": True} if own else {})}
+        asked = {}
+
+        def prepare_data(cfg, typed=frozenset(), group_copies=True, own_in_class=True):
+            asked.update(group_copies=group_copies, own_in_class=own_in_class)
+            raise InterruptedError  # what was asked is all this test needs
+        monkeypatch.setattr(T, "load_checkpoint", lambda *a, **k: ckpt)
+        monkeypatch.setattr(T, "prepare_data", prepare_data)
+        monkeypatch.setattr(T, "model_from_checkpoint", lambda *a, **k: None)
+        monkeypatch.setattr(T, "list_image_folder", lambda *a: (["A", "B"], []))
+        monkeypatch.setattr(T, "decode_all", lambda *a, **k: (np.zeros((0, 8, 8), np.uint8), []))
+        monkeypatch.setattr(bench, "ood_sets", lambda *a: {}, raising=False)
+        monkeypatch.setattr("sys.argv", [f"{name}.py", str(tmp_path)])
+        with pytest.raises(InterruptedError):
+            bench.raw_probs(tmp_path) if name == "calibration" else bench.main()
+        assert asked == {"group_copies": True, "own_in_class": own}
+
+
 def test_quality_benchmark_reuses_a_fold_it_made_and_refuses_another_in_its_place(tmp_path):
     # quality.py --out D run again (more --train-seeds on the same fold) died with a FileExistsError
     # traceback; a fold of other --folds or --seed in the same place must not be merged into it.

@@ -190,6 +190,24 @@ def test_evaluate_on_one_class_folder_names_the_folder_to_pass(trained, synth_ro
     assert not any(tmp_path.iterdir())
 
 
+def test_a_class_folder_with_patient_sub_folders_is_named_as_one_class_folder_too(tmp_path):
+    # NORMAL/patient7/img0.png (a DICOM series per folder, too) read as a folder of classes patient7, ...:
+    # "has classes ['patient7']", not the folder to pass.
+    ckpt = {"class_names": ["NORMAL", "PNEUMONIA"], "config": train_cxr.Config().to_dict()}
+    for sub in ("patient7", "patient8"):
+        (tmp_path / "D" / "test" / "NORMAL" / sub).mkdir(parents=True)
+        (tmp_path / "D" / "test" / "NORMAL" / sub / "img0.png").write_bytes(b"x")
+    for what, flag in (("test", "--data-dir"), ("recalibration", "--recalibrate")):
+        advice = re.escape(f"(NORMAL, PNEUMONIA), {flag} {tmp_path / 'D' / 'test'}")
+        with pytest.raises(train_cxr.CXRError, match=advice):
+            train_cxr.split_from_folder(tmp_path / "D" / "test" / "NORMAL", ckpt, train_cxr.Config(), what)
+    # A folder of class folders that happens to be named like a class is no class folder: its own error.
+    (tmp_path / "NORMAL" / "NORMAL").mkdir(parents=True)
+    (tmp_path / "NORMAL" / "NORMAL" / "img0.png").write_bytes(b"x")
+    with pytest.raises(train_cxr.CXRError, match="has only the class folder 'NORMAL'"):
+        train_cxr.split_from_folder(tmp_path / "NORMAL", ckpt, train_cxr.Config(), "test")
+
+
 def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
     folder, _, _, _ = scans
     ckpt_path = trained / "best_model.pt"
