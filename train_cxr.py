@@ -857,7 +857,10 @@ def note_other_files(others: list, where: str) -> None:
         kinds = collections.Counter(os.path.splitext(p)[1].lower() or "no extension" for p in others)
         log.info(f"note: {len(others)} file(s) in {where} are not images by their extension and are left out ("
                  + ", ".join(f"{k} {n}" for k, n in kinds.most_common(5)) + f"; e.g. {as_text(others[0])}); "
-                 f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them")
+                 f"convert them to one of {', '.join(IMAGE_EXTENSIONS)} to use them"
+                 # a PACS export's DICOM without the 128-byte preamble: read by its name, converting would lose it
+                 + ("; a DICOM file without an extension or its preamble is read once named .dcm"
+                    if "no extension" in kinds else ""))
 
 
 def check_image_tree(root: str | Path) -> None:

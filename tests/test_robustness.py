@@ -158,7 +158,12 @@ def test_files_of_other_kinds_in_the_class_folders_are_counted_in_a_note(data_co
     out = capsys.readouterr().out
     assert f"note: 3 file(s) in the class folders of {data_copy / 'train'} are not images by their extension and " \
            "are left out (.jfif 2, .jp2 1; e.g. " in out
-    assert "Thumbs" not in out and "hidden" not in out
+    assert "Thumbs" not in out and "hidden" not in out and "preamble" not in out
+    # A file without an extension may be a DICOM without its preamble: naming it .dcm is the fix, not converting
+    (data_copy / "train" / "NORMAL" / "IM000001").write_bytes(b"\x08\x00\x05\x00CS")
+    train_cxr.list_image_folder(data_copy / "train")
+    assert "(.jfif 2, no extension 1, .jp2 1; " in (out := capsys.readouterr().out)
+    assert out.rstrip().endswith("a DICOM file without an extension or its preamble is read once named .dcm")
 
 
 def test_class_folders_that_differ_only_in_case_or_spacing_are_warned_about(data_copy, capsys):
