@@ -1051,9 +1051,13 @@ def read_dicom(path: str) -> np.ndarray:
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:])  # each plugin's reason, on one line
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) failed to decode here ({why}); "
                            f"another decoder may read it: {how}")
+    if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
+        # Stored values are indices into the palette: read as gray levels they gave a scrambled picture, unsaid.
+        px = pydicom.pixels.apply_color_lut(px, ds)
     arr = pydicom.pixels.apply_modality_lut(px, ds)
     if arr.ndim == 3:
         arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
+    invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"  # its low values are white
     if ds.get("VOILUTSequence"):
         d = ds.VOILUTSequence[0].LUTDescriptor
         if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
@@ -1068,6 +1072,10 @@ def read_dicom(path: str) -> np.ndarray:
         lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))
         arr = pydicom.pixels.apply_voi_lut(arr, ds)
     else:
+        if invert:
+            # Negated before the window, not inverted after it: 1 - x rounded half to even went the other way at
+            # .5 ties, so a MONOCHROME1 file differed from its MONOCHROME2 twin by 1 gray level in 1 pixel in 8.
+            arr, invert = -arr, False
         # Pixel Padding Value (to Pixel Padding Range Limit), in stored values, marks the pixels outside the image
         # (beyond the collimator): a viewer leaves them out of its window, else they squeeze the X-ray's contrast.
         body = arr
@@ -1077,7 +1085,7 @@ def read_dicom(path: str) -> np.ndarray:
             body = arr[(px < pad[0]) | (px > pad[1])]
         lo, hi = map(float, np.percentile(body if body.size else arr, DICOM_PERCENTILES))
     img = np.clip((arr - lo) / (hi - lo), 0, 1) if hi != lo else np.zeros(arr.shape)
-    if ds.get("PhotometricInterpretation") == "MONOCHROME1":
+    if invert:
         img = 1 - img
     return np.rint(img * 255).astype(np.uint8)
 

@@ -64,8 +64,47 @@ def test_monochrome1_is_inverted(source, tmp_path):
     _, img = source
     got = decoded(write_dicom(tmp_path / "a.dcm", (255 - img.astype(np.uint16)) * 16, bits_stored=12,
                               photometric="MONOCHROME1"))
-    # Bone bright, as in the PNG; the inverted percentiles may round a pixel the other way at .5 ties.
-    np.testing.assert_allclose(got, percentile_window(img), atol=1)
+    # Bone bright, as in the PNG, to the last pixel (see test_monochrome1_equals_its_monochrome2_twin)
+    assert np.array_equal(got, percentile_window(img))
+
+
+def test_monochrome1_equals_its_monochrome2_twin(source, tmp_path):
+    """The same picture stored either way decodes to the same pixels: inverted after its percentile window it
+    rounded .5 ties the other way (this picture's window maps stored values onto halves of a gray level)."""
+    _, img = source
+    two = decoded(write_dicom(tmp_path / "two.dcm", img.astype(np.uint16) * 16, bits_stored=12))
+    one = decoded(write_dicom(tmp_path / "one.dcm", (255 - img.astype(np.uint16)) * 16, bits_stored=12,
+                              photometric="MONOCHROME1"))
+    assert np.array_equal(one, two)
+
+
+def test_signed_pixels_and_big_endian_are_read(source, tmp_path):
+    """Signed 12-bit values, negative ones included, with junk in the unused high bits; then Explicit VR Big
+    Endian (older archives): both decode to the picture."""
+    _, img = source
+    signed = (img.astype(np.int16) * 8 - 1000).astype(np.uint16) & 0x0FFF | 0x5000
+    path = write_dicom(tmp_path / "signed.dcm", signed, bits_stored=12, PixelRepresentation=1)
+    assert np.array_equal(decoded(path), percentile_window(img))
+    ds = pydicom.dcmread(write_dicom(tmp_path / "le.dcm", img.astype(np.uint16) * 16, bits_stored=12))
+    ds.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRBigEndian
+    ds.PixelData = (img.astype(np.uint16) * 16).astype(">u2").tobytes()
+    pydicom.dcmwrite(tmp_path / "be.dcm", ds, little_endian=False, implicit_vr=False)
+    assert np.array_equal(decoded(tmp_path / "be.dcm"), percentile_window(img))
+
+
+def test_palette_color_is_looked_up(source, tmp_path):
+    """PALETTE COLOR stores indices into a colour table: read as gray levels they gave a scrambled picture."""
+    _, img = source
+    order = np.random.default_rng(0).permutation(256)  # index order[v] holds gray v
+    table = np.zeros(256, np.uint16)
+    table[order] = np.arange(256) * 257
+    path = write_dicom(tmp_path / "a.dcm", order[img].astype(np.uint8), photometric="PALETTE COLOR")
+    ds = pydicom.dcmread(path)
+    for colour in ("Red", "Green", "Blue"):
+        ds.add_new(f"{colour}PaletteColorLookupTableDescriptor", "US", [256, 0, 16])
+        ds.add_new(f"{colour}PaletteColorLookupTableData", "OW", table.tobytes())
+    ds.save_as(path)
+    assert np.array_equal(decoded(path), percentile_window(img))
 
 
 def test_rescale_slope_and_intercept_come_before_the_window(source, tmp_path):
