@@ -1069,7 +1069,8 @@ def read_dicom(path: str) -> np.ndarray:
         # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.
-        lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))
+        with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows at +-1e30, to its exact ends
+            lo, hi = map(float, pydicom.pixels.apply_voi_lut(np.array([-1e30, 1e30]), ds))
         arr = pydicom.pixels.apply_voi_lut(arr, ds)
     else:
         if invert:

@@ -6,6 +6,7 @@ JPEG tolerance for JPEG Baseline, after inversion (MONOCHROME1) and windowing.
 import dataclasses
 import json
 import shutil
+import warnings
 
 import cv2
 import numpy as np
@@ -226,6 +227,18 @@ def test_window_center_and_width(source, tmp_path, photometric):
         assert np.abs(255 - dicom_window(stored.astype(np.float64), center, 120) - want).max() <= 1
     assert np.abs(decoded(path) - want).max() <= 1
     assert (want == 0).mean() > 0.05 and (want == 255).mean() > 0.01  # the window really clips
+
+
+def test_sigmoid_window_follows_the_standard_without_a_warning(source, tmp_path):
+    _, img = source
+    x = img.astype(np.float64) * 16
+    path = write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 16, bits_stored=12, WindowCenter=[2040, 100],
+                       WindowWidth=[4080, 50], VOILUTFunction="SIGMOID")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy warned of an overflow in exp() on each decode_xray() call
+        got = decoded(path)
+    # PS3.3 C.11.2.1.3.1, written out independently of pydicom; the first of the two windows
+    np.testing.assert_array_equal(got, np.rint(255 / (1 + np.exp(-4 * (x - 2040) / 4080))))
 
 
 def test_voi_lut_sequence(source, tmp_path):
