@@ -1062,6 +1062,10 @@ def read_dicom(path: str) -> np.ndarray:
         d = ds.VOILUTSequence[0].LUTDescriptor
         if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
             d[2] = 16  # the same entries, held in 16 bits
+        if d[1] >= 2**15 and (ds.get("PixelRepresentation") == 1 or float(np.min(arr)) < 0):
+            # Its first value mapped is signed for a signed input (PS3.3 C.11.2.1.1); written as US (-1000 as
+            # 64536), the LUT began above every pixel, and the whole picture came out its first entry: black.
+            d[1] -= 2**16
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
         lo, hi = float(np.min(ends)), float(np.max(ends))

@@ -250,6 +250,22 @@ def test_voi_lut_sequence(source, tmp_path):
     np.testing.assert_array_equal(decoded(path), np.rint(np.sqrt(img / 255) * 255))
 
 
+@pytest.mark.parametrize("vr", ["SS", "US"])
+def test_voi_lut_of_signed_pixels(source, tmp_path, vr):
+    """A VOI LUT whose first value mapped is negative: as the standard writes it (SS), and as some writers do
+    (US, -1000 stored as 64536), which made a black picture."""
+    _, img = source
+    stored = img.astype(np.int16) * 8 - 1000
+    ds = pydicom.dcmread(write_dicom(tmp_path / "a.dcm", stored.astype(np.uint16), bits_stored=12,
+                                     PixelRepresentation=1))
+    lut = pydicom.Dataset()
+    lut.add_new("LUTDescriptor", vr, [2048, -1000 if vr == "SS" else 2**16 - 1000, 16])
+    lut.add_new("LUTData", "OW", (np.arange(2048) * 32).astype("<u2").tobytes())  # linear, 0 to 65504
+    ds.VOILUTSequence = [lut]
+    ds.save_as(tmp_path / "a.dcm")
+    assert np.array_equal(decoded(tmp_path / "a.dcm"), np.rint((stored + 1000.0) * 32 / 65504 * 255))
+
+
 def test_8_bit_voi_lut_of_a_12_bit_image(source, tmp_path):
     _, img = source
     # 4096 entries for the 12-bit input, 8 bits each (LUT Descriptor 4096, 0, 8): entries past 255 count too.
