@@ -1043,6 +1043,10 @@ def read_dicom(path: str) -> np.ndarray:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
     if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
         ds.ModalityLUTSequence[0].LUTDescriptor[2] = 16  # 10-15 bits an entry: pydicom asks numpy for a uint12
+    if ds.get("ModalityLUTSequence") and ds.get("PixelRepresentation") == 1:
+        d = ds.ModalityLUTSequence[0].LUTDescriptor
+        if d[1] >= 2**15:  # a signed first value mapped written as US (-1000 as 64536): an OverflowError in pydicom
+            d[1] -= 2**16
     try:
         px = pydicom.pixels.pixel_array(ds, index=0)
     except RuntimeError as e:  # every installed plugin failed, e.g. Pillow on 12-bit JPEG Extended (common in CR)

@@ -128,6 +128,20 @@ def test_modality_lut_sequence_of_12_bit_entries(source, tmp_path):
     np.testing.assert_array_equal(decoded(path), percentile_window(img))  # read, not skipped as unreadable
 
 
+@pytest.mark.parametrize("vr", ["SS", "US"])
+def test_modality_lut_of_signed_pixels(source, tmp_path, vr):
+    """A signed first value mapped, also when written as US (-1000 as 64536): it was an unreadable file."""
+    _, img = source
+    stored = img.astype(np.int16) * 8 - 1000
+    item = pydicom.Dataset()
+    item.add_new("LUTDescriptor", vr, [2048, -1000 if vr == "SS" else 2**16 - 1000, 16])
+    item.add_new("LUTData", "OW", (np.arange(2048) * 32).astype("<u2").tobytes())
+    item.ModalityLUTType = "US"
+    path = write_dicom(tmp_path / "a.dcm", stored.astype(np.uint16), bits_stored=12, PixelRepresentation=1,
+                       ModalityLUTSequence=[item])
+    assert np.array_equal(decoded(path), percentile_window(img))
+
+
 def test_negative_rescale_slope_with_a_window_keeps_black_black(source, tmp_path):
     _, img = source
     # Stored 255 - img with slope -1, intercept 255: the modality values are img again, so a window over
