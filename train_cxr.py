@@ -1009,6 +1009,16 @@ def dcmread(path: str, **kw) -> pydicom.Dataset:
     return ds
 
 
+def usable_window_width(ds: pydicom.Dataset) -> bool:
+    """Whether the first WindowWidth is one pydicom can window with: at least 1 (LINEAR), above 0 (LINEAR_EXACT,
+    SIGMOID). Some exports write 0 for "no window"; pydicom's ValueError then made the file unreadable, where a
+    viewer windows the picture itself."""
+    if ds.get("WindowWidth") is None:
+        return False
+    width = float(np.atleast_1d(ds.WindowWidth)[0])
+    return width >= 1 or (width > 0 and ds.get("VOILUTFunction", "LINEAR") != "LINEAR")
+
+
 def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
@@ -1073,7 +1083,7 @@ def read_dicom(path: str) -> np.ndarray:
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
         lo, hi = float(np.min(ends)), float(np.max(ends))
-    elif ds.get("WindowCenter") is not None and ds.get("WindowWidth") is not None:
+    elif ds.get("WindowCenter") is not None and usable_window_width(ds):
         # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.

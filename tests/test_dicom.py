@@ -177,6 +177,14 @@ def test_empty_window_tags_get_the_percentile_window(source, tmp_path):
     np.testing.assert_array_equal(decoded(path), percentile_window(img))  # not a flat gray picture
 
 
+@pytest.mark.parametrize("width", [0, -5, 0.5])
+def test_an_unusable_window_width_gets_the_percentile_window(source, tmp_path, width):
+    """A WindowWidth pydicom cannot window with (0: some exports' "no window") made the file unreadable."""
+    _, img = source
+    path = write_dicom(tmp_path / "a.dcm", img, WindowCenter=128, WindowWidth=width)
+    np.testing.assert_array_equal(decoded(path), percentile_window(img))
+
+
 def test_dicom_without_extension_is_found_read_and_grouped(source, tmp_path):
     _, img = source
     folder = tmp_path / "export"
