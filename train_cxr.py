@@ -1072,7 +1072,10 @@ def read_dicom(path: str) -> np.ndarray:
     if arr.ndim == 3:
         arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
     invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"  # its low values are white
-    if ds.get("VOILUTSequence"):
+    # The VOI (LUT or window) is for grayscale only (PS3.3 C.11.2): a colour file that kept its X-ray's window tags
+    # made pydicom raise a ValueError, and the file was left out as unreadable.
+    grey = ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+    if grey and ds.get("VOILUTSequence"):
         d = ds.VOILUTSequence[0].LUTDescriptor
         if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
             d[2] = 16  # the same entries, held in 16 bits
@@ -1083,7 +1086,7 @@ def read_dicom(path: str) -> np.ndarray:
         ends = pydicom.pixels.apply_voi_lut(np.arange(d[1], d[1] + (d[0] or 2**16)), ds)  # every LUT entry
         arr = pydicom.pixels.apply_voi_lut(np.rint(arr).astype(np.int64), ds)  # a LUT is indexed by integers
         lo, hi = float(np.min(ends)), float(np.max(ends))
-    elif ds.get("WindowCenter") is not None and usable_window_width(ds):
+    elif grey and ds.get("WindowCenter") is not None and usable_window_width(ds):
         # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.

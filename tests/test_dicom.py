@@ -93,6 +93,22 @@ def test_signed_pixels_and_big_endian_are_read(source, tmp_path):
     assert np.array_equal(decoded(tmp_path / "be.dcm"), percentile_window(img))
 
 
+@pytest.mark.parametrize("photometric", ["RGB", "YBR_FULL"])
+@pytest.mark.parametrize("planar", [0, 1])
+def test_colour_is_read_as_gray_without_its_window(source, tmp_path, photometric, planar):
+    """Colour, either Planar Configuration, gets the percentile window: the window tags it kept from its X-ray
+    do not apply to colour (PS3.3 C.11.2) and made pydicom raise, so the file was unreadable."""
+    _, img = source
+    rgb = np.stack([img] * 3, -1)
+    stored = pydicom.pixels.convert_color_space(rgb, "RGB", photometric) if photometric != "RGB" else rgb
+    path = write_dicom(tmp_path / "a.dcm", img, photometric=photometric, WindowCenter=128, WindowWidth=256)
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PlanarConfiguration = 3, planar
+    ds.PixelData = np.ascontiguousarray(stored.transpose(2, 0, 1) if planar else stored).tobytes()
+    ds.save_as(path)
+    assert np.array_equal(decoded(path), percentile_window(img))
+
+
 def test_palette_color_is_looked_up(source, tmp_path):
     """PALETTE COLOR stores indices into a colour table: read as gray levels they gave a scrambled picture."""
     _, img = source
