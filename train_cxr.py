@@ -836,13 +836,18 @@ def is_dicom(path: str) -> bool:
     return False
 
 
-def is_image_file(path: str, root: str | Path | None = None) -> bool:
-    """An image by its extension (or a DICOM without one) and not hidden: no part of the path below root
-    (the folder the user gave; without root, the file's own name) starts with '.', so .DS_Store and
-    .ipynb_checkpoints/x.png are skipped. Only below root: a DATA_DIR inside a hidden folder is still read."""
+def is_hidden(path, root: str | Path | None = None) -> bool:
+    """Whether a part of the path below root (the folder the user gave; without root, the file's own name)
+    starts with '.', as .DS_Store and .ipynb_checkpoints/x.png do. Only below root: a DATA_DIR inside a
+    hidden folder is still read."""
     below = os.path.relpath(path, root) if root is not None else os.path.basename(path)
+    return any(p.startswith(".") for p in Path(below).parts)
+
+
+def is_image_file(path: str, root: str | Path | None = None) -> bool:
+    """An image by its extension (or a DICOM without one) and not hidden (is_hidden)."""
     # A DICOM CD's DICOMDIR, its index, starts like DICOM: it was listed as an unreadable image (refused with --strict)
-    return (not any(p.startswith(".") for p in Path(below).parts) and os.path.basename(path).upper() != "DICOMDIR"
+    return (not is_hidden(path, root) and os.path.basename(path).upper() != "DICOMDIR"
             and (path.lower().endswith(IMAGE_EXTENSIONS) or is_dicom(path)))
 
 
@@ -878,7 +883,7 @@ def check_image_tree(root: str | Path) -> None:
                                "be read again and again: remove the link")
     if any(os.fspath(e.filename) == os.fspath(root) for e in unreadable):
         raise CXRError(f"cannot read the folder {root} ({unreadable[0].strerror}): fix its permissions")
-    unreadable = [e for e in unreadable if not any(p.startswith(".") for p in Path(e.filename).relative_to(root).parts)]
+    unreadable = [e for e in unreadable if not is_hidden(e.filename, root)]
     if unreadable:
         log.warning(f"warning: skipping {len(unreadable)} folder(s) that cannot be read, their images left out: "
                     + "; ".join(f"{as_text(e.filename)} ({e.strerror})" for e in unreadable[:5])
@@ -903,7 +908,7 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     def keep(path: str) -> bool:
         if is_image_file(path, root):
             return True
-        if not any(p.startswith(".") for p in Path(os.path.relpath(path, root)).parts):
+        if not is_hidden(path, root):
             others.append(path)
         return False
     samples = torchvision.datasets.folder.make_dataset(  # walks sub-folders of the class folders too
@@ -3654,7 +3659,7 @@ def images_to_predict(folder: Path) -> list:
         for f in (os.path.join(d, n) for n in names):
             if is_image_file(f, folder):
                 files.append(f)
-            elif not any(p.startswith(".") for p in Path(os.path.relpath(f, folder)).parts):
+            elif not is_hidden(f, folder):
                 others.append(f)
     note_other_files(others, as_text(folder))
     if runs:
