@@ -2327,13 +2327,20 @@ def plot_roc(curves: list, path: Path, title: str, point=None, threshold=None) -
 # ----------------------------------------------------------------------------------------------
 # Test report (used after training and by --evaluate)
 # ----------------------------------------------------------------------------------------------
+def raw_probs(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runtime, desc: str = "") -> np.ndarray:
+    """The network's uncalibrated probabilities, at the checkpoint's size and normalisation, mirrored too
+    where its run used TTA."""
+    return predict_probs(model, images_u8, ckpt["img_size"], ckpt["normalization"], rt,
+                         bool(ckpt["config"].get("tta", False)), desc=desc)
+
+
 def network_outputs(model: nn.Module, ckpt: dict, images_u8: torch.Tensor, rt: Runtime,
                     desc: str = "") -> tuple[np.ndarray, list | None]:
     """The network's part of score_images: raw (uncalibrated) probabilities and, with a guard, its
     layer features (None without). Calibration, threshold and cutoff are applied after, by scores_from."""
-    img, norm, guard = ckpt["img_size"], ckpt["normalization"], ckpt.get("ood")
-    raw = predict_probs(model, images_u8, img, norm, rt, bool(ckpt["config"].get("tta", False)), desc=desc)
-    feats = layer_features(model, images_u8, img, norm, rt.device, guard.get("grid", 1)) if guard else None
+    raw, guard = raw_probs(model, ckpt, images_u8, rt, desc), ckpt.get("ood")
+    feats = (layer_features(model, images_u8, ckpt["img_size"], ckpt["normalization"], rt.device, guard.get("grid", 1))
+             if guard else None)
     return raw, feats
 
 
@@ -3315,8 +3322,7 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
         return 1
     best = load_checkpoint(run_dir / "best_model.pt")
     model = model_from_checkpoint(best, rt)
-    raw = predict_probs(model, val_s.images, best["img_size"], best["normalization"], rt,
-                        bool(best["config"].get("tta", False)), desc="calibrate")
+    raw = raw_probs(model, best, val_s.images, rt, desc="calibrate")
     best.update(fit_operating_point(best, raw, val_s.labels.numpy(), cfg.threshold_policy))
     feats = lambda images: layer_features(model, images, cfg.img_size, best["normalization"], rt.device)
     best["ood"] = {**fit_ood_guard(feats(train_s.images), train_s.labels.numpy(), feats(val_s.images),
