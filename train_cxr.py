@@ -3331,8 +3331,9 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     log.info(f"calibration on validation: temperature {float(best['calibration']['temperature']):.3f}, "
              f"class biases {[round(b, 3) for b in best['calibration']['bias'].tolist()]}")
     if best["threshold"] is not None:
-        log.info(f"threshold on validation ({cfg.threshold_policy}): {best['threshold']:.4f} on the calibrated "
-                 f"P({best['class_names'][best['positive_class']]}); validation prevalence {best['prevalence']:.3f}")
+        log.info(f"threshold on validation ({cfg.threshold_policy}): {threshold_text(best['threshold'])} on the "
+                 f"calibrated P({best['class_names'][best['positive_class']]}); validation prevalence "
+                 f"{best['prevalence']:.3f}")
     held = best["ood"]["held_out"]
     log.info(f"out-of-distribution guard: cutoff {best['ood']['cutoff']:.3f}, the {100 * cfg.ood_quantile:g}th "
              f"percentile of the {held['n']} validation images ({held['above']} score above it)")
@@ -3835,8 +3836,8 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     for name in ("before", "after"):
         m = measured[name]
         log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (
-            f", threshold {m['threshold']:.4f}, accuracy {m['accuracy']:.4f}, sensitivity {m['sensitivity']:.4f}, "
-            f"specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
+            f", threshold {threshold_text(m['threshold'])}, accuracy {m['accuracy']:.4f}, "
+            f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
             + f", flagged {m['share_flagged']:.1%}")
     log.info("  (fitted and measured on the same images: judge it on other images of that site with --evaluate)")
     mode_report(run_dir, "recalibration", args, out, str(folder))
