@@ -3836,8 +3836,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
     for name in ("before", "after"):
         m = measured[name]
         log.info(f"  {name:<6} on that folder: ECE {m['ece']:.4f}" + (
-            f", threshold {threshold_text(m['threshold'])}, accuracy {m['accuracy']:.4f}, "
-            f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}" if "accuracy" in m and m["threshold"] is not None else "")
+            f", threshold {threshold_text(m['threshold'])}, accuracy {m['accuracy']:.4f}, sensitivity "
+            f"{m['sensitivity']:.4f}, specificity {m['specificity']:.4f}"
+            if "accuracy" in m and m["threshold"] is not None else "")
             + f", flagged {m['share_flagged']:.1%}")
     log.info("  (fitted and measured on the same images: judge it on other images of that site with --evaluate)")
     mode_report(run_dir, "recalibration", args, out, str(folder))
