@@ -3454,9 +3454,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 torch.distributed.broadcast_object_list(outdated)
             if outdated[0]:
                 if rt.is_main:
+                    # What was found, not why: "the run stopped before writing it" was said of a page deleted by hand
+                    missing = not (run_dir / "report.html").is_file()
                     page = write_report(run_dir, f"train_cxr run {run_dir.name}")
-                    log.info(f"{run_dir} had finished, but its report page was missing or older than its "
-                             f"test_metrics.json (the run stopped before writing it): written again, {page}")
+                    found = "missing" if missing else "older than its test_metrics.json"
+                    log.info(f"{run_dir} had finished, but its report.html was {found}: written again, {page}")
                 return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
