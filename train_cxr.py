@@ -3066,12 +3066,30 @@ def check_run_dir_free(cfg: Config) -> None:
             os.lstat(base / cfg.run_name)  # found, even as a broken link: taken
             raise run_dir_taken(base / cfg.run_name)
     except OSError as e:  # not found: free. A long --output-dir's ENAMETOOLONG was a traceback from exists()
-        if e.errno == errno.ENAMETOOLONG:
+        if e.errno == errno.ENAMETOOLONG or too_long_for_windows(e):  # Windows' too long is "not found"
             raise run_dir_error(base / cfg.run_name, e)
+
+
+WINDOWS_MAX_DIR = 248  # CreateDirectory's limit without long paths: MAX_PATH (260) less room for an 8.3 name
+
+
+def too_long_for_windows(e: OSError) -> bool:
+    """Windows without long paths enabled answers a too-long folder path with ENOENT, not ENAMETOOLONG. Said so
+    only when the path is that long and the folder it would be made in exists: a missing drive or share, or a
+    missing folder above, is still ENOENT's own error."""
+    if os.name != "nt" or e.errno != errno.ENOENT or not e.filename:
+        return False
+    path = os.path.abspath(os.fsdecode(e.filename))
+    return len(path) >= WINDOWS_MAX_DIR and os.path.isdir(os.path.dirname(path))
 
 
 def run_dir_error(run_dir: Path, e: OSError) -> CXRError:
     """Why a run folder cannot be made, with the fix for that reason."""
+    if too_long_for_windows(e):  # mkdir(parents=True) names the first folder it could not make: the long one
+        return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}; the path is "
+                        f"{len(os.path.abspath(os.fsdecode(e.filename)))} characters): shorten --run-name or "
+                        f"--output-dir (Windows wants a folder path under {WINDOWS_MAX_DIR} characters unless long "
+                        "paths are enabled)")
     if e.errno == errno.ENAMETOOLONG:  # "choose a writable --output-dir" was no help for a 300-letter --run-name
         return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): shorten --run-name or --output-dir "
                         "(most file systems allow 255 bytes a folder name)")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import types
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -600,6 +601,37 @@ def test_a_run_folder_name_too_long_says_shorten_it(synth_root, tmp_path, monkey
     finally:
         train_cxr.setup_console_logging()  # closes any train.log handler
 
+
+def test_a_run_folder_path_too_long_for_windows_says_shorten_it(tmp_path, monkeypatch):
+    # Windows without long paths refuses a folder path of 248+ characters with ENOENT, not ENAMETOOLONG: it was
+    # told "choose a writable --output-dir". Checked with mocks only: os.name, and os.mkdir failing as Windows' does.
+    real_mkdir = os.mkdir
+
+    def windows_mkdir(path, *a, **k):
+        if len(os.path.abspath(path)) >= 248:
+            raise FileNotFoundError(errno.ENOENT, "The system cannot find the path specified", str(path))
+        return real_mkdir(path, *a, **k)
+    windows = types.ModuleType("os")  # train_cxr's os as on Windows; every other module keeps this machine's
+    windows.__getattr__ = lambda name: getattr(os, name)
+    windows.name = "nt"
+    monkeypatch.setattr(os, "mkdir", windows_mkdir)
+    monkeypatch.setattr(train_cxr, "os", windows)
+    (tmp_path / "runs").mkdir()  # main's look before any image is decoded says it already
+    with pytest.raises(train_cxr.CXRError, match=r"characters\): shorten --run-name or --output-dir \(Windows"):
+        train_cxr.check_run_dir_free(train_cxr.Config(output_dir=str(tmp_path / "runs"), run_name="x" * 250))
+    for out, name in ((tmp_path / "runs", "x" * 250), (tmp_path / ("y" * 250), "r")):
+        with pytest.raises(train_cxr.CXRError, match=r"characters\): shorten --run-name or --output-dir \(Windows"):
+            train_cxr.make_run_dir(train_cxr.Config(output_dir=str(out), run_name=name))
+    # A folder that is missing for another reason keeps its advice: the one it would be made in is missing too
+    # (on Windows mkdir makes missing folders above; a drive or share that is not there stays missing).
+    gone = FileNotFoundError(errno.ENOENT, "The system cannot find the path specified",
+                             str(tmp_path / "gone" / ("x" * 250)))
+    assert str(train_cxr.run_dir_error(Path(gone.filename), gone)).endswith("choose a writable --output-dir")
+    short = FileNotFoundError(errno.ENOENT, "The system cannot find the path specified", str(tmp_path / "r"))
+    assert str(train_cxr.run_dir_error(tmp_path / "r", short)).endswith("choose a writable --output-dir")
+    windows.name = "posix"  # and elsewhere ENOENT is never read as a long path
+    long = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / ("x" * 250)))
+    assert str(train_cxr.run_dir_error(tmp_path / ("x" * 250), long)).endswith("choose a writable --output-dir")
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     # A sweep launched from a script: both runs named their folder by the same second, and the second
