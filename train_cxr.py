@@ -3639,13 +3639,16 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     if what == "recalibration" and not folder.is_dir():
         raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
                        f"labelled images per class ({', '.join(ckpt['class_names'])})")
-    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class
-    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(
-            e.is_dir() and e.name in ckpt["class_names"] for e in os.scandir(folder)):
+    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class. Names are
+    # compared ignoring case: Windows and macOS open D/test/pneumonia as typed, and that Path's name is typed's,
+    # so its images beside patient folders were answered "has classes ['patient7', ...]".
+    named = {c.casefold(): c for c in ckpt["class_names"]}
+    if folder.is_dir() and folder.name.casefold() in named and not any(
+            e.is_dir() and e.name.casefold() in named for e in os.scandir(folder)):
         # --data-dir D/test/NORMAL: the error asked for D/test/NORMAL/<CLASS>/ folders, a wrong fix
         flag = "--data-dir" if what == "test" else "--recalibrate"
-        raise CXRError(f"{folder} is the class folder of {folder.name}: pass the folder that holds every class "
-                       f"folder ({', '.join(ckpt['class_names'])}), {flag} {folder.parent}")
+        raise CXRError(f"{folder} is the class folder of {named[folder.name.casefold()]}: pass the folder that holds "
+                       f"every class folder ({', '.join(ckpt['class_names'])}), {flag} {folder.parent}")
     classes, samples = check_split_dir(folder, what)
     if classes != ckpt["class_names"]:
         raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")
