@@ -2916,6 +2916,12 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                        "(a folder with train/ and optionally test/), or try --demo")
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
+    # D/train/PNEUMONIA was told "D/train/PNEUMONIA/train not found", not the folder to pass. A class folder has
+    # other classes beside it: a lone DATA_DIR that happens to sit in a folder named train keeps that error.
+    if not (root / "train").is_dir() and root.parent.name.lower() in ("train", "test", "val") and sum(
+            e.is_dir() and not e.name.startswith(".") for e in os.scandir(root.parent)) > 1:
+        raise CXRError(f"{root} is a class folder of the split folder {root.parent}, not DATA_DIR: pass the folder "
+                       f"that holds {root.parent.name}/, --data-dir {root.parent.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
     # Refused from the class folders, before the images are decoded; here, where train/ is listed once: listed
     # again for it, a sub-folder that cannot be read was warned about twice.

@@ -495,6 +495,25 @@ def test_e2e_same_seed_same_history(e2e, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # 7. Input errors: exit 2, one line naming the path, no run folder
 # ----------------------------------------------------------------------------------------------
+def test_a_class_folder_as_data_dir_names_the_folder_to_pass(tmp_path):
+    # --data-dir D/train/PNEUMONIA (images beside patient folders) was told "D/train/PNEUMONIA/train not found:
+    # DATA_DIR must hold train/<CLASS>/ folders", not the folder to pass.
+    for c in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "D" / "train" / c / "patient7").mkdir(parents=True)
+        (tmp_path / "D" / "train" / c / "patient7" / "img0.png").write_bytes(b"x")
+        (tmp_path / "D" / "train" / c / "img1.png").write_bytes(b"x")
+    folder = tmp_path / "D" / "train" / "PNEUMONIA"
+    advice = re.escape(f"{folder} is a class folder of the split folder {folder.parent}, not DATA_DIR: pass the "
+                       f"folder that holds train/, --data-dir {tmp_path / 'D'}")
+    with pytest.raises(train_cxr.CXRError, match=advice + "$"):
+        train_cxr.prepare_data(train_cxr.Config(data_dir=str(folder)))
+    # A DATA_DIR alone in a folder named train, without its own train/, keeps its error.
+    (tmp_path / "train" / "mine" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(train_cxr.CXRError, match=r"mine/train not found: DATA_DIR must hold train/<CLASS>/"):
+        train_cxr.prepare_data(train_cxr.Config(data_dir=str(tmp_path / "train" / "mine")))
+
+
+
 def _no_dir(d, tmp_path):
     return tmp_path / "does_not_exist", [tmp_path / "does_not_exist"]
 
