@@ -2916,6 +2916,12 @@ def prepare_data(cfg: Config, typed: set = frozenset(), group_copies: bool = Tru
                        "(a folder with train/ and optionally test/), or try --demo")
     if not (root / "train").is_dir() and root.name.lower() in ("train", "test", "val"):
         raise CXRError(f"{root} is a split folder, not DATA_DIR: pass its parent, --data-dir {root.parent}")
+    # D/train/PNEUMONIA was told "D/train/PNEUMONIA/train not found", not the folder to pass. A class folder has
+    # other classes beside it: a lone DATA_DIR that happens to sit in a folder named train keeps that error.
+    if not (root / "train").is_dir() and root.parent.name.lower() in ("train", "test", "val") and sum(
+            e.is_dir() and not e.name.startswith(".") for e in os.scandir(root.parent)) > 1:
+        raise CXRError(f"{root} is a class folder of the split folder {root.parent}, not DATA_DIR: pass the folder "
+                       f"that holds {root.parent.name}/, --data-dir {root.parent.parent}")
     classes, train_samples = check_split_dir(root / "train", "train")
     # Refused from the class folders, before the images are decoded; here, where train/ is listed once: listed
     # again for it, a sub-folder that cannot be read was warned about twice.
@@ -3066,12 +3072,30 @@ def check_run_dir_free(cfg: Config) -> None:
             os.lstat(base / cfg.run_name)  # found, even as a broken link: taken
             raise run_dir_taken(base / cfg.run_name)
     except OSError as e:  # not found: free. A long --output-dir's ENAMETOOLONG was a traceback from exists()
-        if e.errno == errno.ENAMETOOLONG:
+        if e.errno == errno.ENAMETOOLONG or too_long_for_windows(e):  # Windows' too long is "not found"
             raise run_dir_error(base / cfg.run_name, e)
+
+
+WINDOWS_MAX_DIR = 248  # CreateDirectory's limit without long paths: MAX_PATH (260) less room for an 8.3 name
+
+
+def too_long_for_windows(e: OSError) -> bool:
+    """Windows without long paths enabled answers a too-long folder path with ENOENT, not ENAMETOOLONG. Said so
+    only when the path is that long and the folder it would be made in exists: a missing drive or share, or a
+    missing folder above, is still ENOENT's own error."""
+    if os.name != "nt" or e.errno != errno.ENOENT or not e.filename:
+        return False
+    path = os.path.abspath(os.fsdecode(e.filename))
+    return len(path) >= WINDOWS_MAX_DIR and os.path.isdir(os.path.dirname(path))
 
 
 def run_dir_error(run_dir: Path, e: OSError) -> CXRError:
     """Why a run folder cannot be made, with the fix for that reason."""
+    if too_long_for_windows(e):  # mkdir(parents=True) names the first folder it could not make: the long one
+        return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}; the path is "
+                        f"{len(os.path.abspath(os.fsdecode(e.filename)))} characters): shorten --run-name or "
+                        f"--output-dir (Windows wants a folder path under {WINDOWS_MAX_DIR} characters unless long "
+                        "paths are enabled)")
     if e.errno == errno.ENAMETOOLONG:  # "choose a writable --output-dir" was no help for a 300-letter --run-name
         return CXRError(f"cannot create the run folder {run_dir} ({e.strerror}): shorten --run-name or --output-dir "
                         "(most file systems allow 255 bytes a folder name)")
@@ -3454,9 +3478,11 @@ def train(cfg: Config, args, rt: Runtime) -> int:
                 torch.distributed.broadcast_object_list(outdated)
             if outdated[0]:
                 if rt.is_main:
+                    # What was found, not why: "the run stopped before writing it" was said of a page deleted by hand
+                    missing = not (run_dir / "report.html").is_file()
                     page = write_report(run_dir, f"train_cxr run {run_dir.name}")
-                    log.info(f"{run_dir} had finished, but its report page was missing or older than its "
-                             f"test_metrics.json (the run stopped before writing it): written again, {page}")
+                    found = "missing" if missing else "older than its test_metrics.json"
+                    log.info(f"{run_dir} had finished, but its report.html was {found}: written again, {page}")
                 return 0
             raise CXRError(f"{run_dir} already finished ({resume['epoch']} epochs; its best_model.pt is calibrated): "
                            "nothing to resume; start a new run to train longer")
@@ -3619,13 +3645,16 @@ def split_from_folder(folder: Path, ckpt: dict, cfg: Config, what: str) -> Split
     if what == "recalibration" and not folder.is_dir():
         raise CXRError(f"--recalibrate folder {folder} not found: pass a folder with one sub-folder of "
                        f"labelled images per class ({', '.join(ckpt['class_names'])})")
-    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class
-    if folder.is_dir() and folder.name in ckpt["class_names"] and not any(
-            e.is_dir() and e.name in ckpt["class_names"] for e in os.scandir(folder)):
+    # A class folder may hold sub-folders (patient7/, a DICOM series each), but none named as a class. Names are
+    # compared ignoring case: Windows and macOS open D/test/pneumonia as typed, and that Path's name is typed's,
+    # so its images beside patient folders were answered "has classes ['patient7', ...]".
+    named = {c.casefold(): c for c in ckpt["class_names"]}
+    if folder.is_dir() and folder.name.casefold() in named and not any(
+            e.is_dir() and e.name.casefold() in named for e in os.scandir(folder)):
         # --data-dir D/test/NORMAL: the error asked for D/test/NORMAL/<CLASS>/ folders, a wrong fix
         flag = "--data-dir" if what == "test" else "--recalibrate"
-        raise CXRError(f"{folder} is the class folder of {folder.name}: pass the folder that holds every class "
-                       f"folder ({', '.join(ckpt['class_names'])}), {flag} {folder.parent}")
+        raise CXRError(f"{folder} is the class folder of {named[folder.name.casefold()]}: pass the folder that holds "
+                       f"every class folder ({', '.join(ckpt['class_names'])}), {flag} {folder.parent}")
     classes, samples = check_split_dir(folder, what)
     if classes != ckpt["class_names"]:
         raise CXRError(f"{folder} has classes {classes}, the checkpoint was trained on {ckpt['class_names']}")

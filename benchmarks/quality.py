@@ -12,8 +12,11 @@ validation split from the fold's training part, picks the best epoch and the thr
 and its "test" report is the held-out fold. The figures printed are mean +- std over folds of
 AUC, accuracy, sensitivity and specificity at the threshold the script chose, the calibration
 error (ECE, 15 bins), the share of the held-out fold that the out-of-distribution guard flags,
-and the threshold. With --train-seeds, every fold is trained once per seed and the spread of
-the threshold each policy would choose is printed. Run again with the same --out after a stop
+the threshold, epoch_minutes (the run's epochs, history.csv's seconds, over every session that
+trained it) and minutes (wall time, of the runs this call trained whole: a resumed run's line
+gives its session's, a reused run's none, and the mean leaves both out, saying so). With
+--train-seeds, every fold is trained once per seed and the spread of the threshold each policy
+would choose is printed. Run again with the same --out after a stop
 (Ctrl-C, a crash), it goes on where it stopped, saying so: a fold's links left half-made are
 completed, a run stopped in training is resumed (or trained again if no epoch had ended) and a
 finished run's results are reused; a fold or run of other settings there is refused.
@@ -26,6 +29,7 @@ Caveat (README): validation carved from train scores higher than the official te
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
@@ -106,7 +110,40 @@ def earlier_run(run: Path, argv: list) -> str:
 
 EARLIER = {"redo": "stopped before its first epoch ended in an earlier run: trained again from the start",
            "resume": "stopped in an earlier run of these settings: resumed",
-           "finished": "finished by an earlier run of these settings: its results are reused (minutes nan)"}
+           "finished": "finished by an earlier run of these settings: its results are reused (not timed)"}
+
+
+def epoch_minutes(run: Path) -> float:
+    """The minutes of the run's epochs, training and validation, over every session that trained it: the sum of
+    history.csv's seconds (nan without them). An epoch abandoned by a stop is not in it, nor decoding or the test
+    report; but a resumed or reused run is counted whole, as the wall minutes of one call are not."""
+    try:
+        with open(run / "history.csv", newline="", encoding="utf-8") as f:
+            return sum(float(r["seconds"]) for r in csv.DictReader(f)) / 60
+    except (OSError, KeyError, ValueError):
+        return float("nan")
+
+
+def minutes_text(minutes: float, earlier: str) -> str:
+    """A run's wall minutes on its line: of a resumed run only this call's session is timed, of a reused one
+    nothing (they were printed as if whole, and as "nan")."""
+    if earlier == "finished":
+        return "reused (not timed)"
+    return f"{minutes:.4f}" + (" (resumed: this session only)" if earlier == "resume" else "")
+
+
+def minutes_summary(runs: list) -> str:
+    """The summary's minutes line from (wall minutes, earlier) per run: the mean over runs trained whole by this
+    call, naming those left out; the resumed runs' sessions were averaged with whole runs as if whole."""
+    whole = np.array([m for m, earlier in runs if earlier in ("new", "redo")])
+    resumed = sum(earlier == "resume" for _, earlier in runs)
+    reused = sum(earlier == "finished" for _, earlier in runs)
+    left = ", ".join(f"{n} {what}" for n, what in ((resumed, "resumed"), (reused, "reused")) if n)
+    if not len(whole):
+        return f"minutes: not timed, no run was trained whole by this call ({left}): see epoch_minutes"
+    spread = whole.std(ddof=1) if len(whole) > 1 else 0
+    return f"minutes: {whole.mean():.4f} +- {spread:.4f}" + (
+        f" (the {len(whole)} run(s) trained whole by this call; {left} left out)" if left else "")
 
 
 def main() -> int:
@@ -135,7 +172,7 @@ def main() -> int:
     print(f"recipe: {a.recipe} | folds: {a.folds} | flags: {' '.join(flags)}")
     if a.only is not None and not set(a.only) <= set(range(a.folds)):
         p.error(f"--only takes fold numbers 0 to {a.folds - 1}, got {a.only}")
-    rows, thresholds = [], []
+    rows, thresholds, timed = [], [], []
     for k, test_idx in enumerate(folds):
         if a.only is not None and k not in a.only:
             continue
@@ -161,17 +198,18 @@ def main() -> int:
             rows.append({"auc": m["auc"], "accuracy": m["accuracy"], "sensitivity": m["sensitivity"],
                          "specificity": m["specificity"], "ece": m["ece"],
                          "flagged": m["ood"]["share_flagged"], "threshold": m["threshold"],
-                         "minutes": float("nan") if earlier == "finished" else (time.time() - t0) / 60})
+                         "epoch_minutes": epoch_minutes(root / name)})
+            timed.append(((time.time() - t0) / 60, earlier))
             thresholds.append(m["thresholds_by_policy"])
             print(f"fold {k}{'' if seed is None else f' seed {seed}'}: "
-                  + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items()), flush=True)
+                  + " ".join(f"{key} {v:.4f}" for key, v in rows[-1].items())
+                  + f" minutes {minutes_text(*timed[-1])}", flush=True)
     ran = f"folds {', '.join(map(str, a.only))} of " if a.only is not None else ""
     print(f"\n{a.recipe} recipe, {ran}{a.folds}-fold patient-grouped CV on {a.data} ({len(samples)} images)")
     for key in rows[0]:
         v = np.array([r[key] for r in rows])
-        if key == "minutes" and np.isnan(v).any():  # a reused run's time is not known: those trained now
-            v = v[~np.isnan(v)] if (~np.isnan(v)).any() else v
         print(f"{key}: {v.mean():.4f} +- {v.std(ddof=1) if len(v) > 1 else 0:.4f}")
+    print(minutes_summary(timed))
     if len(thresholds) > 1:
         print("threshold chosen on validation, spread (max - min) over the runs above, per policy:")
         for policy in thresholds[0]:

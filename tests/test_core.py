@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import types
 from pathlib import Path, PureWindowsPath
 
 import numpy as np
@@ -494,6 +495,25 @@ def test_e2e_same_seed_same_history(e2e, tmp_path):
 # ----------------------------------------------------------------------------------------------
 # 7. Input errors: exit 2, one line naming the path, no run folder
 # ----------------------------------------------------------------------------------------------
+def test_a_class_folder_as_data_dir_names_the_folder_to_pass(tmp_path):
+    # --data-dir D/train/PNEUMONIA (images beside patient folders) was told "D/train/PNEUMONIA/train not found:
+    # DATA_DIR must hold train/<CLASS>/ folders", not the folder to pass.
+    for c in ("NORMAL", "PNEUMONIA"):
+        (tmp_path / "D" / "train" / c / "patient7").mkdir(parents=True)
+        (tmp_path / "D" / "train" / c / "patient7" / "img0.png").write_bytes(b"x")
+        (tmp_path / "D" / "train" / c / "img1.png").write_bytes(b"x")
+    folder = tmp_path / "D" / "train" / "PNEUMONIA"
+    advice = re.escape(f"{folder} is a class folder of the split folder {folder.parent}, not DATA_DIR: pass the "
+                       f"folder that holds train/, --data-dir {tmp_path / 'D'}")
+    with pytest.raises(train_cxr.CXRError, match=advice + "$"):
+        train_cxr.prepare_data(train_cxr.Config(data_dir=str(folder)))
+    # A DATA_DIR alone in a folder named train, without its own train/, keeps its error.
+    (tmp_path / "train" / "mine" / "NORMAL").mkdir(parents=True)
+    with pytest.raises(train_cxr.CXRError, match=r"mine/train not found: DATA_DIR must hold train/<CLASS>/"):
+        train_cxr.prepare_data(train_cxr.Config(data_dir=str(tmp_path / "train" / "mine")))
+
+
+
 def _no_dir(d, tmp_path):
     return tmp_path / "does_not_exist", [tmp_path / "does_not_exist"]
 
@@ -600,6 +620,37 @@ def test_a_run_folder_name_too_long_says_shorten_it(synth_root, tmp_path, monkey
     finally:
         train_cxr.setup_console_logging()  # closes any train.log handler
 
+
+def test_a_run_folder_path_too_long_for_windows_says_shorten_it(tmp_path, monkeypatch):
+    # Windows without long paths refuses a folder path of 248+ characters with ENOENT, not ENAMETOOLONG: it was
+    # told "choose a writable --output-dir". Checked with mocks only: os.name, and os.mkdir failing as Windows' does.
+    real_mkdir = os.mkdir
+
+    def windows_mkdir(path, *a, **k):
+        if len(os.path.abspath(path)) >= 248:
+            raise FileNotFoundError(errno.ENOENT, "The system cannot find the path specified", str(path))
+        return real_mkdir(path, *a, **k)
+    windows = types.ModuleType("os")  # train_cxr's os as on Windows; every other module keeps this machine's
+    windows.__getattr__ = lambda name: getattr(os, name)
+    windows.name = "nt"
+    monkeypatch.setattr(os, "mkdir", windows_mkdir)
+    monkeypatch.setattr(train_cxr, "os", windows)
+    (tmp_path / "runs").mkdir()  # main's look before any image is decoded says it already
+    with pytest.raises(train_cxr.CXRError, match=r"characters\): shorten --run-name or --output-dir \(Windows"):
+        train_cxr.check_run_dir_free(train_cxr.Config(output_dir=str(tmp_path / "runs"), run_name="x" * 250))
+    for out, name in ((tmp_path / "runs", "x" * 250), (tmp_path / ("y" * 250), "r")):
+        with pytest.raises(train_cxr.CXRError, match=r"characters\): shorten --run-name or --output-dir \(Windows"):
+            train_cxr.make_run_dir(train_cxr.Config(output_dir=str(out), run_name=name))
+    # A folder that is missing for another reason keeps its advice: the one it would be made in is missing too
+    # (on Windows mkdir makes missing folders above; a drive or share that is not there stays missing).
+    gone = FileNotFoundError(errno.ENOENT, "The system cannot find the path specified",
+                             str(tmp_path / "gone" / ("x" * 250)))
+    assert str(train_cxr.run_dir_error(Path(gone.filename), gone)).endswith("choose a writable --output-dir")
+    short = FileNotFoundError(errno.ENOENT, "The system cannot find the path specified", str(tmp_path / "r"))
+    assert str(train_cxr.run_dir_error(tmp_path / "r", short)).endswith("choose a writable --output-dir")
+    windows.name = "posix"  # and elsewhere ENOENT is never read as a long path
+    long = FileNotFoundError(errno.ENOENT, "No such file or directory", str(tmp_path / ("x" * 250)))
+    assert str(train_cxr.run_dir_error(tmp_path / ("x" * 250), long)).endswith("choose a writable --output-dir")
 
 def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
     # A sweep launched from a script: both runs named their folder by the same second, and the second

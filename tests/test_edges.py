@@ -547,12 +547,17 @@ def test_a_run_stopped_between_its_test_report_and_its_page_is_finished_by_resum
     assert "<h2>Test set</h2>" in page
     assert run(["--resume", rd]) == 2  # up to date now: refused as before
     assert "already finished" in one_error_line(capsys)
-    # The page deleted, or older than the metrics it shows: written again, the same page.
+    # The page deleted, or older than the metrics it shows: written again, the same page. The line says which
+    # it found: "the run stopped before writing it" was said of a page deleted by hand too.
     (rd / "report.html").unlink()
+    capsys.readouterr()
     assert run(["--resume", rd]) == 0 and (rd / "report.html").read_text() == page
+    said = capsys.readouterr().out
+    assert "its report.html was missing: written again" in said and "before writing it" not in said, said
     when = (rd / "test_metrics.json").stat().st_mtime
     os.utime(rd / "report.html", (when - 10, when - 10))
     assert run(["--resume", rd]) == 0 and (rd / "report.html").read_text() == page
+    assert "its report.html was older than its test_metrics.json: written again" in capsys.readouterr().out
     assert run(["--resume", rd]) == 2
 
 

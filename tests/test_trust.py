@@ -1017,11 +1017,16 @@ def test_quality_benchmark_goes_on_after_a_stop_with_the_same_out(tmp_path, monk
     assert f"fold 0: {run_dir} stopped in an earlier run of these settings: resumed" in out
     assert [r["epoch"] for r in read_csv(run_dir / "history.csv")] == ["1", "2"]
     line = [ln for ln in out.splitlines() if ln.startswith("fold 0: auc")][0]
+    # Its minutes were this session's, printed (and averaged) as the run's: said, and left out of the mean.
+    assert line.endswith("(resumed: this session only)") and "trained whole by this call (1 resumed)" in out
+    epochs = sum(float(r["seconds"]) for r in read_csv(run_dir / "history.csv")) / 60  # both sessions' epochs
+    assert f"epoch_minutes {epochs:.4f} minutes" in line
     assert quality.main() == 0  # finished: its figures again, without training
     out = capsys.readouterr().out
     assert f"fold 0: {run_dir} finished by an earlier run of these settings: its results are reused" in out
     again = [ln for ln in out.splitlines() if ln.startswith("fold 0: auc")][0]
-    assert again.split(" minutes ")[0] == line.split(" minutes ")[0] and again.endswith("minutes nan")
+    assert again.split(" minutes ")[0] == line.split(" minutes ")[0] and again.endswith("minutes reused (not timed)")
+    assert "minutes: not timed, no run was trained whole by this call (1 reused)" in out and " nan" not in out
     # Other settings in the same place are still refused: another --epochs, another fold (--seed).
     monkeypatch.setattr("sys.argv", [*argv[:-len(ONE_THREAD) - 2], "--epochs", "3", *ONE_THREAD])
     with pytest.raises(SystemExit, match=r"run was made with other settings: --epochs 3 \(the run's: 2\); pass"):
@@ -1035,6 +1040,21 @@ def test_quality_benchmark_goes_on_after_a_stop_with_the_same_out(tmp_path, monk
         quality.earlier_run(run_dir, [])
     assert (run_dir / "best_model.pt").is_file()
 
+
+def test_quality_benchmark_minutes_say_what_was_timed(tmp_path):
+    # A resumed run's minutes were its last session's, averaged with whole runs as if whole; a reused run's "nan".
+    quality = load_benchmark("quality")
+    (tmp_path / "history.csv").write_text("epoch,train_loss,seconds\n1,0.7,30.0\n2,0.6,90.0\n")
+    assert quality.epoch_minutes(tmp_path) == pytest.approx(2.0)
+    assert np.isnan(quality.epoch_minutes(tmp_path / "none"))
+    assert quality.minutes_text(1.5, "new") == "1.5000"
+    assert quality.minutes_text(0.5, "resume") == "0.5000 (resumed: this session only)"
+    assert quality.minutes_text(0.01, "finished") == "reused (not timed)"
+    assert quality.minutes_summary([(2.0, "new"), (4.0, "redo"), (0.5, "resume"), (0.0, "finished")]) == (
+        "minutes: 3.0000 +- 1.4142 (the 2 run(s) trained whole by this call; 1 resumed, 1 reused left out)")
+    assert quality.minutes_summary([(2.0, "new")]) == "minutes: 2.0000 +- 0.0000"
+    assert quality.minutes_summary([(0.5, "resume"), (0.0, "finished")]) == (
+        "minutes: not timed, no run was trained whole by this call (1 resumed, 1 reused): see epoch_minutes")
 
 def test_train_log_ends_with_the_time_per_phase(trained):
     import re

@@ -208,6 +208,26 @@ def test_a_class_folder_with_patient_sub_folders_is_named_as_one_class_folder_to
         train_cxr.split_from_folder(tmp_path / "NORMAL", ckpt, train_cxr.Config(), "test")
 
 
+def test_a_class_folder_typed_in_another_case_with_images_beside_patient_folders_is_named_too(tmp_path):
+    # D/test/pneumonia typed for PNEUMONIA/ (Windows and macOS open it), with images beside per-patient
+    # sub-folders: "has classes ['patient7', 'patient8']", after a warning to move the images into class folders.
+    ckpt = {"class_names": ["NORMAL", "PNEUMONIA"], "config": train_cxr.Config().to_dict()}
+    folder = tmp_path / "D" / "test" / "pneumonia"
+    for sub in ("patient7", "patient8"):
+        (folder / sub).mkdir(parents=True)
+        (folder / sub / "img0.png").write_bytes(b"x")
+    (folder / "img1.png").write_bytes(b"x")
+    for what, flag in (("test", "--data-dir"), ("recalibration", "--recalibrate")):
+        advice = re.escape(f"is the class folder of PNEUMONIA: pass the folder that holds every class folder "
+                           f"(NORMAL, PNEUMONIA), {flag} {tmp_path / 'D' / 'test'}")
+        with pytest.raises(train_cxr.CXRError, match=advice):
+            train_cxr.split_from_folder(folder, ckpt, train_cxr.Config(), what)
+    # Its sub-folders named as a class in another case: a folder of class folders, as before.
+    (tmp_path / "Normal" / "normal").mkdir(parents=True)
+    (tmp_path / "Normal" / "normal" / "img0.png").write_bytes(b"x")
+    with pytest.raises(train_cxr.CXRError, match="has only the class folder 'normal'"):
+        train_cxr.split_from_folder(tmp_path / "Normal", ckpt, train_cxr.Config(), "test")
+
 def test_predict_maps_explain_the_reported_label(trained, scans, tmp_path):
     folder, _, _, _ = scans
     ckpt_path = trained / "best_model.pt"
