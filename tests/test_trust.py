@@ -458,6 +458,20 @@ def test_cutoffs_the_guard_was_compared_with():
     assert not np.allclose(crossed, T.ood_scores(T.fit_ood_guard(train, labels, held, 0.99), held))
 
 
+def test_guard_cutoff_and_count_are_those_of_the_scores_the_stored_guard_gives():
+    # The fit scaled the zoomed-view part as (1 / (1 + e)) * w, ood_scores as w / (1 + e): the last bit could
+    # differ. 101 held-out images put the 99th percentile exactly on one of their scores, so the image at the
+    # cutoff passed in the fit's count (train.log's "score above it") and was flagged when scored by the guard.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        train, held, labels = gaussian_layers(rng, 60), gaussian_layers(rng, 101), rng.integers(0, 2, 60)
+        zoomed = [f * 1.5 + 1.0 for f in gaussian_layers(rng, 60)]
+        guard = T.fit_ood_guard(train, labels, held, 0.99, zoomed)
+        scores = T.ood_scores(guard, held)
+        assert guard["cutoff"] == np.quantile(scores, 0.99)
+        assert guard["held_out"] == {"n": 101, "above": int((scores > guard["cutoff"]).sum())}
+
+
 def test_a_dead_layer_does_not_make_the_guard_flag_everything():
     # A layer whose features are all zero (a ReLU that never fires) had median distance 0: the
     # scaled distances were nan, the cutoff nan, and every image was flagged.
