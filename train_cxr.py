@@ -2510,7 +2510,9 @@ def summary_table(res: dict) -> str:
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
                  else "none (--bootstrap 0, a class with a single test image, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
-        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({res['threshold_policy']})"))
+        # None: a checkpoint older than the setting, as the report page says it
+        policy = res["threshold_policy"] or "policy not recorded"
+        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({policy})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))
