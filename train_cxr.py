@@ -1989,9 +1989,10 @@ def fit_ood_guard(train_feats: list, train_labels, held_out_feats: list, quantil
     if "zoomed" in guard:
         # Scale the second part so that both flag the same share of held-out images on their own.
         q = 1 - (1 - quantile) / 2
-        guard["zoomed"]["weight"] = w = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
-        z = z * w
-    held_out = np.maximum(d, z)
+        guard["zoomed"]["weight"] = float(np.quantile(d, q) / max(np.quantile(z, q), 1e-12))
+    # Scored as every image is: z * w differed from ood_scores' w / (1 + e) in the last bit, and a cutoff that
+    # is one of these scores (np.quantile at a whole index) flagged that image on rescoring, not in the count.
+    held_out = ood_scores(guard, held_out_feats)
     guard["cutoff"] = float(np.quantile(held_out, quantile))
     guard["quantile"] = float(quantile)
     # What the cutoff means in images: the quantile of a few dozen is near their maximum, and the
@@ -2509,7 +2510,9 @@ def summary_table(res: dict) -> str:
     rows.append(("AUC 95% CI", f"{lo:.4f} - {hi:.4f}" if math.isfinite(lo) and math.isfinite(hi)
                  else "none (--bootstrap 0, a class with a single test image, or no resample kept both classes)"))
     if "sensitivity" in res:  # two classes
-        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({res['threshold_policy']})"))
+        # None: a checkpoint older than the setting, as the report page says it
+        policy = res["threshold_policy"] or "policy not recorded"
+        rows.append(("threshold", f"{threshold_text(res['threshold'])} ({policy})"))
         for k in ("accuracy", "sensitivity", "specificity", "precision", "f1"):
             rows.append((k, f"{res[k]:.4f}  (at 0.5: {res['at_0.5'][k]:.4f})"
                             + (f"  (in-distribution only: {ood[k]:.4f})" if ood else "")))

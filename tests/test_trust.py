@@ -291,6 +291,23 @@ def test_in_distribution_only_metrics_leave_out_the_flagged_images(tmp_path):
     assert res["ood"]["in_distribution_only"]["counts"] == expected["counts"]
 
 
+def test_summary_of_a_checkpoint_older_than_the_policy_setting_names_no_policy_none(tmp_path):
+    # A checkpoint made before threshold_policy was stored has a threshold (Youden's J on the raw scores) and no
+    # policy: --evaluate's console summary printed "threshold 0.5000 (None)", where its report page says
+    # "policy not recorded".
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(T.Config(), img_size=32, channels=(4, 8, 8, 16), fc_hidden=12, bootstrap=0,
+                              num_gradcam_images=0)
+    model = T.CustomCNN(**T.model_kwargs(cfg, 2)).eval()
+    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 36, 36), dtype=np.uint8))
+    ckpt = {"config": cfg.to_dict(), "class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "img_size": 32,
+            "normalization": {"mode": "image"}, "threshold": 0.5}
+    res = T.test_report(model, ckpt, T.Split(images, torch.arange(12) % 2, [f"{i}.png" for i in range(12)]),
+                        T.Runtime(torch.device("cpu"), None, channels_last=False), tmp_path)
+    threshold_row = next(ln for ln in T.summary_table(res).splitlines() if ln.strip().startswith("threshold"))
+    assert threshold_row.endswith("0.5000 (policy not recorded)")
+
+
 def test_zoomed_view_part_flags_what_the_mahalanobis_part_misses():
     # A small shift spread over many features: the distance averaged over layers hardly notices
     # it, while the logistic part, shown such "zoomed" features at fit time, projects onto it.
@@ -456,6 +473,20 @@ def test_cutoffs_the_guard_was_compared_with():
     on_even = T.fit_ood_guard(train, labels, [f[0::2] for f in held], 0.99)
     np.testing.assert_allclose(crossed[1::2], T.ood_scores(on_even, [f[1::2] for f in held]))
     assert not np.allclose(crossed, T.ood_scores(T.fit_ood_guard(train, labels, held, 0.99), held))
+
+
+def test_guard_cutoff_and_count_are_those_of_the_scores_the_stored_guard_gives():
+    # The fit scaled the zoomed-view part as (1 / (1 + e)) * w, ood_scores as w / (1 + e): the last bit could
+    # differ. 101 held-out images put the 99th percentile exactly on one of their scores, so the image at the
+    # cutoff passed in the fit's count (train.log's "score above it") and was flagged when scored by the guard.
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        train, held, labels = gaussian_layers(rng, 60), gaussian_layers(rng, 101), rng.integers(0, 2, 60)
+        zoomed = [f * 1.5 + 1.0 for f in gaussian_layers(rng, 60)]
+        guard = T.fit_ood_guard(train, labels, held, 0.99, zoomed)
+        scores = T.ood_scores(guard, held)
+        assert guard["cutoff"] == np.quantile(scores, 0.99)
+        assert guard["held_out"] == {"n": 101, "above": int((scores > guard["cutoff"]).sum())}
 
 
 def test_a_dead_layer_does_not_make_the_guard_flag_everything():
