@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--demo", action="store_true", default=False,
                        help=f"generate synthetic X-rays and run everything with small settings: {demo} (a typed "
                             "flag wins)")
-    modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
+    modes.add_argument("--predict", nargs="+", metavar="PATH", default=None,
+                       help="files or folders to classify; marks the byte-identical copies of the model's "
+                            "training images")
     modes.add_argument("--evaluate", action="store_true", default=False,
                        help="test report of --checkpoint on --data-dir; counts the folder's byte-identical "
                             "copies of the model's training images")
@@ -2864,22 +2866,38 @@ def digest_table(digests) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 20).copy())
 
 
+def seen_copies(ckpt: dict, digests) -> list | None:
+    """Per file digest (hex; None for an empty or unreadable file), whether a file with those bytes is one the
+    checkpoint's model was trained or validated on (its trained_on_sha1); None for a checkpoint made before it
+    kept them. Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file here."""
+    if ckpt.get("trained_on_sha1") is None:
+        return None
+    known = {row.tobytes() for row in ckpt["trained_on_sha1"].numpy()}
+    return [d is not None and bytes.fromhex(d) in known for d in digests]
+
+
+def training_copies(ckpt: dict, paths: list, where, source, then: str = "") -> list | None:
+    """seen_copies of `paths` (the files in `where`), warned in one line ending in `then` (by default what it
+    means for --evaluate's and --recalibrate's figures); None, said once, for a checkpoint made before it kept
+    the digests."""
+    then = then or "the figures are optimistic for them; remove them to measure the model on images it has not seen"
+    flags = seen_copies(ckpt, [file_sha1(p) for p in paths])
+    if flags is None:
+        log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
+                    f"whether {where} holds copies of them cannot be checked")
+        return None
+    copies = [p for p, seen in zip(paths, flags) if seen]
+    if copies:
+        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {where} are byte-identical copies of "
+                    f"images {source} was trained or validated on (e.g. {as_text(copies[0])}): {then}")
+    return flags
+
+
 def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source) -> int | None:
     """How many of `paths` are byte-identical copies of files the checkpoint's model was trained or validated
-    on (its trained_on_sha1), warned in one line; None, said once, for a checkpoint made before it kept them.
-    Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file here."""
-    known = ckpt.get("trained_on_sha1")
-    if known is None:
-        log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
-                    f"whether {folder} holds copies of them cannot be checked")
-        return None
-    known = {row.tobytes() for row in known.numpy()}
-    copies = [p for p in paths if (d := file_sha1(p)) is not None and bytes.fromhex(d) in known]
-    if copies:
-        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {folder} are byte-identical copies of "
-                    f"images {source} was trained or validated on (e.g. {as_text(copies[0])}): the figures are "
-                    "optimistic for them; remove them to measure the model on images it has not seen")
-    return len(copies)
+    on, warned in one line; None, said once, for a checkpoint made before it kept their digests."""
+    flags = training_copies(ckpt, paths, folder, source)
+    return None if flags is None else sum(flags)
 
 
 def same_group_for_copies(groups: list, digests: list) -> list:
@@ -3707,6 +3725,11 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         except ValueError:  # Windows: files on two drives (C:, D:) share no folder; their full paths then
             shown_as = [os.path.abspath(f) for f in files]
     shown_as = [as_text(Path(n).as_posix()) for n in shown_as]
+    # A training image scored again gets the label it was taught: no evidence of how the model does on new ones
+    where = args.predict[0] if len(args.predict) == 1 else "the --predict list"
+    seen = training_copies(ckpt, files, where, args.checkpoint,
+                           "the model has seen them, so their predictions say nothing of how it does on new images "
+                           "(copy_of_training_image in predictions.csv)")
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
@@ -3720,8 +3743,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
                      names=shown_as[part], save_arrays=cfg.save_cam_arrays)
-    write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
-                                                            bool(ckpt.get("ood"))))
+    header, rows = prediction_rows(files, sc, classes, ckpt.get("threshold"), bool(ckpt.get("ood")))
+    # Last, so the columns before it keep their places; empty (unknown) for a checkpoint without the digests
+    write_csv(run_dir / "predictions.csv", [*header, "copy_of_training_image"],
+              [[*r, "" if seen is None else seen[k]] for k, r in enumerate(rows)])
     shown = 25
     name_w = min(40, max(len(n) for n in shown_as))
     # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay

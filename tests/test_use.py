@@ -88,7 +88,8 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     classes, thr = ckpt["class_names"], ckpt["threshold"]
     assert classes == ["NORMAL", "PNEUMONIA"] and isinstance(thr, float)
     assert list(rows[0].keys()) == ["path", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold",
-                                    "ood_score", "in_distribution"]
+                                    "ood_score", "in_distribution", "copy_of_training_image"]
+    assert {r["copy_of_training_image"] for r in rows} == {"False"}  # test images: none was trained on
     cutoff = ckpt["ood"]["cutoff"]
     for r in rows:  # synthetic test images are like the synthetic training images
         assert r["in_distribution"] == str(float(r["ood_score"]) <= cutoff)
@@ -321,6 +322,30 @@ def test_recalibrate_counts_copies_of_training_images(trained, with_copies, tmp_
     assert f"warning: 3 of the 53 images in {with_copies} are byte-identical copies" in log_text
     assert json.loads((tmp_path / "r" / "recalibration.json").read_text())["copies_of_training_images"] == 3
     assert "3 of them are copies of images the model was trained" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_predict_marks_copies_of_training_images(trained, with_copies, tmp_path):
+    # --predict on a folder holding training images gave their (taught) labels without a word.
+    common = ["--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD, *CPU]
+    assert run(["--predict", with_copies, "--checkpoint", trained, "--run-name", "p", *common]) == 0
+    warned = [ln for ln in (tmp_path / "p" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: 3 of the 53 images in {with_copies} "), warned
+    assert "site_" in warned[0] and "copy_of_training_image in predictions.csv" in warned[0]
+    rows = read_csv(tmp_path / "p" / "predictions.csv")
+    assert sorted(Path(r["path"]).name for r in rows if r["copy_of_training_image"] == "True") == \
+        ["site_0.png", "site_1.png", "site_2.png"]
+    assert {r["copy_of_training_image"] for r in rows if "site_" not in r["path"]} == {"False"}
+    # A checkpoint made before the digests were kept: one note, and the column empty (unknown), not False.
+    ckpt = torch.load(trained / "best_model.pt", weights_only=True)
+    ckpt.pop("trained_on_sha1", None)
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert run(["--predict", with_copies, "--checkpoint", tmp_path / "old.pt", "--run-name", "o", *common]) == 0
+    log_text = (tmp_path / "o" / "train.log").read_text()
+    assert "byte-identical" not in log_text
+    assert [ln for ln in log_text.splitlines() if "cannot be checked" in ln] == [
+        f"note: {tmp_path / 'old.pt'} was made before checkpoints kept the digests of their training images, so "
+        f"whether {with_copies} holds copies of them cannot be checked"]
+    assert {r["copy_of_training_image"] for r in read_csv(tmp_path / "o" / "predictions.csv")} == {""}
 
 
 # ----------------------------------------------------------------------------------------------
