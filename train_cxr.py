@@ -2868,35 +2868,39 @@ def digest_table(digests) -> torch.Tensor:
 
 def seen_copies(ckpt: dict, digests) -> list | None:
     """Per file digest (hex; None for an empty or unreadable file), whether a file with those bytes is one the
-    checkpoint's model was trained or validated on (its trained_on_sha1); None for a checkpoint made before it
-    kept them. Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file here."""
+    checkpoint's model was trained or validated on (its trained_on_sha1) or a --recalibrate refitted its
+    calibration, threshold and cutoff on (recalibrated_on_sha1, absent before that); None for a checkpoint made
+    before it kept them. Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file."""
     if ckpt.get("trained_on_sha1") is None:
         return None
-    known = {row.tobytes() for row in ckpt["trained_on_sha1"].numpy()}
+    known = {row.tobytes() for key in ("trained_on_sha1", "recalibrated_on_sha1") if ckpt.get(key) is not None
+             for row in ckpt[key].numpy()}
     return [d is not None and bytes.fromhex(d) in known for d in digests]
 
 
-def training_copies(ckpt: dict, paths: list, where, source, then: str = "") -> list | None:
-    """seen_copies of `paths` (the files in `where`), warned in one line ending in `then` (by default what it
-    means for --evaluate's and --recalibrate's figures); None, said once, for a checkpoint made before it kept
-    the digests."""
+def training_copies(ckpt: dict, paths: list, where, source, then: str = "", digests=None) -> list | None:
+    """seen_copies of `paths` (the files in `where`; their file_sha1s if `digests` is given), warned in one line
+    ending in `then` (by default what it means for --evaluate's and --recalibrate's figures); None, said once,
+    for a checkpoint made before it kept the digests."""
     then = then or "the figures are optimistic for them; remove them to measure the model on images it has not seen"
-    flags = seen_copies(ckpt, [file_sha1(p) for p in paths])
+    flags = seen_copies(ckpt, [file_sha1(p) for p in paths] if digests is None else digests)
     if flags is None:
         log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
                     f"whether {where} holds copies of them cannot be checked")
         return None
     copies = [p for p, seen in zip(paths, flags) if seen]
     if copies:
+        fitted = ("trained, validated or recalibrated" if ckpt.get("recalibrated_on_sha1") is not None
+                  else "trained or validated")
         log.warning(f"warning: {len(copies)} of the {len(paths)} images in {where} are byte-identical copies of "
-                    f"images {source} was trained or validated on (e.g. {as_text(copies[0])}): {then}")
+                    f"images {source} was {fitted} on (e.g. {as_text(copies[0])}): {then}")
     return flags
 
 
-def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source) -> int | None:
-    """How many of `paths` are byte-identical copies of files the checkpoint's model was trained or validated
-    on, warned in one line; None, said once, for a checkpoint made before it kept their digests."""
-    flags = training_copies(ckpt, paths, folder, source)
+def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source, digests=None) -> int | None:
+    """How many of `paths` are byte-identical copies of files the checkpoint's model was trained, validated or
+    recalibrated on, warned in one line; None, said once, for a checkpoint made before it kept their digests."""
+    flags = training_copies(ckpt, paths, folder, source, digests=digests)
     return None if flags is None else sum(flags)
 
 
@@ -3818,7 +3822,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
-    copies = copies_of_training_images(ckpt, split.paths, folder, args.checkpoint)  # "before" and "after" alike
+    digests = [file_sha1(p) for p in split.paths]
+    # Copies of what the checkpoint had seen before this folder: "before" and "after" alike
+    copies = copies_of_training_images(ckpt, split.paths, folder, args.checkpoint, digests)
     # The checkpoint's fitted policy; one without (last.pt, a stopped run) has its run's --threshold-policy.
     # Its run's: a checkpoint made before the setting was (Youden's J) is not given today's constant.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
@@ -3836,6 +3842,11 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                             "from_checkpoint": str(Path(args.checkpoint).resolve()),
                             "date": _dt.datetime.now().isoformat(timespec="seconds"),
                             "before": {k: ckpt.get(k) for k in replaced} | {"ood": old_guard}}
+    # The folder the new calibration and threshold are fitted on, beside an earlier recalibration's (whose guard
+    # cutoff may be kept): an --evaluate of the new model on it counts its images as copies (~20 bytes an image)
+    earlier = ([r.tobytes().hex() for r in ckpt["recalibrated_on_sha1"].numpy()]
+               if ckpt.get("recalibrated_on_sha1") is not None else [])
+    new["recalibrated_on_sha1"] = digest_table([*earlier, *digests])
     if guard:
         q = cfg.ood_quantile if "ood_quantile" in args.given else float(guard["quantile"])
         new["ood"], site_cut = refit_ood_cutoff(guard, before["ood_score"], q, folder.resolve())

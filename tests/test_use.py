@@ -324,6 +324,29 @@ def test_recalibrate_counts_copies_of_training_images(trained, with_copies, tmp_
     assert "3 of them are copies of images the model was trained" in (tmp_path / "r" / "report.html").read_text()
 
 
+def test_recalibrated_model_counts_its_recalibration_folder_as_seen(trained, synth_root, with_copies, tmp_path):
+    # The operating point of a recalibrated model is fitted on its folder: an --evaluate of that folder with it
+    # reported 3 copies (the training images among them), as though the other 50 were new to it.
+    common = ["--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD, *CPU]
+    assert run(["--recalibrate", with_copies, "--checkpoint", trained, "--run-name", "r", *common]) == 0
+    new = train_cxr.load_checkpoint(tmp_path / "r")
+    digests = new["recalibrated_on_sha1"]
+    assert digests.dtype == torch.uint8 and digests.shape == (53, 20)  # a row per file of the folder
+    assert torch.equal(new["trained_on_sha1"], train_cxr.load_checkpoint(trained)["trained_on_sha1"])  # unchanged
+    assert run(["--evaluate", "--checkpoint", tmp_path / "r", "--data-dir", with_copies, "--run-name", "e",
+                "--bootstrap", 0, "--num-gradcam-images", 0, *common]) == 0
+    warned = [ln for ln in (tmp_path / "e" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"warning: 53 of the 53 images in {with_copies} are byte-identical copies of images {tmp_path / 'r'} was "
+        "trained, validated or recalibrated on"), warned
+    assert json.loads((tmp_path / "e" / "test_metrics.json").read_text())["copies_of_training_images"] == 53
+    # A second recalibration keeps the first folder's digests beside its own: 53 and the 150 of train/, 3 shared.
+    assert run(["--recalibrate", synth_root / "train", "--checkpoint", tmp_path / "r", "--run-name", "r2",
+                *common]) == 0
+    assert json.loads((tmp_path / "r2" / "recalibration.json").read_text())["copies_of_training_images"] == 150
+    assert train_cxr.load_checkpoint(tmp_path / "r2")["recalibrated_on_sha1"].shape == (200, 20)
+
+
 def test_predict_marks_copies_of_training_images(trained, with_copies, tmp_path):
     # --predict on a folder holding training images gave their (taught) labels without a word.
     common = ["--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD, *CPU]
