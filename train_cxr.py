@@ -2424,7 +2424,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                 checks: dict | None = None) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
     checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own.
-    checks: what --evaluate found about the folder (copies_of_training_images), kept beside n."""
+    checks: what was found about the folder (copies_of_training_images), kept beside n."""
     cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
@@ -2633,7 +2633,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                      f"({m.get('threshold_policy') or 'policy not recorded'})")
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
-        if m.get("copies_of_training_images"):  # --evaluate's count; absent in a training run's report
+        if m.get("copies_of_training_images"):  # absent in reports made before training runs counted them
             line += (f"; {m['copies_of_training_images']} of the {m['n']} images are copies of images the model was "
                      "trained or validated on: optimistic for them")
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
@@ -3366,7 +3366,10 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
-        res = test_report(model, best, test_s, rt, run_dir)
+        # The count --evaluate writes, beside the figures (the log warned of train/test copies at the start)
+        seen = seen_copies(best, [file_sha1(p) for p in test_s.paths])
+        res = test_report(model, best, test_s, rt, run_dir,
+                          {"copies_of_training_images": None if seen is None else sum(seen)})
         log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
     log.info(f"everything is in {run_dir}")
     return 0

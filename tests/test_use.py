@@ -255,9 +255,10 @@ def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
                 *ONE_THREAD, *CPU]) == 0
     want = json.loads((trained / "test_metrics.json").read_text())
     got = json.loads((out / "e" / "test_metrics.json").read_text())
-    assert want["n"] == got["n"] == 50
+    assert want["n"] == got["n"] == 50 and want["copies_of_training_images"] == 0
     for key in ("class_names", "positive_class", "auc", "auc_ci95", "threshold", "accuracy", "sensitivity",
-                "specificity", "confusion_matrix", "at_0.5", "ece", "ood", "threshold_policy"):
+                "specificity", "confusion_matrix", "at_0.5", "ece", "ood", "threshold_policy",
+                "copies_of_training_images"):
         assert got[key] == want[key], key
     for key in ("mean_share_in_box", "uniform_share", "n_images"):
         assert got["gradcam"][key] == pytest.approx(want["gradcam"][key], abs=1e-4), key
