@@ -318,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     modes.add_argument("--demo", action="store_true", default=False,
                        help=f"generate synthetic X-rays and run everything with small settings: {demo} (a typed "
                             "flag wins)")
-    modes.add_argument("--predict", nargs="+", metavar="PATH", default=None, help="files or folders to classify")
+    modes.add_argument("--predict", nargs="+", metavar="PATH", default=None,
+                       help="files or folders to classify; marks the byte-identical copies of the model's "
+                            "training images")
     modes.add_argument("--evaluate", action="store_true", default=False,
                        help="test report of --checkpoint on --data-dir; counts the folder's byte-identical "
                             "copies of the model's training images")
@@ -2423,7 +2425,7 @@ def test_report(model: nn.Module, ckpt: dict, test: Split, rt: Runtime, run_dir:
                 checks: dict | None = None) -> dict:
     """test_metrics.json, test_predictions.csv, the test figures and the Grad-CAM gallery of a
     checkpoint, with the bootstrap and gallery settings in its config: the run's, or --evaluate's own.
-    checks: what --evaluate found about the folder (copies_of_training_images), kept beside n."""
+    checks: what was found about the folder (copies_of_training_images), kept beside n."""
     cfg = Config.from_dict(ckpt["config"])
     class_names, pos = ckpt["class_names"], ckpt["positive_class"]
     sc = score_images(model, ckpt, test.images, rt, desc="test")
@@ -2634,7 +2636,7 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
                      f"({m.get('threshold_policy') or 'policy not recorded'})")
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
-        if m.get("copies_of_training_images"):  # --evaluate's count; absent in a training run's report
+        if m.get("copies_of_training_images"):  # absent in reports made before training runs counted them
             line += (f"; {m['copies_of_training_images']} of the {m['n']} images are copies of images the model was "
                      "trained or validated on: optimistic for them")
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
@@ -2867,22 +2869,42 @@ def digest_table(digests) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(b"".join(rows), dtype=np.uint8).reshape(-1, 20).copy())
 
 
-def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source) -> int | None:
-    """How many of `paths` are byte-identical copies of files the checkpoint's model was trained or validated
-    on (its trained_on_sha1), warned in one line; None, said once, for a checkpoint made before it kept them.
-    Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file here."""
-    known = ckpt.get("trained_on_sha1")
-    if known is None:
-        log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
-                    f"whether {folder} holds copies of them cannot be checked")
+def seen_copies(ckpt: dict, digests) -> list | None:
+    """Per file digest (hex; None for an empty or unreadable file), whether a file with those bytes is one the
+    checkpoint's model was trained or validated on (its trained_on_sha1) or a --recalibrate refitted its
+    calibration, threshold and cutoff on (recalibrated_on_sha1, absent before that); None for a checkpoint made
+    before it kept them. Bytes only: a copy re-encoded (PNG saved as JPEG, a DICOM re-exported) is another file."""
+    if ckpt.get("trained_on_sha1") is None:
         return None
-    known = {row.tobytes() for row in known.numpy()}
-    copies = [p for p in paths if (d := file_sha1(p)) is not None and bytes.fromhex(d) in known]
+    known = {row.tobytes() for key in ("trained_on_sha1", "recalibrated_on_sha1") if ckpt.get(key) is not None
+             for row in ckpt[key].numpy()}
+    return [d is not None and bytes.fromhex(d) in known for d in digests]
+
+
+def training_copies(ckpt: dict, paths: list, where, source, then: str = "", digests=None) -> list | None:
+    """seen_copies of `paths` (the files in `where`; their file_sha1s if `digests` is given), warned in one line
+    ending in `then` (by default what it means for --evaluate's and --recalibrate's figures); None, said once,
+    for a checkpoint made before it kept the digests."""
+    then = then or "the figures are optimistic for them; remove them to measure the model on images it has not seen"
+    flags = seen_copies(ckpt, [file_sha1(p) for p in paths] if digests is None else digests)
+    if flags is None:
+        log.warning(f"note: {source} was made before checkpoints kept the digests of their training images, so "
+                    f"whether {where} holds copies of them cannot be checked")
+        return None
+    copies = [p for p, seen in zip(paths, flags) if seen]
     if copies:
-        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {folder} are byte-identical copies of "
-                    f"images {source} was trained or validated on (e.g. {as_text(copies[0])}): the figures are "
-                    "optimistic for them; remove them to measure the model on images it has not seen")
-    return len(copies)
+        fitted = ("trained, validated or recalibrated" if ckpt.get("recalibrated_on_sha1") is not None
+                  else "trained or validated")
+        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {where} are byte-identical copies of "
+                    f"images {source} was {fitted} on (e.g. {as_text(copies[0])}): {then}")
+    return flags
+
+
+def copies_of_training_images(ckpt: dict, paths: list, folder: Path, source, digests=None) -> int | None:
+    """How many of `paths` are byte-identical copies of files the checkpoint's model was trained, validated or
+    recalibrated on, warned in one line; None, said once, for a checkpoint made before it kept their digests."""
+    flags = training_copies(ckpt, paths, folder, source, digests=digests)
+    return None if flags is None else sum(flags)
 
 
 def same_group_for_copies(groups: list, digests: list) -> list:
@@ -3371,7 +3393,10 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
-        res = test_report(model, best, test_s, rt, run_dir)
+        # The count --evaluate writes, beside the figures (the log warned of train/test copies at the start)
+        seen = seen_copies(best, [file_sha1(p) for p in test_s.paths])
+        res = test_report(model, best, test_s, rt, run_dir,
+                          {"copies_of_training_images": None if seen is None else sum(seen)})
         log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
     log.info(f"everything is in {run_dir}")
     return 0
@@ -3739,6 +3764,11 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
         except ValueError:  # Windows: files on two drives (C:, D:) share no folder; their full paths then
             shown_as = [os.path.abspath(f) for f in files]
     shown_as = [as_text(Path(n).as_posix()) for n in shown_as]
+    # A training image scored again gets the label it was taught: no evidence of how the model does on new ones
+    where = args.predict[0] if len(args.predict) == 1 else "the --predict list"
+    seen = training_copies(ckpt, files, where, args.checkpoint,
+                           "the model has seen them, so their predictions say nothing of how it does on new images "
+                           "(copy_of_training_image in predictions.csv)")
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")
     probs, preds, inside = sc["probs"], sc["preds"], sc["in_distribution"]
@@ -3752,8 +3782,10 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
                      images[part], gradcam_maps(model, images[part], preds[part], ckpt, rt),
                      {k: v[part] for k, v in sc.items()}, ckpt,
                      names=shown_as[part], save_arrays=cfg.save_cam_arrays)
-    write_csv(run_dir / "predictions.csv", *prediction_rows(files, sc, classes, ckpt.get("threshold"),
-                                                            bool(ckpt.get("ood"))))
+    header, rows = prediction_rows(files, sc, classes, ckpt.get("threshold"), bool(ckpt.get("ood")))
+    # Last, so the columns before it keep their places; empty (unknown) for a checkpoint without the digests
+    write_csv(run_dir / "predictions.csv", [*header, "copy_of_training_image"],
+              [[*r, "" if seen is None else seen[k]] for k, r in enumerate(rows)])
     shown = 25
     name_w = min(40, max(len(n) for n in shown_as))
     # Two classes: P(positive), which the threshold cuts; more: the label's own probability, as its overlay
@@ -3825,7 +3857,9 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
         raise CXRError(f"--ood-quantile: {args.checkpoint} has no out-of-distribution guard whose cutoff could be "
                        "refitted; drop the flag")
     split = split_from_folder(folder, ckpt, cfg, "recalibration")
-    copies = copies_of_training_images(ckpt, split.paths, folder, args.checkpoint)  # "before" and "after" alike
+    digests = [file_sha1(p) for p in split.paths]
+    # Copies of what the checkpoint had seen before this folder: "before" and "after" alike
+    copies = copies_of_training_images(ckpt, split.paths, folder, args.checkpoint, digests)
     # The checkpoint's fitted policy; one without (last.pt, a stopped run) has its run's --threshold-policy.
     # Its run's: a checkpoint made before the setting was (Youden's J) is not given today's constant.
     policy = (cfg.threshold_policy if "threshold_policy" in args.given
@@ -3843,6 +3877,11 @@ def recalibrate(cfg: Config, args, rt: Runtime) -> int:
                             "from_checkpoint": str(Path(args.checkpoint).resolve()),
                             "date": _dt.datetime.now().isoformat(timespec="seconds"),
                             "before": {k: ckpt.get(k) for k in replaced} | {"ood": old_guard}}
+    # The folder the new calibration and threshold are fitted on, beside an earlier recalibration's (whose guard
+    # cutoff may be kept): an --evaluate of the new model on it counts its images as copies (~20 bytes an image)
+    earlier = ([r.tobytes().hex() for r in ckpt["recalibrated_on_sha1"].numpy()]
+               if ckpt.get("recalibrated_on_sha1") is not None else [])
+    new["recalibrated_on_sha1"] = digest_table([*earlier, *digests])
     if guard:
         q = cfg.ood_quantile if "ood_quantile" in args.given else float(guard["quantile"])
         new["ood"], site_cut = refit_ood_cutoff(guard, before["ood_score"], q, folder.resolve())

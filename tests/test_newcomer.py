@@ -500,6 +500,11 @@ def test_duplicates_across_splits_are_counted(data_copy, tmp_path, capsys):
     line = [x for x in out.splitlines() if "byte-identical" in x]
     assert len(line) == 1 and line[0].startswith("warning: 5 file(s)"), out[-1500:]
     assert str(train_files[0]) in line[0] or "copy_" in line[0]
+    # and beside the test figures, as --evaluate and --recalibrate count them: the log's warning alone said so
+    run_dir = tmp_path / "runs" / "dups"
+    metrics = json.loads((run_dir / "test_metrics.json").read_text())
+    assert metrics["n"] == 55 and metrics["copies_of_training_images"] == 5
+    assert "5 of the 55 images are copies of images the model was" in (run_dir / "report.html").read_text()
 
 
 def test_no_duplicate_warning_for_distinct_files(synth_root, tmp_path, capsys):

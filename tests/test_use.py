@@ -88,7 +88,8 @@ def test_predict_folders_and_files(trained, scans, tmp_path, capsys):
     classes, thr = ckpt["class_names"], ckpt["threshold"]
     assert classes == ["NORMAL", "PNEUMONIA"] and isinstance(thr, float)
     assert list(rows[0].keys()) == ["path", "predicted", "prob_NORMAL", "prob_PNEUMONIA", "threshold",
-                                    "ood_score", "in_distribution"]
+                                    "ood_score", "in_distribution", "copy_of_training_image"]
+    assert {r["copy_of_training_image"] for r in rows} == {"False"}  # test images: none was trained on
     cutoff = ckpt["ood"]["cutoff"]
     for r in rows:  # synthetic test images are like the synthetic training images
         assert r["in_distribution"] == str(float(r["ood_score"]) <= cutoff)
@@ -274,9 +275,10 @@ def test_evaluate_reproduces_test_metrics(trained, synth_root, tmp_path, where):
                 *ONE_THREAD, *CPU]) == 0
     want = json.loads((trained / "test_metrics.json").read_text())
     got = json.loads((out / "e" / "test_metrics.json").read_text())
-    assert want["n"] == got["n"] == 50
+    assert want["n"] == got["n"] == 50 and want["copies_of_training_images"] == 0
     for key in ("class_names", "positive_class", "auc", "auc_ci95", "threshold", "accuracy", "sensitivity",
-                "specificity", "confusion_matrix", "at_0.5", "ece", "ood", "threshold_policy"):
+                "specificity", "confusion_matrix", "at_0.5", "ece", "ood", "threshold_policy",
+                "copies_of_training_images"):
         assert got[key] == want[key], key
     for key in ("mean_share_in_box", "uniform_share", "n_images"):
         assert got["gradcam"][key] == pytest.approx(want["gradcam"][key], abs=1e-4), key
@@ -341,6 +343,53 @@ def test_recalibrate_counts_copies_of_training_images(trained, with_copies, tmp_
     assert f"warning: 3 of the 53 images in {with_copies} are byte-identical copies" in log_text
     assert json.loads((tmp_path / "r" / "recalibration.json").read_text())["copies_of_training_images"] == 3
     assert "3 of them are copies of images the model was trained" in (tmp_path / "r" / "report.html").read_text()
+
+
+def test_recalibrated_model_counts_its_recalibration_folder_as_seen(trained, synth_root, with_copies, tmp_path):
+    # The operating point of a recalibrated model is fitted on its folder: an --evaluate of that folder with it
+    # reported 3 copies (the training images among them), as though the other 50 were new to it.
+    common = ["--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD, *CPU]
+    assert run(["--recalibrate", with_copies, "--checkpoint", trained, "--run-name", "r", *common]) == 0
+    new = train_cxr.load_checkpoint(tmp_path / "r")
+    digests = new["recalibrated_on_sha1"]
+    assert digests.dtype == torch.uint8 and digests.shape == (53, 20)  # a row per file of the folder
+    assert torch.equal(new["trained_on_sha1"], train_cxr.load_checkpoint(trained)["trained_on_sha1"])  # unchanged
+    assert run(["--evaluate", "--checkpoint", tmp_path / "r", "--data-dir", with_copies, "--run-name", "e",
+                "--bootstrap", 0, "--num-gradcam-images", 0, *common]) == 0
+    warned = [ln for ln in (tmp_path / "e" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert len(warned) == 1 and warned[0].startswith(
+        f"warning: 53 of the 53 images in {with_copies} are byte-identical copies of images {tmp_path / 'r'} was "
+        "trained, validated or recalibrated on"), warned
+    assert json.loads((tmp_path / "e" / "test_metrics.json").read_text())["copies_of_training_images"] == 53
+    # A second recalibration keeps the first folder's digests beside its own: 53 and the 150 of train/, 3 shared.
+    assert run(["--recalibrate", synth_root / "train", "--checkpoint", tmp_path / "r", "--run-name", "r2",
+                *common]) == 0
+    assert json.loads((tmp_path / "r2" / "recalibration.json").read_text())["copies_of_training_images"] == 150
+    assert train_cxr.load_checkpoint(tmp_path / "r2")["recalibrated_on_sha1"].shape == (200, 20)
+
+
+def test_predict_marks_copies_of_training_images(trained, with_copies, tmp_path):
+    # --predict on a folder holding training images gave their (taught) labels without a word.
+    common = ["--output-dir", tmp_path, "--num-workers", 0, *ONE_THREAD, *CPU]
+    assert run(["--predict", with_copies, "--checkpoint", trained, "--run-name", "p", *common]) == 0
+    warned = [ln for ln in (tmp_path / "p" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert len(warned) == 1 and warned[0].startswith(f"warning: 3 of the 53 images in {with_copies} "), warned
+    assert "site_" in warned[0] and "copy_of_training_image in predictions.csv" in warned[0]
+    rows = read_csv(tmp_path / "p" / "predictions.csv")
+    assert sorted(Path(r["path"]).name for r in rows if r["copy_of_training_image"] == "True") == \
+        ["site_0.png", "site_1.png", "site_2.png"]
+    assert {r["copy_of_training_image"] for r in rows if "site_" not in r["path"]} == {"False"}
+    # A checkpoint made before the digests were kept: one note, and the column empty (unknown), not False.
+    ckpt = torch.load(trained / "best_model.pt", weights_only=True)
+    ckpt.pop("trained_on_sha1", None)
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert run(["--predict", with_copies, "--checkpoint", tmp_path / "old.pt", "--run-name", "o", *common]) == 0
+    log_text = (tmp_path / "o" / "train.log").read_text()
+    assert "byte-identical" not in log_text
+    assert [ln for ln in log_text.splitlines() if "cannot be checked" in ln] == [
+        f"note: {tmp_path / 'old.pt'} was made before checkpoints kept the digests of their training images, so "
+        f"whether {with_copies} holds copies of them cannot be checked"]
+    assert {r["copy_of_training_image"] for r in read_csv(tmp_path / "o" / "predictions.csv")} == {""}
 
 
 # ----------------------------------------------------------------------------------------------
