@@ -941,6 +941,16 @@ def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
     return np.ascontiguousarray(upright.astype(dtype.newbyteorder("=")))
 
 
+LUMA_PER_1000 = (299, 587, 114)  # ITU-R 601-2 luma of R, G, B: the weights of Pillow's convert("L")
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The gray of an array of R, G, B (last axis) as float64, by the weights an 8-bit colour PNG or JPEG gets from
+    Pillow: a colour DICOM or 16-bit colour PNG took the channel mean, so one picture decoded differently by
+    format. Whole weights over 1000: equal channels give their value exactly."""
+    return rgb.astype(np.float64) @ np.array(LUMA_PER_1000, np.float64) / 1000
+
+
 def decode_xray(path: str, size: int) -> np.ndarray:
     """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
     images min-max scaled to 8 bits. Raises on a broken file."""
@@ -962,7 +972,8 @@ def decode_xray(path: str, size: int) -> np.ndarray:
                 if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
                     raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
                 px, exif = px.astype(np.float32), im.getexif()
-                im = Image.fromarray(px[..., :3].mean(-1) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1))
+                gray = luma(px[..., 2::-1]) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1)  # OpenCV's BGR(A)
+                im = Image.fromarray(gray.astype(np.float32))
                 im.info["exif"] = exif.tobytes()  # its Orientation, for the next line
             im = ImageOps.exif_transpose(im)  # upright as every viewer shows it (EXIF Orientation, phone photos)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -1075,7 +1086,7 @@ def read_dicom(path: str) -> np.ndarray:
         px = pydicom.pixels.apply_color_lut(px, ds)
     arr = pydicom.pixels.apply_modality_lut(px, ds)
     if arr.ndim == 3:
-        arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
+        arr = luma(arr)  # colour (RGB once pydicom has converted YBR) to gray, as Pillow makes a colour PNG
     invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"  # its low values are white
     # The VOI (LUT or window) is for grayscale only (PS3.3 C.11.2): a colour file that kept its X-ray's window tags
     # made pydicom raise a ValueError, and the file was left out as unreadable.

@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from PIL import Image
 
 import train_cxr
 from conftest import TINY, load_benchmark, read_csv, run
@@ -107,6 +108,30 @@ def test_colour_is_read_as_gray_without_its_window(source, tmp_path, photometric
     ds.PixelData = np.ascontiguousarray(stored.transpose(2, 0, 1) if planar else stored).tobytes()
     ds.save_as(path)
     assert np.array_equal(decoded(path), percentile_window(img))
+
+
+def test_colour_becomes_gray_by_one_rule_in_png_16_bit_and_dicom(source, tmp_path):
+    """The same colour picture (unequal channels) as an 8-bit PNG, a 16-bit PNG and TIFF, and an RGB DICOM gives
+    the same gray: Pillow's luma weights (299, 587, 114 per 1000) everywhere. The DICOM and 16-bit files took the
+    plain channel mean, 30+ gray levels away. Black and white corners make both the DICOM's percentile window and
+    the 16-bit min-max scaling the identity. Within 1 gray level, not exact: Pillow computes the 8-bit luma in
+    16-bit fixed point rounding halves up, and the 16-bit path truncates to 8 bits as it does for gray."""
+    _, img = source
+    rgb = np.stack([img, img // 2 + 64, 255 - img], -1)
+    rgb[:8, :8], rgb[-8:, -8:] = 0, 255
+    Image.fromarray(rgb).save(tmp_path / "c8.png")
+    png = decoded(tmp_path / "c8.png")
+    np.testing.assert_array_equal(png, np.asarray(Image.fromarray(rgb).convert("L")))  # 8-bit: as before
+    for name in ("c16.png", "c16.tif"):
+        assert cv2.imwrite(str(tmp_path / name), rgb[..., ::-1].astype(np.uint16) * 257)  # OpenCV writes BGR
+    path = write_dicom(tmp_path / "c.dcm", img, photometric="RGB")
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PixelData = 3, 0, rgb.tobytes()
+    ds.save_as(path)
+    for name in ("c16.png", "c16.tif", "c.dcm"):
+        diff = np.abs(decoded(tmp_path / name) - png)
+        assert diff.max() <= 1, (name, diff.max())
+    assert (diff == 0).mean() > 0.99  # the DICOM: a tie rounded the other way, or 19595/65536 against 0.299
 
 
 def test_palette_color_is_looked_up(source, tmp_path):
