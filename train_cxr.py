@@ -997,8 +997,16 @@ def decode_xray(path: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-class FirstFrameOnly(UserWarning):
+class DicomNote(UserWarning):
+    """Something read_dicom did to a file that the log says once for all the files decoded together."""
+
+
+class FirstFrameOnly(DicomNote):
     """A multi-frame DICOM file was read: only its first frame is used."""
+
+
+class UnknownVOIFunction(DicomNote):
+    """A DICOM window whose VOI LUT Function the standard does not define was applied as LINEAR."""
 
 
 class DicomRefused(ValueError):
@@ -1091,6 +1099,13 @@ def read_dicom(path: str) -> np.ndarray:
     # The VOI (LUT or window) is for grayscale only (PS3.3 C.11.2): a colour file that kept its X-ray's window tags
     # made pydicom raise a ValueError, and the file was left out as unreadable.
     grey = ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+    # VOI LUT Function: LINEAR when absent (PS3.3 C.11.2.1.3). An empty one or a term the standard does not define
+    # (a vendor's own) made pydicom raise a ValueError and the file was left out as unreadable; a viewer falls back
+    # to LINEAR.
+    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    unknown_function = function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+    if "VOILUTFunction" in ds:
+        ds.VOILUTFunction = "LINEAR" if unknown_function else function
     if grey and ds.get("VOILUTSequence"):
         d = ds.VOILUTSequence[0].LUTDescriptor
         if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
@@ -1104,6 +1119,8 @@ def read_dicom(path: str) -> np.ndarray:
         lo, hi = float(np.min(ends)), float(np.max(ends))
     elif grey and ds.get("WindowCenter") is not None and usable_window_width(ds):
         # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
+        if unknown_function:
+            warnings.warn(f"{path}: unknown VOI LUT Function {function!r}, windowed as LINEAR", UnknownVOIFunction)
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.
         with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows at +-1e30, to its exact ends
@@ -1129,7 +1146,8 @@ def read_dicom(path: str) -> np.ndarray:
 
 
 def _decode_one(item: tuple, size: int) -> tuple:
-    """(index, array or None, error text, multi-frame?) of one (index, path): runs in a worker."""
+    """(index, array or None, error text, {DicomNote class name: its message}) of one (index, path): runs in a
+    worker (names, not classes: a class defined in __main__ does not pickle to a spawned worker by that name)."""
     i, path = item
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1137,7 +1155,7 @@ def _decode_one(item: tuple, size: int) -> tuple:
             arr, err = decode_xray(path, size), ""
         except Exception as e:  # reported, not hidden: the caller lists every bad file
             arr, err = None, str(e) if isinstance(e, DicomRefused) else f"{type(e).__name__}: {str(e)[:120]}"
-    return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
+    return i, arr, err, {w.category.__name__: str(w.message) for w in caught if issubclass(w.category, DicomNote)}
 
 
 def usable_cores() -> int:
@@ -1166,21 +1184,24 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     zero). No on-disk cache: a cold decode of the 5,216-image training split (224 px JPEGs) takes 8.3 s
     with 2 workers, 3% of a full run. num_workers: decode_workers' setting (-1: one per usable core)."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
-    bad, multi_frame = [], []
+    bad, noted = [], collections.defaultdict(list)  # DicomNote class name: [(path, message)]
     workers = decode_workers(num_workers, len(paths))
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))
-    for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
+    for i, arr, err, notes in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
             bad.append((paths[i], err))
         else:
             out[i] = arr
-        if first_frame_only:
-            multi_frame.append(paths[i])
-    if multi_frame:
-        log.info(f"note: {len(multi_frame)} multi-frame DICOM file(s) (e.g. {multi_frame[0]}): "
+        for name, message in notes.items():
+            noted[name].append((paths[i], message))
+    if multi_frame := noted["FirstFrameOnly"]:
+        log.info(f"note: {len(multi_frame)} multi-frame DICOM file(s) (e.g. {multi_frame[0][0]}): "
                  "the first frame of each is used")
+    if unknown := noted["UnknownVOIFunction"]:
+        log.warning(f"note: {len(unknown)} DICOM file(s) have a VOI LUT Function the standard does not define; "
+                    f"LINEAR, its default, is used, as a viewer does (e.g. {unknown[0][1]})")
     return out, bad
 
 

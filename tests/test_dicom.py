@@ -361,6 +361,29 @@ def test_multi_frame_gives_the_first_frame_and_says_so_once(source, tmp_path, mo
     assert len(notes) == 1 and "2 multi-frame DICOM" in notes[0] and "first frame" in notes[0], notes
 
 
+
+@pytest.mark.parametrize("function", ["VENDOR_CURVE", ""])
+def test_an_unknown_voi_lut_function_is_windowed_as_linear_and_said_once(source, tmp_path, monkeypatch, function):
+    """A VOI LUT Function the standard does not define (a vendor's term), or an empty one, made pydicom raise and
+    the file was left out as unreadable; LINEAR is the default (PS3.3 C.11.2.1.3), as a viewer falls back to.
+    A vendor's term is named once for all the files decoded together; an empty one means absent: no note."""
+    _, img = source
+    paths = [str(write_dicom(tmp_path / f"v{i}.dcm", img, WindowCenter=90, WindowWidth=120,
+                             VOILUTFunction=function)) for i in range(2)]
+    notes = []
+    monkeypatch.setattr(train_cxr.log, "warning", notes.append)
+    monkeypatch.setattr(train_cxr.log, "info", notes.append)
+    arr, bad = train_cxr.decode_all(paths, SIZE)
+    assert bad == []
+    linear = decoded(write_dicom(tmp_path / "linear.dcm", img, WindowCenter=90, WindowWidth=120))
+    for row in arr:
+        np.testing.assert_array_equal(row, linear)
+    if function:
+        assert len(notes) == 1 and "2 DICOM file(s)" in notes[0] and paths[0] in notes[0], notes
+        assert "'VENDOR_CURVE'" in notes[0] and "LINEAR" in notes[0], notes
+    else:
+        assert notes == []
+
 def unsupported_syntax():
     uid = pydicom.uid.JPEGLSLossless
     if pydicom.pixels.get_decoder(uid).is_available:
