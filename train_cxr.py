@@ -1005,6 +1005,10 @@ class FirstFrameOnly(DicomNote):
     """A multi-frame DICOM file was read: only its first frame is used."""
 
 
+class ForProcessing(DicomNote):
+    """A FOR PROCESSING image (raw detector data, before the vendor's processing for viewing) was read as it is."""
+
+
 class UnknownVOIFunction(DicomNote):
     """A DICOM window whose VOI LUT Function the standard does not define was applied as LINEAR."""
 
@@ -1043,13 +1047,20 @@ def usable_window_width(ds: pydicom.Dataset) -> bool:
     return width >= 1 or (width > 0 and ds.get("VOILUTFunction", "LINEAR") != "LINEAR")
 
 
+FOR_PROCESSING_SOP_CLASSES = (pydicom.uid.DigitalXRayImageStorageForProcessing,
+                              pydicom.uid.DigitalMammographyXRayImageStorageForProcessing,
+                              pydicom.uid.DigitalIntraOralXRayImageStorageForProcessing)
+
+
 def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
     1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
     WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values (Pixel Padding left
     out); 3. MONOCHROME1 is inverted (its low values are white). Multi-frame files give their first
-    frame. Presentation LUT Shape is not applied: Photometric Interpretation decides (see README, DICOM).
+    frame; FOR PROCESSING images (raw detector data) are read as they are, with a note; an unknown VOI LUT
+    Function is windowed as LINEAR, with a note. Presentation LUT Shape is not applied: Photometric
+    Interpretation decides (see README, DICOM).
     Raises DicomRefused for a modality that is not an X-ray, no pixel data, or a transfer syntax no
     installed package decodes.
     """
@@ -1089,6 +1100,11 @@ def read_dicom(path: str) -> np.ndarray:
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:])  # each plugin's reason, on one line
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) failed to decode here ({why}); "
                            f"another decoder may read it: {how}")
+    # Raw detector data, not the picture a radiologist reads (PS3.3 C.8.11.1, DX Series): read, but said: a model
+    # trained on FOR PRESENTATION images, as the public sets are, was not trained on it.
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if ds.get("PresentationIntentType") == "FOR PROCESSING" or sop_class in FOR_PROCESSING_SOP_CLASSES:
+        warnings.warn(f"{path}: a FOR PROCESSING image (raw detector data), read as it is", ForProcessing)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         # Stored values are indices into the palette: read as gray levels they gave a scrambled picture, unsaid.
         px = pydicom.pixels.apply_color_lut(px, ds)
@@ -1202,6 +1218,10 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     if unknown := noted["UnknownVOIFunction"]:
         log.warning(f"note: {len(unknown)} DICOM file(s) have a VOI LUT Function the standard does not define; "
                     f"LINEAR, its default, is used, as a viewer does (e.g. {unknown[0][1]})")
+    if raw := noted["ForProcessing"]:
+        log.warning(f"note: {len(raw)} DICOM file(s) are FOR PROCESSING images (e.g. {raw[0][0]}), raw detector "
+                    "data unlike the FOR PRESENTATION pictures radiologists read and public training sets hold: "
+                    "read as they are, but a model trained on those was not trained on raw detector images")
     return out, bad
 
 

@@ -384,6 +384,26 @@ def test_an_unknown_voi_lut_function_is_windowed_as_linear_and_said_once(source,
     else:
         assert notes == []
 
+
+def test_for_processing_images_are_read_and_said_once(source, tmp_path, monkeypatch):
+    """Raw detector data (Presentation Intent Type FOR PROCESSING, or the DX For Processing SOP Class) looks unlike
+    the FOR PRESENTATION pictures models are trained on: read, and counted in one note; a plain file is not."""
+    _, img = source
+    intent = write_dicom(tmp_path / "intent.dcm", img, PresentationIntentType="FOR PROCESSING")
+    sop = pydicom.dcmread(write_dicom(tmp_path / "sop.dcm", img))
+    sop.SOPClassUID = sop.file_meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForProcessing
+    sop.save_as(tmp_path / "sop.dcm")
+    plain = write_dicom(tmp_path / "plain.dcm", img, PresentationIntentType="FOR PRESENTATION")
+    notes = []
+    monkeypatch.setattr(train_cxr.log, "warning", notes.append)
+    monkeypatch.setattr(train_cxr.log, "info", notes.append)
+    arr, bad = train_cxr.decode_all([str(intent), str(tmp_path / "sop.dcm"), str(plain)], SIZE)
+    assert bad == []
+    for row in arr:
+        np.testing.assert_array_equal(row, percentile_window(img))
+    assert len(notes) == 1 and "2 DICOM file(s)" in notes[0] and "FOR PROCESSING" in notes[0], notes
+    assert str(intent) in notes[0] and "not trained" in notes[0], notes
+
 def unsupported_syntax():
     uid = pydicom.uid.JPEGLSLossless
     if pydicom.pixels.get_decoder(uid).is_available:
