@@ -1086,6 +1086,14 @@ def read_dicom(path: str) -> np.ndarray:
                            f"{install_hint() or 'a converter to an uncompressed DICOM'}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
+    # An enhanced multi-frame file keeps its rescale and window in functional groups, per frame or shared by all;
+    # pydicom 3.0 reads them only at the top level, so the window was lost. The first frame's are put there.
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        for name in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            if ds.get(groups) and ds[groups][0].get(name):
+                for elem in ds[groups][0][name][0]:
+                    if elem.tag not in ds:  # the top level's own come first, then the frame's, then the shared
+                        ds.add(elem)
     if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
         ds.ModalityLUTSequence[0].LUTDescriptor[2] = 16  # 10-15 bits an entry: pydicom asks numpy for a uint12
     if ds.get("ModalityLUTSequence") and ds.get("PixelRepresentation") == 1:

@@ -404,6 +404,27 @@ def test_for_processing_images_are_read_and_said_once(source, tmp_path, monkeypa
     assert len(notes) == 1 and "2 DICOM file(s)" in notes[0] and "FOR PROCESSING" in notes[0], notes
     assert str(intent) in notes[0] and "not trained" in notes[0], notes
 
+
+@pytest.mark.parametrize("groups", ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+def test_rescale_and_window_in_functional_groups_are_read(source, tmp_path, groups):
+    """An enhanced multi-frame file keeps its rescale and window in functional groups, not at the top level, where
+    pydicom 3.0 looks: the window was lost and the file got the percentile window. The first frame's are used."""
+    _, img = source
+    item = pydicom.Dataset()
+    item.PixelValueTransformationSequence = [pydicom.Dataset()]
+    item.PixelValueTransformationSequence[0].update(dict(RescaleIntercept=-1000, RescaleSlope=1, RescaleType="US"))
+    item.FrameVOILUTSequence = [pydicom.Dataset()]
+    item.FrameVOILUTSequence[0].update(dict(WindowCenter=90, WindowWidth=120))
+    other = pydicom.Dataset()  # the second frame's: not used
+    other.FrameVOILUTSequence = [pydicom.Dataset()]
+    other.FrameVOILUTSequence[0].update(dict(WindowCenter=1090, WindowWidth=2))
+    frames = np.stack([img, img]).astype(np.uint16) + 1000
+    path = write_dicom(tmp_path / "a.dcm", frames, bits_stored=12,
+                       **{groups: [item] if groups.startswith("Shared") else [item, other]})
+    with pytest.warns(train_cxr.FirstFrameOnly):
+        got = decoded(path)
+    assert np.abs(got - dicom_window(img.astype(np.float64), 90, 120)).max() <= 1
+
 def unsupported_syntax():
     uid = pydicom.uid.JPEGLSLossless
     if pydicom.pixels.get_decoder(uid).is_available:
