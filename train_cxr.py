@@ -943,6 +943,16 @@ def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
     return np.ascontiguousarray(upright.astype(dtype.newbyteorder("=")))
 
 
+LUMA_PER_1000 = (299, 587, 114)  # ITU-R 601-2 luma of R, G, B: the weights of Pillow's convert("L")
+
+
+def luma(rgb: np.ndarray) -> np.ndarray:
+    """The gray of an array of R, G, B (last axis) as float64, by the weights an 8-bit colour PNG or JPEG gets from
+    Pillow: a colour DICOM or 16-bit colour PNG took the channel mean, so one picture decoded differently by
+    format. Whole weights over 1000: equal channels give their value exactly."""
+    return rgb.astype(np.float64) @ np.array(LUMA_PER_1000, np.float64) / 1000
+
+
 def decode_xray(path: str, size: int) -> np.ndarray:
     """Any X-ray file as a size x size uint8 grayscale array: DICOM through read_dicom, 16-bit and float
     images min-max scaled to 8 bits. Raises on a broken file."""
@@ -964,7 +974,8 @@ def decode_xray(path: str, size: int) -> np.ndarray:
                 if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
                     raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
                 px, exif = px.astype(np.float32), im.getexif()
-                im = Image.fromarray(px[..., :3].mean(-1) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1))
+                gray = luma(px[..., 2::-1]) * (px[..., 3] / 65535 if px.shape[-1] == 4 else 1)  # OpenCV's BGR(A)
+                im = Image.fromarray(gray.astype(np.float32))
                 im.info["exif"] = exif.tobytes()  # its Orientation, for the next line
             im = ImageOps.exif_transpose(im)  # upright as every viewer shows it (EXIF Orientation, phone photos)
             if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -988,8 +999,20 @@ def decode_xray(path: str, size: int) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
-class FirstFrameOnly(UserWarning):
+class DicomNote(UserWarning):
+    """Something read_dicom did to a file that the log says once for all the files decoded together."""
+
+
+class FirstFrameOnly(DicomNote):
     """A multi-frame DICOM file was read: only its first frame is used."""
+
+
+class ForProcessing(DicomNote):
+    """A FOR PROCESSING image (raw detector data, before the vendor's processing for viewing) was read as it is."""
+
+
+class UnknownVOIFunction(DicomNote):
+    """A DICOM window whose VOI LUT Function the standard does not define was applied as LINEAR."""
 
 
 class DicomRefused(ValueError):
@@ -1026,13 +1049,20 @@ def usable_window_width(ds: pydicom.Dataset) -> bool:
     return width >= 1 or (width > 0 and ds.get("VOILUTFunction", "LINEAR") != "LINEAR")
 
 
+FOR_PROCESSING_SOP_CLASSES = (pydicom.uid.DigitalXRayImageStorageForProcessing,
+                              pydicom.uid.DigitalMammographyXRayImageStorageForProcessing,
+                              pydicom.uid.DigitalIntraOralXRayImageStorageForProcessing)
+
+
 def read_dicom(path: str) -> np.ndarray:
     """The picture of a DICOM X-ray as a uint8 array, through pydicom, in the standard's order.
 
     1. the Modality LUT (RescaleSlope/RescaleIntercept); 2. the VOI LUT, else WindowCenter/
     WindowWidth, else a window from the DICOM_PERCENTILES of the pixel values (Pixel Padding left
     out); 3. MONOCHROME1 is inverted (its low values are white). Multi-frame files give their first
-    frame. Presentation LUT Shape is not applied: Photometric Interpretation decides (see README, DICOM).
+    frame; FOR PROCESSING images (raw detector data) are read as they are, with a note; an unknown VOI LUT
+    Function is windowed as LINEAR, with a note. Presentation LUT Shape is not applied: Photometric
+    Interpretation decides (see README, DICOM).
     Raises DicomRefused for a modality that is not an X-ray, no pixel data, or a transfer syntax no
     installed package decodes.
     """
@@ -1058,6 +1088,14 @@ def read_dicom(path: str) -> np.ndarray:
                            f"{install_hint() or 'a converter to an uncompressed DICOM'}")
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         warnings.warn(f"{path}: multi-frame DICOM, first frame used", FirstFrameOnly)
+    # An enhanced multi-frame file keeps its rescale and window in functional groups, per frame or shared by all;
+    # pydicom 3.0 reads them only at the top level, so the window was lost. The first frame's are put there.
+    for groups in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        for name in ("PixelValueTransformationSequence", "FrameVOILUTSequence"):
+            if ds.get(groups) and ds[groups][0].get(name):
+                for elem in ds[groups][0][name][0]:
+                    if elem.tag not in ds:  # the top level's own come first, then the frame's, then the shared
+                        ds.add(elem)
     if ds.get("ModalityLUTSequence") and ds.ModalityLUTSequence[0].LUTDescriptor[2] not in (8, 16):
         ds.ModalityLUTSequence[0].LUTDescriptor[2] = 16  # 10-15 bits an entry: pydicom asks numpy for a uint12
     if ds.get("ModalityLUTSequence") and ds.get("PixelRepresentation") == 1:
@@ -1072,16 +1110,28 @@ def read_dicom(path: str) -> np.ndarray:
         why = "; ".join(line.strip() for line in str(e).splitlines()[1:])  # each plugin's reason, on one line
         raise DicomRefused(f"DICOM transfer syntax {ts.name} ({ts}) failed to decode here ({why}); "
                            f"another decoder may read it: {how}")
+    # Raw detector data, not the picture a radiologist reads (PS3.3 C.8.11.1, DX Series): read, but said: a model
+    # trained on FOR PRESENTATION images, as the public sets are, was not trained on it.
+    sop_class = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")
+    if ds.get("PresentationIntentType") == "FOR PROCESSING" or sop_class in FOR_PROCESSING_SOP_CLASSES:
+        warnings.warn(f"{path}: a FOR PROCESSING image (raw detector data), read as it is", ForProcessing)
     if ds.get("PhotometricInterpretation") == "PALETTE COLOR":
         # Stored values are indices into the palette: read as gray levels they gave a scrambled picture, unsaid.
         px = pydicom.pixels.apply_color_lut(px, ds)
     arr = pydicom.pixels.apply_modality_lut(px, ds)
     if arr.ndim == 3:
-        arr = arr.mean(-1)  # colour (RGB once pydicom has converted YBR) to gray
+        arr = luma(arr)  # colour (RGB once pydicom has converted YBR) to gray, as Pillow makes a colour PNG
     invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"  # its low values are white
     # The VOI (LUT or window) is for grayscale only (PS3.3 C.11.2): a colour file that kept its X-ray's window tags
     # made pydicom raise a ValueError, and the file was left out as unreadable.
     grey = ds.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+    # VOI LUT Function: LINEAR when absent (PS3.3 C.11.2.1.3). An empty one or a term the standard does not define
+    # (a vendor's own) made pydicom raise a ValueError and the file was left out as unreadable; a viewer falls back
+    # to LINEAR.
+    function = str(ds.get("VOILUTFunction") or "LINEAR").upper()
+    unknown_function = function not in ("LINEAR", "LINEAR_EXACT", "SIGMOID")
+    if "VOILUTFunction" in ds:
+        ds.VOILUTFunction = "LINEAR" if unknown_function else function
     if grey and ds.get("VOILUTSequence"):
         d = ds.VOILUTSequence[0].LUTDescriptor
         if d[2] == 8:  # pydicom indexes an 8-bit LUT with uint8 too: past entry 255 (a 12-bit input's 4096) it wraps
@@ -1095,6 +1145,8 @@ def read_dicom(path: str) -> np.ndarray:
         lo, hi = float(np.min(ends)), float(np.max(ends))
     elif grey and ds.get("WindowCenter") is not None and usable_window_width(ds):
         # Not just present: pydicom skips an empty (zero-length) window, which then spanned +-1e30: flat gray.
+        if unknown_function:
+            warnings.warn(f"{path}: unknown VOI LUT Function {function!r}, windowed as LINEAR", UnknownVOIFunction)
         # What the window makes of the darkest and the brightest input, in that order: with a negative
         # RescaleSlope pydicom's output range runs downwards, and min/max would swap black and white.
         with np.errstate(over="ignore"):  # a SIGMOID window's exp() overflows at +-1e30, to its exact ends
@@ -1120,7 +1172,8 @@ def read_dicom(path: str) -> np.ndarray:
 
 
 def _decode_one(item: tuple, size: int) -> tuple:
-    """(index, array or None, error text, multi-frame?) of one (index, path): runs in a worker."""
+    """(index, array or None, error text, {DicomNote class name: its message}) of one (index, path): runs in a
+    worker (names, not classes: a class defined in __main__ does not pickle to a spawned worker by that name)."""
     i, path = item
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -1128,7 +1181,7 @@ def _decode_one(item: tuple, size: int) -> tuple:
             arr, err = decode_xray(path, size), ""
         except Exception as e:  # reported, not hidden: the caller lists every bad file
             arr, err = None, str(e) if isinstance(e, DicomRefused) else f"{type(e).__name__}: {str(e)[:120]}"
-    return i, arr, err, any(issubclass(w.category, FirstFrameOnly) for w in caught)
+    return i, arr, err, {w.category.__name__: str(w.message) for w in caught if issubclass(w.category, DicomNote)}
 
 
 def usable_cores() -> int:
@@ -1157,21 +1210,28 @@ def decode_all(paths: list, size: int, num_workers: int = 0, desc: str = "decode
     zero). No on-disk cache: a cold decode of the 5,216-image training split (224 px JPEGs) takes 8.3 s
     with 2 workers, 3% of a full run. num_workers: decode_workers' setting (-1: one per usable core)."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
-    bad, multi_frame = [], []
+    bad, noted = [], collections.defaultdict(list)  # DicomNote class name: [(path, message)]
     workers = decode_workers(num_workers, len(paths))
     # A list is a map-style dataset; with batch_size=None the workers apply collate_fn to each item.
     loader = torch.utils.data.DataLoader(list(enumerate(paths)), batch_size=None, num_workers=workers,
                                          collate_fn=functools.partial(_decode_one, size=size))
-    for i, arr, err, first_frame_only in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
+    for i, arr, err, notes in tqdm(loader, total=len(paths), desc=desc, leave=False, disable=None):
         if arr is None:
             bad.append((paths[i], err))
         else:
             out[i] = arr
-        if first_frame_only:
-            multi_frame.append(paths[i])
-    if multi_frame:
-        log.info(f"note: {len(multi_frame)} multi-frame DICOM file(s) (e.g. {multi_frame[0]}): "
+        for name, message in notes.items():
+            noted[name].append((paths[i], message))
+    if multi_frame := noted["FirstFrameOnly"]:
+        log.info(f"note: {len(multi_frame)} multi-frame DICOM file(s) (e.g. {multi_frame[0][0]}): "
                  "the first frame of each is used")
+    if unknown := noted["UnknownVOIFunction"]:
+        log.warning(f"note: {len(unknown)} DICOM file(s) have a VOI LUT Function the standard does not define; "
+                    f"LINEAR, its default, is used, as a viewer does (e.g. {unknown[0][1]})")
+    if raw := noted["ForProcessing"]:
+        log.warning(f"note: {len(raw)} DICOM file(s) are FOR PROCESSING images (e.g. {raw[0][0]}), raw detector "
+                    "data unlike the FOR PRESENTATION pictures radiologists read and public training sets hold: "
+                    "read as they are, but a model trained on those was not trained on raw detector images")
     return out, bad
 
 

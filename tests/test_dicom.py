@@ -13,6 +13,7 @@ import numpy as np
 import pydicom
 import pydicom.data
 import pytest
+from PIL import Image
 
 import train_cxr
 from conftest import TINY, load_benchmark, read_csv, run
@@ -107,6 +108,30 @@ def test_colour_is_read_as_gray_without_its_window(source, tmp_path, photometric
     ds.PixelData = np.ascontiguousarray(stored.transpose(2, 0, 1) if planar else stored).tobytes()
     ds.save_as(path)
     assert np.array_equal(decoded(path), percentile_window(img))
+
+
+def test_colour_becomes_gray_by_one_rule_in_png_16_bit_and_dicom(source, tmp_path):
+    """The same colour picture (unequal channels) as an 8-bit PNG, a 16-bit PNG and TIFF, and an RGB DICOM gives
+    the same gray: Pillow's luma weights (299, 587, 114 per 1000) everywhere. The DICOM and 16-bit files took the
+    plain channel mean, 30+ gray levels away. Black and white corners make both the DICOM's percentile window and
+    the 16-bit min-max scaling the identity. Within 1 gray level, not exact: Pillow computes the 8-bit luma in
+    16-bit fixed point rounding halves up, and the 16-bit path truncates to 8 bits as it does for gray."""
+    _, img = source
+    rgb = np.stack([img, img // 2 + 64, 255 - img], -1)
+    rgb[:8, :8], rgb[-8:, -8:] = 0, 255
+    Image.fromarray(rgb).save(tmp_path / "c8.png")
+    png = decoded(tmp_path / "c8.png")
+    np.testing.assert_array_equal(png, np.asarray(Image.fromarray(rgb).convert("L")))  # 8-bit: as before
+    for name in ("c16.png", "c16.tif"):
+        assert cv2.imwrite(str(tmp_path / name), rgb[..., ::-1].astype(np.uint16) * 257)  # OpenCV writes BGR
+    path = write_dicom(tmp_path / "c.dcm", img, photometric="RGB")
+    ds = pydicom.dcmread(path)
+    ds.SamplesPerPixel, ds.PlanarConfiguration, ds.PixelData = 3, 0, rgb.tobytes()
+    ds.save_as(path)
+    for name in ("c16.png", "c16.tif", "c.dcm"):
+        diff = np.abs(decoded(tmp_path / name) - png)
+        assert diff.max() <= 1, (name, diff.max())
+    assert (diff == 0).mean() > 0.99  # the DICOM: a tie rounded the other way, or 19595/65536 against 0.299
 
 
 def test_palette_color_is_looked_up(source, tmp_path):
@@ -335,6 +360,70 @@ def test_multi_frame_gives_the_first_frame_and_says_so_once(source, tmp_path, mo
         np.testing.assert_array_equal(row, percentile_window(img))
     assert len(notes) == 1 and "2 multi-frame DICOM" in notes[0] and "first frame" in notes[0], notes
 
+
+
+@pytest.mark.parametrize("function", ["VENDOR_CURVE", ""])
+def test_an_unknown_voi_lut_function_is_windowed_as_linear_and_said_once(source, tmp_path, monkeypatch, function):
+    """A VOI LUT Function the standard does not define (a vendor's term), or an empty one, made pydicom raise and
+    the file was left out as unreadable; LINEAR is the default (PS3.3 C.11.2.1.3), as a viewer falls back to.
+    A vendor's term is named once for all the files decoded together; an empty one means absent: no note."""
+    _, img = source
+    paths = [str(write_dicom(tmp_path / f"v{i}.dcm", img, WindowCenter=90, WindowWidth=120,
+                             VOILUTFunction=function)) for i in range(2)]
+    notes = []
+    monkeypatch.setattr(train_cxr.log, "warning", notes.append)
+    monkeypatch.setattr(train_cxr.log, "info", notes.append)
+    arr, bad = train_cxr.decode_all(paths, SIZE)
+    assert bad == []
+    linear = decoded(write_dicom(tmp_path / "linear.dcm", img, WindowCenter=90, WindowWidth=120))
+    for row in arr:
+        np.testing.assert_array_equal(row, linear)
+    if function:
+        assert len(notes) == 1 and "2 DICOM file(s)" in notes[0] and paths[0] in notes[0], notes
+        assert "'VENDOR_CURVE'" in notes[0] and "LINEAR" in notes[0], notes
+    else:
+        assert notes == []
+
+
+def test_for_processing_images_are_read_and_said_once(source, tmp_path, monkeypatch):
+    """Raw detector data (Presentation Intent Type FOR PROCESSING, or the DX For Processing SOP Class) looks unlike
+    the FOR PRESENTATION pictures models are trained on: read, and counted in one note; a plain file is not."""
+    _, img = source
+    intent = write_dicom(tmp_path / "intent.dcm", img, PresentationIntentType="FOR PROCESSING")
+    sop = pydicom.dcmread(write_dicom(tmp_path / "sop.dcm", img))
+    sop.SOPClassUID = sop.file_meta.MediaStorageSOPClassUID = pydicom.uid.DigitalXRayImageStorageForProcessing
+    sop.save_as(tmp_path / "sop.dcm")
+    plain = write_dicom(tmp_path / "plain.dcm", img, PresentationIntentType="FOR PRESENTATION")
+    notes = []
+    monkeypatch.setattr(train_cxr.log, "warning", notes.append)
+    monkeypatch.setattr(train_cxr.log, "info", notes.append)
+    arr, bad = train_cxr.decode_all([str(intent), str(tmp_path / "sop.dcm"), str(plain)], SIZE)
+    assert bad == []
+    for row in arr:
+        np.testing.assert_array_equal(row, percentile_window(img))
+    assert len(notes) == 1 and "2 DICOM file(s)" in notes[0] and "FOR PROCESSING" in notes[0], notes
+    assert str(intent) in notes[0] and "not trained" in notes[0], notes
+
+
+@pytest.mark.parametrize("groups", ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"])
+def test_rescale_and_window_in_functional_groups_are_read(source, tmp_path, groups):
+    """An enhanced multi-frame file keeps its rescale and window in functional groups, not at the top level, where
+    pydicom 3.0 looks: the window was lost and the file got the percentile window. The first frame's are used."""
+    _, img = source
+    item = pydicom.Dataset()
+    item.PixelValueTransformationSequence = [pydicom.Dataset()]
+    item.PixelValueTransformationSequence[0].update(dict(RescaleIntercept=-1000, RescaleSlope=1, RescaleType="US"))
+    item.FrameVOILUTSequence = [pydicom.Dataset()]
+    item.FrameVOILUTSequence[0].update(dict(WindowCenter=90, WindowWidth=120))
+    other = pydicom.Dataset()  # the second frame's: not used
+    other.FrameVOILUTSequence = [pydicom.Dataset()]
+    other.FrameVOILUTSequence[0].update(dict(WindowCenter=1090, WindowWidth=2))
+    frames = np.stack([img, img]).astype(np.uint16) + 1000
+    path = write_dicom(tmp_path / "a.dcm", frames, bits_stored=12,
+                       **{groups: [item] if groups.startswith("Shared") else [item, other]})
+    with pytest.warns(train_cxr.FirstFrameOnly):
+        got = decoded(path)
+    assert np.abs(got - dicom_window(img.astype(np.float64), 90, 120)).max() <= 1
 
 def unsupported_syntax():
     uid = pydicom.uid.JPEGLSLossless
