@@ -53,6 +53,7 @@ import shutil
 import signal
 import sys
 import time
+import unicodedata
 import urllib.parse
 import warnings
 from pathlib import Path
@@ -517,7 +518,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import torchvision  # noqa: E402
-from PIL import Image, ImageOps  # noqa: E402
+from PIL import Image, ImageDraw, ImageFont, ImageOps  # noqa: E402
 from sklearn.calibration import calibration_curve  # noqa: E402
 from sklearn.covariance import LedoitWolf  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
@@ -2161,6 +2162,80 @@ def _minmax(cam: torch.Tensor) -> torch.Tensor:
     return torch.where(flat, torch.ones_like(cam), (cam - lo) / (1e-7 + hi - lo))  # an all-zero map stays zero
 
 
+# Every picture's text goes through put_text. cv2.putText's Hershey fonts are ASCII only: OpenCV 4.x drew a
+# class named "Lungenentzündung" as "Lungenentz??ndung" and 肺炎 as six "?" (one per UTF-8 byte); 5.0 draws
+# them with fonts of its own, so the pictures depended on the OpenCV installed. DejaVu Sans ships with
+# matplotlib, so it is there wherever this script runs.
+TEXT_FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+@functools.lru_cache(maxsize=None)
+def _font_file_for(ch: str) -> str | None:
+    """The font that draws ch: DejaVu Sans, else the first font matplotlib found on this machine that has
+    it (DejaVu has no CJK), else None: put_text then writes the code point."""
+    from matplotlib import font_manager
+    from matplotlib.ft2font import FT2Font
+    others = sorted({f.fname for f in font_manager.fontManager.ttflist} - {str(TEXT_FONT)})
+    for path in [str(TEXT_FONT), *others]:
+        if "LastResort" in Path(path).name:  # its glyphs are boxes naming the Unicode block: tofu by design
+            continue
+        try:
+            if FT2Font(path).get_char_index(ord(ch)):
+                return path
+        except (OSError, RuntimeError, ValueError):  # a font file that cannot be read is skipped
+            continue
+    if ch.isprintable() and not _font_file_for.warned:  # once: a CJK name would repeat it for every character
+        _font_file_for.warned = True
+        log.warning(f"warning: no installed font draws {ch!r} (U+{ord(ch):04X}); the pictures write such "
+                    "characters as <U+XXXX>. To see them drawn, install a font that has them (e.g. Noto Sans CJK) "
+                    "and delete matplotlib's font list (fontlist-*.json in matplotlib.get_cachedir())")
+    return None
+
+
+_font_file_for.warned = False
+
+
+@functools.lru_cache(maxsize=None)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size)
+
+
+def _text_runs(text: str, size: int) -> list:
+    """(font, text) pieces of text, each drawn with one font; a character no font has becomes <U+XXXX>."""
+    if text.isascii() and text.isprintable():  # most titles: DejaVu has every printable ASCII character
+        return [[_font(str(TEXT_FONT), size), text]]
+    runs = []
+    for ch in unicodedata.normalize("NFC", text):  # macOS hands folder names decomposed: u + combining ¨
+        path = _font_file_for(ch)
+        piece = ch if path else f"<U+{ord(ch):04X}>"
+        font = _font(path or str(TEXT_FONT), size)
+        if runs and runs[-1][0] is font:
+            runs[-1][1] += piece
+        else:
+            runs.append([font, piece])
+    return runs
+
+
+@functools.lru_cache(maxsize=4096)  # wrapping measures each title's words again every epoch
+def text_width(text: str, size: int = 12) -> float:
+    """Pixels put_text's text takes across."""
+    return sum(font.getlength(piece) for font, piece in _text_runs(text, size))
+
+
+def put_text(img: np.ndarray, lines: list, org: tuple, size: int = 12, color: tuple = (0, 0, 0),
+             spacing: int = 16) -> None:
+    """Draw lines of text into the uint8 BGR image img (in place), one below the other `spacing` px apart;
+    org: the left end of the first line's baseline, as cv2.putText's. Colours are BGR like the image."""
+    pil = Image.fromarray(img)
+    draw = ImageDraw.Draw(pil)
+    for k, line in enumerate(lines):
+        x = org[0]
+        for font, piece in _text_runs(line, size):
+            draw.text((x, org[1] + spacing * k), piece, font=font, fill=tuple(color), anchor="ls")
+            x += font.getlength(piece)
+    img[:] = np.asarray(pil)
+
+
 def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 200) -> np.ndarray:
     """BGR uint8 tile: the plain X-ray, the same X-ray under a JET heat map, a colour bar, and the
     title above them (wrapped to fit; "\n" starts a new line). An all-zero map is not tinted but
@@ -2168,22 +2243,19 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
     if not np.isfinite(cam).all() or cam.min() < 0 or cam.max() > 1:
         raise ValueError("the CAM must be scaled to [0, 1]")
     img = cv2.cvtColor(cv2.resize(gray_u8, (display, display), interpolation=cv2.INTER_LINEAR), cv2.COLOR_GRAY2BGR)
-    font, scale = cv2.FONT_HERSHEY_SIMPLEX, 0.42
     if cam.max() > 0:
         heat = cv2.applyColorMap(np.uint8(255 * cv2.resize(cam, (display, display))), cv2.COLORMAP_JET)
         blend = cv2.addWeighted(img, 0.6, heat, 0.4, 0)
     else:
         blend = img.copy()
         cv2.rectangle(blend, (2, display // 2 - 24), (display - 3, display // 2 + 16), (255, 255, 255), -1)
-        for k, line in enumerate(("no positive evidence", "at this layer")):
-            cv2.putText(blend, line, (6, display // 2 - 8 + 18 * k), font, scale, (0, 0, 255), 1, cv2.LINE_AA)
+        put_text(blend, ["no positive evidence", "at this layer"], (6, display // 2 - 8), color=(0, 0, 255), spacing=18)
     bar = np.full((display, 44, 3), 255, np.uint8)
     ramp = np.linspace(255, 0, display - 20).astype(np.uint8)[:, None].repeat(12, 1)
     bar[10:display - 10, 4:16] = cv2.applyColorMap(ramp, cv2.COLORMAP_JET)
-    for text, y in (("1", 18), ("0", display - 10)):
-        cv2.putText(bar, text, (20, y), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    put_text(bar, ["1", "0"], (20, 18), spacing=display - 28)  # 1 at the top of the scale, 0 at its foot
     body = np.hstack([img, np.full((display, 4, 3), 255, np.uint8), blend, bar])
-    lines, too_wide = [], lambda text: cv2.getTextSize(text, font, scale, 1)[0][0] > body.shape[1] - 8
+    lines, too_wide = [], lambda text: text_width(text) > body.shape[1] - 8
     for part in title.split("\n"):  # wrap each line at word boundaries to the tile's width
         words, line = part.split(" "), ""
         for w in words:
@@ -2198,8 +2270,7 @@ def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int =
             line = trial
         lines.append(line)
     strip = np.full((6 + 16 * len(lines), body.shape[1], 3), 255, np.uint8)
-    for k, line in enumerate(lines):
-        cv2.putText(strip, line, (4, 16 + 16 * k), font, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    put_text(strip, lines, (4, 16))
     return np.vstack([strip, body])
 
 
@@ -2293,7 +2364,7 @@ def save_grid(path: Path, tiles: list, title: str, cols: int = 4) -> None:
     h, w = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)  # titles may wrap differently
     rows = math.ceil(len(tiles) / cols)
     grid = np.full((rows * h + 26, cols * w, 3), 255, np.uint8)
-    cv2.putText(grid, title, (6, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
+    put_text(grid, [title], (6, 18), size=15)
     for i, t in enumerate(tiles):
         r, c = divmod(i, cols)
         grid[26 + r * h:26 + r * h + t.shape[0], c * w:c * w + t.shape[1]] = t

@@ -13,12 +13,14 @@ import gc
 import json
 import re
 import tracemalloc
+import unicodedata
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import spearmanr
 
 import train_cxr
@@ -553,6 +555,63 @@ def test_overlay_title_wraps_a_name_without_spaces_inside_the_tile():
     strip = tile[:tile.shape[0] - 200]
     assert strip.shape[0] >= short.shape[0] - 200 + 2 * 16  # the name took two lines, the label a third
     assert (strip[:, -4:] == 255).all()  # nothing drawn up to the right edge
+
+
+def _title_strip(title: str) -> np.ndarray:
+    tile = train_cxr.overlay_cam(np.zeros((40, 40), np.uint8), np.zeros((32, 32), np.float32), title, display=200)
+    return tile[:tile.shape[0] - 200]
+
+
+def _differ(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape != b.shape or bool((a != b).any())
+
+
+@pytest.mark.parametrize("name, plain", [("Lungenentzündung", "Lungenentzundung"), ("Pneumonie_virale_é", None),
+                                         ("Пневмония", None)])
+def test_overlay_title_draws_a_class_name_that_is_not_ascii(name, plain):
+    # OpenCV 4.x's putText drew each byte of a UTF-8 letter as "?": "Lungenentz??ndung" (this test fails on the
+    # old code with opencv-python-headless 4.10 first on PYTHONPATH; OpenCV 5.0 drew the names).
+    drawn = _title_strip(f"true {name} | pred {name}")
+    as_4x = "".join("?" * len(c.encode()) if ord(c) > 127 else c for c in name)
+    assert _differ(drawn, _title_strip(f"true {as_4x} | pred {as_4x}"))
+    if plain:  # the umlaut is drawn
+        assert _differ(drawn, _title_strip(f"true {plain} | pred {plain}"))
+    # macOS gives folder names decomposed (u + combining diaeresis): drawn as the composed letter
+    nfd = unicodedata.normalize("NFD", name)
+    assert not _differ(drawn, _title_strip(f"true {nfd} | pred {nfd}"))
+
+
+def test_overlay_title_writes_a_character_no_font_has_as_its_code_point(monkeypatch):
+    # DejaVu Sans has no CJK; with no other font, 肺炎 reads <U+80BA><U+708E>, not tofu or "??????"
+    from matplotlib import font_manager
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [])
+    train_cxr._font_file_for.cache_clear()
+    try:
+        assert (_title_strip("pred 肺炎") == _title_strip("pred <U+80BA><U+708E>")).all()
+        assert (_title_strip("pred 肺炎") != _title_strip("pred ??????")).any()
+    finally:
+        train_cxr._font_file_for.cache_clear()
+
+
+def test_overlay_title_takes_a_character_dejavu_lacks_from_another_installed_font():
+    # U+24B6 (circled A) is not in DejaVu Sans but in STIX, which matplotlib ships: drawn, not escaped
+    train_cxr._font_file_for.cache_clear()
+    assert train_cxr._font_file_for("\u24b6") not in (None, str(train_cxr.TEXT_FONT))
+    assert (_title_strip("pred \u24b6") != _title_strip("pred <U+24B6>")).any()
+
+
+def test_overlay_file_names_keep_class_names_that_are_not_ascii(tmp_path):
+    classes = ["Lungenentzündung", "肺炎"]
+    ck = {"class_names": classes, "positive_class": 0, "img_size": 32, "threshold": None}
+    sc = {"probs": np.array([[0.8, 0.2], [0.3, 0.7]]), "preds": np.array([0, 1])}
+    images = torch.zeros((2, 40, 40), dtype=torch.uint8)
+    tiles = train_cxr.save_cam_set(tmp_path, ["epoch_001_0", "epoch_001_1"], images,
+                                   np.zeros((2, 32, 32), np.float32), sc, ck, labels=np.array([1, 0]))
+    names = sorted(f.name for f in tmp_path.iterdir())
+    assert names == ["epoch_001_0_true-肺炎_pred-Lungenentzündung_p0.80.png",
+                     "epoch_001_1_true-Lungenentzündung_pred-肺炎_p0.30.png"]
+    for name, tile in zip(names, tiles):
+        assert (np.asarray(Image.open(tmp_path / name))[..., ::-1] == tile).all()
 
 
 @pytest.mark.parametrize("bad", [-0.01, 1.01, 2.0])
