@@ -10,11 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_cxr  # noqa: E402
+
+# One CPU thread for the whole test process: torch's intra-op pool and the BLAS under numpy/scikit-learn.
+# The tests' networks and matrices are tiny, so a second thread only adds waiting, and on a busy 2-core
+# machine a run on 2 threads took 3-4 times the CPU of the same run on one (the waiting threads spin).
+# A run without --num-threads keeps the thread count it finds (setup_runtime), so it runs on one too.
+torch.set_num_threads(1)
+threadpool_limits(1)
 
 REAL_TRAIN = ROOT.parent / "shared" / "data" / "chest_xray_224" / "train"
 
