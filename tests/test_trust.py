@@ -268,14 +268,19 @@ def test_guard_flags_shifted_data_and_passes_held_out_data():
     assert np.median(T.ood_scores(guard, held)) == pytest.approx(1.0, abs=0.1)  # 1 = a typical image
 
 
+def tiny_untrained(n, bootstrap):
+    """A 32 px config without a gallery, its untrained model (seed 0) and n random 36 px images, for test_report."""
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(T.Config(), img_size=32, channels=(4, 8, 8, 16), fc_hidden=12, bootstrap=bootstrap,
+                              num_gradcam_images=0)
+    model = T.CustomCNN(**T.model_kwargs(cfg, 2)).eval()
+    return cfg, model, torch.from_numpy(np.random.default_rng(0).integers(0, 256, (n, 36, 36), dtype=np.uint8))
+
+
 def test_in_distribution_only_metrics_leave_out_the_flagged_images(tmp_path):
     # test_metrics.json's ood.in_distribution_only: the metrics of the images the guard passed. A guard
     # fitted at quantile 0.5 on the images themselves flags about half of them.
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(T.Config(), img_size=32, channels=(4, 8, 8, 16), fc_hidden=12, bootstrap=20,
-                              num_gradcam_images=0)
-    model = T.CustomCNN(**T.model_kwargs(cfg, 2)).eval()
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (40, 36, 36), dtype=np.uint8))
+    cfg, model, images = tiny_untrained(40, bootstrap=20)
     labels = torch.arange(40) % 2
     norm = {"mode": "image"}
     feats = T.layer_features(model, images, 32, norm, "cpu", 1)
@@ -295,11 +300,7 @@ def test_summary_of_a_checkpoint_older_than_the_policy_setting_names_no_policy_n
     # A checkpoint made before threshold_policy was stored has a threshold (Youden's J on the raw scores) and no
     # policy: --evaluate's console summary printed "threshold 0.5000 (None)", where its report page says
     # "policy not recorded".
-    torch.manual_seed(0)
-    cfg = dataclasses.replace(T.Config(), img_size=32, channels=(4, 8, 8, 16), fc_hidden=12, bootstrap=0,
-                              num_gradcam_images=0)
-    model = T.CustomCNN(**T.model_kwargs(cfg, 2)).eval()
-    images = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (12, 36, 36), dtype=np.uint8))
+    cfg, model, images = tiny_untrained(12, bootstrap=0)
     ckpt = {"config": cfg.to_dict(), "class_names": ["NORMAL", "PNEUMONIA"], "positive_class": 1, "img_size": 32,
             "normalization": {"mode": "image"}, "threshold": 0.5}
     res = T.test_report(model, ckpt, T.Split(images, torch.arange(12) % 2, [f"{i}.png" for i in range(12)]),
