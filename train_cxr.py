@@ -2768,8 +2768,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         elif m.get("threshold_policy"):
             line += f"; {m['threshold_policy']}"
         if m.get("copies_of_training_images"):  # absent in reports made before training runs counted them
-            line += (f"; {m['copies_of_training_images']} of the {m['n']} images are copies of images the model was "
-                     "trained or validated on: optimistic for them")
+            # The page reads only this count: "trained or validated on" was wrong for a recalibrated model's folder
+            line += (f"; {m['copies_of_training_images']} of the {m['n']} images are copies of images the model had "
+                     "already seen (in training, validation or a recalibration): optimistic for them")
         parts += ["<h2>Test set</h2>", f'<p class="headline">{html.escape(line)}</p>',
                   _table("test-metrics", ["metric", "value"],
                          [(k, _cell(k, v, len(m.get("class_names") or []))) for k, v in _flatten(m)])]
@@ -2781,8 +2782,9 @@ def write_report(folder: Path, title: str, config: dict | None = None) -> Path:
         parts += ["<h2>Recalibration: the same images, before and after</h2>",
                   f"<p>{html.escape(', '.join(f'{c} {n}' for c, n in m['images'].items()))} images; fitted and "
                   "measured on the same images: judge it on other images of that site with --evaluate"
-                  + (f"; {m['copies_of_training_images']} of them are copies of images the model was trained or "
-                     "validated on: both figures are optimistic for them" if m.get("copies_of_training_images")
+                  + (f"; {m['copies_of_training_images']} of them are copies of images the model had already seen "
+                     "(in training, validation or a recalibration): both figures are optimistic for them"
+                     if m.get("copies_of_training_images")
                      else "") + "</p>",
                   _table("recalibration", ["measure", "before", "after"],
                          [(k, _cell(k, m["before"].get(k), n_classes), _cell(k, m["after"].get(k), n_classes))
@@ -3026,8 +3028,12 @@ def training_copies(ckpt: dict, paths: list, where, source, then: str = "", dige
     if copies:
         fitted = ("trained, validated or recalibrated" if ckpt.get("recalibrated_on_sha1") is not None
                   else "trained or validated")
-        log.warning(f"warning: {len(copies)} of the {len(paths)} images in {where} are byte-identical copies of "
-                    f"images {source} was {fitted} on (e.g. {as_text(copies[0])}): {then}")
+        if len(paths) == 1:  # one file given to --predict: "1 of the 1 images in scan.png" said it clumsily
+            which = f"{as_text(copies[0])} is a byte-identical copy of an image {source} was {fitted} on"
+        else:
+            which = (f"{len(copies)} of the {len(paths)} images in {where} are byte-identical copies of images "
+                     f"{source} was {fitted} on (e.g. {as_text(copies[0])})")
+        log.warning(f"warning: {which}: {then}")
     return flags
 
 

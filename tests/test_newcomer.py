@@ -504,7 +504,7 @@ def test_duplicates_across_splits_are_counted(data_copy, tmp_path, capsys):
     run_dir = tmp_path / "runs" / "dups"
     metrics = json.loads((run_dir / "test_metrics.json").read_text())
     assert metrics["n"] == 55 and metrics["copies_of_training_images"] == 5
-    assert "5 of the 55 images are copies of images the model was" in (run_dir / "report.html").read_text()
+    assert "5 of the 55 images are copies of images the model had already seen" in (run_dir / "report.html").read_text()
 
 
 def test_no_duplicate_warning_for_distinct_files(synth_root, tmp_path, capsys):

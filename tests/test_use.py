@@ -342,7 +342,8 @@ def test_recalibrate_counts_copies_of_training_images(trained, with_copies, tmp_
     log_text = (tmp_path / "r" / "train.log").read_text()
     assert f"warning: 3 of the 53 images in {with_copies} are byte-identical copies" in log_text
     assert json.loads((tmp_path / "r" / "recalibration.json").read_text())["copies_of_training_images"] == 3
-    assert "3 of them are copies of images the model was trained" in (tmp_path / "r" / "report.html").read_text()
+    page = (tmp_path / "r" / "report.html").read_text()
+    assert "3 of them are copies of images the model had already seen (in training" in page
 
 
 def test_recalibrated_model_counts_its_recalibration_folder_as_seen(trained, synth_root, with_copies, tmp_path):
@@ -379,6 +380,13 @@ def test_predict_marks_copies_of_training_images(trained, with_copies, tmp_path)
     assert sorted(Path(r["path"]).name for r in rows if r["copy_of_training_image"] == "True") == \
         ["site_0.png", "site_1.png", "site_2.png"]
     assert {r["copy_of_training_image"] for r in rows if "site_" not in r["path"]} == {"False"}
+    # One file given: said of that file, not as "1 of the 1 images in site_0.png".
+    one = with_copies / "NORMAL" / "site_0.png"
+    assert run(["--predict", one, "--checkpoint", trained, "--run-name", "p1", *common]) == 0
+    warned = [ln for ln in (tmp_path / "p1" / "train.log").read_text().splitlines() if "byte-identical" in ln]
+    assert warned == [f"warning: {one} is a byte-identical copy of an image {trained} was trained or validated on: "
+                      "the model has seen them, so their predictions say nothing of how it does on new images "
+                      "(copy_of_training_image in predictions.csv)"]
     # A checkpoint made before the digests were kept: one note, and the column empty (unknown), not False.
     ckpt = torch.load(trained / "best_model.pt", weights_only=True)
     ckpt.pop("trained_on_sha1", None)
