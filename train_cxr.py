@@ -2165,14 +2165,15 @@ def _minmax(cam: torch.Tensor) -> torch.Tensor:
 # Every picture's text goes through put_text. cv2.putText's Hershey fonts are ASCII only: OpenCV 4.x drew a
 # class named "Lungenentzündung" as "Lungenentz??ndung" and 肺炎 as six "?" (one per UTF-8 byte); 5.0 draws
 # them with fonts of its own, so the pictures depended on the OpenCV installed. DejaVu Sans ships with
-# matplotlib, so it is there wherever this script runs.
+# matplotlib, so it is there wherever this script runs. A character no font matplotlib finds has (CJK on a machine
+# without a CJK font) is drawn with OpenCV 5's own fonts where they have it: cv2.putText drew it there before.
 TEXT_FONT = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
 
 
 @functools.lru_cache(maxsize=None)
 def _font_file_for(ch: str) -> str | None:
     """The font that draws ch: DejaVu Sans, else the first font matplotlib found on this machine that has
-    it (DejaVu has no CJK), else None: put_text then writes the code point."""
+    it (DejaVu has no CJK), else None: put_text then draws it with OpenCV's fonts or writes the code point."""
     from matplotlib import font_manager
     from matplotlib.ft2font import FT2Font
     others = sorted({f.fname for f in font_manager.fontManager.ttflist} - {str(TEXT_FONT)})
@@ -2184,15 +2185,33 @@ def _font_file_for(ch: str) -> str | None:
                 return path
         except (OSError, RuntimeError, ValueError):  # a font file that cannot be read is skipped
             continue
-    if ch.isprintable() and not _font_file_for.warned:  # once: a CJK name would repeat it for every character
+    if ch.isprintable() and not _cv2_draws(ch) and not _font_file_for.warned:  # once: not for every CJK character
         _font_file_for.warned = True
-        log.warning(f"warning: no installed font draws {ch!r} (U+{ord(ch):04X}); the pictures write such "
-                    "characters as <U+XXXX>. To see them drawn, install a font that has them (e.g. Noto Sans CJK) "
-                    "and delete matplotlib's font list (fontlist-*.json in matplotlib.get_cachedir())")
+        log.warning(f"warning: neither an installed font nor OpenCV {cv2.__version__} draws {ch!r} "
+                    f"(U+{ord(ch):04X}); the pictures write such characters as <U+XXXX>. To see them drawn, install "
+                    "a font that has them (e.g. Noto Sans CJK) and delete matplotlib's font list (fontlist-*.json in "
+                    "matplotlib.get_cachedir())")
     return None
 
 
 _font_file_for.warned = False
+
+
+@functools.lru_cache(maxsize=None)
+def _cv2_draws(ch: str) -> bool:
+    """Whether cv2.putText has a glyph for ch: OpenCV 5.x has fonts of its own (CJK among them), 4.x only the
+    ASCII Hershey fonts. A glyph it lacks is drawn as "?", so ch has one if it is drawn differently."""
+    if not hasattr(cv2, "FontFace"):  # OpenCV 4.x
+        return False
+    drawn = [cv2.putText(np.zeros((40, 40), np.uint8), c, (4, 30), 255, cv2.FontFace(), 24)[1] for c in (ch, "?")]
+    return not np.array_equal(*drawn)
+
+
+def _piece_width(font, piece: str, size: int) -> float:
+    """Pixels a piece of _text_runs advances put_text's pen; OpenCV's putText returns where its text would go on."""
+    if font is None:
+        return cv2.putText(np.zeros((1, 1), np.uint8), piece, (0, 0), 0, cv2.FontFace(), size)[0][0]
+    return font.getlength(piece)
 
 
 @functools.lru_cache(maxsize=None)
@@ -2201,14 +2220,19 @@ def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
 
 
 def _text_runs(text: str, size: int) -> list:
-    """(font, text) pieces of text, each drawn with one font; a character no font has becomes <U+XXXX>."""
+    """(font, text) pieces of text, each drawn with one font (None: with OpenCV's); a character no font has
+    becomes <U+XXXX>."""
     if text.isascii() and text.isprintable():  # most titles: DejaVu has every printable ASCII character
         return [[_font(str(TEXT_FONT), size), text]]
     runs = []
     for ch in unicodedata.normalize("NFC", text):  # macOS hands folder names decomposed: u + combining ¨
         path = _font_file_for(ch)
-        piece = ch if path else f"<U+{ord(ch):04X}>"
-        font = _font(path or str(TEXT_FONT), size)
+        if path:
+            font, piece = _font(path, size), ch
+        elif _cv2_draws(ch):
+            font, piece = None, ch
+        else:
+            font, piece = _font(str(TEXT_FONT), size), f"<U+{ord(ch):04X}>"
         if runs and runs[-1][0] is font:
             runs[-1][1] += piece
         else:
@@ -2219,7 +2243,7 @@ def _text_runs(text: str, size: int) -> list:
 @functools.lru_cache(maxsize=4096)  # wrapping measures each title's words again every epoch
 def text_width(text: str, size: int = 12) -> float:
     """Pixels put_text's text takes across."""
-    return sum(font.getlength(piece) for font, piece in _text_runs(text, size))
+    return sum(_piece_width(font, piece, size) for font, piece in _text_runs(text, size))
 
 
 def put_text(img: np.ndarray, lines: list, org: tuple, size: int = 12, color: tuple = (0, 0, 0),
@@ -2228,12 +2252,18 @@ def put_text(img: np.ndarray, lines: list, org: tuple, size: int = 12, color: tu
     org: the left end of the first line's baseline, as cv2.putText's. Colours are BGR like the image."""
     pil = Image.fromarray(img)
     draw = ImageDraw.Draw(pil)
+    by_cv2 = []  # (piece, baseline's left end): drawn into img once Pillow's text is back in it
     for k, line in enumerate(lines):
         x = org[0]
         for font, piece in _text_runs(line, size):
-            draw.text((x, org[1] + spacing * k), piece, font=font, fill=tuple(color), anchor="ls")
-            x += font.getlength(piece)
+            if font is None:
+                by_cv2.append((piece, (round(x), org[1] + spacing * k)))
+            else:
+                draw.text((x, org[1] + spacing * k), piece, font=font, fill=tuple(color), anchor="ls")
+            x += _piece_width(font, piece, size)
     img[:] = np.asarray(pil)
+    for piece, at in by_cv2:
+        cv2.putText(img, piece, at, tuple(color), cv2.FontFace(), size)
 
 
 def overlay_cam(gray_u8: np.ndarray, cam: np.ndarray, title: str, display: int = 200) -> np.ndarray:

@@ -582,15 +582,43 @@ def test_overlay_title_draws_a_class_name_that_is_not_ascii(name, plain):
 
 
 def test_overlay_title_writes_a_character_no_font_has_as_its_code_point(monkeypatch):
-    # DejaVu Sans has no CJK; with no other font, 肺炎 reads <U+80BA><U+708E>, not tofu or "??????"
+    # DejaVu Sans has no CJK; with no other font that has it, 肺炎 reads <U+80BA><U+708E>, not tofu or "??????"
     from matplotlib import font_manager
     monkeypatch.setattr(font_manager.fontManager, "ttflist", [])
+    monkeypatch.setattr(train_cxr, "_cv2_draws", lambda ch: False)  # nor OpenCV (4.x; 5.x draws CJK)
     train_cxr._font_file_for.cache_clear()
+    train_cxr.text_width.cache_clear()
     try:
         assert (_title_strip("pred 肺炎") == _title_strip("pred <U+80BA><U+708E>")).all()
         assert (_title_strip("pred 肺炎") != _title_strip("pred ??????")).any()
     finally:
         train_cxr._font_file_for.cache_clear()
+        train_cxr.text_width.cache_clear()
+
+
+def test_overlay_title_draws_cjk_with_opencvs_own_fonts_where_no_font_has_it(monkeypatch):
+    # OpenCV 5 has fonts of its own with CJK: under cv2.putText, 肺炎 was drawn on a machine with no CJK font;
+    # through Pillow alone it read <U+80BA><U+708E> there. OpenCV 4.x has none (its putText drew "??????").
+    if not hasattr(cv2, "FontFace"):
+        pytest.skip(f"OpenCV {cv2.__version__} has no fonts of its own for CJK (5.x has): <U+XXXX> applies")
+    from matplotlib import font_manager
+    monkeypatch.setattr(font_manager.fontManager, "ttflist", [])  # DejaVu Sans only, as on a bare machine
+    train_cxr._font_file_for.cache_clear()
+    train_cxr.text_width.cache_clear()
+    try:
+        drawn = _title_strip("pred 肺炎")
+        assert _differ(drawn, _title_strip("pred <U+80BA><U+708E>"))
+        head = _title_strip("pred ")
+        assert _differ(drawn, head)  # not left blank
+        # it is OpenCV's drawing of 肺炎, on the baseline of "pred " and right after it
+        expected = head.copy()
+        x = 4 + round(train_cxr.text_width("pred "))
+        end = cv2.putText(expected, "肺炎", (x, 16), (0, 0, 0), cv2.FontFace(), 12)[0][0]
+        assert not _differ(drawn, expected)
+        assert round(train_cxr.text_width("pred 肺炎")) == end - 4  # wrapping measures what is drawn
+    finally:
+        train_cxr._font_file_for.cache_clear()
+        train_cxr.text_width.cache_clear()
 
 
 def test_overlay_title_takes_a_character_dejavu_lacks_from_another_installed_font():
