@@ -363,7 +363,7 @@ def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, 
 
 
 def test_a_turned_tiff_is_read_with_the_plain_tile_tuples_of_pillow_10(tmp_path):
-    # requirements.txt allows pillow>=10, whose TIFF tiles are plain tuples (no .codec_name): every gray
+    # requirements.txt allows pillow 10 (10.1 on), whose TIFF tiles are plain tuples (no .codec_name): every gray
     # uncompressed TIFF with an Orientation of 5-8 raised AttributeError there and was listed as unreadable.
     stored = np.random.default_rng(0).integers(0, 250, (48, 32)).astype(np.uint8)
     Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: 6})
