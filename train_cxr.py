@@ -925,9 +925,10 @@ RAW_TIFF_DTYPES = {"L": "u1", "I;16": "<u2", "I;16B": ">u2"}  # Pillow's raw mod
 
 def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
     """A gray uncompressed TIFF with an Orientation that swaps width and height (5-8), read as stored and turned
-    upright here; None for any other file. Pillow 13 turns such a file itself while loading, but reads its rows at
-    the turned width: a film scan saved rotated came out as diagonal stripes, trained on without a word
-    (compressed and RGB TIFFs are read right)."""
+    upright here; None for any other file. Pillow 11-13 turns such a file itself while loading, but when it
+    memory-maps one opened by its path (one strip) reads its rows at the turned width: a film scan saved rotated came
+    out as diagonal stripes, trained on without a word (compressed, several-strip, RGB, LA, 32-bit and float TIFFs
+    are read right, and so is any file Pillow reads from a file object, as decode_xray now opens them)."""
     turn = im.tag_v2.get(274) if im.format == "TIFF" else None
     # (codec, extents, offset, args) by position: Pillow 10 lists them as plain tuples, 13 as named ones
     tiles = [tuple(t) for t in im.tile]
@@ -960,7 +961,9 @@ def decode_xray(path: str, size: int) -> np.ndarray:
     if is_dicom(path):
         arr = read_dicom(path)
     else:
-        with Image.open(path) as im:
+        # From a file object, not the path: Pillow 11+ memory-maps a one-strip uncompressed TIFF opened by path and
+        # reads an Orientation 5-8 one at the turned width (an RGBA, CMYK or palette film scan came out as stripes)
+        with open(path, "rb") as f, Image.open(f) as im:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
             # PIL keeps only the high byte of a 16-bit colour PNG or TIFF (a 12-bit X-ray came out as 0-15): such a

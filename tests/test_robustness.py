@@ -223,6 +223,26 @@ def test_an_uncompressed_gray_tiff_with_a_turning_orientation_is_read_upright(tm
                                       train_cxr.decode_xray(str(tmp_path / "plain.tif"), 40), err_msg=str(turn))
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "CMYK", "P"])
+def test_an_uncompressed_colour_tiff_with_a_turning_orientation_is_read_upright(tmp_path, mode):
+    # Pillow 11+ memory-maps a one-strip uncompressed RGBA, CMYK or palette TIFF opened by its path, and read one
+    # with an Orientation of 5-8 at the turned width: stripes, trained on without a word.
+    rng = np.random.default_rng(0)
+    stored = rng.integers(0, 256, (48, 32) if mode == "P" else (48, 32, 4)).astype(np.uint8)
+    palette = rng.integers(0, 256, 768).tolist()
+
+    def image(pixels):
+        im = Image.fromarray(np.ascontiguousarray(pixels), mode)
+        if mode == "P":
+            im.putpalette(palette)
+        return im
+    for turn, upright in ((5, stored.swapaxes(0, 1)), (6, np.rot90(stored, -1)), (8, np.rot90(stored, 1))):
+        image(stored).save(tmp_path / "turned.tif", tiffinfo={274: turn})
+        image(upright).save(tmp_path / "plain.tif")
+        np.testing.assert_array_equal(train_cxr.decode_xray(str(tmp_path / "turned.tif"), 40),
+                                      train_cxr.decode_xray(str(tmp_path / "plain.tif"), 40), err_msg=str(turn))
+
+
 def test_an_unreadable_file_whose_name_is_not_utf8_is_listed_escaped(data_copy, tmp_path, capsys):
     # Its path went raw into the warning (a logging error instead of the line) and into config.json's
     # skipped_files, from which the report page of epoch 1 could not be written: the run stopped there.
@@ -343,7 +363,7 @@ def test_a_folder_that_cannot_be_read_is_named_not_silently_left_out(data_copy, 
 
 
 def test_a_turned_tiff_is_read_with_the_plain_tile_tuples_of_pillow_10(tmp_path):
-    # requirements.txt allows pillow>=10, whose TIFF tiles are plain tuples (no .codec_name): every gray
+    # requirements.txt allows pillow 10 (10.1 on), whose TIFF tiles are plain tuples (no .codec_name): every gray
     # uncompressed TIFF with an Orientation of 5-8 raised AttributeError there and was listed as unreadable.
     stored = np.random.default_rng(0).integers(0, 250, (48, 32)).astype(np.uint8)
     Image.fromarray(stored).save(tmp_path / "turned.tif", tiffinfo={274: 6})
