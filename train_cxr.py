@@ -920,31 +920,6 @@ def list_image_folder(root: Path) -> tuple[list, list]:
     return classes, samples
 
 
-RAW_TIFF_DTYPES = {"L": "u1", "I;16": "<u2", "I;16B": ">u2"}  # Pillow's raw modes of gray TIFF strips, as numpy's
-
-
-def stored_tiff_pixels(path: str, im: Image.Image) -> np.ndarray | None:
-    """A gray uncompressed TIFF with an Orientation that swaps width and height (5-8), read as stored and turned
-    upright here; None for any other file. Pillow 11-13 turns such a file itself while loading, but when it
-    memory-maps one opened by its path (one strip) reads its rows at the turned width: a film scan saved rotated came
-    out as diagonal stripes, trained on without a word (compressed, several-strip, RGB, LA, 32-bit and float TIFFs
-    are read right, and so is any file Pillow reads from a file object, as decode_xray now opens them)."""
-    turn = im.tag_v2.get(274) if im.format == "TIFF" else None
-    # (codec, extents, offset, args) by position: Pillow 10 lists them as plain tuples, 13 as named ones
-    tiles = [tuple(t) for t in im.tile]
-    if turn not in (5, 6, 7, 8) or not tiles or any(
-            codec != "raw" or args[0] not in RAW_TIFF_DTYPES or args[1:] != (0, 1) for codec, _, _, args in tiles):
-        return None
-    dtype = np.dtype(RAW_TIFF_DTYPES[tiles[0][3][0]])
-    out = np.zeros((im.tag_v2[257], im.tag_v2[256]), dtype)  # ImageLength x ImageWidth, as stored
-    for _, (x0, y0, x1, y1), offset, _ in tiles:
-        strip = np.fromfile(path, dtype, count=(x1 - x0) * (y1 - y0), offset=offset)
-        out[y0:y1, x0:x1] = strip.reshape(y1 - y0, x1 - x0)  # a truncated file raises here: listed as unreadable
-    # EXIF/TIFF Orientation: 5 transpose, 6 turn clockwise, 7 transverse, 8 turn anticlockwise
-    upright = {5: out.T, 6: np.rot90(out, -1), 7: np.rot90(out, 2).T, 8: np.rot90(out, 1)}[turn]
-    return np.ascontiguousarray(upright.astype(dtype.newbyteorder("=")))
-
-
 LUMA_PER_1000 = (299, 587, 114)  # ITU-R 601-2 luma of R, G, B: the weights of Pillow's convert("L")
 
 
@@ -962,7 +937,8 @@ def decode_xray(path: str, size: int) -> np.ndarray:
         arr = read_dicom(path)
     else:
         # From a file object, not the path: Pillow 11+ memory-maps a one-strip uncompressed TIFF opened by path and
-        # reads an Orientation 5-8 one at the turned width (an RGBA, CMYK or palette film scan came out as stripes)
+        # reads an Orientation 5-8 one at the turned width (a gray, RGBA, CMYK or palette film scan came out as
+        # diagonal stripes, trained on without a word)
         with open(path, "rb") as f, Image.open(f) as im:
             if im.format == "JPEG":
                 im.draft("L", (size, size))  # decoded at the smallest 1/2, 1/4, 1/8 scale still >= size (DCT)
@@ -970,10 +946,7 @@ def decode_xray(path: str, size: int) -> np.ndarray:
             # file is read by OpenCV, to gray with transparent = black, and min-max scaled below like 16-bit gray.
             deep = (im.format in ("PNG", "TIFF") and im.mode in ("RGB", "RGBA")
                     and any(";16" in str(t) for t in im.tile))  # its raw mode (RGB;16B); load() empties it
-            if (stored := stored_tiff_pixels(path, im)) is not None:
-                im = Image.fromarray(stored)  # upright already: exif_transpose below leaves it
-            else:
-                im.load()  # raises OSError on truncated/corrupt data
+            im.load()  # raises OSError on truncated/corrupt data
             if deep:
                 if (px := cv2.imdecode(np.fromfile(path, np.uint8), cv2.IMREAD_UNCHANGED)) is None:
                     raise OSError("a 16-bit colour image that OpenCV cannot decode: save it as 16-bit grayscale")
