@@ -3910,7 +3910,7 @@ def predict(cfg: Config, args, rt: Runtime) -> int:
     # A training image scored again gets the label it was taught: no evidence of how the model does on new ones
     where = args.predict[0] if len(args.predict) == 1 else "the --predict list"
     seen = training_copies(ckpt, files, where, args.checkpoint,
-                           "the model has seen them, so their predictions say nothing of how it does on new images "
+                           "a prediction for an image the model has seen says nothing of how it does on new ones "
                            "(copy_of_training_image in predictions.csv)")
     run_dir = make_run_dir(cfg)
     sc = score_images(model, ckpt, images, rt, desc="predict")

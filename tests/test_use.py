@@ -385,7 +385,7 @@ def test_predict_marks_copies_of_training_images(trained, with_copies, tmp_path)
     assert run(["--predict", one, "--checkpoint", trained, "--run-name", "p1", *common]) == 0
     warned = [ln for ln in (tmp_path / "p1" / "train.log").read_text().splitlines() if "byte-identical" in ln]
     assert warned == [f"warning: {one} is a byte-identical copy of an image {trained} was trained or validated on: "
-                      "the model has seen them, so their predictions say nothing of how it does on new images "
+                      "a prediction for an image the model has seen says nothing of how it does on new ones "
                       "(copy_of_training_image in predictions.csv)"]
     # A checkpoint made before the digests were kept: one note, and the column empty (unknown), not False.
     ckpt = torch.load(trained / "best_model.pt", weights_only=True)
