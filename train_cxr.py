@@ -3506,7 +3506,8 @@ def fit_operating_point(ckpt: dict, raw: np.ndarray, labels: np.ndarray, policy:
     return out
 
 
-def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s: Split, run_dir: Path) -> int:
+def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s: Split, run_dir: Path,
+                 digests: dict) -> int:
     """With the best model: calibration, threshold and out-of-distribution guard fitted on
     training and validation data and stored in best_model.pt; then the test set, once."""
     if not (run_dir / "best_model.pt").is_file():
@@ -3536,8 +3537,9 @@ def final_report(cfg: Config, rt: Runtime, train_s: Split, val_s: Split, test_s:
     if test_s is None:
         log.info(f"no test folder, so no test report: best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}")
     else:
-        # The count --evaluate writes, beside the figures (the log warned of train/test copies at the start)
-        seen = seen_copies(best, [file_sha1(p) for p in test_s.paths])
+        # The count --evaluate writes, beside the figures (the log warned of train/test copies at the start), from
+        # the digests taken then (warn_duplicates'), of the bytes that were decoded: not every test file read again
+        seen = seen_copies(best, [digests.get(str(p)) for p in test_s.paths])
         res = test_report(model, best, test_s, rt, run_dir,
                           {"copies_of_training_images": None if seen is None else sum(seen)})
         log.info(f"test report (best epoch {best['epoch']}, val AUC {best['best_auc']:.4f}):\n{summary_table(res)}")
@@ -3759,7 +3761,7 @@ def train(cfg: Config, args, rt: Runtime) -> int:
         return rc
     try:  # signals are not caught here (no training step to finish): Ctrl-C raises KeyboardInterrupt
         with phase("calibration, guard and test set"):
-            rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir)
+            rc = final_report(cfg, rt, train_s, val_s, test_s, run_dir, data["digests"])
             page = write_report(run_dir, f"train_cxr run {run_dir.name}")
     except KeyboardInterrupt:
         log.info(f"interrupted after the last epoch, during calibration, the guard or the test report: finish "

@@ -157,7 +157,7 @@ def eval_batch_table(run: str, batches: list, rounds: int) -> None:
                 copy = Path(tmp) / f"{b}_{r}"
                 shutil.copytree(run, copy)
                 f, t = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
-                T.final_report(cfg, rt, data["train"], data["val"], data["test"], copy)
+                T.final_report(cfg, rt, data["train"], data["val"], data["test"], copy, data["digests"])
                 seconds[b].append(time.perf_counter() - t)
                 faults[b].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
                 shutil.rmtree(copy)
